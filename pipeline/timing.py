@@ -1,0 +1,131 @@
+"""Per-step phase timing, and the summary figures a record shows.
+
+Each training step is cut at four marks; the end of one step is the start of the next, so the steps of a
+run tile its wall time with no gaps:
+
+    start -> data ready -> gradients computed -> backward returned -> optimizer done (= next start)
+
+    data    = data ready - start                 batch indexing and host->device copy, plus anything between steps
+    compute = (gradients computed - data ready)  forward and backward compute
+            + (optimizer done - backward returned)  optimizer step
+    comm    = backward returned - gradients computed
+
+"Gradients computed" is when DDP hands its last gradient bucket to the all-reduce (a DDP comm hook records it);
+backward() returns only once every bucket's all-reduce has finished. So `comm` is the all-reduce time that
+backward compute did not hide: how long the rank waited on gradient communication.
+
+On CUDA the marks are CUDA events on the compute stream (the GPU's timeline, read once after training, so the
+loop gains no synchronisation); on CPU they are `time.perf_counter()`.
+"""
+
+import time
+
+import numpy as np
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+COMM_MEASUREMENT = (
+    "comm = time from DDP launching its last gradient bucket's all-reduce (recorded by a DDP comm hook) to "
+    "backward() returning, which waits for every bucket: the all-reduce time not overlapped with backward compute"
+)
+PHASES = ("data", "compute", "comm")
+
+
+class StepTimer:
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._marks: list[tuple] = []
+        self._start = self._data = self._grads = self._backward = None
+
+    def _now(self):
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def comm_hook(self, process_group, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """A DDP comm hook: DDP's own averaging all-reduce, plus a mark at each bucket's launch."""
+        self._grads = self._now()
+        return default_hooks.allreduce_hook(process_group, bucket)
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def data_ready(self) -> None:
+        self._data = self._now()
+        self._grads = None
+
+    def backward_done(self) -> None:
+        self._backward = self._now()
+
+    def step_done(self) -> None:
+        end = self._now()
+        grads = self._grads if self._grads is not None else self._backward  # no hook ran: no communication
+        self._marks.append((self._start, self._data, grads, self._backward, end))
+        self._start = end
+
+    def phases(self) -> np.ndarray:
+        """Seconds per step, shape (steps, 4): step, data, compute, comm."""
+        if not self._marks:
+            return np.zeros((0, 4))
+        if self._cuda:
+            torch.cuda.synchronize()
+            t = np.array([[0.0] + [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in self._marks])
+        else:
+            t = np.diff(np.array(self._marks, dtype=np.float64), axis=1, prepend=0.0)
+        # columns of t: (unused, data, forward+backward, comm, optimizer)
+        data, fwd_bwd, comm, opt = t[:, 1], t[:, 2], t[:, 3], t[:, 4]
+        return np.stack([data + fwd_bwd + comm + opt, data, fwd_bwd + opt, comm], axis=1)
+
+
+def rank_timing(phases: np.ndarray, warmup: int) -> dict:
+    """One rank's figures over its timed (post-warm-up) steps."""
+    timed = phases[warmup:]
+    return {
+        "step_times_s": timed[:, 0].tolist(),
+        "step_time_median_s": float(np.median(timed[:, 0])) if len(timed) else None,
+        **{f"{p}_mean_s": float(timed[:, i + 1].mean()) if len(timed) else None for i, p in enumerate(PHASES)},
+    }
+
+
+def summarize(ranks: list[dict], global_batch: int) -> dict:
+    """Job-wide figures from every rank's timing (their definitions are in DEFINITIONS)."""
+    steps = np.array([r["step_times_s"] for r in ranks])  # (ranks, timed steps)
+    if steps.shape[1] == 0:
+        return {"timed_steps": 0, "throughput_samples_per_s": None, "step_time_s": None, "breakdown_s": None}
+    slowest_step = steps.max(axis=0)
+    timed_wall = steps.sum(axis=1).max()
+    throughput = global_batch * steps.shape[1] / timed_wall
+    means = {p: float(np.mean([r[f"{p}_mean_s"] for r in ranks])) for p in PHASES}
+    total = sum(means.values())
+    return {
+        "timed_steps": int(steps.shape[1]),
+        "timed_wall_s": float(timed_wall),
+        "throughput_samples_per_s": float(throughput),
+        "throughput_per_rank_samples_per_s": float(throughput / len(ranks)),
+        "step_time_s": {
+            "mean": float(slowest_step.mean()),
+            "median": float(np.median(slowest_step)),
+            "p95": float(np.percentile(slowest_step, 95)),
+        },
+        "breakdown_s": means,
+        "breakdown_share": {p: v / total for p, v in means.items()} if total > 0 else None,
+    }
+
+
+DEFINITIONS = {
+    "timed steps": "all steps but the first `warmup_steps`, which include allocation, bucket rebuilding and caches",
+    "timed_wall_s": "the largest over ranks of the summed durations of its timed steps",
+    "throughput_samples_per_s": "global_batch x timed_steps / timed_wall_s",
+    "throughput_per_rank_samples_per_s": "throughput_samples_per_s / world_size",
+    "step_time_s": "per timed step, the slowest rank's duration (a DDP step ends with its slowest rank); "
+                   "mean, median and 95th percentile over steps",
+    "breakdown_s": "mean seconds per timed step in each phase, averaged over ranks; data + compute + comm = step",
+    "data": "from the end of the previous step to the batch being on the device (indexing, copy, logging)",
+    "compute": "forward and backward compute up to the last gradient bucket's all-reduce launch, plus the "
+               "optimizer step",
+    "comm": COMM_MEASUREMENT,
+    "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
+    "test_accuracy": "share of the test split classified correctly after training (test split sharded over ranks)",
+}

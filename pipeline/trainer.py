@@ -1,0 +1,117 @@
+"""The DDP training loop: one rank's view. It times every step and evaluates test accuracy at the end."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from pipeline.config import RunConfig
+from pipeline.distributed import DistEnv
+from pipeline.timing import StepTimer
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 1024
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    steps_per_epoch: int
+    phases: np.ndarray  # (steps, 4) seconds: step, data, compute, comm
+    final_train_loss: float
+    test_accuracy: float
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, dataset):
+        self.run, self.env, self.device = run, env, device
+        t = run.trainer
+        self.batch = run.per_rank_batch
+        self.train_x, self.train_y = (torch.from_numpy(a) for a in dataset.load("train"))
+        self.test_x, self.test_y = (torch.from_numpy(a) for a in dataset.load("test"))
+        self.sampler = DistributedSampler(range(len(self.train_y)), num_replicas=env.world_size, rank=env.rank,
+                                          shuffle=True, seed=t.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the train split has {len(self.train_y)} samples: {len(self.sampler)} per rank over "
+                f"{env.world_size} ranks, fewer than one per-rank batch of {self.batch}. Lower trainer.batch_size "
+                f"(weak scaling) or trainer.global_batch_size (strong scaling), or use fewer ranks."
+            )
+        epochs_steps = t.epochs * self.steps_per_epoch
+        self.total_steps = min(epochs_steps, t.max_steps) if t.max_steps else epochs_steps
+        self.timer = StepTimer(device)
+        self.model = DistributedDataParallel(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
+        self.model.register_comm_hook(None, self.timer.comm_hook)
+        self.optimizer = make_optimizer(t.optimizer, self.model.parameters(), t.lr, t.momentum, t.weight_decay)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+
+    def fit(self) -> TrainOutcome:
+        t, is_rank0 = self.run.trainer, self.env.rank == 0
+        if is_rank0:
+            log.info("training %d steps (%d per epoch), per-rank batch %d, global batch %d, %d ranks",
+                     self.total_steps, self.steps_per_epoch, self.batch, self.run.global_batch, self.env.world_size)
+        self.model.train()
+        step, loss = 0, torch.zeros((), device=self.device)
+        window_start, window_step = time.perf_counter(), 0
+        self.timer.start()
+        while step < self.total_steps:
+            epoch, first = divmod(step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch)
+            order = torch.as_tensor(list(self.sampler))
+            for i in range(first, min(self.steps_per_epoch, first + self.total_steps - step)):
+                idx = order[i * self.batch:(i + 1) * self.batch]
+                x = self.train_x[idx].to(self.device, non_blocking=True)
+                y = self.train_y[idx].to(self.device, non_blocking=True)
+                self.timer.data_ready()
+                with self.autocast:
+                    loss = F.cross_entropy(self.model(x), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.timer.backward_done()
+                self.optimizer.step()
+                self.timer.step_done()
+                step += 1
+                if is_rank0 and (step % t.log_every == 0 or step == self.total_steps):
+                    now = time.perf_counter()
+                    rate = (step - window_step) * self.run.global_batch / (now - window_start)
+                    eta = (self.total_steps - step) * self.run.global_batch / rate
+                    log.info("step %d/%d epoch %d loss %.4f %.0f samples/s ETA %.0f s",
+                             step, self.total_steps, epoch, loss.item(), rate, eta)
+                    window_start, window_step = now, step
+        final_loss = loss.detach().float().clone()
+        dist.all_reduce(final_loss)
+        return TrainOutcome(steps=step, steps_per_epoch=self.steps_per_epoch, phases=self.timer.phases(),
+                            final_train_loss=final_loss.item() / self.env.world_size, test_accuracy=self.evaluate())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Each rank scores every world_size-th test sample; the counts are summed over ranks."""
+        self.model.eval()
+        xs, ys = self.test_x[self.env.rank::self.env.world_size], self.test_y[self.env.rank::self.env.world_size]
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(0, len(ys), EVAL_BATCH):
+            x = xs[start:start + EVAL_BATCH].to(self.device)
+            y = ys[start:start + EVAL_BATCH].to(self.device)
+            with self.autocast:
+                pred = self.model.module(x).argmax(dim=1)
+            counts += torch.stack([(pred == y).sum(), torch.tensor(len(y), device=self.device)]).double()
+        dist.all_reduce(counts)
+        return (counts[0] / counts[1]).item()

@@ -1,0 +1,162 @@
+"""The worker: what every rank runs, in local debug mode, under submitit and under a plain `srun`.
+
+    python -m pipeline.worker POINT_DIR
+
+reads the frozen config `launch` wrote to POINT_DIR/point.json, joins the process group, trains, and rank 0
+writes POINT_DIR/result.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+
+from pipeline.config import parse_run_config
+from pipeline.distributed import DistEnv
+from pipeline.record import RECORD_NAME, SCHEMA_VERSION, package_versions, read_point, utc_now, write_json_atomic
+from pipeline.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
+from pipeline.trainer import Trainer
+
+log = logging.getLogger("pipeline.worker")
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but this node has no CUDA device; use trainer.device=cpu or auto")
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def place_threads(env: DistEnv) -> dict:
+    """Give each process its share of the host's cores, so N x M local processes do not oversubscribe it.
+
+    Ranks sharing a host are counted from every rank's hostname, which also covers simulated nodes and several
+    Slurm nodes on one machine. Slurm's --cpus-per-task, when set, is the share the allocation grants.
+    """
+    hostnames = [None] * env.world_size
+    dist.all_gather_object(hostnames, socket.gethostname())
+    on_host = hostnames.count(socket.gethostname())
+    cores = os.cpu_count() or 1
+    granted = os.environ.get("SLURM_CPUS_PER_TASK")
+    threads = int(granted) if granted else max(1, cores // on_host)
+    torch.set_num_threads(threads)
+    return {"hostname": socket.gethostname(), "processes_on_host": on_host, "host_cores": cores,
+            "threads": threads, "oversubscribed": on_host > cores}
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            (os.uname().machine + " CPU")}
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return info
+
+
+def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: str, outcome, ranks: list[dict],
+                 started_at: str, wall: float) -> dict:
+    t = run.trainer
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": point["run_id"],
+        "sweep_id": point["sweep_id"],
+        "point": point["point"],
+        "overrides": point["overrides"],
+        "config": point["config"],
+        "launch_mode": point["launch_mode"],
+        "model": run.model._target_.rsplit(".", 1)[-1].lower(),
+        "dataset": run.dataset._target_.rsplit(".", 1)[-1].lower(),
+        "nodes": env.num_nodes,
+        "tasks_per_node": env.local_world_size,
+        "world_size": env.world_size,
+        "device": device_info(device),
+        "backend": backend,
+        "precision": t.precision,
+        "scaling": t.scaling,
+        "per_rank_batch": run.per_rank_batch,
+        "global_batch": run.global_batch,
+        "steps": outcome.steps,
+        "steps_per_epoch": outcome.steps_per_epoch,
+        "warmup_steps": min(t.warmup_steps, outcome.steps),
+        **summarize(ranks, run.global_batch),
+        "comm_measurement": COMM_MEASUREMENT,
+        "final_train_loss": outcome.final_train_loss,
+        "test_accuracy": outcome.test_accuracy,
+        "wall_time_s": wall,
+        "oversubscribed": any(r["oversubscribed"] for r in ranks),
+        "ranks": ranks,
+        "provenance": {
+            "git": point["git"],
+            "hostnames": sorted({r["hostname"] for r in ranks}),
+            "versions": package_versions(),
+            "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "restart_count": env.restart_count}
+            if env.source == "slurm" else None,
+            "launched_at": point["launched_at"],
+            "started_at": started_at,
+            "ended_at": utc_now(),
+        },
+        "definitions": DEFINITIONS,
+    }
+
+
+def run_point(point_dir: str | Path) -> Path:
+    """Train one sweep point on this rank. Returns the record's path (written by rank 0)."""
+    point_dir = Path(point_dir)
+    started_at, t0 = utc_now(), time.perf_counter()
+    point = read_point(point_dir)
+    run = parse_run_config(point["config"])
+    env = DistEnv.detect()
+    env.check_world(run.nodes, run.cluster.tasks_per_node)
+    _setup_logging(env)
+    device = pick_device(run.trainer.device, env.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+                            world_size=env.world_size, timeout=timedelta(seconds=run.cluster.timeout_s))
+    try:
+        placement = place_threads(env)
+        torch.manual_seed(run.trainer.seed)  # the same initial weights on every rank
+        dataset = instantiate(run.dataset, _convert_="all")
+        model = instantiate(run.model, _convert_="all", input_shape=dataset.input_shape,
+                            num_classes=dataset.num_classes)
+        torch.manual_seed(run.trainer.seed + env.rank)  # but each rank its own dropout masks
+        outcome = Trainer(run, env, device, model, dataset).fit()
+        mine = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
+                "node_name": env.node_name, **placement,
+                **rank_timing(outcome.phases, min(run.trainer.warmup_steps, outcome.steps))}
+        ranks = [None] * env.world_size if env.rank == 0 else None
+        dist.gather_object(mine, ranks, dst=0)
+        record_path = point_dir / RECORD_NAME
+        if env.rank == 0:
+            record = build_record(point, run, env, device, backend, outcome, ranks, started_at,
+                                  time.perf_counter() - t0)
+            write_json_atomic(record_path, record)
+            log.info("test accuracy %.4f, %.0f samples/s; record: %s", outcome.test_accuracy,
+                     record["throughput_samples_per_s"] or 0.0, record_path)
+        # no rank tears the process group down while another still uses it (rank 0 hosts the store)
+        dist.barrier()
+        return record_path
+    finally:
+        dist.destroy_process_group()
+
+
+def _setup_logging(env: DistEnv) -> None:
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s [rank {env.rank}/{env.world_size} {env.node_name}] %(message)s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m pipeline.worker POINT_DIR")
+    run_point(sys.argv[1])
