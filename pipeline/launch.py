@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -32,7 +33,12 @@ def prepare_run(cfg: DictConfig) -> RunConfig:
     """Type and check one point's config, datasets' files included. Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     abspath_dataset_root(run)
-    instantiate(run.dataset, _convert_="all")  # constructing a dataset checks that its files exist
+    try:
+        instantiate(run.dataset, _convert_="all")  # constructing a dataset checks that its files exist
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
     if run.cluster.kind == "slurm":
         raise ConfigError("cluster=slurm: submitting to Slurm is not implemented yet; use cluster=local")
     return run

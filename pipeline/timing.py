@@ -46,8 +46,11 @@ class StepTimer:
 
     def comm_hook(self, process_group, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
         """A DDP comm hook: DDP's own averaging all-reduce, plus a mark at each bucket's launch."""
-        self._grads = self._now()
+        self.grads_ready()
         return default_hooks.allreduce_hook(process_group, bucket)
+
+    def grads_ready(self) -> None:
+        self._grads = self._now()  # the last bucket's mark stands: all gradients are computed
 
     def start(self) -> None:
         self._start = self._now()

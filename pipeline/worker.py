@@ -8,6 +8,7 @@ writes POINT_DIR/result.json.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -22,7 +23,7 @@ from hydra.utils import instantiate
 
 from pipeline.config import parse_run_config
 from pipeline.distributed import DistEnv
-from pipeline.record import RECORD_NAME, SCHEMA_VERSION, package_versions, read_point, utc_now, write_json_atomic
+from pipeline.record import RECORD_NAME, WEIGHTS_NAME, SCHEMA_VERSION, package_versions, read_point, utc_now, write_json_atomic
 from pipeline.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
 from pipeline.trainer import Trainer
 
@@ -65,6 +66,20 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
+def parameters_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes: equal on all ranks when DDP kept them in sync."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
 def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: str, outcome, ranks: list[dict],
                  started_at: str, wall: float) -> dict:
     t = run.trainer
@@ -96,13 +111,15 @@ def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: 
         "test_accuracy": outcome.test_accuracy,
         "wall_time_s": wall,
         "oversubscribed": any(r["oversubscribed"] for r in ranks),
+        "weights": WEIGHTS_NAME,
         "ranks": ranks,
         "provenance": {
             "git": point["git"],
             "hostnames": sorted({r["hostname"] for r in ranks}),
             "versions": package_versions(),
-            "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "restart_count": env.restart_count}
-            if env.source == "slurm" else None,
+            # in local debug mode these are the simulated job's values
+            "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "restart_count": env.restart_count,
+                      "simulated": point["launch_mode"] == "local"} if env.source == "slurm" else None,
             "launched_at": point["launched_at"],
             "started_at": started_at,
             "ended_at": utc_now(),
@@ -133,12 +150,13 @@ def run_point(point_dir: str | Path) -> Path:
         torch.manual_seed(run.trainer.seed + env.rank)  # but each rank its own dropout masks
         outcome = Trainer(run, env, device, model, dataset).fit()
         mine = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
-                "node_name": env.node_name, **placement,
+                "node_name": env.node_name, **placement, "parameters_sha256": parameters_digest(model),
                 **rank_timing(outcome.phases, min(run.trainer.warmup_steps, outcome.steps))}
         ranks = [None] * env.world_size if env.rank == 0 else None
         dist.gather_object(mine, ranks, dst=0)
         record_path = point_dir / RECORD_NAME
         if env.rank == 0:
+            save_weights(model, point_dir / WEIGHTS_NAME)
             record = build_record(point, run, env, device, backend, outcome, ranks, started_at,
                                   time.perf_counter() - t0)
             write_json_atomic(record_path, record)

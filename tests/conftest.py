@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from pipeline.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose the real config from conf/ with the given overrides (what `launch` gets from Hydra)."""
+    register_configs()
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline.launch ARGS` as a user would, in `cwd`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_"))}
+    return subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=timeout)
