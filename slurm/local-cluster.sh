@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# A real Slurm cluster on this one machine, for trying and testing the Slurm path (Debian/Ubuntu, as root).
+#
+#   slurm/local-cluster.sh up [--nodes N]   install Debian's packages if missing, start munged, MariaDB + slurmdbd
+#                                           (so sacct works), slurmctld and N slurmd; wait until N nodes are idle
+#   slurm/local-cluster.sh down             stop exactly the daemons this script started (pid files), undo /etc/hosts
+#   slurm/local-cluster.sh status           what is running, sinfo and squeue
+#
+# Then, in a shell that uses the cluster:   source "$PIPELINE_SLURM_DIR/env.sh"   (sets SLURM_CONF)
+#
+# Everything it writes (config, munge key, state, logs, database) lives under PIPELINE_SLURM_DIR
+# (default /tmp/pipeline-slurm); outside it are only munged's socket in /run/munge (Slurm's clients look there)
+# and an /etc/hosts line naming the nodes, because the worker's rendezvous uses the first node's name as
+# MASTER_ADDR. N nodes are N slurmd on 127.0.0.1, one
+# port each. `up` on a running cluster of the same size does nothing; of another size, it restarts it.
+set -euo pipefail
+
+LAB=${PIPELINE_SLURM_DIR:-/tmp/pipeline-slurm}
+PREFIX=${PIPELINE_SLURM_NODE_PREFIX:-node}
+CPUS=${PIPELINE_SLURM_CPUS_PER_NODE:-$(nproc)}
+MEM_MB=${PIPELINE_SLURM_MEM_PER_NODE_MB:-4000}
+BASE_PORT=${PIPELINE_SLURM_BASE_PORT:-17100}
+CTLD_PORT=${PIPELINE_SLURM_CTLD_PORT:-6917}
+DBD_PORT=${PIPELINE_SLURM_DBD_PORT:-6919}
+DB_PORT=${PIPELINE_SLURM_DB_PORT:-33166}
+HOSTS_TAG="# pipeline local-cluster $LAB"
+export SLURM_CONF=$LAB/etc/slurm.conf
+
+log() { printf '[local-cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+wait_for() {  # wait_for <seconds> <command...>
+  local i
+  for ((i = 0; i < $1 * 5; i++)); do "${@:2}" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  log "timed out after $1 s waiting for: ${*:2}"; return 1
+}
+
+install_packages() {
+  local missing=()
+  command -v slurmctld >/dev/null || missing+=(slurmctld)
+  command -v slurmd >/dev/null || missing+=(slurmd)
+  command -v sbatch >/dev/null || missing+=(slurm-client)
+  command -v munged >/dev/null || missing+=(munge)
+  command -v slurmdbd >/dev/null || missing+=(slurmdbd)
+  command -v mariadbd >/dev/null || missing+=(mariadb-server)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+write_config() {
+  local n=$1 i
+  mkdir -p "$LAB"/{etc,state/ctld,log,run,munge}
+  cat > "$LAB/etc/slurm.conf" <<EOF
+ClusterName=pipelinelab
+SlurmctldHost=localhost
+SlurmctldPort=$CTLD_PORT
+AuthType=auth/munge
+CredType=cred/munge
+# requeued jobs may only restart after cred_expire (default 120 s)
+AuthInfo=cred_expire=10
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation=$LAB/state/ctld
+SlurmdSpoolDir=$LAB/state/spool-%n
+SlurmctldPidFile=$LAB/run/slurmctld.pid
+SlurmdPidFile=$LAB/run/slurmd-%n.pid
+SlurmctldLogFile=$LAB/log/slurmctld.log
+SlurmdLogFile=$LAB/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# node resources come from this file, not from the (shared) hardware
+SlurmdParameters=config_overrides
+ReturnToService=2
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+# scheduler loop every 2 s (default 60): a requeued job waits for it
+SchedulerParameters=sched_interval=2,bf_interval=2
+# submitit ignores SIGTERM, so a cancelled job lingers KillWait seconds before SIGKILL (default 30)
+KillWait=5
+JobRequeue=1
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+JobAcctGatherType=jobacct_gather/none
+EOF
+  for ((i = 1; i <= n; i++)); do
+    echo "NodeName=$PREFIX$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((BASE_PORT + i)) CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN" >> "$LAB/etc/slurm.conf"
+    mkdir -p "$LAB/state/spool-$PREFIX$i"
+  done
+  echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$LAB/etc/slurm.conf"
+  cat > "$LAB/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+DbdHost=localhost
+DbdPort=$DBD_PORT
+SlurmUser=root
+LogFile=$LAB/log/slurmdbd.log
+PidFile=$LAB/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=slurmpw
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$LAB/etc/slurmdbd.conf"
+  echo "export SLURM_CONF=$LAB/etc/slurm.conf" > "$LAB/env.sh"
+  echo "$n" > "$LAB/nodes"
+}
+
+set_hosts() {  # the nodes' names must resolve: the worker uses the first one as MASTER_ADDR
+  local n=$1 names="" i rest
+  for ((i = 1; i <= n; i++)); do names+=" $PREFIX$i"; done
+  rest=$(grep -vF -- "$HOSTS_TAG" /etc/hosts || true)
+  printf '%s\n127.0.0.1%s %s\n' "$rest" "$names" "$HOSTS_TAG" > /etc/hosts  # in place: /etc/hosts may be a mount
+}
+
+unset_hosts() {
+  local rest
+  grep -qF -- "$HOSTS_TAG" /etc/hosts 2>/dev/null || return 0
+  rest=$(grep -vF -- "$HOSTS_TAG" /etc/hosts || true)
+  printf '%s\n' "$rest" > /etc/hosts
+}
+
+start_munge() {
+  # Slurm's clients only reach munged on its default socket, so ours listens there, with the key under $LAB;
+  # a munged already running on this host (a real cluster's) is used as it is, and left alone by `down`.
+  if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then log "using the munged already running"; return 0; fi
+  local m=$LAB/munge
+  chmod 700 "$m"
+  [ -s "$m/munge.key" ] || mungekey --create --keyfile="$m/munge.key" >/dev/null
+  chmod 400 "$m/munge.key"
+  mkdir -p /run/munge
+  munged --key-file="$m/munge.key" --pid-file="$LAB/run/munged.pid" --log-file="$LAB/log/munged.log" \
+         --seed-file="$m/munge.seed" --force
+  wait_for 10 sh -c 'munge -n | unmunge'
+}
+
+start_database() {
+  mkdir -p "$LAB/mysql"; chown mysql:mysql "$LAB/mysql"; chmod 1777 "$LAB/run"
+  mariadb-install-db --user=mysql --datadir="$LAB/mysql" --auth-root-authentication-method=socket \
+      --skip-test-db > "$LAB/log/mariadb-install.log" 2>&1
+  setsid /usr/sbin/mariadbd --user=mysql --datadir="$LAB/mysql" --socket="$LAB/run/mysqld.sock" \
+      --bind-address=127.0.0.1 --port="$DB_PORT" --pid-file="$LAB/run/mariadbd.pid" \
+      --log-error="$LAB/log/mariadb.err" </dev/null >/dev/null 2>&1 &
+  wait_for 30 mariadb --socket="$LAB/run/mysqld.sock" -e 'select 1'
+  mariadb --socket="$LAB/run/mysqld.sock" -e "
+     CREATE USER 'slurm'@'localhost' IDENTIFIED BY 'slurmpw'; CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurmpw';
+     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+  slurmdbd  # daemonizes; reads slurmdbd.conf beside $SLURM_CONF
+  wait_for 30 sacctmgr -n show cluster
+}
+
+idle_nodes() { sinfo -h -t idle -o %D 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+
+running() { [ -s "$LAB/run/slurmctld.pid" ] && kill -0 "$(cat "$LAB/run/slurmctld.pid")" 2>/dev/null; }
+
+do_up() {
+  local n=$1 t0=$SECONDS i
+  if running && [ "$(cat "$LAB/nodes" 2>/dev/null)" = "$n" ] && scontrol ping >/dev/null 2>&1; then
+    log "already up with $n nodes ($LAB)"; return 0
+  fi
+  [ -e "$LAB/run" ] && do_down
+  install_packages
+  rm -rf "$LAB"; mkdir -p "$LAB"
+  write_config "$n"
+  set_hosts "$n"
+  start_munge
+  start_database
+  slurmctld
+  wait_for 30 scontrol ping
+  for ((i = 1; i <= n; i++)); do slurmd -N "$PREFIX$i"; done
+  wait_for 60 sh -c "[ \"\$(sinfo -h -t idle -o %D | awk '{s += \$1} END {print s + 0}')\" = $n ]"
+  log "up: $n idle nodes after $((SECONDS - t0)) s. Use it with: source $LAB/env.sh"
+}
+
+stop_pidfiles() {  # SIGTERM each daemon still running under its recorded pid, wait up to 15 s, then SIGKILL
+  local f p name pids=""
+  for f in "$@"; do
+    [ -s "$f" ] || continue
+    p=$(cat "$f"); name=$(basename "$f" .pid); name=${name%%-*}; rm -f "$f"
+    # only if that pid is still that daemon (pids get reused)
+    if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$name" ]; then kill "$p" && pids+=" $p"; fi
+  done
+  [ -n "$pids" ] || return 0
+  for _ in $(seq 75); do
+    local alive=""
+    for p in $pids; do kill -0 "$p" 2>/dev/null && alive+=" $p"; done
+    [ -z "$alive" ] && return 0
+    sleep 0.2
+  done
+  for p in $pids; do kill -0 "$p" 2>/dev/null && kill -9 "$p"; done
+  return 0
+}
+
+do_down() {
+  if running; then
+    squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null || true
+    wait_for 20 sh -c '[ -z "$(squeue -h 2>/dev/null)" ]' || true
+  fi
+  stop_pidfiles "$LAB"/run/slurmd-*.pid "$LAB/run/slurmctld.pid"
+  stop_pidfiles "$LAB/run/slurmdbd.pid"
+  stop_pidfiles "$LAB/run/mariadbd.pid" "$LAB/run/munged.pid"
+  unset_hosts
+  log "down ($LAB)"
+}
+
+do_status() {
+  if ! running; then echo "local cluster: not running ($LAB)"; return 3; fi
+  echo "local cluster: up ($LAB), $(cat "$LAB/nodes") nodes, $(idle_nodes) idle"
+  sinfo
+  squeue
+}
+
+cmd=${1:-}; shift || true
+nodes=2
+while [ $# -gt 0 ]; do
+  case $1 in
+    --nodes) nodes=$2; shift 2 ;;
+    --nodes=*) nodes=${1#*=}; shift ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+case $cmd in
+  up) [[ $nodes =~ ^[1-9][0-9]*$ ]] || { echo "--nodes must be a positive integer" >&2; exit 2; }; do_up "$nodes" ;;
+  down) do_down ;;
+  status) do_status ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
+esac
