@@ -154,6 +154,7 @@ class TrainerConfig:
     seed: int = 0
     warmup_steps: int = 5  # the first steps, excluded from every timing figure
     log_every: int = 50
+    checkpoint_every: int = 0  # > 0: rank 0 also checkpoints every N steps (always on the preemption signal)
 
     def __post_init__(self) -> None:
         check_at_least("trainer.epochs", self.epochs, 1)
@@ -170,6 +171,7 @@ class TrainerConfig:
         check_choice("trainer.device", self.device, DEVICES)
         check_at_least("trainer.warmup_steps", self.warmup_steps, 0)
         check_at_least("trainer.log_every", self.log_every, 1)
+        check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -185,6 +187,11 @@ class RunConfig:
     cluster: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     nodes: int = 1
+    # launch options (cluster=slurm): write each point's sbatch script instead of submitting; block until every
+    # job has ended; submit the points Slurm accepts even when others are rejected
+    dry_run: bool = False
+    wait: bool = False
+    allow_partial: bool = False
 
     @property
     def world_size(self) -> int:
@@ -234,7 +241,8 @@ def parse_run_config(cfg: Union[DictConfig, dict]) -> RunConfig:
             "cluster": _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind"),
         }
         rest = OmegaConf.merge(OmegaConf.structured(RunConfig), {k: v for k, v in cfg.items() if k not in groups})
-        return RunConfig(trainer=OmegaConf.to_object(rest.trainer), nodes=rest.nodes, **groups)
+        return RunConfig(trainer=OmegaConf.to_object(rest.trainer), nodes=rest.nodes, dry_run=rest.dry_run,
+                         wait=rest.wait, allow_partial=rest.allow_partial, **groups)
     except ConfigError:
         raise
     except Exception as e:  # OmegaConf's errors name the full key and the type it wanted

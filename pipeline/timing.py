@@ -129,6 +129,9 @@ DEFINITIONS = {
     "compute": "forward and backward compute up to the last gradient bucket's all-reduce launch, plus the "
                "optimizer step",
     "comm": COMM_MEASUREMENT,
+    "restarts": "after a restart (preemption or time limit), the timing figures cover the last uninterrupted "
+                "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "
+                "resumed_from_step is the checkpoint's step, restart_count Slurm's SLURM_RESTART_COUNT",
     "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
     "test_accuracy": "share of the test split classified correctly after training (test split sharded over ranks)",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from pipeline.checkpoint import save_checkpoint, segment
 from pipeline.config import RunConfig
 from pipeline.distributed import DistEnv
 from pipeline.timing import StepTimer
@@ -25,10 +27,24 @@ EVAL_BATCH = 1024
 @dataclass
 class TrainOutcome:
     steps: int
+    start_step: int  # > 0 when this run resumed from a checkpoint
     steps_per_epoch: int
-    phases: np.ndarray  # (steps, 4) seconds: step, data, compute, comm
+    phases: np.ndarray  # (steps - start_step, 4) seconds: step, data, compute, comm
     final_train_loss: float
     test_accuracy: float
+
+
+class Interrupted(Exception):
+    """A stop was requested (preemption or time-limit signal); raised on rank 0 at a step boundary."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped at step {step} by signal {signum}")
+        self.step, self.signum = step, signum
+
+
+def dropout_seed(seed: int, rank: int, step: int, world_size: int) -> int:
+    """A distinct seed per (rank, step), so a resumed run draws the same dropout masks as an uninterrupted one."""
+    return (seed * 0x9E3779B1 + step * world_size + rank) % (2**63)
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -40,8 +56,10 @@ def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: 
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, dataset):
+    def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, dataset,
+                 checkpoint_path: Path, resume: dict | None = None):
         self.run, self.env, self.device = run, env, device
+        self.checkpoint_path = checkpoint_path
         t = run.trainer
         self.batch = run.per_rank_batch
         self.train_x, self.train_y = (torch.from_numpy(a) for a in dataset.load("train"))
@@ -62,14 +80,26 @@ class Trainer:
         self.model.register_comm_hook(None, self.timer.comm_hook)
         self.optimizer = make_optimizer(t.optimizer, self.model.parameters(), t.lr, t.momentum, t.weight_decay)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+        self.start_step, self.segments = 0, []
+        if resume is not None:
+            self.model.module.load_state_dict(resume["model"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.start_step, self.segments = resume["step"], resume["segments"]
+            if env.rank == 0:
+                log.info("resumed from %s at step %d", checkpoint_path, self.start_step)
+        self.stop_signal: int | None = None  # set by the worker's signal handler
+
+    def save_checkpoint(self, step: int) -> None:
+        save_checkpoint(self.checkpoint_path, model=self.model.module, optimizer=self.optimizer, step=step,
+                        segments=[*self.segments, segment(self.start_step, self.timer.phases())])
 
     def fit(self) -> TrainOutcome:
-        t, is_rank0 = self.run.trainer, self.env.rank == 0
-        if is_rank0:
+        t, rank0 = self.run.trainer, self.env.rank == 0
+        if rank0:
             log.info("training %d steps (%d per epoch), per-rank batch %d, global batch %d, %d ranks",
                      self.total_steps, self.steps_per_epoch, self.batch, self.run.global_batch, self.env.world_size)
         self.model.train()
-        step, loss = 0, torch.zeros((), device=self.device)
+        step, loss = self.start_step, torch.zeros((), device=self.device)
         window_start, window_step = time.perf_counter(), 0
         self.timer.start()
         while step < self.total_steps:
@@ -80,6 +110,7 @@ class Trainer:
                 idx = order[i * self.batch:(i + 1) * self.batch]
                 x = self.train_x[idx].to(self.device, non_blocking=True)
                 y = self.train_y[idx].to(self.device, non_blocking=True)
+                torch.manual_seed(dropout_seed(t.seed, self.env.rank, step, self.env.world_size))
                 self.timer.data_ready()
                 with self.autocast:
                     loss = F.cross_entropy(self.model(x), y)
@@ -89,7 +120,11 @@ class Trainer:
                 self.optimizer.step()
                 self.timer.step_done()
                 step += 1
-                if is_rank0 and (step % t.log_every == 0 or step == self.total_steps):
+                if rank0 and self.stop_signal is not None:
+                    raise Interrupted(step, self.stop_signal)
+                if rank0 and t.checkpoint_every and step % t.checkpoint_every == 0 and step < self.total_steps:
+                    self.save_checkpoint(step)
+                if rank0 and (step % t.log_every == 0 or step == self.total_steps):
                     now = time.perf_counter()
                     rate = (step - window_step) * self.run.global_batch / (now - window_start)
                     eta = (self.total_steps - step) * self.run.global_batch / rate
@@ -98,7 +133,8 @@ class Trainer:
                     window_start, window_step = now, step
         final_loss = loss.detach().float().clone()
         dist.all_reduce(final_loss)
-        return TrainOutcome(steps=step, steps_per_epoch=self.steps_per_epoch, phases=self.timer.phases(),
+        return TrainOutcome(steps=step, start_step=self.start_step, steps_per_epoch=self.steps_per_epoch,
+                            phases=self.timer.phases(),
                             final_train_loss=final_loss.item() / self.env.world_size, test_accuracy=self.evaluate())
 
     @torch.no_grad()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -21,13 +24,15 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 
+from pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pipeline.config import parse_run_config
 from pipeline.distributed import DistEnv
 from pipeline.record import RECORD_NAME, WEIGHTS_NAME, SCHEMA_VERSION, package_versions, read_point, utc_now, write_json_atomic
 from pipeline.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
-from pipeline.trainer import Trainer
+from pipeline.trainer import Interrupted, Trainer
 
 log = logging.getLogger("pipeline.worker")
+EXIT_REQUEUED = 75  # EX_TEMPFAIL: stopped on purpose, to be continued by the requeued job
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -80,8 +85,24 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def warmup_of(run, outcome) -> int:
+    """Warm-up steps excluded from this segment's timing (a resumed run warms up again)."""
+    return min(run.trainer.warmup_steps, outcome.steps - outcome.start_step)
+
+
+def earlier_segments(segments: list[dict], warmup: int, global_batch: int) -> list[dict]:
+    """Rank 0's throughput in each stretch before a restart (each after its own warm-up)."""
+    out = []
+    for seg in segments:
+        phases = seg["phases"].numpy()
+        timed = phases[warmup:, 0]
+        out.append({"start_step": seg["start_step"], "steps": len(phases), "timed_steps": len(timed),
+                    "throughput_samples_per_s": global_batch * len(timed) / timed.sum() if len(timed) else None})
+    return out
+
+
 def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: str, outcome, ranks: list[dict],
-                 started_at: str, wall: float) -> dict:
+                 segments: list[dict], started_at: str, wall: float) -> dict:
     t = run.trainer
     return {
         "schema_version": SCHEMA_VERSION,
@@ -104,7 +125,10 @@ def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: 
         "global_batch": run.global_batch,
         "steps": outcome.steps,
         "steps_per_epoch": outcome.steps_per_epoch,
-        "warmup_steps": min(t.warmup_steps, outcome.steps),
+        "warmup_steps": warmup_of(run, outcome),
+        "resumed_from_step": outcome.start_step,
+        "restart_count": env.restart_count,
+        "earlier_segments": earlier_segments(segments, t.warmup_steps, run.global_batch),
         **summarize(ranks, run.global_batch),
         "comm_measurement": COMM_MEASUREMENT,
         "final_train_loss": outcome.final_train_loss,
@@ -118,14 +142,41 @@ def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: 
             "hostnames": sorted({r["hostname"] for r in ranks}),
             "versions": package_versions(),
             # in local debug mode these are the simulated job's values
-            "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "restart_count": env.restart_count,
-                      "simulated": point["launch_mode"] == "local"} if env.source == "slurm" else None,
+            "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "simulated": point["launch_mode"] == "local"} if env.source == "slurm" else None,
             "launched_at": point["launched_at"],
             "started_at": started_at,
             "ended_at": utc_now(),
         },
         "definitions": DEFINITIONS,
     }
+
+
+def on_stop_signal(trainer: Trainer) -> tuple[int, object]:
+    """Defer the preemption / time-limit signal to the next step boundary, where rank 0 checkpoints.
+
+    Slurm sends it (`--signal=USR2@90`) to every task; submitit has installed its own handler, which requeues the
+    job and exits. That handler runs only after the checkpoint, from `hand_over`. Returns (signal, previous handler).
+    """
+    signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+    previous = signal.getsignal(signum)
+
+    def request_stop(sig, frame):
+        trainer.stop_signal = sig
+        if trainer.env.rank != 0:
+            log.warning("stop signal received: training on until rank 0 checkpoints and the job is requeued")
+
+    signal.signal(signum, request_stop)
+    return signum, previous
+
+
+def hand_over(signum: int, previous, env: DistEnv, on_slurm: bool) -> None:
+    """After rank 0's checkpoint: let submitit requeue the job, or requeue it ourselves under a plain sbatch."""
+    if callable(previous):
+        previous(signum, None)  # submitit: resubmits the callable (it resumes from the checkpoint), exits
+    if on_slurm and env.job_id and shutil.which("scontrol"):
+        log.warning("checkpoint saved; requeueing job %s", env.job_id)
+        subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+    sys.exit(EXIT_REQUEUED)
 
 
 def run_point(point_dir: str | Path) -> Path:
@@ -147,17 +198,24 @@ def run_point(point_dir: str | Path) -> Path:
         dataset = instantiate(run.dataset, _convert_="all")
         model = instantiate(run.model, _convert_="all", input_shape=dataset.input_shape,
                             num_classes=dataset.num_classes)
-        torch.manual_seed(run.trainer.seed + env.rank)  # but each rank its own dropout masks
-        outcome = Trainer(run, env, device, model, dataset).fit()
+        checkpoint_path = point_dir / CHECKPOINT_NAME
+        trainer = Trainer(run, env, device, model, dataset, checkpoint_path, resume=load_checkpoint(checkpoint_path))
+        signum, previous = on_stop_signal(trainer)
+        try:
+            outcome = trainer.fit()
+        except Interrupted as stop:
+            trainer.save_checkpoint(stop.step)
+            log.warning("%s; checkpoint %s", stop, checkpoint_path)
+            hand_over(signum, previous, env, on_slurm=point["launch_mode"] == "slurm")
         mine = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
                 "node_name": env.node_name, **placement, "parameters_sha256": parameters_digest(model),
-                **rank_timing(outcome.phases, min(run.trainer.warmup_steps, outcome.steps))}
+                **rank_timing(outcome.phases, warmup_of(run, outcome))}
         ranks = [None] * env.world_size if env.rank == 0 else None
         dist.gather_object(mine, ranks, dst=0)
         record_path = point_dir / RECORD_NAME
         if env.rank == 0:
             save_weights(model, point_dir / WEIGHTS_NAME)
-            record = build_record(point, run, env, device, backend, outcome, ranks, started_at,
+            record = build_record(point, run, env, device, backend, outcome, ranks, trainer.segments, started_at,
                                   time.perf_counter() - t0)
             write_json_atomic(record_path, record)
             log.info("test accuracy %.4f, %.0f samples/s; record: %s", outcome.test_accuracy,

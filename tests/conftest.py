@@ -29,6 +29,7 @@ def compose_cfg():
 
 def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m pipeline.launch ARGS` as a user would, in `cwd`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_"))}
+    # as from a login shell: no job's variables (SLURM_CONF, which names the cluster, stays)
+    env = {k: v for k, v in os.environ.items() if k == "SLURM_CONF" or not k.startswith(("SLURM", "MASTER_"))}
     return subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout)

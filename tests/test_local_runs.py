@@ -105,7 +105,7 @@ def test_bad_sweep_point_stops_everything_before_it_starts(tmp_path):
     r = launch("-m", "nodes=1,0,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 2
     assert "point #1 (nodes=0)" in r.stderr and "nodes=0 is not allowed" in r.stderr
-    assert "nothing was run" in r.stderr and not list(sweep.glob("*/point.json"))
+    assert "nothing was launched" in r.stderr and not list(sweep.glob("*/point.json"))
 
 
 def test_type_error_names_the_key(tmp_path):

@@ -1,0 +1,176 @@
+"""Where a sweep stands:  python -m pipeline.status SWEEP_DIR [--resubmit-failed] [--wait]
+
+Reconciles the sweep's manifest with Slurm (squeue for live jobs, sacct for their history) and the result
+records. Imports no torch: it runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.manifest import read_manifest, record_point
+from pipeline.record import POINT_NAME, RECORD_NAME, read_point
+
+LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
+        "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued",
+        "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
+FINAL = {"FAILED": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed",
+         "DEADLINE": "timed out", "TIMEOUT": "timed out", "PREEMPTED": "preempted", "CANCELLED": "cancelled",
+         "REQUEUED": "requeued", "COMPLETED": "failed"}  # COMPLETED without a record: the job ran but wrote none
+RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started"}
+ENDED = RESUBMITTABLE | {"completed"}
+
+
+@dataclass
+class PointStatus:
+    point: int
+    nodes: int | None
+    job_id: str | None
+    state: str
+    detail: str
+    dir: Path | None
+
+    @property
+    def has_record(self) -> bool:
+        return self.dir is not None and (self.dir / RECORD_NAME).is_file()
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """({job: live state} from squeue, {job: every state in its history, oldest first} from sacct)."""
+    if not job_ids:
+        return {}, {}
+    ids = ",".join(job_ids)
+    live = {}
+    for line in (_run(["squeue", "-h", "--states=all", "-j", ids, "-o", "%i|%T"]) or "").splitlines():
+        job, _, state = line.partition("|")
+        live[job.strip()] = state.strip()
+    history: dict[str, list[str]] = {}
+    # -D lists each requeued run of a job as its own row
+    for line in (_run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State"]) or "").splitlines():
+        job, _, state = line.partition("|")
+        history.setdefault(job.strip(), []).append(state.split()[0] if state.strip() else "UNKNOWN")
+    return live, history
+
+
+def classify(job_id: str | None, has_record: bool, live: str | None, history: list[str]) -> tuple[str, str]:
+    requeues = sum(s in ("REQUEUED", "PREEMPTED") for s in history[:-1]) if history else 0
+    note = f"requeued {requeues}x" if requeues else ""
+    if has_record:
+        return "completed", note
+    if job_id is None:
+        return "never started", ""
+    if live in LIVE:
+        state = "requeued" if live == "PENDING" and requeues else LIVE[live]
+        return state, note
+    if history:
+        last = history[-1]
+        return FINAL.get(last, last.lower()), note or ("ended without a record" if last == "COMPLETED" else "")
+    if live:
+        return FINAL.get(live, live.lower()), note
+    return "never started", "Slurm does not know this job"
+
+
+def sweep_status(sweep_dir: Path) -> list[PointStatus]:
+    sweep_dir = Path(sweep_dir)
+    points = read_manifest(sweep_dir)["points"]
+    job_of = {p: (e["jobs"][-1]["job_id"] if e["jobs"] else None) for p, e in points.items()}
+    live, history = slurm_states([j for j in job_of.values() if j])
+    out = []
+    for p, entry in sorted(points.items(), key=lambda kv: int(kv[0])):
+        folder = sweep_dir / entry["dir"] if entry["dir"] else None
+        job = job_of[p]
+        has_record = folder is not None and (folder / RECORD_NAME).is_file()
+        state, detail = classify(job, has_record, live.get(job), history.get(job, []))
+        if entry.get("skipped") and not job:
+            detail = entry["skipped"]
+        out.append(PointStatus(int(p), entry["nodes"], job, state, detail, folder))
+    return out
+
+
+def format_table(statuses: list[PointStatus]) -> str:
+    rows = [("point", "nodes", "job", "state", "detail")]
+    rows += [(str(s.point), str(s.nodes or "-"), s.job_id or "-", s.state, s.detail) for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in rows)
+
+
+def summary_line(statuses: list[PointStatus]) -> str:
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list[PointStatus]:
+    """Block until every point has ended, printing a line whenever the counts change."""
+    last = None
+    while True:
+        statuses = sweep_status(sweep_dir)
+        line = summary_line(statuses)
+        if line != last:
+            print(f"[{time.strftime('%H:%M:%S')}] {sweep_dir}: {line}", file=out, flush=True)
+            last = line
+        if all(s.state in ENDED for s in statuses):
+            return statuses
+        time.sleep(poll_s)
+
+
+def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus]) -> list[tuple[int, str]]:
+    """Resubmit the points that ended without a record, from their frozen point.json; returns (point, job id)."""
+    from pipeline.config import parse_run_config
+    from pipeline.slurm import preflight, submit
+
+    done = []
+    for s in statuses:
+        if s.state not in RESUBMITTABLE or s.dir is None or not (s.dir / POINT_NAME).is_file():
+            continue
+        point = read_point(s.dir)
+        run = parse_run_config(point["config"])
+        job_name = f"pipeline-{point['sweep_id']}-{s.point}"
+        problem = preflight(run, job_name)
+        if problem:
+            print(f"point {s.point}: not resubmitted, Slurm rejects it: {problem}", file=sys.stderr)
+            continue
+        job_id = submit(run, s.dir, job_name)
+        record_point(sweep_dir, point=s.point, point_dir=s.dir, overrides=point["overrides"], nodes=run.nodes,
+                     job_id=job_id)
+        done.append((s.point, job_id))
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--resubmit-failed", action="store_true",
+                        help="resubmit the points that failed, timed out, were preempted or cancelled, or never started")
+    parser.add_argument("--wait", action="store_true", help="block until every point has ended")
+    args = parser.parse_args(argv)
+    try:
+        statuses = wait_for_sweep(args.sweep_dir) if args.wait else sweep_status(args.sweep_dir)
+    except FileNotFoundError as e:
+        print(f"pipeline.status: {e}", file=sys.stderr)
+        return 2
+    print(format_table(statuses))
+    missing = [s.point for s in statuses if not s.has_record]
+    print(f"points without a record: {', '.join(map(str, missing)) if missing else 'none'}")
+    if args.resubmit_failed:
+        for point, job in resubmit_failed(args.sweep_dir, statuses):
+            print(f"point {point}: resubmitted as job {job}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
