@@ -88,6 +88,9 @@ def rank_timing(phases: np.ndarray, warmup: int) -> dict:
     return {
         "step_times_s": timed[:, 0].tolist(),
         "step_time_median_s": float(np.median(timed[:, 0])) if len(timed) else None,
+        # a step's time not spent waiting on communication; DDP's all-reduce evens out whole step times,
+        # so this is where a slow rank shows
+        "busy_time_median_s": float(np.median(timed[:, 1] + timed[:, 2])) if len(timed) else None,
         **{f"{p}_mean_s": float(timed[:, i + 1].mean()) if len(timed) else None for i, p in enumerate(PHASES)},
     }
 

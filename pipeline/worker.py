@@ -101,8 +101,8 @@ def earlier_segments(segments: list[dict], warmup: int, global_batch: int) -> li
     return out
 
 
-def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: str, outcome, ranks: list[dict],
-                 segments: list[dict], started_at: str, wall: float) -> dict:
+def build_record(point: dict, run, env: DistEnv, model: torch.nn.Module, device: torch.device, backend: str,
+                 outcome, ranks: list[dict], segments: list[dict], started_at: str, wall: float) -> dict:
     t = run.trainer
     return {
         "schema_version": SCHEMA_VERSION,
@@ -117,6 +117,9 @@ def build_record(point: dict, run, env: DistEnv, device: torch.device, backend: 
         "nodes": env.num_nodes,
         "tasks_per_node": env.local_world_size,
         "world_size": env.world_size,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        # what DDP all-reduces every step: one fp32 gradient per parameter
+        "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "device": device_info(device),
         "backend": backend,
         "precision": t.precision,
@@ -215,7 +218,7 @@ def run_point(point_dir: str | Path) -> Path:
         record_path = point_dir / RECORD_NAME
         if env.rank == 0:
             save_weights(model, point_dir / WEIGHTS_NAME)
-            record = build_record(point, run, env, device, backend, outcome, ranks, trainer.segments, started_at,
+            record = build_record(point, run, env, model, device, backend, outcome, ranks, trainer.segments, started_at,
                                   time.perf_counter() - t0)
             write_json_atomic(record_path, record)
             log.info("test accuracy %.4f, %.0f samples/s; record: %s", outcome.test_accuracy,

@@ -1,0 +1,50 @@
+"""Collect result records into scaling tables, plots and a report:
+
+    python -m pipeline.collect SWEEP_DIR... [--out DIR] [--baseline OLD/scaling.json] [--tolerance 0.1]
+
+Reads every result.json under the given folders (any number of sweeps), groups the runs that differ only in
+node count, and writes scaling.csv, scaling.json, report.md and PNG plots to --out (default: ./collect).
+Exits 1 when --baseline is given and a group's throughput or efficiency fell by more than --tolerance.
+Imports no torch: it runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.records import load_runs
+from pipeline.report import load_baseline, terminal_table, write_report
+from pipeline.scaling import aggregate, regressions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.collect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="sweep folders (searched recursively) or record files")
+    parser.add_argument("--out", type=Path, default=Path("collect"), help="where the tables and report go")
+    parser.add_argument("--baseline", type=Path, help="scaling.json of an earlier collection to compare against")
+    parser.add_argument("--tolerance", type=float, default=0.10,
+                        help="relative drop in throughput or efficiency that counts as a regression (default 0.10)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+
+    runs, problems = load_runs(args.paths)
+    for p in problems:
+        print(f"skipped {p.path}: {p.reason}", file=sys.stderr)
+    if not runs:
+        print(f"no usable result records under {', '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
+    rows, models = aggregate(runs)
+    found = regressions(rows, load_baseline(args.baseline), args.tolerance) if args.baseline else []
+    report = write_report(args.out, rows, models, problems, found, with_plots=not args.no_plots)
+    print(terminal_table(rows))
+    print(f"\n{len(runs)} runs in {len({r.group for r in rows})} groups, {len(problems)} records skipped; "
+          f"report: {report}")
+    for line in found:
+        print(f"REGRESSION {line}", file=sys.stderr)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

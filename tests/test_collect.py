@@ -1,0 +1,196 @@
+"""The collector on hand-made records whose right answers are worked out here, and on a real local sweep."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.records import load_runs
+from pipeline.scaling import aggregate, fit_alpha_beta, regressions, t975
+from tests.conftest import REPO, launch
+from tests.records_factory import make_record, write_record
+
+
+def collect(tmp_path, records):
+    for i, rec in enumerate(records):
+        write_record(tmp_path / "runs" / str(i), rec)
+    runs, problems = load_runs([tmp_path / "runs"])
+    rows, models = aggregate(runs)
+    return rows, models, problems
+
+
+def by_nodes(rows, oversubscribed=False):
+    return {r.nodes: r for r in rows if r.oversubscribed == oversubscribed}
+
+
+def test_weak_scaling_speedup_and_efficiency(tmp_path):
+    rows, _, _ = collect(tmp_path, [make_record(nodes=n, throughput=t) for n, t in ((1, 1000), (2, 1800), (4, 3200))])
+    r = by_nodes(rows)
+    assert [r[n].speedup for n in (1, 2, 4)] == pytest.approx([1.0, 1.8, 3.2])
+    # throughput_N / (throughput_base x N / N_base)
+    assert [r[n].efficiency for n in (1, 2, 4)] == pytest.approx([1.0, 0.9, 0.8])
+    assert r[4].throughput_per_rank == pytest.approx(800)
+    assert {x.baseline_nodes for x in rows} == {1}
+
+
+def test_strong_scaling_efficiency_is_time_based(tmp_path):
+    recs = [make_record(nodes=n, throughput=t, scaling="strong", global_batch=256) for n, t in ((2, 1000), (4, 1900))]
+    rows, _, _ = collect(tmp_path, recs)
+    r = by_nodes(rows)
+    # time for fixed work T = W / throughput: T_2 x 2 / (T_4 x 4) = (1/1000 x 2) / (1/1900 x 4) = 0.95
+    assert r[4].efficiency == pytest.approx((1 / 1000 * 2) / (1 / 1900 * 4))
+    assert r[4].speedup == pytest.approx(1.9) and r[2].baseline_nodes == 2
+
+
+def test_repeats_give_a_mean_and_95_percent_interval(tmp_path):
+    recs = [make_record(nodes=1, throughput=t) for t in (900, 1000, 1100)]
+    recs += [make_record(nodes=2, throughput=t) for t in (1700, 1900)]
+    rows, _, _ = collect(tmp_path, recs)
+    r = by_nodes(rows)
+    assert (r[1].runs, r[1].throughput) == (3, pytest.approx(1000))
+    assert r[1].throughput_ci == pytest.approx(4.303 * 100 / math.sqrt(3))          # t(0.975, 2) s / sqrt(n)
+    ci2 = 12.706 * np.std([1700, 1900], ddof=1) / math.sqrt(2)
+    assert r[2].throughput_ci == pytest.approx(ci2)
+    assert r[2].efficiency == pytest.approx(1800 / 2000)
+    assert r[2].efficiency_ci == pytest.approx(0.9 * math.hypot(r[1].throughput_ci / 1000, ci2 / 1800))
+    assert t975(1000) == 1.96 and t975(11) == t975(10)
+
+
+def test_breakdown_shares_and_stragglers(tmp_path):
+    rec = make_record(nodes=4, throughput=100, breakdown=(0.001, 0.006, 0.003), busy=[0.007, 0.007, 0.0105, 0.007],
+                      node_names=["a", "b", "slow-node", "d"])
+    rows, _, _ = collect(tmp_path, [rec])
+    r = rows[0]
+    assert (r.share_data, r.share_compute, r.share_comm) == pytest.approx((0.1, 0.6, 0.3))
+    assert r.skew == pytest.approx(1.5) and (r.straggler_host, r.straggler_rank) == ("slow-node", 2)
+
+
+def test_grouping_keeps_experiments_apart(tmp_path):
+    recs = [make_record(nodes=n, throughput=100 * n, per_rank_batch=b) for n in (1, 2) for b in (32, 64)]
+    recs += [make_record(nodes=2, throughput=150, precision="bf16")]
+    rows, _, _ = collect(tmp_path, recs)
+    groups = {r.group for r in rows}
+    assert len(groups) == 3
+    assert all(r.efficiency == pytest.approx(1.0) for r in rows if "bf16" not in r.group)
+    # a group with a single node count is its own baseline
+    assert [r.efficiency for r in rows if "bf16" in r.group] == [1.0]
+
+
+def test_oversubscribed_runs_are_apart_and_never_a_baseline(tmp_path):
+    recs = [make_record(nodes=1, throughput=1000), make_record(nodes=2, throughput=1900),
+            make_record(nodes=4, throughput=1200, oversubscribed=True)]
+    rows, models, _ = collect(tmp_path, recs)
+    clean, over = by_nodes(rows), by_nodes(rows, oversubscribed=True)
+    assert set(clean) == {1, 2} and set(over) == {4}
+    assert over[4].speedup is None and over[4].efficiency is None and over[4].baseline_nodes is None
+    assert "oversubscribed" in over[4].group
+    assert not [m for m in models if "oversubscribed" in m.group][0].fitted
+
+
+ALPHA, BANDWIDTH, NBYTES = 25e-6, 2e9, 4_000_000
+
+
+def comm_model(p):
+    return ALPHA * 2 * (p - 1) + 2 * (p - 1) / p * NBYTES / BANDWIDTH
+
+
+def test_alpha_beta_parameters_are_recovered():
+    ranks = np.array([2, 4, 8, 16, 2, 4], dtype=float)
+    alpha, beta = fit_alpha_beta(ranks, np.array([comm_model(p) for p in ranks]), NBYTES)
+    assert alpha == pytest.approx(ALPHA, rel=1e-6) and 1 / beta == pytest.approx(BANDWIDTH, rel=1e-6)
+    # a fit that would go negative clamps that parameter to zero
+    alpha, beta = fit_alpha_beta(np.array([2.0, 4.0]), np.array([0.002, 0.001]), NBYTES)
+    assert alpha >= 0 and beta >= 0
+
+
+def test_model_fit_and_predictions_from_synthetic_runs(tmp_path):
+    work, batch = 0.010, 64  # data + compute per step (s), per-rank batch
+    recs = []
+    for nodes in (1, 2, 4, 8):
+        step = work + comm_model(nodes)
+        recs.append(make_record(nodes=nodes, throughput=batch * nodes / step, per_rank_batch=batch,
+                                breakdown=(0.002, work - 0.002, comm_model(nodes)), gradient_bytes=NBYTES))
+    rows, models, _ = collect(tmp_path, recs)
+    m = models[0]
+    assert m.fitted and m.alpha_us == pytest.approx(25.0, rel=1e-6) and m.bandwidth_gb_s == pytest.approx(2.0)
+    for nodes, (measured, predicted) in m.measured.items():
+        assert predicted == pytest.approx(measured, rel=1e-9)
+    # weak scaling: efficiency(N) = step(1) / step(N)
+    assert m.predicted[64] == pytest.approx(work / (work + comm_model(64)))
+    assert by_nodes(rows)[8].predicted_efficiency == pytest.approx(by_nodes(rows)[8].efficiency)
+
+
+def test_too_few_points_to_fit_is_said(tmp_path):
+    _, models, _ = collect(tmp_path, [make_record(nodes=1, throughput=100), make_record(nodes=2, throughput=190)])
+    assert not models[0].fitted and "too few points to fit" in models[0].reason
+
+
+def test_bad_records_are_listed_and_the_rest_aggregated(tmp_path):
+    good = make_record(nodes=1, throughput=100)
+    write_record(tmp_path / "runs/a_good", good)
+    write_record(tmp_path / "runs/b_dup", good)
+    (tmp_path / "runs/corrupt").mkdir()
+    (tmp_path / "runs/corrupt/result.json").write_text("{not json")
+    (tmp_path / "runs/truncated").mkdir()
+    (tmp_path / "runs/truncated/result.json").write_text(json.dumps(good)[:200])
+    write_record(tmp_path / "runs/old", {**good, "run_id": "x", "schema_version": 0})
+    write_record(tmp_path / "runs/partial", {k: v for k, v in good.items() if k != "ranks"} | {"run_id": "y"})
+    runs, problems = load_runs([tmp_path / "runs"])
+    assert len(runs) == 1
+    reasons = {p.path.split("/")[-2]: p.reason for p in problems}
+    assert set(reasons) == {"b_dup", "corrupt", "truncated", "old", "partial"}
+    assert "duplicate" in reasons["b_dup"] and "not valid JSON" in reasons["corrupt"]
+    assert "not valid JSON" in reasons["truncated"] and "schema_version 0" in reasons["old"]
+    assert "missing fields: ranks" in reasons["partial"]
+    r = subprocess.run([sys.executable, "-m", "pipeline.collect", str(tmp_path / "runs"), "--out",
+                        str(tmp_path / "out"), "--no-plots"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.count("skipped") == 5
+    assert "Records not used" in (tmp_path / "out/report.md").read_text()
+
+
+def test_regression_check_against_a_baseline(tmp_path):
+    rows_old, _, _ = collect(tmp_path / "old", [make_record(nodes=n, throughput=1000 * n, sha="1" * 40)
+                                                for n in (1, 2)])
+    baseline = [{"experiment": r.experiment, "nodes": r.nodes, "throughput": r.throughput,
+                 "efficiency": r.efficiency} for r in rows_old]
+    new = [make_record(nodes=1, throughput=950, sha="2" * 40), make_record(nodes=2, throughput=1500, sha="2" * 40)]
+    rows_new, _, _ = collect(tmp_path / "new", new)
+    found = regressions(rows_new, baseline, tolerance=0.1)
+    # 1 node: -5% is within tolerance; 2 nodes: throughput -25%, efficiency 0.79 vs 1.0
+    assert len(found) == 2 and all("2 node(s)" in f for f in found)
+    assert regressions(rows_new, baseline, tolerance=0.3) == []
+
+
+def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = launch("-m", "nodes=1,2", "trainer.max_steps=30", "trainer.log_every=1000", "dataset.train_size=2048",
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "collect"
+    c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(out)], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert c.returncode == 0, c.stderr
+    assert "2 runs in 1 groups" in c.stdout and "mlp/synthetic weak per-rank batch 64" in c.stdout
+    for name in ("scaling.csv", "scaling.json", "report.md", "speedup.png", "efficiency.png", "breakdown.png"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "![speedup](speedup.png)" in report and "## Definitions" in report and "too few points" in report
+    rows = json.loads((out / "scaling.json").read_text())["rows"]
+    assert [row["nodes"] for row in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
+    # against itself with an impossible bar: every point "regressed"
+    doctored = json.loads((out / "scaling.json").read_text())
+    for row in doctored["rows"]:
+        row["throughput"] *= 10
+    (tmp_path / "better.json").write_text(json.dumps(doctored))
+    g = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(tmp_path / "c2"),
+                        "--baseline", str(tmp_path / "better.json"), "--no-plots"], capture_output=True, text=True)
+    assert g.returncode == 1 and g.stderr.count("REGRESSION") == 2
+
+
+def test_collect_and_status_import_no_torch():
+    code = "import sys, pipeline.collect, pipeline.status, pipeline.report; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert r.stdout.strip() == "False"
