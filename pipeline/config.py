@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
@@ -155,6 +155,7 @@ class TrainerConfig:
     warmup_steps: int = 5  # the first steps, excluded from every timing figure
     log_every: int = 50
     checkpoint_every: int = 0  # > 0: rank 0 also checkpoints every N steps (always on the preemption signal)
+    tensorboard: bool = True  # rank 0 writes scalars when the tensorboard package is installed
 
     def __post_init__(self) -> None:
         check_at_least("trainer.epochs", self.epochs, 1)
@@ -174,6 +175,22 @@ class TrainerConfig:
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
 
 
+@dataclass
+class ProfilerConfig:
+    """torch.profiler over `steps` steps right after the warm-up, on the listed ranks; `nvtx` adds NVTX ranges
+    (for Nsight Systems) around the same phases."""
+
+    enabled: bool = False
+    ranks: List[int] = field(default_factory=lambda: [0])
+    steps: int = 5
+    nvtx: bool = False
+
+    def __post_init__(self) -> None:
+        check_at_least("profiler.steps", self.steps, 1)
+        for r in self.ranks:
+            check_at_least("profiler.ranks", r, 0)
+
+
 # ------------------------------------------------------------------------------------------------- run
 MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig)}
 DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config)}
@@ -186,6 +203,7 @@ class RunConfig:
     dataset: Any = MISSING
     cluster: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     nodes: int = 1
     # launch options (cluster=slurm): write each point's sbatch script instead of submitting; block until every
     # job has ended; submit the points Slurm accepts even when others are rejected
@@ -241,8 +259,9 @@ def parse_run_config(cfg: Union[DictConfig, dict]) -> RunConfig:
             "cluster": _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind"),
         }
         rest = OmegaConf.merge(OmegaConf.structured(RunConfig), {k: v for k, v in cfg.items() if k not in groups})
-        return RunConfig(trainer=OmegaConf.to_object(rest.trainer), nodes=rest.nodes, dry_run=rest.dry_run,
-                         wait=rest.wait, allow_partial=rest.allow_partial, **groups)
+        values = {f.name: rest[f.name] for f in fields(RunConfig) if f.name not in groups}
+        return RunConfig(**{k: OmegaConf.to_object(v) if isinstance(v, DictConfig) else v for k, v in values.items()},
+                         **groups)
     except ConfigError:
         raise
     except Exception as e:  # OmegaConf's errors name the full key and the type it wanted

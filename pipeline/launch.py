@@ -96,7 +96,7 @@ def submit_point(run: RunConfig, point: dict, point_dir: Path, sweep_dir: Path, 
     job_name = f"pipeline-{point['sweep_id']}-{point['point']}"
     if run.dry_run:
         script = point_dir / "job.sbatch"
-        script.write_text(render_sbatch(run, point_dir / "submitit", job_name))
+        script.write_text(render_sbatch(run, point_dir, job_name))
         log.info("point %s: dry run, nothing submitted; the sbatch script: %s", point["point"], script)
         return str(script)
     job_id = submit(run, point_dir, job_name)

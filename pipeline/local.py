@@ -17,11 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline.logs import LOG_DIR, rank_log_path, tail
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ class Rank:
     node: int
     log_path: Path
     proc: subprocess.Popen
-
-
-def rank_log_path(point_dir: Path, node: int, rank: int) -> Path:
-    return point_dir / "logs" / f"node{node}-rank{rank}.log"
 
 
 def simulated_slurm_env(job_id: str, nodes: int, tasks_per_node: int, node: int, local: int) -> dict:
@@ -81,7 +77,7 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str) -> None:
     tpn = run.cluster.tasks_per_node
     base = {k: v for k, v in os.environ.items() if not (k.startswith("SLURM") or k in _FOREIGN)}
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
-    (point_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
     ranks, echoes = [], []
     for node in range(run.nodes):
         for local in range(tpn):
@@ -133,10 +129,5 @@ def _stop(ranks: list[Rank]) -> None:
 
 
 def _failure_message(rank: Rank, lines: int = 20) -> str:
-    try:
-        with open(rank.log_path, errors="replace") as f:
-            tail = "".join(deque(f, maxlen=lines))
-    except OSError:
-        tail = "(no output)"
     return (f"rank {rank.rank} (simulated node {rank.node}) failed first, exit code {rank.proc.returncode}; "
-            f"its log: {rank.log_path}\n--- last {lines} lines ---\n{tail.rstrip()}")
+            f"its log: {rank.log_path}\n--- last {lines} lines ---\n{tail(rank.log_path, lines)}")

@@ -18,6 +18,7 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 RECORD_NAME = "result.json"
 POINT_NAME = "point.json"
+PROGRESS_NAME = "progress.json"  # rank 0's latest step, speed and ETA, rewritten every log_every steps
 WEIGHTS_NAME = "model.pt"  # the trained model's state_dict, saved by rank 0
 PACKAGES = ("torch", "hydra-core", "omegaconf", "submitit", "numpy")
 

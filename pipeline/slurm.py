@@ -18,6 +18,7 @@ import submitit
 from submitit.helpers import Checkpointable
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.logs import LOG_DIR, SRUN_PATTERN
 
 # characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
 _SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
@@ -57,8 +58,9 @@ def check_slurm_values(run: RunConfig) -> None:
             raise ConfigError("cluster.setup: give one shell line per list item (no embedded newlines)")
 
 
-def sbatch_parameters(run: RunConfig, job_name: str) -> dict:
-    """submitit's SlurmExecutor parameters for one point (its allocation, requeue on preemption, fail fast)."""
+def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path) -> dict:
+    """submitit's SlurmExecutor parameters for one point (its allocation, requeue on preemption, fail fast,
+    per-rank logs in `log_dir`)."""
     c = run.cluster
     params = {
         "job_name": job_name,
@@ -67,8 +69,10 @@ def sbatch_parameters(run: RunConfig, job_name: str) -> dict:
         "time": c.time,
         "signal_delay_s": SIGNAL_DELAY_S,
         "setup": list(c.setup),
-        # one failing rank ends the whole step instead of leaving the others waiting in a collective
-        "srun_args": ["--kill-on-bad-exit=1"],
+        # one failing rank ends the whole step instead of leaving the others waiting in a collective; each rank's
+        # stdout and stderr go to POINT_DIR/logs/node{N}-rank{R}.log, appended to across requeues
+        "srun_args": ["--kill-on-bad-exit=1", "--open-mode=append", f"--output={log_dir}/{SRUN_PATTERN}"],
+        "stderr_to_stdout": True,
         "additional_parameters": {"requeue": True, **c.sbatch_extra},
     }
     optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "cpus_per_task": c.cpus_per_task,
@@ -78,15 +82,16 @@ def sbatch_parameters(run: RunConfig, job_name: str) -> dict:
     return params
 
 
-def make_executor(run: RunConfig, folder: Path, job_name: str) -> submitit.SlurmExecutor:
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
-    executor.update_parameters(**sbatch_parameters(run, job_name))
+def make_executor(run: RunConfig, point_dir: Path, job_name: str) -> submitit.SlurmExecutor:
+    """submitit's files (script, pickles, the batch step's log) go to POINT_DIR/submitit."""
+    executor = submitit.SlurmExecutor(folder=point_dir / "submitit", max_num_timeout=3)
+    executor.update_parameters(**sbatch_parameters(run, job_name, point_dir / LOG_DIR))
     return executor
 
 
-def render_sbatch(run: RunConfig, folder: Path, job_name: str) -> str:
+def render_sbatch(run: RunConfig, point_dir: Path, job_name: str) -> str:
     """The exact script submitit submits for this point (its job-specific paths keep Slurm's %j pattern)."""
-    executor = make_executor(run, folder, job_name)
+    executor = make_executor(run, point_dir, job_name)
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
@@ -119,5 +124,6 @@ class TrainingJob(Checkpointable):
 
 def submit(run: RunConfig, point_dir: Path, job_name: str) -> str:
     """Submit one point; returns the Slurm job id. submitit's files go to POINT_DIR/submitit."""
-    job = make_executor(run, point_dir / "submitit", job_name).submit(TrainingJob(), str(point_dir))
+    (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    job = make_executor(run, point_dir, job_name).submit(TrainingJob(), str(point_dir))
     return job.job_id

@@ -7,14 +7,16 @@ records. Imports no torch: it runs on login nodes.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.logs import first_failed_log, tail
 from pipeline.manifest import read_manifest, record_point
-from pipeline.record import POINT_NAME, RECORD_NAME, read_point
+from pipeline.record import POINT_NAME, PROGRESS_NAME, RECORD_NAME, read_point
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
         "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued",
@@ -34,6 +36,7 @@ class PointStatus:
     state: str
     detail: str
     dir: Path | None
+    failed_log: Path | None = None  # for a point that ended without a record: the rank that failed first
 
     @property
     def has_record(self) -> bool:
@@ -96,8 +99,22 @@ def sweep_status(sweep_dir: Path) -> list[PointStatus]:
         state, detail = classify(job, has_record, live.get(job), history.get(job, []))
         if entry.get("skipped") and not job:
             detail = entry["skipped"]
-        out.append(PointStatus(int(p), entry["nodes"], job, state, detail, folder))
+        failed_log = first_failed_log(folder) if folder and state in RESUBMITTABLE else None
+        if state == "running" and folder is not None:
+            detail = ", ".join(filter(None, [detail, progress_text(folder)]))
+        if failed_log is not None:
+            detail = ", ".join(filter(None, [detail, f"rank log {failed_log.name}"]))
+        out.append(PointStatus(int(p), entry["nodes"], job, state, detail, folder, failed_log))
     return out
+
+
+def progress_text(point_dir: Path) -> str:
+    """Rank 0's last reported position (POINT_DIR/progress.json), e.g. 'step 400/1000, 5120 samples/s, ETA 12 s'."""
+    try:
+        p = json.loads((point_dir / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return ""
+    return f"step {p['step']}/{p['total_steps']}, {p['samples_per_s']:.0f} samples/s, ETA {p['eta_s']:.0f} s"
 
 
 def format_table(statuses: list[PointStatus]) -> str:
@@ -114,16 +131,26 @@ def summary_line(statuses: list[PointStatus]) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
 
 
+def progress_line(statuses: list[PointStatus]) -> str:
+    """Counts of points by state, then each running point's step and speed."""
+    running = [f"point {s.point}: {s.detail}" for s in statuses if s.state == "running" and s.detail]
+    return "; ".join([summary_line(statuses), *running])
+
+
 def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list[PointStatus]:
-    """Block until every point has ended, printing a line whenever the counts change."""
-    last = None
+    """Block until every point has ended. On a terminal one status line is rewritten in place; otherwise (a
+    Slurm log file, a pipe) a plain timestamped line is printed whenever it changes."""
+    tty, last = out.isatty(), None
     while True:
         statuses = sweep_status(sweep_dir)
-        line = summary_line(statuses)
-        if line != last:
-            print(f"[{time.strftime('%H:%M:%S')}] {sweep_dir}: {line}", file=out, flush=True)
-            last = line
-        if all(s.state in ENDED for s in statuses):
+        line = f"[{time.strftime('%H:%M:%S')}] {sweep_dir.name}: {progress_line(statuses)}"
+        done = all(s.state in ENDED for s in statuses)
+        if tty:
+            print(f"\r\033[K{line}", end="\n" if done else "", file=out, flush=True)
+        elif line.split("] ", 1)[1] != last:
+            print(line, file=out, flush=True)
+            last = line.split("] ", 1)[1]
+        if done:
             return statuses
         time.sleep(poll_s)
 
@@ -166,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(statuses))
     missing = [s.point for s in statuses if not s.has_record]
     print(f"points without a record: {', '.join(map(str, missing)) if missing else 'none'}")
+    for s in statuses:
+        if s.failed_log is not None:
+            print(f"\npoint {s.point}: first failed rank's log {s.failed_log}, last lines:\n{tail(s.failed_log)}")
     if args.resubmit_failed:
         for point, job in resubmit_failed(args.sweep_dir, statuses):
             print(f"point {point}: resubmitted as job {job}")

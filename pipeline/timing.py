@@ -68,15 +68,16 @@ class StepTimer:
         self._marks.append((self._start, self._data, grads, self._backward, end))
         self._start = end
 
-    def phases(self) -> np.ndarray:
-        """Seconds per step, shape (steps, 4): step, data, compute, comm."""
-        if not self._marks:
+    def phases(self, last: int | None = None) -> np.ndarray:
+        """Seconds per step, shape (steps, 4): step, data, compute, comm; of the `last` steps only if given."""
+        marks = self._marks[-last:] if last else self._marks
+        if not marks:
             return np.zeros((0, 4))
         if self._cuda:
             torch.cuda.synchronize()
-            t = np.array([[0.0] + [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in self._marks])
+            t = np.array([[0.0] + [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in marks])
         else:
-            t = np.diff(np.array(self._marks, dtype=np.float64), axis=1, prepend=0.0)
+            t = np.diff(np.array(marks, dtype=np.float64), axis=1, prepend=0.0)
         # columns of t: (unused, data, forward+backward, comm, optimizer)
         data, fwd_bwd, comm, opt = t[:, 1], t[:, 2], t[:, 3], t[:, 4]
         return np.stack([data + fwd_bwd + comm + opt, data, fwd_bwd + opt, comm], axis=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from pipeline.checkpoint import save_checkpoint, segment
+from pipeline.checkpoint import CHECKPOINT_NAME, save_checkpoint, segment
 from pipeline.config import RunConfig
 from pipeline.distributed import DistEnv
+from pipeline.observe import Phases, make_logger, make_profiler, write_progress
 from pipeline.timing import StepTimer
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,9 @@ def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: 
 
 class Trainer:
     def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, dataset,
-                 checkpoint_path: Path, resume: dict | None = None):
-        self.run, self.env, self.device = run, env, device
-        self.checkpoint_path = checkpoint_path
+                 point_dir: Path, resume: dict | None = None):
+        self.run, self.env, self.device, self.point_dir = run, env, device, point_dir
+        self.checkpoint_path = point_dir / CHECKPOINT_NAME
         t = run.trainer
         self.batch = run.per_rank_batch
         self.train_x, self.train_y = (torch.from_numpy(a) for a in dataset.load("train"))
@@ -86,56 +88,79 @@ class Trainer:
             self.optimizer.load_state_dict(resume["optimizer"])
             self.start_step, self.segments = resume["step"], resume["segments"]
             if env.rank == 0:
-                log.info("resumed from %s at step %d", checkpoint_path, self.start_step)
+                log.info("resumed from %s at step %d", self.checkpoint_path, self.start_step)
         self.stop_signal: int | None = None  # set by the worker's signal handler
+        self.metrics = make_logger(t.tensorboard, env.rank == 0, point_dir)
+        self.phases = Phases(profiling=run.profiler.enabled and env.rank in run.profiler.ranks, nvtx=run.profiler.nvtx)
 
     def save_checkpoint(self, step: int) -> None:
         save_checkpoint(self.checkpoint_path, model=self.model.module, optimizer=self.optimizer, step=step,
                         segments=[*self.segments, segment(self.start_step, self.timer.phases())])
 
     def fit(self) -> TrainOutcome:
-        t, rank0 = self.run.trainer, self.env.rank == 0
+        t, rank0, phase = self.run.trainer, self.env.rank == 0, self.phases.range
         if rank0:
             log.info("training %d steps (%d per epoch), per-rank batch %d, global batch %d, %d ranks",
                      self.total_steps, self.steps_per_epoch, self.batch, self.run.global_batch, self.env.world_size)
         self.model.train()
         step, loss = self.start_step, torch.zeros((), device=self.device)
-        window_start, window_step = time.perf_counter(), 0
+        window = (time.perf_counter(), step)
+        p = self.run.profiler
+        profiler = make_profiler(p.enabled, self.env.rank, p.ranks, t.warmup_steps, p.steps, self.point_dir)
         self.timer.start()
-        while step < self.total_steps:
-            epoch, first = divmod(step, self.steps_per_epoch)
-            self.sampler.set_epoch(epoch)
-            order = torch.as_tensor(list(self.sampler))
-            for i in range(first, min(self.steps_per_epoch, first + self.total_steps - step)):
-                idx = order[i * self.batch:(i + 1) * self.batch]
-                x = self.train_x[idx].to(self.device, non_blocking=True)
-                y = self.train_y[idx].to(self.device, non_blocking=True)
-                torch.manual_seed(dropout_seed(t.seed, self.env.rank, step, self.env.world_size))
-                self.timer.data_ready()
-                with self.autocast:
-                    loss = F.cross_entropy(self.model(x), y)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.timer.backward_done()
-                self.optimizer.step()
-                self.timer.step_done()
-                step += 1
-                if rank0 and self.stop_signal is not None:
-                    raise Interrupted(step, self.stop_signal)
-                if rank0 and t.checkpoint_every and step % t.checkpoint_every == 0 and step < self.total_steps:
-                    self.save_checkpoint(step)
-                if rank0 and (step % t.log_every == 0 or step == self.total_steps):
-                    now = time.perf_counter()
-                    rate = (step - window_step) * self.run.global_batch / (now - window_start)
-                    eta = (self.total_steps - step) * self.run.global_batch / rate
-                    log.info("step %d/%d epoch %d loss %.4f %.0f samples/s ETA %.0f s",
-                             step, self.total_steps, epoch, loss.item(), rate, eta)
-                    window_start, window_step = now, step
+        with profiler or contextlib.nullcontext():
+            while step < self.total_steps:
+                epoch, first = divmod(step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch)
+                order = torch.as_tensor(list(self.sampler))
+                for i in range(first, min(self.steps_per_epoch, first + self.total_steps - step)):
+                    with phase("data"):
+                        idx = order[i * self.batch:(i + 1) * self.batch]
+                        x = self.train_x[idx].to(self.device, non_blocking=True)
+                        y = self.train_y[idx].to(self.device, non_blocking=True)
+                        torch.manual_seed(dropout_seed(t.seed, self.env.rank, step, self.env.world_size))
+                    self.timer.data_ready()
+                    with phase("forward"), self.autocast:
+                        loss = F.cross_entropy(self.model(x), y)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with phase("backward"):  # DDP waits for the gradient all-reduce before backward() returns
+                        loss.backward()
+                    self.timer.backward_done()
+                    with phase("optimizer"):
+                        self.optimizer.step()
+                    self.timer.step_done()
+                    step += 1
+                    if profiler is not None:
+                        profiler.step()
+                    if rank0 and self.stop_signal is not None:
+                        raise Interrupted(step, self.stop_signal)
+                    if rank0 and t.checkpoint_every and step % t.checkpoint_every == 0 and step < self.total_steps:
+                        self.save_checkpoint(step)
+                    if rank0 and (step % t.log_every == 0 or step == self.total_steps):
+                        window = self._report(step, epoch, loss, window)
         final_loss = loss.detach().float().clone()
         dist.all_reduce(final_loss)
+        accuracy = self.evaluate()
+        self.metrics.log({"test/accuracy": accuracy}, step)
+        self.metrics.close()
         return TrainOutcome(steps=step, start_step=self.start_step, steps_per_epoch=self.steps_per_epoch,
-                            phases=self.timer.phases(),
-                            final_train_loss=final_loss.item() / self.env.world_size, test_accuracy=self.evaluate())
+                            phases=self.timer.phases(), final_train_loss=final_loss.item() / self.env.world_size,
+                            test_accuracy=accuracy)
+
+    def _report(self, step: int, epoch: int, loss: torch.Tensor, window: tuple[float, int]) -> tuple[float, int]:
+        """Rank 0, every `log_every` steps: a log line, TensorBoard scalars, the progress file."""
+        now, (since, since_step) = time.perf_counter(), window
+        rate = (step - since_step) * self.run.global_batch / (now - since)
+        eta = (self.total_steps - step) * self.run.global_batch / rate
+        value = loss.item()
+        log.info("step %d/%d epoch %d loss %.4f %.0f samples/s ETA %.0f s", step, self.total_steps, epoch, value,
+                 rate, eta)
+        recent = self.timer.phases(last=step - since_step).mean(axis=0) * 1e3
+        self.metrics.log({"train/loss": value, "train/samples_per_s": rate, "train/lr": self.optimizer.param_groups[0]["lr"],
+                          "time/step_ms": recent[0], "time/data_ms": recent[1], "time/compute_ms": recent[2],
+                          "time/comm_ms": recent[3]}, step)
+        write_progress(self.point_dir, step=step, total=self.total_steps, samples_per_s=rate, eta_s=eta, loss=value)
+        return now, step
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -201,14 +201,14 @@ def run_point(point_dir: str | Path) -> Path:
         dataset = instantiate(run.dataset, _convert_="all")
         model = instantiate(run.model, _convert_="all", input_shape=dataset.input_shape,
                             num_classes=dataset.num_classes)
-        checkpoint_path = point_dir / CHECKPOINT_NAME
-        trainer = Trainer(run, env, device, model, dataset, checkpoint_path, resume=load_checkpoint(checkpoint_path))
+        trainer = Trainer(run, env, device, model, dataset, point_dir,
+                          resume=load_checkpoint(point_dir / CHECKPOINT_NAME))
         signum, previous = on_stop_signal(trainer)
         try:
             outcome = trainer.fit()
         except Interrupted as stop:
             trainer.save_checkpoint(stop.step)
-            log.warning("%s; checkpoint %s", stop, checkpoint_path)
+            log.warning("%s; checkpoint %s", stop, trainer.checkpoint_path)
             hand_over(signum, previous, env, on_slurm=point["launch_mode"] == "slurm")
         mine = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
                 "node_name": env.node_name, **placement, "parameters_sha256": parameters_digest(model),

@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +158,76 @@ def test_login_node_commands_import_no_torch():
            "print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_tensorboard_scalars_and_profiler_trace(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    r = launch("nodes=2", "trainer.epochs=2", "trainer.max_steps=20", "trainer.log_every=5", "trainer.warmup_steps=3",
+               "profiler.enabled=true", "profiler.steps=4", *FAST[1:], f"hydra.run.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/samples_per_s", "train/lr", "time/step_ms", "time/data_ms", "time/compute_ms",
+            "time/comm_ms", "test/accuracy"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
+    # one trace, rank 0's, with the phases as named ranges on 4 profiled steps after the warm-up
+    traces = list((out / "profile").glob("rank0*.pt.trace.json"))
+    assert len(traces) == 1 and not list((out / "profile").glob("rank1*"))
+    names = [e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]
+             if e.get("cat") == "user_annotation"]
+    for phase in ("data", "forward", "backward", "optimizer"):
+        assert names.count(phase) == 4, phase
+    assert "gloo:all_reduce" in names
+    progress = json.loads((out / "progress.json").read_text())
+    assert (progress["step"], progress["total_steps"]) == (20, 20)
+
+
+def test_without_tensorboard_the_run_says_so_once(tmp_path):
+    # a tensorboard package that fails to import, first on the path
+    fake = tmp_path / "fake"
+    (fake / "tensorboard").mkdir(parents=True)
+    (fake / "tensorboard" / "__init__.py").write_text("raise ImportError('not installed')")
+    env = {**os.environ, "PYTHONPATH": f"{fake}:{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", "trainer.max_steps=10", "trainer.log_every=2",
+                        *FAST[1:], f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("tensorboard is not installed") == 1
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_a_killed_rank_ends_the_run_naming_it(tmp_path):
+    """A rank that dies mid-training (as under the OOM killer): the others are stopped, nothing hangs."""
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline.launch", "nodes=2", "trainer.epochs=200",
+                                 "trainer.log_every=1000", *FAST[1:], f"hydra.run.dir={tmp_path / 'run'}"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run/logs/node1-rank1.log").exists() or not _rank_pid(1):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(3)  # into training
+    os.kill(_rank_pid(1), signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode != 0
+    assert "rank 1 (simulated node 1) failed first, exit code -9" in out
+    assert str(tmp_path / "run/logs/node1-rank1.log") in out
+    assert not _rank_pid(0)
+
+
+def _rank_pid(rank):
+    """The pid of a running worker with this SLURM_PROCID (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"pipeline.worker" not in (proc / "cmdline").read_bytes():
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_PROCID={rank}".encode() in env and any(e.startswith(b"SLURM_JOB_ID=local-") for e in env):
+            return int(proc.name)
+    return None

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,10 +38,10 @@ def status(sweep, *args):
                           text=True, timeout=600)
 
 
-def wait(sweep):
+def wait(sweep, with_progress=False):
     r = status(sweep, "--wait")
     assert r.returncode == 0, r.stderr
-    return r.stdout
+    return (r.stdout, r.stderr) if with_progress else r.stdout
 
 
 def record(point_dir):
@@ -58,13 +59,13 @@ def test_sbatch_parameters_come_from_the_config(compose_cfg):
         "cluster.account=proj", "cluster.qos=high", "cluster.time=120", "cluster.cpus_per_task=6",
         "cluster.mem=400G", "cluster.constraint='a100&ib'", "cluster.exclusive=true",
         "cluster.setup=['module load cuda']", "+cluster.sbatch_extra.mail-type=END"))
-    p = sbatch_parameters(run, "job")
+    p = sbatch_parameters(run, "job", Path("/x"))
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == (4, 8, 8, 6)
     assert (p["partition"], p["account"], p["qos"], p["time"], p["mem"]) == ("gpu", "proj", "high", 120, "400G")
     assert (p["constraint"], p["exclusive"], p["setup"]) == ("a100&ib", True, ["module load cuda"])
     assert p["additional_parameters"] == {"requeue": True, "mail-type": "END"}
-    assert p["srun_args"] == ["--kill-on-bad-exit=1"]
-    bare = sbatch_parameters(parse_run_config(compose_cfg("cluster=slurm")), "job")
+    assert p["srun_args"][0] == "--kill-on-bad-exit=1" and p["srun_args"][-1] == "--output=/x/node%n-rank%t.log"
+    bare = sbatch_parameters(parse_run_config(compose_cfg("cluster=slurm")), "job", Path("/x"))
     assert not {"partition", "account", "qos", "mem", "gpus_per_node", "exclusive"} & bare.keys()
 
 
@@ -138,14 +139,19 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     r = launch(*args, "cluster=slurm", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job = json.loads((run_dir / "manifest.json").read_text())["points"]["0"]["jobs"][0]["job_id"]
-    log0 = run_dir / "submitit" / f"{job}_0_log.out"
+    log0 = run_dir / "logs" / "node0-rank0.log"
     deadline = time.monotonic() + 120
     while not (log0.is_file() and "step 100/" in log0.read_text()):
         assert time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    out = wait(run_dir)
+    out, progress = wait(run_dir, with_progress=True)
     assert "completed" in out and "requeued 1x" in out
+    # progress while it ran, as plain lines (stderr is not a terminal here): counts, then the running point's step
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] slurm: 1 (running|requeued|pending)", progress, re.M)
+    assert re.search(r"point 0: .*step \d+/480, \d+ samples/s, ETA \d+ s", progress)
+    # the rank's log, appended to across the requeue
+    assert log0.read_text().count("training 480 steps") == 2
     rec = record(run_dir)
     assert rec["restart_count"] == 1 and 100 <= rec["resumed_from_step"] < rec["steps"] == 30 * 16  # 2048 samples / 2 ranks / 64 per batch
     assert rec["earlier_segments"][0]["start_step"] == 0
@@ -169,6 +175,8 @@ def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_pa
     lines = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
     assert "completed" in lines["0"] and "failed" in lines["1"]
     assert "points without a record: 1" in out
+    # status points to the rank that failed first and shows its last lines
+    assert "point 1: first failed rank's log" in out and "fewer than one per-rank batch" in out
     r = status(sweep, "--resubmit-failed")
     assert r.returncode == 0 and re.search(r"point 1: resubmitted as job \d+", r.stdout)
     assert "point 0: resubmitted" not in r.stdout

@@ -56,7 +56,8 @@ class PipelineLauncher(BasicLauncher):
         for idx, overrides in points:
             if idx in problems:
                 continue
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            log.info("\t#%d (point %d of %d): %s", idx, len(runs) + 1, len(points) - len(problems),
+                     " ".join(filter_overrides(overrides)))
             runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                 config=self._point_config(idx, overrides), job_dir_key="hydra.sweep.dir",
                                 job_subdir_key="hydra.sweep.subdir"))

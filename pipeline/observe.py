@@ -1,0 +1,98 @@
+"""What rank 0 shows while a run goes on: TensorBoard scalars, a progress file, and torch.profiler traces with
+the training phases as named ranges (NVTX too, for Nsight Systems, when asked)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.record import PROGRESS_NAME, utc_now, write_json_atomic
+
+log = logging.getLogger(__name__)
+TENSORBOARD_DIR = "tensorboard"
+PROFILE_DIR = "profile"
+
+
+class NullLogger:
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger(NullLogger):
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+
+    def log(self, metrics: dict, step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def make_logger(enabled: bool, is_rank0: bool, point_dir: Path) -> NullLogger:
+    """Rank 0's TensorBoard writer when asked for and installed; otherwise one that writes nothing."""
+    if not (enabled and is_rank0):
+        return NullLogger()
+    try:
+        return TensorBoardLogger(point_dir / TENSORBOARD_DIR)
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard curves for this run "
+                    "(pip install 'pipeline[tensorboard]', or set trainer.tensorboard=false to silence this)")
+        return NullLogger()
+
+
+def write_progress(point_dir: Path, *, step: int, total: int, samples_per_s: float, eta_s: float,
+                   loss: float) -> None:
+    """Rank 0's latest position, for `launch ... wait=true` and `pipeline.status` to show without ssh."""
+    write_json_atomic(point_dir / PROGRESS_NAME, {"step": step, "total_steps": total, "samples_per_s": samples_per_s,
+                                                  "eta_s": eta_s, "loss": loss, "updated_at": utc_now(),
+                                                  "updated_unix": time.time()})
+
+
+class Phases:
+    """Named ranges around the phases of a step, for torch.profiler (record_function) and Nsight Systems (NVTX).
+    When neither is on, `range` is a no-op context, so an unprofiled step pays only a function call."""
+
+    def __init__(self, profiling: bool, nvtx: bool):
+        self.profiling, self.nvtx = profiling, nvtx and torch.cuda.is_available()
+
+    @contextlib.contextmanager
+    def _ranges(self, name: str):
+        with torch.profiler.record_function(name) if self.profiling else contextlib.nullcontext():
+            if self.nvtx:
+                torch.cuda.nvtx.range_push(name)
+            try:
+                yield
+            finally:
+                if self.nvtx:
+                    torch.cuda.nvtx.range_pop()
+
+    def range(self, name: str):
+        return self._ranges(name) if (self.profiling or self.nvtx) else contextlib.nullcontext()
+
+
+def make_profiler(enabled: bool, rank: int, ranks: list[int], skip: int, steps: int, point_dir: Path):
+    """A torch.profiler over `steps` steps after the first `skip` (the warm-up), on the chosen ranks; its trace
+    (TensorBoard profiler plugin / Perfetto format) goes to POINT_DIR/profile. None where not profiling."""
+    if not enabled or rank not in ranks:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=max(skip - 1, 0), warmup=1 if skip else 0, active=steps, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(point_dir / PROFILE_DIR),
+                                                                worker_name=f"rank{rank}"),
+        record_shapes=False,
+    )
