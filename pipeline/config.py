@@ -132,7 +132,7 @@ class SlurmClusterConfig(LocalClusterConfig):
 # --------------------------------------------------------------------------------------------- trainer
 SCALING_MODES = ("weak", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -149,8 +149,12 @@ class TrainerConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     device: str = "auto"
+    # the GPU fast path; null means on with CUDA, off without
+    data_on_device: Optional[bool] = None  # hold the dataset on the device and batch it there
+    channels_last: Optional[bool] = None  # NHWC memory format for image models
+    compile: bool = False  # torch.compile the model
     seed: int = 0
     warmup_steps: int = 5  # the first steps, excluded from every timing figure
     log_every: int = 50
@@ -173,6 +177,20 @@ class TrainerConfig:
         check_at_least("trainer.warmup_steps", self.warmup_steps, 0)
         check_at_least("trainer.log_every", self.log_every, 1)
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
+
+
+@dataclass
+class DDPConfig:
+    """DistributedDataParallel's knobs (defaults are torch's); small models are latency-bound in DDP."""
+
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
+    broadcast_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.bucket_cap_mb > 0:
+            raise ConfigError(f"ddp.bucket_cap_mb={self.bucket_cap_mb!r} is not allowed; it must be > 0")
 
 
 @dataclass
@@ -203,6 +221,7 @@ class RunConfig:
     dataset: Any = MISSING
     cluster: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     nodes: int = 1
     # launch options (cluster=slurm): write each point's sbatch script instead of submitting; block until every

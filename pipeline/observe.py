@@ -56,7 +56,7 @@ def write_progress(point_dir: Path, *, step: int, total: int, samples_per_s: flo
     """Rank 0's latest position, for `launch ... wait=true` and `pipeline.status` to show without ssh."""
     write_json_atomic(point_dir / PROGRESS_NAME, {"step": step, "total_steps": total, "samples_per_s": samples_per_s,
                                                   "eta_s": eta_s, "loss": loss, "updated_at": utc_now(),
-                                                  "updated_unix": time.time()})
+                                                  "updated_unix": time.time()}, durable=False)
 
 
 class Phases:

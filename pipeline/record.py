@@ -27,15 +27,17 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def write_json_atomic(path: Path, obj, durable: bool = True) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file. `durable`
+    also fsyncs before the rename (a crash cannot leave an empty file); progress updates skip that cost."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

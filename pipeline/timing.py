@@ -136,6 +136,10 @@ DEFINITIONS = {
     "restarts": "after a restart (preemption or time limit), the timing figures cover the last uninterrupted "
                 "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "
                 "resumed_from_step is the checkpoint's step, restart_count Slurm's SLURM_RESTART_COUNT",
+    "flops_per_sample": "forward + backward FLOPs of one sample, counted by torch.utils.flop_counter."
+                        "FlopCounterMode (matmuls and convolutions)",
+    "achieved_tflops_per_device": "flops_per_sample x throughput_samples_per_s / world_size / 1e12",
+    "mfu": "achieved_tflops_per_device / the device's dense datasheet peak for the run's precision (GPUs only)",
     "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
     "test_accuracy": "share of the test split classified correctly after training (test split sharded over ranks)",
 }

@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pipeline.config import parse_run_config
 from pipeline.distributed import DistEnv
+from pipeline.flops import flops_per_sample, utilisation
 from pipeline.record import RECORD_NAME, WEIGHTS_NAME, SCHEMA_VERSION, package_versions, read_point, utc_now, write_json_atomic
 from pipeline.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
 from pipeline.trainer import Interrupted, Trainer
@@ -101,9 +102,10 @@ def earlier_segments(segments: list[dict], warmup: int, global_batch: int) -> li
     return out
 
 
-def build_record(point: dict, run, env: DistEnv, model: torch.nn.Module, device: torch.device, backend: str,
-                 outcome, ranks: list[dict], segments: list[dict], started_at: str, wall: float) -> dict:
-    t = run.trainer
+def build_record(point: dict, run, env: DistEnv, trainer: Trainer, flops: float, backend: str, outcome,
+                 ranks: list[dict], started_at: str, wall: float) -> dict:
+    t, model, device = run.trainer, trainer.raw_model, trainer.device
+    timing = summarize(ranks, run.global_batch)
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": point["run_id"],
@@ -122,7 +124,8 @@ def build_record(point: dict, run, env: DistEnv, model: torch.nn.Module, device:
         "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "device": device_info(device),
         "backend": backend,
-        "precision": t.precision,
+        "precision": trainer.precision,
+        "fast_path": trainer.fast_path,
         "scaling": t.scaling,
         "per_rank_batch": run.per_rank_batch,
         "global_batch": run.global_batch,
@@ -131,8 +134,10 @@ def build_record(point: dict, run, env: DistEnv, model: torch.nn.Module, device:
         "warmup_steps": warmup_of(run, outcome),
         "resumed_from_step": outcome.start_step,
         "restart_count": env.restart_count,
-        "earlier_segments": earlier_segments(segments, t.warmup_steps, run.global_batch),
-        **summarize(ranks, run.global_batch),
+        "earlier_segments": earlier_segments(trainer.segments, t.warmup_steps, run.global_batch),
+        **timing,
+        **utilisation(flops, timing["throughput_samples_per_s"], env.world_size, device_info(device)["name"],
+                      trainer.precision),
         "comm_measurement": COMM_MEASUREMENT,
         "final_train_loss": outcome.final_train_loss,
         "test_accuracy": outcome.test_accuracy,
@@ -148,6 +153,7 @@ def build_record(point: dict, run, env: DistEnv, model: torch.nn.Module, device:
             "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "simulated": point["launch_mode"] == "local"} if env.source == "slurm" else None,
             "launched_at": point["launched_at"],
             "started_at": started_at,
+            "first_step_at_unix": trainer.first_step_at,
             "ended_at": utc_now(),
         },
         "definitions": DEFINITIONS,
@@ -200,9 +206,10 @@ def run_point(point_dir: str | Path) -> Path:
         torch.manual_seed(run.trainer.seed)  # the same initial weights on every rank
         dataset = instantiate(run.dataset, _convert_="all")
         model = instantiate(run.model, _convert_="all", input_shape=dataset.input_shape,
-                            num_classes=dataset.num_classes)
+                            num_classes=dataset.num_classes).to(device)
         trainer = Trainer(run, env, device, model, dataset, point_dir,
                           resume=load_checkpoint(point_dir / CHECKPOINT_NAME))
+        flops = flops_per_sample(model, dataset.input_shape, dataset.num_classes, device, trainer.autocast)
         signum, previous = on_stop_signal(trainer)
         try:
             outcome = trainer.fit()
@@ -211,14 +218,14 @@ def run_point(point_dir: str | Path) -> Path:
             log.warning("%s; checkpoint %s", stop, trainer.checkpoint_path)
             hand_over(signum, previous, env, on_slurm=point["launch_mode"] == "slurm")
         mine = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
-                "node_name": env.node_name, **placement, "parameters_sha256": parameters_digest(model),
+                "node_name": env.node_name, **placement, "parameters_sha256": parameters_digest(trainer.raw_model),
                 **rank_timing(outcome.phases, warmup_of(run, outcome))}
         ranks = [None] * env.world_size if env.rank == 0 else None
         dist.gather_object(mine, ranks, dst=0)
         record_path = point_dir / RECORD_NAME
         if env.rank == 0:
-            save_weights(model, point_dir / WEIGHTS_NAME)
-            record = build_record(point, run, env, model, device, backend, outcome, ranks, trainer.segments, started_at,
+            save_weights(trainer.raw_model, point_dir / WEIGHTS_NAME)
+            record = build_record(point, run, env, trainer, flops, backend, outcome, ranks, started_at,
                                   time.perf_counter() - t0)
             write_json_atomic(record_path, record)
             log.info("test accuracy %.4f, %.0f samples/s; record: %s", outcome.test_accuracy,

@@ -1,0 +1,57 @@
+"""FLOPs per sample, counted, and the peak they are compared with for model FLOPs utilisation (MFU).
+
+    achieved TFLOP/s per device = flops_per_sample x throughput (samples/s, all ranks) / world_size / 1e12
+    MFU = achieved TFLOP/s per device / the device's dense peak for the run's precision
+
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward and backward pass (matmuls and
+convolutions; elementwise work is not counted, as is usual for MFU). Peaks are the vendors' datasheet figures
+for dense math, per device, looked up by the name CUDA reports; fp32 means plain FP32 (no TF32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+# (substring of torch.cuda.get_device_name, {precision: dense TFLOP/s}); first match wins, so the more specific
+# names come first. Sources: NVIDIA H200, H100, A100, L40S, L4, A10, V100 datasheets.
+PEAK_TFLOPS = (
+    ("H200", {"bf16": 989.4, "fp32": 66.9}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.5, "fp32": 59.8}),
+    ("H100", {"bf16": 989.4, "fp32": 66.9}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp32": 30.3}),
+    ("A10", {"bf16": 125.0, "fp32": 31.2}),
+    ("V100", {"fp32": 15.7}),
+)
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern in device_name:
+            return peaks.get(precision)
+    return None
+
+
+def flops_per_sample(model: torch.nn.Module, input_shape: tuple, num_classes: int, device: torch.device,
+                     autocast) -> float:
+    """Forward + backward FLOPs of one training sample, counted on a batch of 2 (gradients left untouched)."""
+    x = torch.randn(2, *input_shape, device=device)
+    y = torch.zeros(2, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    del grads
+    return counter.get_total_flops() / 2
+
+
+def utilisation(flops_sample: float, throughput: float | None, world_size: int, device_name: str,
+                precision: str) -> dict:
+    achieved = flops_sample * throughput / world_size / 1e12 if throughput else None
+    peak = peak_tflops(device_name, precision)
+    return {"flops_per_sample": flops_sample, "achieved_tflops_per_device": achieved,
+            "peak_tflops_per_device": peak, "mfu": achieved / peak if achieved is not None and peak else None}

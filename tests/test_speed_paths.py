@@ -1,0 +1,72 @@
+"""FLOPs counting, the peak table, and the fast-path options (exercised on CPU here; on a GPU by the gpu test)."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from pipeline.flops import flops_per_sample, peak_tflops, utilisation
+from pipeline.models import MLP
+from tests.conftest import launch
+
+FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=256"]
+
+
+def test_mlp_flops_are_counted_exactly():
+    got = flops_per_sample(MLP((1, 28, 28), 10), (1, 28, 28), 10, torch.device("cpu"), contextlib.nullcontext())
+    forward = 2 * 784 * 128 + 2 * 128 * 10
+    # backward: weight gradients of both layers, and the hidden layer's input gradient (not the image's)
+    backward = 2 * 784 * 128 + 2 * (2 * 128 * 10)
+    assert got == forward + backward
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H200", "fp32", 66.9),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA L40S", "bf16", 362.1), ("NVIDIA L4", "fp32", 30.3),
+    ("Tesla V100-SXM2-32GB", "bf16", None), ("x86_64 CPU", "fp32", None),
+])
+def test_peak_table(name, precision, peak):
+    assert peak_tflops(name, precision) == peak
+
+
+def test_utilisation_arithmetic():
+    u = utilisation(1e9, throughput=8e5, world_size=8, device_name="NVIDIA H100 80GB HBM3", precision="bf16")
+    assert u["achieved_tflops_per_device"] == pytest.approx(1e9 * 8e5 / 8 / 1e12)
+    assert u["mfu"] == pytest.approx(100 / 989.4)
+    assert utilisation(1e9, 8e5, 8, "x86_64 CPU", "fp32")["mfu"] is None
+
+
+@pytest.mark.slow
+def test_fast_path_options_run_and_keep_replicas_identical(tmp_path):
+    out = tmp_path / "run"
+    r = launch("nodes=2", "model=cnn", "trainer.max_steps=8", "trainer.data_on_device=true",
+               "trainer.channels_last=true", "trainer.precision=bf16", "ddp.gradient_as_bucket_view=true",
+               "ddp.static_graph=true", "ddp.bucket_cap_mb=0.1", *FAST, f"hydra.run.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "result.json").read_text())
+    assert rec["fast_path"] == {"data_on_device": True, "channels_last": True, "compile": False,
+                                "pinned_memory": False}
+    assert rec["precision"] == "bf16" and len({x["parameters_sha256"] for x in rec["ranks"]}) == 1
+    assert rec["flops_per_sample"] > 0 and rec["achieved_tflops_per_device"] > 0 and rec["mfu"] is None
+
+
+@pytest.mark.slow
+def test_defaults_on_cpu_take_the_plain_path(tmp_path):
+    r = launch("trainer.max_steps=5", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "run/result.json").read_text())
+    assert rec["precision"] == "fp32" and not any(rec["fast_path"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA); this machine has none")
+def test_gpu_fast_path_defaults(tmp_path):
+    r = launch("model=cnn", "dataset.image_shape=[3,32,32]", "trainer.max_steps=30", *FAST,
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "run/result.json").read_text())
+    assert (rec["backend"], rec["device"]["type"], rec["precision"]) == ("nccl", "cuda", "bf16")
+    assert rec["fast_path"]["data_on_device"] and rec["fast_path"]["channels_last"]
+    assert rec["device"]["nccl"] and rec["achieved_tflops_per_device"] > 0
+    assert rec["mfu"] is None or 0 < rec["mfu"] < 1
