@@ -231,3 +231,26 @@ def _rank_pid(rank):
         if f"SLURM_PROCID={rank}".encode() in env and any(e.startswith(b"SLURM_JOB_ID=local-") for e in env):
             return int(proc.name)
     return None
+
+
+def test_one_rank_raising_ends_the_run_naming_it(tmp_path):
+    """Rank 2 of 4 raises in training (a fault injected through sitecustomize, in that process only): the run
+    ends at once with a message naming rank 2, its log file and its last lines; the other ranks are stopped."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('SLURM_PROCID') == '2' and os.environ.get('SLURM_JOB_ID', '').startswith('local-'):\n"
+        "    import pipeline.trainer as t\n"
+        "    def fit(self):\n"
+        "        raise RuntimeError('injected failure on rank 2')\n"
+        "    t.Trainer.fit = fit\n")
+    env = {**os.environ, "PYTHONPATH": f"{inject}:{os.environ.get('PYTHONPATH', '')}"}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", "nodes=2", "cluster.tasks_per_node=2",
+                        "trainer.epochs=50", *FAST, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and time.monotonic() - t0 < 60
+    out = r.stdout + r.stderr
+    assert "rank 2 (simulated node 1) failed first" in out
+    assert str(tmp_path / "run/logs/node1-rank2.log") in out and "injected failure on rank 2" in out
