@@ -67,7 +67,8 @@ def main() -> None:
             done.append(d)
         print(f"local debug mode, {args.nodes} node(s), {args.repeats} repeats")
         print(f"  python -c 'import torch'        {summary(floor)}")
-        print(f"  launch -> first training step   {summary(first)}   ({statistics.median(first) / statistics.median(floor):.1f}x the floor)")
+        ratio = statistics.median(first) / statistics.median(floor)
+        print(f"  launch -> first training step   {summary(first)}   ({ratio:.1f}x the floor)")
         print(f"  launch -> exit (10 steps, eval) {summary(done)}")
         reachable = os.environ.get("SLURM_CONF") and subprocess.run(["sinfo"], capture_output=True).returncode == 0
         if not reachable:

@@ -39,7 +39,8 @@ class CNN(nn.Module):
         oh, ow = _feature_side(h), _feature_side(w)
         if min(oh, ow) < 1:
             raise ValueError(f"CNN needs images of at least 14x14 pixels, got {h}x{w}")
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c3 * oh * ow, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c3 * oh * ow, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, num_classes))
 
     def forward(self, x):
         return self.head(self.features(x))

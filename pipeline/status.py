@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--resubmit-failed", action="store_true",
-                        help="resubmit the points that failed, timed out, were preempted or cancelled, or never started")
+                        help="resubmit the points that failed, timed out, were preempted or cancelled, "
+                             "or never started")
     parser.add_argument("--wait", action="store_true", help="block until every point has ended")
     args = parser.parse_args(argv)
     try:

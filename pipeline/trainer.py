@@ -189,7 +189,8 @@ class Trainer:
         log.info("step %d/%d epoch %d loss %.4f %.0f samples/s ETA %.0f s", step, self.total_steps, epoch, value,
                  rate, eta)
         recent = self.timer.phases(last=step - since_step).mean(axis=0) * 1e3
-        self.metrics.log({"train/loss": value, "train/samples_per_s": rate, "train/lr": self.optimizer.param_groups[0]["lr"],
+        self.metrics.log({"train/loss": value, "train/samples_per_s": rate,
+                          "train/lr": self.optimizer.param_groups[0]["lr"],
                           "time/step_ms": recent[0], "time/data_ms": recent[1], "time/compute_ms": recent[2],
                           "time/comm_ms": recent[3]}, step)
         write_progress(self.point_dir, step=step, total=self.total_steps, samples_per_s=rate, eta_s=eta, loss=value)

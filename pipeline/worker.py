@@ -28,7 +28,8 @@ from pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pipeline.config import parse_run_config
 from pipeline.distributed import DistEnv
 from pipeline.flops import flops_per_sample, utilisation
-from pipeline.record import RECORD_NAME, WEIGHTS_NAME, SCHEMA_VERSION, package_versions, read_point, utc_now, write_json_atomic
+from pipeline.record import (RECORD_NAME, SCHEMA_VERSION, WEIGHTS_NAME, package_versions, read_point, utc_now,
+                             write_json_atomic)
 from pipeline.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
 from pipeline.trainer import Interrupted, Trainer
 
@@ -104,7 +105,7 @@ def earlier_segments(segments: list[dict], warmup: int, global_batch: int) -> li
 
 def build_record(point: dict, run, env: DistEnv, trainer: Trainer, flops: float, backend: str, outcome,
                  ranks: list[dict], started_at: str, wall: float) -> dict:
-    t, model, device = run.trainer, trainer.raw_model, trainer.device
+    t, model, device = run.trainer, trainer.raw_model, device_info(trainer.device)
     timing = summarize(ranks, run.global_batch)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -122,7 +123,7 @@ def build_record(point: dict, run, env: DistEnv, trainer: Trainer, flops: float,
         "model_parameters": sum(p.numel() for p in model.parameters()),
         # what DDP all-reduces every step: one fp32 gradient per parameter
         "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "device": device_info(device),
+        "device": device,
         "backend": backend,
         "precision": trainer.precision,
         "fast_path": trainer.fast_path,
@@ -136,8 +137,7 @@ def build_record(point: dict, run, env: DistEnv, trainer: Trainer, flops: float,
         "restart_count": env.restart_count,
         "earlier_segments": earlier_segments(trainer.segments, t.warmup_steps, run.global_batch),
         **timing,
-        **utilisation(flops, timing["throughput_samples_per_s"], env.world_size, device_info(device)["name"],
-                      trainer.precision),
+        **utilisation(flops, timing["throughput_samples_per_s"], env.world_size, device["name"], trainer.precision),
         "comm_measurement": COMM_MEASUREMENT,
         "final_train_loss": outcome.final_train_loss,
         "test_accuracy": outcome.test_accuracy,
@@ -150,7 +150,8 @@ def build_record(point: dict, run, env: DistEnv, trainer: Trainer, flops: float,
             "hostnames": sorted({r["hostname"] for r in ranks}),
             "versions": package_versions(),
             # in local debug mode these are the simulated job's values
-            "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "simulated": point["launch_mode"] == "local"} if env.source == "slurm" else None,
+            "slurm": {"job_id": env.job_id, "nodelist": env.nodelist, "simulated": point["launch_mode"] == "local"}
+            if env.source == "slurm" else None,
             "launched_at": point["launched_at"],
             "started_at": started_at,
             "first_step_at_unix": trainer.first_step_at,

@@ -26,7 +26,8 @@ def _record(point_dir):
 
 def test_two_nodes_two_tasks(tmp_path):
     out = tmp_path / "run"
-    r = launch("nodes=2", "cluster.tasks_per_node=2", "trainer.epochs=5", "trainer.max_steps=20", "trainer.warmup_steps=4", *FAST,
+    r = launch("nodes=2", "cluster.tasks_per_node=2", "trainer.epochs=5", "trainer.max_steps=20",
+               "trainer.warmup_steps=4", *FAST,
                f"hydra.run.dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
     rec = _record(out)

@@ -153,7 +153,8 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     # the rank's log, appended to across the requeue
     assert log0.read_text().count("training 480 steps") == 2
     rec = record(run_dir)
-    assert rec["restart_count"] == 1 and 100 <= rec["resumed_from_step"] < rec["steps"] == 30 * 16  # 2048 samples / 2 ranks / 64 per batch
+    # 30 epochs of 2048 samples / 2 ranks / 64 per batch
+    assert rec["restart_count"] == 1 and 100 <= rec["resumed_from_step"] < rec["steps"] == 30 * 16
     assert rec["earlier_segments"][0]["start_step"] == 0
     assert rec["timed_steps"] == rec["steps"] - rec["resumed_from_step"] - rec["warmup_steps"]
     # the same run, never interrupted (local debug mode: same world size, same seeds, same worker)
