@@ -31,6 +31,7 @@ from pipeline.slurm import check_slurm_values, preflight, render_sbatch, submit
 from pipeline.status import wait_for_sweep
 
 log = logging.getLogger("pipeline.launch")
+SWEEP_POSITION_ENV = "PIPELINE_SWEEP_POSITION"  # "point K of N", set by the sweep launcher for the progress bar
 register_configs()
 
 
@@ -86,7 +87,8 @@ def main(cfg: DictConfig) -> str:
                     "do not measure scaling", run.world_size, cores)
     log.info("point %s: %d node(s) x %d task(s) in local debug mode, folder %s",
              point["point"], run.nodes, run.cluster.tasks_per_node, point_dir)
-    run_local(point_dir, run, job_id=f"local-{point['run_id'][:8]}")
+    position = os.environ.get(SWEEP_POSITION_ENV, "point 1 of 1")
+    run_local(point_dir, run, job_id=f"local-{point['run_id'][:8]}", position=position)
     record = point_dir / RECORD_NAME
     log.info("record: %s", record)
     return str(record)

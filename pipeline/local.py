@@ -3,7 +3,9 @@
 Each process gets the variables a real multi-node Slurm step gives its tasks (job id, node list, node id,
 proc id, local id, task counts, node name), so the worker runs the same rendezvous code as on a cluster. The
 rendezvous address is exported explicitly (the simulated node names do not resolve). Every rank's output goes
-to POINT_DIR/logs/node{N}-rank{R}.log; rank 0's is also echoed here. The first rank to fail ends the point.
+to POINT_DIR/logs/node{N}-rank{R}.log. On a terminal a progress bar shows the point's position in the sweep,
+step, samples/s and ETA; otherwise rank 0's log lines are echoed as they come. The first rank to fail ends
+the point.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.logs import LOG_DIR, rank_log_path, tail
+from pipeline.record import read_progress
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,10 @@ def _echo(stream, log_path: Path) -> None:
             sys.stdout.flush()
 
 
-def run_local(point_dir: Path, run: RunConfig, job_id: str) -> None:
-    """Start every rank of the point, wait for all of them; raise RunFailed when one fails."""
+def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> None:
+    """Start every rank of the point, wait for all of them; raise RunFailed when one fails. `position` says
+    which point of the sweep this is (e.g. "point 2 of 3"), for the progress bar."""
+    tty = sys.stdout.isatty()
     tpn = run.cluster.tasks_per_node
     base = {k: v for k, v in os.environ.items() if not (k.startswith("SLURM") or k in _FOREIGN)}
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
@@ -85,7 +90,7 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str) -> None:
             path = rank_log_path(point_dir, node, rank)
             env = {**base, **simulated_slurm_env(job_id, run.nodes, tpn, node, local)}
             cmd = [sys.executable, "-m", "pipeline.worker", str(point_dir)]
-            if rank == 0:
+            if rank == 0 and not tty:
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 echoes.append(threading.Thread(target=_echo, args=(proc.stdout, path), daemon=True))
                 echoes[-1].start()
@@ -93,14 +98,34 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str) -> None:
                 with open(path, "w") as out:
                     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
             ranks.append(Rank(rank, node, path, proc))
+    done = threading.Event()
+    if tty:
+        echoes.append(threading.Thread(target=_progress_bar, args=(point_dir, position, done), daemon=True))
+        echoes[-1].start()
     try:
         failed = _wait_all(ranks)
     finally:
+        done.set()
         _stop(ranks)
         for t in echoes:
             t.join(timeout=GRACE_S)
     if failed:
         raise RunFailed(_failure_message(failed))
+
+
+def _progress_bar(point_dir: Path, position: str, done: threading.Event, width: int = 30) -> None:
+    """Rewrite one terminal line from rank 0's progress.json until the point ends."""
+    while not done.wait(0.5):
+        p = read_progress(point_dir)
+        if p is None:
+            line = f"{position}: starting"
+        else:
+            filled = width * p["step"] // max(p["total_steps"], 1)
+            line = (f"{position}: [{'#' * filled}{'.' * (width - filled)}] step {p['step']}/{p['total_steps']} "
+                    f"{p['samples_per_s']:.0f} samples/s ETA {p['eta_s']:.0f} s")
+        sys.stdout.write(f"\r\033[K{line}")
+        sys.stdout.flush()
+    sys.stdout.write("\r\033[K")
 
 
 def _wait_all(ranks: list[Rank]) -> Rank | None:

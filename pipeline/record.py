@@ -86,5 +86,13 @@ def point_file(*, run_id: str, sweep_id: str, point: int, overrides: list[str],
     }
 
 
+def read_progress(point_dir: Path) -> dict | None:
+    """Rank 0's latest progress.json, or None before the first report."""
+    try:
+        return json.loads((Path(point_dir) / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_point(point_dir: Path) -> dict:
     return json.loads((Path(point_dir) / POINT_NAME).read_text())

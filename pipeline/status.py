@@ -7,7 +7,6 @@ records. Imports no torch: it runs on login nodes.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from pipeline.logs import first_failed_log, tail
 from pipeline.manifest import read_manifest, record_point
-from pipeline.record import POINT_NAME, PROGRESS_NAME, RECORD_NAME, read_point
+from pipeline.record import POINT_NAME, RECORD_NAME, read_point, read_progress
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
         "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued",
@@ -110,9 +109,8 @@ def sweep_status(sweep_dir: Path) -> list[PointStatus]:
 
 def progress_text(point_dir: Path) -> str:
     """Rank 0's last reported position (POINT_DIR/progress.json), e.g. 'step 400/1000, 5120 samples/s, ETA 12 s'."""
-    try:
-        p = json.loads((point_dir / PROGRESS_NAME).read_text())
-    except (OSError, ValueError):
+    p = read_progress(point_dir)
+    if p is None:
         return ""
     return f"step {p['step']}/{p['total_steps']}, {p['samples_per_s']:.0f} samples/s, ETA {p['eta_s']:.0f} s"
 

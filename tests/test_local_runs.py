@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,3 +256,33 @@ def test_one_rank_raising_ends_the_run_naming_it(tmp_path):
     out = r.stdout + r.stderr
     assert "rank 2 (simulated node 1) failed first" in out
     assert str(tmp_path / "run/logs/node1-rank2.log") in out and "injected failure on rank 2" in out
+
+
+def test_progress_on_a_terminal_and_as_plain_lines(tmp_path):
+    """On a terminal (a pseudo-terminal here) a progress bar with the sweep position; piped, rank 0's lines."""
+    import pty
+
+    args = [sys.executable, "-m", "pipeline.launch", "-m", "nodes=1,2", "trainer.epochs=20", "trainer.max_steps=600",
+            "trainer.log_every=20", *FAST[1:]]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the launch, its stdout a terminal
+        os.chdir(tmp_path)
+        os.execv(sys.executable, [*args, f"hydra.sweep.dir={tmp_path / 'tty'}"])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, screen[-2000:]
+    assert re.search(r"point 1 of 2: \[#*\.*\] step \d+/600 \d+ samples/s ETA \d+ s", screen)
+    assert re.search(r"point 2 of 2: \[#*\.*\] step \d+/320", screen) and "\r\x1b[K" in screen
+    piped = subprocess.run([*args, f"hydra.sweep.dir={tmp_path / 'pipe'}"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert piped.returncode == 0 and "\r" not in piped.stdout
+    assert re.search(r"\[rank 0/2 local1\] step 40/320 epoch \d+ loss [\d.]+ \d+ samples/s ETA \d+ s", piped.stdout)

@@ -4,6 +4,7 @@ would accept its allocation (`sbatch --test-only`). When a point cannot run, not
 `allow_partial=true`, which launches the others. With cluster=slurm and `wait=true` it then waits for the jobs."""
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
@@ -28,7 +29,7 @@ class PipelineLauncher(BasicLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         # imported here: Hydra imports every plugin module at start-up, in any Hydra app
         from pipeline.config import ConfigError
-        from pipeline.launch import check_allocation, exit_on_config_error, prepare_run
+        from pipeline.launch import SWEEP_POSITION_ENV, check_allocation, exit_on_config_error, prepare_run
         from pipeline.manifest import record_point
         from pipeline.status import wait_for_sweep
 
@@ -56,8 +57,9 @@ class PipelineLauncher(BasicLauncher):
         for idx, overrides in points:
             if idx in problems:
                 continue
-            log.info("\t#%d (point %d of %d): %s", idx, len(runs) + 1, len(points) - len(problems),
-                     " ".join(filter_overrides(overrides)))
+            position = f"point {len(runs) + 1} of {len(points) - len(problems)}"
+            os.environ[SWEEP_POSITION_ENV] = position
+            log.info("\t#%d (%s): %s", idx, position, " ".join(filter_overrides(overrides)))
             runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                 config=self._point_config(idx, overrides), job_dir_key="hydra.sweep.dir",
                                 job_subdir_key="hydra.sweep.subdir"))
