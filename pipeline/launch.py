@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -51,8 +50,9 @@ def prepare_run(cfg: DictConfig) -> RunConfig:
 
 
 def check_allocation(run: RunConfig) -> str | None:
-    """Would Slurm accept this point? The reason if not. A dry run on a machine without Slurm skips the check."""
-    if run.cluster.kind != "slurm" or (run.dry_run and shutil.which("sbatch") is None):
+    """Would Slurm accept this point? The reason if not. A dry run submits nothing, so it is not asked (it also
+    works where no cluster is reachable; `sbatch --test-only POINT_DIR/job.sbatch` asks later)."""
+    if run.cluster.kind != "slurm" or run.dry_run:
         return None
     return preflight(run, job_name="pipeline-preflight")
 

@@ -64,8 +64,11 @@ class PipelineLauncher(BasicLauncher):
                                 config=self._point_config(idx, overrides), job_dir_key="hydra.sweep.dir",
                                 job_subdir_key="hydra.sweep.subdir"))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        if self.config.cluster.kind == "slurm" and self.config.wait and not self.config.dry_run:
-            wait_for_sweep(sweep_dir)
+        if self.config.cluster.kind == "slurm" and not self.config.dry_run:
+            log.info("%d job(s) submitted; sweep folder %s; follow with: python -m pipeline.status %s",
+                     len(runs), sweep_dir, sweep_dir)
+            if self.config.wait:
+                wait_for_sweep(sweep_dir)
         return runs
 
     def _point_config(self, idx: int, overrides: Sequence[str]):
