@@ -134,7 +134,7 @@ def test_static_template_through_plain_sbatch(slurm_cluster, tmp_path):
 def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     """USR2 (what Slurm sends before preemption or the time limit) mid-training: rank 0 checkpoints, submitit
     requeues, the job resumes; its final weights equal an uninterrupted run's."""
-    args = ["nodes=2", "trainer.epochs=30", "trainer.log_every=50", *FAST[1:]]
+    args = ["nodes=2", "trainer.epochs=80", "trainer.log_every=50", *FAST[1:]]
     run_dir = tmp_path / "slurm"
     r = launch(*args, "cluster=slurm", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -149,12 +149,12 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     assert "completed" in out and "requeued 1x" in out
     # progress while it ran, as plain lines (stderr is not a terminal here): counts, then the running point's step
     assert re.search(r"^\[\d\d:\d\d:\d\d\] slurm: 1 (running|requeued|pending)", progress, re.M)
-    assert re.search(r"point 0: .*step \d+/480, \d+ samples/s, ETA \d+ s", progress)
+    assert re.search(r"point 0: .*step \d+/1280, \d+ samples/s, ETA \d+ s", progress)
     # the rank's log, appended to across the requeue
-    assert log0.read_text().count("training 480 steps") == 2
+    assert log0.read_text().count("training 1280 steps") == 2
     rec = record(run_dir)
-    # 30 epochs of 2048 samples / 2 ranks / 64 per batch
-    assert rec["restart_count"] == 1 and 100 <= rec["resumed_from_step"] < rec["steps"] == 30 * 16
+    # 80 epochs of 2048 samples / 2 ranks / 64 per batch
+    assert rec["restart_count"] == 1 and 100 <= rec["resumed_from_step"] < rec["steps"] == 80 * 16
     assert rec["earlier_segments"][0]["start_step"] == 0
     assert rec["timed_steps"] == rec["steps"] - rec["resumed_from_step"] - rec["warmup_steps"]
     # the same run, never interrupted (local debug mode: same world size, same seeds, same worker)
