@@ -153,7 +153,7 @@ class TrainerConfig:
     device: str = "auto"
     # the GPU fast path; null means on with CUDA, off without
     data_on_device: Optional[bool] = None  # hold the dataset on the device and batch it there
-    channels_last: Optional[bool] = None  # NHWC memory format for image models
+    channels_last: Optional[bool] = None  # NHWC memory format (null: with CUDA, for convolutional models)
     compile: bool = False  # torch.compile the model
     seed: int = 0
     warmup_steps: int = 5  # the first steps, excluded from every timing figure

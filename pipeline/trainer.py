@@ -68,7 +68,9 @@ class Trainer:
         self.precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
         self.fast_path = {
             "data_on_device": t.data_on_device if t.data_on_device is not None else cuda,
-            "channels_last": (t.channels_last if t.channels_last is not None else cuda)
+            # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
+            "channels_last": (t.channels_last if t.channels_last is not None else
+                              cuda and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
             and len(dataset.input_shape) == 3,
             "compile": t.compile,
         }
