@@ -286,3 +286,18 @@ def test_progress_on_a_terminal_and_as_plain_lines(tmp_path):
                            text=True, timeout=300)
     assert piped.returncode == 0 and "\r" not in piped.stdout
     assert re.search(r"\[rank 0/2 local1\] step 40/320 epoch \d+ loss [\d.]+ \d+ samples/s ETA \d+ s", piped.stdout)
+
+
+def test_the_worker_under_torchrun(tmp_path):
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, ...) are the third source the worker reads."""
+    out = tmp_path / "run"
+    r = launch("cluster=slurm", "cluster.tasks_per_node=2", "dry_run=true", "trainer.max_steps=10", *FAST,
+               f"hydra.run.dir={out}", cwd=tmp_path)  # a dry run freezes point.json and starts nothing
+    assert r.returncode == 0, r.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    t = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pipeline.worker",
+                        str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert t.returncode == 0, t.stderr[-3000:]
+    rec = _record(out)
+    assert (rec["world_size"], rec["steps"], rec["provenance"]["slurm"]) == (2, 10, None)
+    assert len({x["parameters_sha256"] for x in rec["ranks"]}) == 1
