@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A real Slurm cluster on this one machine, for trying and testing the Slurm path (Debian/Ubuntu, as root).
 #
-#   slurm/local-cluster.sh up [--nodes N]   install Debian's packages if missing, start munged, MariaDB + slurmdbd
-#                                           (so sacct works), slurmctld and N slurmd; wait until N nodes are idle
+#   slurm/local-cluster.sh up [--nodes N] [--netns]
+#                                           install Debian's packages if missing, start munged, MariaDB + slurmdbd
+#                                           (so sacct works), slurmctld and N slurmd; wait until N nodes are idle.
+#                                           --netns: each node in its own network namespace with its own address
+#                                           (SUBNET.11, .12, ...) and hostname, joined by a bridge (SUBNET.1)
 #   slurm/local-cluster.sh down             stop exactly the daemons this script started (pid files), undo /etc/hosts
 #   slurm/local-cluster.sh status           what is running, sinfo and squeue
 #
@@ -11,8 +14,9 @@
 # Everything it writes (config, munge key, state, logs, database) lives under PIPELINE_SLURM_DIR
 # (default /tmp/pipeline-slurm); outside it are only munged's socket in /run/munge (Slurm's clients look there)
 # and an /etc/hosts line naming the nodes, because the worker's rendezvous uses the first node's name as
-# MASTER_ADDR. N nodes are N slurmd on 127.0.0.1, one
-# port each. `up` on a running cluster of the same size does nothing; of another size, it restarts it.
+# MASTER_ADDR. N nodes are N slurmd on 127.0.0.1, one port each, or (--netns) N slurmd in network namespaces
+# of their own; the controller, the database and the users' commands stay in this namespace either way.
+# `up` on a running cluster of the same shape does nothing; of another shape, it restarts it.
 set -euo pipefail
 
 LAB=${PIPELINE_SLURM_DIR:-/tmp/pipeline-slurm}
@@ -23,6 +27,8 @@ BASE_PORT=${PIPELINE_SLURM_BASE_PORT:-17100}
 CTLD_PORT=${PIPELINE_SLURM_CTLD_PORT:-6917}
 DBD_PORT=${PIPELINE_SLURM_DBD_PORT:-6919}
 DB_PORT=${PIPELINE_SLURM_DB_PORT:-33166}
+SUBNET=${PIPELINE_SLURM_SUBNET:-10.231.0}  # --netns: addresses inside this script's own namespaces only
+BRIDGE=${PIPELINE_SLURM_BRIDGE:-plslurm0}  # --netns: the bridge; namespaces are $BRIDGE-<node>
 HOSTS_TAG="# pipeline local-cluster $LAB"
 export SLURM_CONF=$LAB/etc/slurm.conf
 
@@ -48,12 +54,15 @@ install_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+node_addr() { if [ "$NETNS" = 1 ]; then echo "$SUBNET.$((10 + $1))"; else echo 127.0.0.1; fi; }
+
 write_config() {
-  local n=$1 i
+  local n=$1 i ctl=localhost host
+  [ "$NETNS" = 1 ] && ctl="$(hostname -s)($SUBNET.1)"  # the nodes reach the controller over the bridge
   mkdir -p "$LAB"/{etc,state/ctld,log,run,munge}
   cat > "$LAB/etc/slurm.conf" <<EOF
 ClusterName=pipelinelab
-SlurmctldHost=localhost
+SlurmctldHost=$ctl
 SlurmctldPort=$CTLD_PORT
 AuthType=auth/munge
 CredType=cred/munge
@@ -88,7 +97,9 @@ AccountingStoragePort=$DBD_PORT
 JobAcctGatherType=jobacct_gather/none
 EOF
   for ((i = 1; i <= n; i++)); do
-    echo "NodeName=$PREFIX$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((BASE_PORT + i)) CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN" >> "$LAB/etc/slurm.conf"
+    host=localhost
+    [ "$NETNS" = 1 ] && host=$PREFIX$i
+    echo "NodeName=$PREFIX$i NodeHostname=$host NodeAddr=$(node_addr "$i") Port=$((BASE_PORT + i)) CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN" >> "$LAB/etc/slurm.conf"
     mkdir -p "$LAB/state/spool-$PREFIX$i"
   done
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$LAB/etc/slurm.conf"
@@ -108,14 +119,17 @@ StorageLoc=slurm_acct_db
 EOF
   chmod 600 "$LAB/etc/slurmdbd.conf"
   echo "export SLURM_CONF=$LAB/etc/slurm.conf" > "$LAB/env.sh"
-  echo "$n" > "$LAB/nodes"
+  echo "$n${NETNS:+ netns}" > "$LAB/nodes"
 }
 
 set_hosts() {  # the nodes' names must resolve: the worker uses the first one as MASTER_ADDR
-  local n=$1 names="" i rest
-  for ((i = 1; i <= n; i++)); do names+=" $PREFIX$i"; done
+  local n=$1 lines="" i rest
+  for ((i = 1; i <= n; i++)); do lines+="$(node_addr "$i") $PREFIX$i"$'\n'; done
   rest=$(grep -vF -- "$HOSTS_TAG" /etc/hosts || true)
-  printf '%s\n127.0.0.1%s %s\n' "$rest" "$names" "$HOSTS_TAG" > /etc/hosts  # in place: /etc/hosts may be a mount
+  # in place: /etc/hosts may be a mount
+  printf '%s\n%s' "$rest" "$(printf '%s' "$lines" | sed "s|\$| $HOSTS_TAG|")"$'\n' > /etc/hosts
+  # what the nodes' namespaces see as /etc/hosts (bind-mounted there): localhost, the controller, the nodes
+  printf '127.0.0.1 localhost\n%s.1 %s\n%s' "$SUBNET" "$(hostname -s)" "$lines" > "$LAB/etc/hosts"
 }
 
 unset_hosts() {
@@ -154,13 +168,46 @@ start_database() {
   wait_for 30 sacctmgr -n show cluster
 }
 
+start_namespaces() {  # a bridge here, and per node a namespace with a veth into it
+  local n=$1 i ns
+  echo "$BRIDGE" > "$LAB/run/bridge"  # what `down` removes, and nothing else
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$SUBNET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for ((i = 1; i <= n; i++)); do
+    ns=$BRIDGE-$PREFIX$i
+    ip netns add "$ns"
+    ip link add "${BRIDGE}v$i" type veth peer name eth0 netns "$ns"
+    ip link set "${BRIDGE}v$i" master "$BRIDGE" up
+    ip -n "$ns" addr add "$(node_addr "$i")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+  done
+}
+
+stop_namespaces() {  # the bridge and namespaces this cluster made, if it made any (deleting a namespace
+  local bridge ns    # deletes its veth pair)
+  [ -s "$LAB/run/bridge" ] || return 0
+  bridge=$(cat "$LAB/run/bridge"); rm -f "$LAB/run/bridge"
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$bridge-" || true); do ip netns del "$ns"; done
+  ip link del "$bridge" 2>/dev/null || true
+}
+
+start_slurmd() {  # start_slurmd <i>; with --netns in the node's namespace, with its own hostname and /etc/hosts
+  local node=$PREFIX$1
+  if [ "$NETNS" != 1 ]; then slurmd -N "$node"; return; fi
+  # not `ip netns exec`: it remounts /sys, and slurmd then fails on cgroups
+  nsenter --net="/run/netns/$BRIDGE-$node" unshare --uts --mount sh -c \
+    "mount --bind '$LAB/etc/hosts' /etc/hosts && hostname '$node' && exec slurmd -N '$node'"
+}
+
 idle_nodes() { sinfo -h -t idle -o %D 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 
 running() { [ -s "$LAB/run/slurmctld.pid" ] && kill -0 "$(cat "$LAB/run/slurmctld.pid")" 2>/dev/null; }
 
 do_up() {
   local n=$1 t0=$SECONDS i
-  if running && [ "$(cat "$LAB/nodes" 2>/dev/null)" = "$n" ] && scontrol ping >/dev/null 2>&1; then
+  if running && [ "$(cat "$LAB/nodes" 2>/dev/null)" = "$n${NETNS:+ netns}" ] && scontrol ping >/dev/null 2>&1; then
     log "already up with $n nodes ($LAB)"; return 0
   fi
   [ -e "$LAB/run" ] && do_down
@@ -168,11 +215,12 @@ do_up() {
   rm -rf "$LAB"; mkdir -p "$LAB"
   write_config "$n"
   set_hosts "$n"
+  if [ "$NETNS" = 1 ]; then start_namespaces "$n"; fi
   start_munge
   start_database
   slurmctld
   wait_for 30 scontrol ping
-  for ((i = 1; i <= n; i++)); do slurmd -N "$PREFIX$i"; done
+  for ((i = 1; i <= n; i++)); do start_slurmd "$i"; done
   wait_for 60 sh -c "[ \"\$(sinfo -h -t idle -o %D | awk '{s += \$1} END {print s + 0}')\" = $n ]"
   log "up: $n idle nodes after $((SECONDS - t0)) s. Use it with: source $LAB/env.sh"
 }
@@ -204,6 +252,7 @@ do_down() {
   stop_pidfiles "$LAB"/run/slurmd-*.pid "$LAB/run/slurmctld.pid"
   stop_pidfiles "$LAB/run/slurmdbd.pid"
   stop_pidfiles "$LAB/run/mariadbd.pid" "$LAB/run/munged.pid"
+  stop_namespaces
   unset_hosts
   log "down ($LAB)"
 }
@@ -217,8 +266,10 @@ do_status() {
 
 cmd=${1:-}; shift || true
 nodes=2
+NETNS=
 while [ $# -gt 0 ]; do
   case $1 in
+    --netns) NETNS=1; shift ;;
     --nodes) nodes=$2; shift 2 ;;
     --nodes=*) nodes=${1#*=}; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -228,5 +279,5 @@ case $cmd in
   up) [[ $nodes =~ ^[1-9][0-9]*$ ]] || { echo "--nodes must be a positive integer" >&2; exit 2; }; do_up "$nodes" ;;
   down) do_down ;;
   status) do_status ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

@@ -27,9 +27,11 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
-def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline.launch ARGS` as a user would, in `cwd`."""
+def launch(*args: str, cwd: Path, timeout: float = 300, slurm_conf: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline.launch ARGS` as a user would, in `cwd` (with another cluster's SLURM_CONF if given)."""
     # as from a login shell: no job's variables (SLURM_CONF, which names the cluster, stays)
     env = {k: v for k, v in os.environ.items() if k == "SLURM_CONF" or not k.startswith(("SLURM", "MASTER_"))}
+    if slurm_conf:
+        env["SLURM_CONF"] = slurm_conf
     return subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout)

@@ -19,23 +19,38 @@ SLURM_DIR = "/tmp/pipeline-slurm-tests"
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+def local_cluster(folder: str, ports: int, *flags: str, **env_extra: str):
+    """slurm/local-cluster.sh up with its own folder and ports (so it can run beside one started by hand);
+    yields its SLURM_CONF, then takes it down."""
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (it starts munged, slurmctld and slurmd)")
-    # its own folder and ports, so that it can run beside a cluster started by hand
-    env = {**os.environ, "PIPELINE_SLURM_DIR": SLURM_DIR, "PIPELINE_SLURM_CTLD_PORT": "6927",
-           "PIPELINE_SLURM_DBD_PORT": "6929", "PIPELINE_SLURM_DB_PORT": "33176", "PIPELINE_SLURM_BASE_PORT": "17200"}
-    subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "up", "--nodes", "4"], env=env, check=True,
-                   timeout=600)
-    os.environ["SLURM_CONF"] = f"{SLURM_DIR}/etc/slurm.conf"
-    yield
+    env = {**os.environ, "PIPELINE_SLURM_DIR": folder, "PIPELINE_SLURM_CTLD_PORT": str(ports),
+           "PIPELINE_SLURM_DBD_PORT": str(ports + 2), "PIPELINE_SLURM_DB_PORT": str(ports + 26000),
+           "PIPELINE_SLURM_BASE_PORT": str(ports + 10000), **env_extra}
+    subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "up", *flags], env=env, check=True, timeout=600)
+    yield f"{folder}/etc/slurm.conf"
     subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "down"], env=env, timeout=120)
 
 
-def status(sweep, *args):
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    for conf in local_cluster(SLURM_DIR, 6927, "--nodes", "4"):
+        os.environ["SLURM_CONF"] = conf
+        yield
+
+
+@pytest.fixture(scope="session")
+def netns_cluster():
+    """2 nodes, each in a network namespace with its own address (in 10.232.0.0/24) and hostname."""
+    yield from local_cluster("/tmp/pipeline-slurm-netns-tests", 6947, "--nodes", "2", "--netns",
+                             PIPELINE_SLURM_SUBNET="10.232.0", PIPELINE_SLURM_BRIDGE="plslurmt0",
+                             PIPELINE_SLURM_NODE_PREFIX="nsnode")
+
+
+def status(sweep, *args, slurm_conf=None):
+    env = {**os.environ, **({"SLURM_CONF": slurm_conf} if slurm_conf else {})}
     return subprocess.run([sys.executable, "-m", "pipeline.status", str(sweep), *args], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def wait(sweep, with_progress=False):
@@ -220,3 +235,15 @@ def test_dry_run_writes_the_scripts_and_submits_nothing(slurm_cluster, tmp_path)
         t = subprocess.run(["sbatch", "--test-only", str(sweep / point / "job.sbatch")], capture_output=True,
                            text=True)
         assert t.returncode == 0, t.stderr
+
+
+@pytest.mark.slurm
+def test_nodes_in_their_own_network_namespaces(netns_cluster, tmp_path):
+    """--netns: each node has its own address and hostname; the ranks rendezvous over the bridge."""
+    r = launch("nodes=2", "cluster=slurm", "trainer.max_steps=10", *FAST, "wait=true",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, slurm_conf=netns_cluster)
+    assert r.returncode == 0, r.stderr
+    rec = record(tmp_path / "run")
+    assert [(x["node_name"], x["hostname"]) for x in rec["ranks"]] == [("nsnode1", "nsnode1"), ("nsnode2", "nsnode2")]
+    assert rec["provenance"]["hostnames"] == ["nsnode1", "nsnode2"] and not rec["oversubscribed"]
+    assert all(x["processes_on_host"] == 1 for x in rec["ranks"])
