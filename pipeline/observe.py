@@ -61,10 +61,33 @@ def write_progress(point_dir: Path, *, step: int, total: int, samples_per_s: flo
 
 class Phases:
     """Named ranges around the phases of a step, for torch.profiler (record_function) and Nsight Systems (NVTX).
-    When neither is on, `range` is a no-op context, so an unprofiled step pays only a function call."""
+    When neither is on, `range` is a no-op context, so an unprofiled step pays only a function call.
 
-    def __init__(self, profiling: bool, nvtx: bool):
-        self.profiling, self.nvtx = profiling, nvtx and torch.cuda.is_available()
+    `allreduce_wait` is opened when DDP launches its last gradient bucket (from the timer's comm hook) and closed
+    when backward() returns: the same interval as the `comm` phase, nested in `backward`. On CUDA the hook runs on
+    autograd's device thread, so there it is an NVTX range only (NVTX start/end may cross threads)."""
+
+    WAIT = "allreduce_wait"
+
+    def __init__(self, profiling: bool, nvtx: bool, cuda: bool):
+        self.profiling, self.nvtx, self.cuda = profiling, nvtx and torch.cuda.is_available(), cuda
+        self._wait = None
+
+    def begin_wait(self) -> None:
+        if self.nvtx:
+            self._wait = ("nvtx", torch.cuda.nvtx.range_start(self.WAIT))
+        elif self.profiling and not self.cuda:
+            self._wait = ("profiler", torch.profiler.record_function(self.WAIT).__enter__())
+
+    def end_wait(self) -> None:
+        if self._wait is None:
+            return
+        kind, handle = self._wait
+        if kind == "nvtx":
+            torch.cuda.nvtx.range_end(handle)
+        else:
+            handle.__exit__(None, None, None)
+        self._wait = None
 
     @contextlib.contextmanager
     def _ranges(self, name: str):

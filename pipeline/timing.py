@@ -36,6 +36,7 @@ class StepTimer:
         self._cuda = device.type == "cuda"
         self._marks: list[tuple] = []
         self._start = self._data = self._grads = self._backward = None
+        self.on_grads_ready = None
 
     def _now(self):
         if self._cuda:
@@ -45,12 +46,16 @@ class StepTimer:
         return time.perf_counter()
 
     def comm_hook(self, process_group, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        """A DDP comm hook: DDP's own averaging all-reduce, plus a mark at each bucket's launch."""
-        self.grads_ready()
+        """A DDP comm hook: DDP's own averaging all-reduce, plus a mark when the last bucket is launched (all
+        gradients are computed then); `on_grads_ready`, if set, is called at that moment too."""
+        if bucket.is_last():
+            self.grads_ready()
         return default_hooks.allreduce_hook(process_group, bucket)
 
     def grads_ready(self) -> None:
-        self._grads = self._now()  # the last bucket's mark stands: all gradients are computed
+        self._grads = self._now()
+        if self.on_grads_ready is not None:
+            self.on_grads_ready()
 
     def start(self) -> None:
         self._start = self._now()

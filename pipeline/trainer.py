@@ -113,7 +113,10 @@ class Trainer:
         self.stop_signal: int | None = None  # set by the worker's signal handler
         self.first_step_at: float | None = None  # unix time this process finished its first step
         self.metrics = make_logger(t.tensorboard, env.rank == 0, point_dir)
-        self.phases = Phases(profiling=run.profiler.enabled and env.rank in run.profiler.ranks, nvtx=run.profiler.nvtx)
+        self.phases = Phases(profiling=run.profiler.enabled and env.rank in run.profiler.ranks,
+                             nvtx=run.profiler.nvtx, cuda=device.type == "cuda")
+        if self.phases.profiling or self.phases.nvtx:
+            self.timer.on_grads_ready = self.phases.begin_wait
 
     def _place(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The split as tensors: on the device (fast path), else in pinned host memory for async copies on CUDA."""
@@ -158,6 +161,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     with phase("backward"):  # DDP waits for the gradient all-reduce before backward() returns
                         loss.backward()
+                        self.phases.end_wait()
                     self.timer.backward_done()
                     with phase("optimizer"):
                         self.optimizer.step()

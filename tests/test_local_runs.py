@@ -180,8 +180,12 @@ def test_tensorboard_scalars_and_profiler_trace(tmp_path):
     assert len(traces) == 1 and not list((out / "profile").glob("rank1*"))
     names = [e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]
              if e.get("cat") == "user_annotation"]
-    for phase in ("data", "forward", "backward", "optimizer"):
+    for phase in ("data", "forward", "backward", "allreduce_wait", "optimizer"):
         assert names.count(phase) == 4, phase
+    # the wait for the all-reduce lies inside backward (DDP waits there)
+    events = [e for e in json.loads(traces[0].read_text())["traceEvents"] if e.get("cat") == "user_annotation"]
+    for bwd, wait in zip(*([e for e in events if e["name"] == n] for n in ("backward", "allreduce_wait"))):
+        assert bwd["ts"] <= wait["ts"] and wait["ts"] + wait["dur"] <= bwd["ts"] + bwd["dur"] + 1
     assert "gloo:all_reduce" in names
     progress = json.loads((out / "progress.json").read_text())
     assert (progress["step"], progress["total_steps"]) == (20, 20)
