@@ -63,9 +63,10 @@ class Phases:
     """Named ranges around the phases of a step, for torch.profiler (record_function) and Nsight Systems (NVTX).
     When neither is on, `range` is a no-op context, so an unprofiled step pays only a function call.
 
-    `allreduce_wait` is opened when DDP launches its last gradient bucket (from the timer's comm hook) and closed
-    when backward() returns: the same interval as the `comm` phase, nested in `backward`. On CUDA the hook runs on
-    autograd's device thread, so there it is an NVTX range only (NVTX start/end may cross threads)."""
+    `allreduce_wait` is opened when the last gradient is accumulated (the timer's hook; DDP launches its last
+    bucket then) and closed when backward() returns: the same interval as the `comm` phase, nested in `backward`.
+    On CUDA gradient hooks run on autograd's device thread, so there it is an NVTX range only (NVTX start/end may
+    cross threads)."""
 
     WAIT = "allreduce_wait"
 

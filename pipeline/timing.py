@@ -10,9 +10,11 @@ run tile its wall time with no gaps:
             + (optimizer done - backward returned)  optimizer step
     comm    = backward returned - gradients computed
 
-"Gradients computed" is when DDP hands its last gradient bucket to the all-reduce (a DDP comm hook records it);
+"Gradients computed" is when the last parameter's gradient is accumulated (a post-accumulate-grad hook on every
+parameter counts them); that gradient completes DDP's last bucket, which DDP then hands to the all-reduce.
 backward() returns only once every bucket's all-reduce has finished. So `comm` is the all-reduce time that
-backward compute did not hide: how long the rank waited on gradient communication.
+backward compute did not hide: how long the rank waited on gradient communication. (DDP keeps its own C++
+all-reduce: a Python comm hook cost measurably more per step.)
 
 On CUDA the marks are CUDA events on the compute stream (the GPU's timeline, read once after training, so the
 loop gains no synchronisation); on CPU they are `time.perf_counter()`.
@@ -22,11 +24,11 @@ import time
 
 import numpy as np
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 COMM_MEASUREMENT = (
-    "comm = time from DDP launching its last gradient bucket's all-reduce (recorded by a DDP comm hook) to "
-    "backward() returning, which waits for every bucket: the all-reduce time not overlapped with backward compute"
+    "comm = time from the last parameter gradient being accumulated (which completes DDP's last bucket and "
+    "launches its all-reduce; counted by post-accumulate-grad hooks) to backward() returning, which waits for "
+    "every bucket: the all-reduce time not overlapped with backward compute"
 )
 PHASES = ("data", "compute", "comm")
 
@@ -36,6 +38,7 @@ class StepTimer:
         self._cuda = device.type == "cuda"
         self._marks: list[tuple] = []
         self._start = self._data = self._grads = self._backward = None
+        self._params = self._pending = 0
         self.on_grads_ready = None
 
     def _now(self):
@@ -45,14 +48,20 @@ class StepTimer:
             return event
         return time.perf_counter()
 
-    def comm_hook(self, process_group, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        """A DDP comm hook: DDP's own averaging all-reduce, plus a mark when the last bucket is launched (all
-        gradients are computed then); `on_grads_ready`, if set, is called at that moment too."""
-        if bucket.is_last():
+    def watch(self, model: torch.nn.Module) -> None:
+        """Count gradient accumulations, to mark the moment the step's last one is done."""
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._accumulated)
+                self._params += 1
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        self._pending -= 1
+        if self._pending == 0:
             self.grads_ready()
-        return default_hooks.allreduce_hook(process_group, bucket)
 
     def grads_ready(self) -> None:
+        """All gradients are computed; `on_grads_ready`, if set, is called at that moment too."""
         self._grads = self._now()
         if self.on_grads_ready is not None:
             self.on_grads_ready()
@@ -62,7 +71,7 @@ class StepTimer:
 
     def data_ready(self) -> None:
         self._data = self._now()
-        self._grads = None
+        self._grads, self._pending = None, self._params
 
     def backward_done(self) -> None:
         self._backward = self._now()
@@ -135,8 +144,8 @@ DEFINITIONS = {
                    "mean, median and 95th percentile over steps",
     "breakdown_s": "mean seconds per timed step in each phase, averaged over ranks; data + compute + comm = step",
     "data": "from the end of the previous step to the batch being on the device (indexing, copy, logging)",
-    "compute": "forward and backward compute up to the last gradient bucket's all-reduce launch, plus the "
-               "optimizer step",
+    "compute": "forward and backward compute up to the last parameter gradient's accumulation (when DDP's last "
+               "bucket's all-reduce is launched), plus the optimizer step",
     "comm": COMM_MEASUREMENT,
     "restarts": "after a restart (preemption or time limit), the timing figures cover the last uninterrupted "
                 "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "

@@ -98,7 +98,7 @@ class Trainer:
             device_ids=[device.index] if cuda else None, bucket_cap_mb=d.bucket_cap_mb,
             gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph,
             broadcast_buffers=d.broadcast_buffers)
-        self.model.register_comm_hook(None, self.timer.comm_hook)
+        self.timer.watch(self.raw_model)
         self.optimizer = make_optimizer(t.optimizer, self.model.parameters(), t.lr, t.momentum, t.weight_decay)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         # the generator dropout draws from; reseeding it alone costs ~1 us, torch.manual_seed ~190 us

@@ -200,8 +200,12 @@ def run_point(point_dir: str | Path) -> Path:
     _setup_logging(env)
     device = pick_device(run.trainer.device, env.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
-                            world_size=env.world_size, timeout=timedelta(seconds=run.cluster.timeout_s))
+    timeout = timedelta(seconds=run.cluster.timeout_s)
+    # the rendezvous store, held here so that it outlives the process group (see leave_together)
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
+                          timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    finished = False
     try:
         placement = place_threads(env)
         torch.manual_seed(run.trainer.seed)  # the same initial weights on every rank
@@ -231,11 +235,23 @@ def run_point(point_dir: str | Path) -> Path:
             write_json_atomic(record_path, record)
             log.info("test accuracy %.4f, %.0f samples/s; record: %s", outcome.test_accuracy,
                      record["throughput_samples_per_s"] or 0.0, record_path)
-        # no rank tears the process group down while another still uses it (rank 0 hosts the store)
-        dist.barrier()
+        dist.barrier()  # no rank tears the process group down while another still uses it
+        finished = True
         return record_path
     finally:
         dist.destroy_process_group()
+        if finished:
+            leave_together(store, env)
+
+
+def leave_together(store: dist.TCPStore, env: DistEnv) -> None:
+    """Rank 0 hosts the store; it exits only after every rank has torn its process group down. Exiting earlier
+    can abort a rank still tearing down ("terminate called without an active exception", seen with gloo)."""
+    store.add("left", 1)
+    if env.rank == 0:
+        deadline = time.monotonic() + 60
+        while store.add("left", 0) < env.world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _setup_logging(env: DistEnv) -> None:
