@@ -249,7 +249,17 @@ class RunConfig:
         check_at_least("cluster.tasks_per_node", self.cluster.tasks_per_node, 1)
         check_at_least("cluster.gpus_per_node", self.cluster.gpus_per_node, 0)
         check_at_least("cluster.timeout_s", self.cluster.timeout_s, 1)
-        t = self.trainer
+        t, c = self.trainer, self.cluster
+        if 0 < c.gpus_per_node < c.tasks_per_node and t.device != "cpu":
+            raise ConfigError(
+                f"cluster.tasks_per_node={c.tasks_per_node} ranks would share cluster.gpus_per_node={c.gpus_per_node} "
+                f"GPU(s), and NCCL needs one GPU per rank; set cluster.tasks_per_node <= cluster.gpus_per_node, or "
+                f"trainer.device=cpu"
+            )
+        if t.compile and self.ddp.bucket_cap_mb < 1:
+            # torch.compile splits the graph at DDP's buckets, and refuses buckets smaller than DDP's first (1 MiB)
+            raise ConfigError(f"ddp.bucket_cap_mb={self.ddp.bucket_cap_mb} is not allowed with trainer.compile=true; "
+                              f"torch.compile needs ddp.bucket_cap_mb >= 1")
         if t.scaling == "strong" and t.global_batch_size % self.world_size:
             raise ConfigError(
                 f"trainer.global_batch_size={t.global_batch_size} does not divide over "

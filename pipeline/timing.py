@@ -16,8 +16,9 @@ backward() returns only once every bucket's all-reduce has finished. So `comm` i
 backward compute did not hide: how long the rank waited on gradient communication. (DDP keeps its own C++
 all-reduce: a Python comm hook cost measurably more per step.)
 
-On CUDA the marks are CUDA events on the compute stream (the GPU's timeline, read once after training, so the
-loop gains no synchronisation); on CPU they are `time.perf_counter()`.
+On CUDA the marks are CUDA events on the compute stream (the GPU's timeline), read only when a step is long
+finished (or when the figures are asked for), so the loop gains no synchronisation; on CPU they are
+`time.perf_counter()`.
 """
 
 import time
@@ -34,9 +35,14 @@ PHASES = ("data", "compute", "comm")
 
 
 class StepTimer:
+    # steps whose marks are read in one go, once twice as many are waiting: a CUDA event of a step that many
+    # steps back has long been reached, so reading it does not wait, and the events in hand stay bounded
+    READ_EVERY = 256
+
     def __init__(self, device: torch.device):
         self._cuda = device.type == "cuda"
-        self._marks: list[tuple] = []
+        self._marks: list[tuple] = []  # steps not read yet
+        self._read: list[np.ndarray] = []  # (steps, 4) intervals between a step's 5 marks, in seconds
         self._start = self._data = self._grads = self._backward = None
         self._params = self._pending = 0
         self.on_grads_ready = None
@@ -81,19 +87,28 @@ class StepTimer:
         grads = self._grads if self._grads is not None else self._backward  # no hook ran: no communication
         self._marks.append((self._start, self._data, grads, self._backward, end))
         self._start = end
+        if len(self._marks) >= 2 * self.READ_EVERY:
+            self._read_marks(self.READ_EVERY)
+
+    def _read_marks(self, steps: int) -> None:
+        marks, self._marks = self._marks[:steps], self._marks[steps:]
+        if not marks:
+            return
+        if self._cuda:
+            marks[-1][-1].synchronize()
+            self._read.append(np.array([[a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in marks]))
+        else:
+            self._read.append(np.diff(np.array(marks, dtype=np.float64), axis=1))
 
     def phases(self, last: int | None = None) -> np.ndarray:
         """Seconds per step, shape (steps, 4): step, data, compute, comm; of the `last` steps only if given."""
-        marks = self._marks[-last:] if last else self._marks
-        if not marks:
-            return np.zeros((0, 4))
-        if self._cuda:
-            torch.cuda.synchronize()
-            t = np.array([[0.0] + [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in marks])
-        else:
-            t = np.diff(np.array(marks, dtype=np.float64), axis=1, prepend=0.0)
-        # columns of t: (unused, data, forward+backward, comm, optimizer)
-        data, fwd_bwd, comm, opt = t[:, 1], t[:, 2], t[:, 3], t[:, 4]
+        self._read_marks(len(self._marks))
+        t = np.concatenate(self._read) if self._read else np.zeros((0, 4))
+        self._read = [t]
+        if last:
+            t = t[-last:]
+        # columns of t: data, forward+backward, comm, optimizer
+        data, fwd_bwd, comm, opt = t[:, 0], t[:, 1], t[:, 2], t[:, 3]
         return np.stack([data + fwd_bwd + comm + opt, data, fwd_bwd + opt, comm], axis=1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pipeline.timing import StepTimer
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1024
+DEVICE_DATA_SHARE = 0.5
 
 
 @dataclass
@@ -57,6 +59,36 @@ def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: 
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def buffer_sync(every_forward: bool) -> dict:
+    """DDP's argument for syncing buffers from rank 0 before each forward. torch 2.13 renamed
+    `broadcast_buffers` to `forward_sync_buffers` (and warns on the old name); older releases know only the old."""
+    if every_forward:
+        return {}  # the default under either name
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def holds_on_device(setting: bool | None, split_bytes: int, free_device_bytes: int) -> bool:
+    """trainer.data_on_device; when null (auto), the splits go to the GPU if they take at most half its free
+    memory, leaving the rest to the model, activations and the allocator (0 free bytes: the CPU, never)."""
+    if setting is not None:
+        return setting
+    return 0 < split_bytes <= DEVICE_DATA_SHARE * free_device_bytes
+
+
+def gather_batch(source: torch.Tensor, idx: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    """Rows `idx` of a split, on `device`. From host memory to a GPU (`pinned`) they are gathered straight into a
+    pinned buffer and copied without blocking: indexing a pinned tensor would give pageable memory, whose copy is
+    synchronous. The buffer comes from torch's caching host allocator, which reuses it only once the copy that
+    read it has finished."""
+    if source.device == device:
+        return source[idx]
+    batch = torch.empty_like(source[:len(idx)], pin_memory=pinned)
+    torch.index_select(source, 0, idx, out=batch)  # into the buffer's strides (channels_last stays)
+    return batch.to(device, non_blocking=True)
+
+
 class Trainer:
     def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, dataset,
                  point_dir: Path, resume: dict | None = None):
@@ -66,8 +98,11 @@ class Trainer:
         self.batch = run.per_rank_batch
         cuda = device.type == "cuda"
         self.precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
+        train, test = dataset.load("train"), dataset.load("test")
+        split_bytes = sum(a.nbytes for a in (*train, *test))
         self.fast_path = {
-            "data_on_device": t.data_on_device if t.data_on_device is not None else cuda,
+            "data_on_device": holds_on_device(t.data_on_device, split_bytes,
+                                              torch.cuda.mem_get_info(device)[0] if cuda else 0),
             # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
             "channels_last": (t.channels_last if t.channels_last is not None else
                               cuda and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
@@ -75,8 +110,8 @@ class Trainer:
             "compile": t.compile,
         }
         self.fast_path["pinned_memory"] = cuda and not self.fast_path["data_on_device"]
-        self.train_x, self.train_y = self._place(*dataset.load("train"))
-        self.test_x, self.test_y = self._place(*dataset.load("test"))
+        self.train_x, self.train_y = self._place(*train)
+        self.test_x, self.test_y = self._place(*test)
         self.sampler = DistributedSampler(range(len(self.train_y)), num_replicas=env.world_size, rank=env.rank,
                                           shuffle=True, seed=t.seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // self.batch
@@ -97,7 +132,7 @@ class Trainer:
             torch.compile(self.raw_model) if t.compile else self.raw_model,
             device_ids=[device.index] if cuda else None, bucket_cap_mb=d.bucket_cap_mb,
             gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph,
-            broadcast_buffers=d.broadcast_buffers)
+            **buffer_sync(d.broadcast_buffers))
         self.timer.watch(self.raw_model)
         self.optimizer = make_optimizer(t.optimizer, self.model.parameters(), t.lr, t.momentum, t.weight_decay)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -119,14 +154,12 @@ class Trainer:
             self.timer.on_grads_ready = self.phases.begin_wait
 
     def _place(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split as tensors: on the device (fast path), else in pinned host memory for async copies on CUDA."""
+        """The split as tensors, on the device when the fast path holds it there, else in host memory."""
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         if self.fast_path["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.fast_path["data_on_device"]:
             return x.to(self.device), y.to(self.device)
-        if self.fast_path["pinned_memory"]:
-            return x.pin_memory(), y.pin_memory()
         return x, y
 
     def save_checkpoint(self, step: int) -> None:
@@ -152,8 +185,9 @@ class Trainer:
                 for i in range(first, min(self.steps_per_epoch, first + self.total_steps - step)):
                     with phase("data"):
                         idx = order[i * self.batch:(i + 1) * self.batch]
-                        x = self.train_x[idx].to(self.device, non_blocking=True)
-                        y = self.train_y[idx].to(self.device, non_blocking=True)
+                        pinned = self.fast_path["pinned_memory"]
+                        x = gather_batch(self.train_x, idx, self.device, pinned)
+                        y = gather_batch(self.train_y, idx, self.device, pinned)
                         self.dropout_rng.manual_seed(dropout_seed(t.seed, self.env.rank, step, self.env.world_size))
                     self.timer.data_ready()
                     with phase("forward"), self.autocast:

@@ -37,14 +37,38 @@ log = logging.getLogger("pipeline.worker")
 EXIT_REQUEUED = 75  # EX_TEMPFAIL: stopped on purpose, to be continued by the requeued job
 
 
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but this node has no CUDA device; use trainer.device=cpu or auto")
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+def gpu_index(choice: str, slot: int, sharing: int, gpus: int, same_gpus_for_all: bool) -> int | None:
+    """The CUDA device this rank trains on, or None for the CPU.
+
+    `slot` is the rank's place among the `sharing` ranks on its machine, `gpus` how many devices it sees. NCCL
+    needs a GPU per rank. In local debug mode every rank sees the same devices (`same_gpus_for_all`), so more
+    ranks than GPUs means sharing; trainer.device=auto then trains on the CPU. On a cluster a rank that sees a
+    single GPU may have been bound to its own (srun --gpus-per-task, --gpu-bind), so that one is taken.
+    """
+    if choice == "cpu" or (choice == "auto" and gpus == 0):
+        return None
+    if gpus == 0:
+        raise RuntimeError("trainer.device=cuda but this node has no CUDA device; use trainer.device=cpu or auto")
+    if sharing <= gpus or (gpus == 1 and not same_gpus_for_all):
+        return slot % gpus
+    where = (f"local debug mode runs all {sharing} ranks (nodes x cluster.tasks_per_node) on this machine"
+             if same_gpus_for_all else f"{sharing} ranks (cluster.tasks_per_node) run on this node")
+    if choice == "auto" and same_gpus_for_all:
+        log.warning("%s, which has %d GPU(s): NCCL needs one per rank, so this point trains on the CPU with gloo "
+                    "(trainer.device=auto)", where, gpus)
+        return None
+    raise RuntimeError(f"{where}, which has {gpus} GPU(s), and NCCL needs one GPU per rank. Use at most {gpus} "
+                       f"ranks per machine, or trainer.device=cpu.")
+
+
+def pick_device(choice: str, env: DistEnv, local_mode: bool) -> torch.device:
+    slot, sharing = (env.rank, env.world_size) if local_mode else (env.local_rank, env.local_world_size)
+    index = gpu_index(choice, slot, sharing, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                      same_gpus_for_all=local_mode)
+    if index is None:
+        return torch.device("cpu")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def place_threads(env: DistEnv) -> dict:
@@ -198,7 +222,7 @@ def run_point(point_dir: str | Path) -> Path:
     env = DistEnv.detect()
     env.check_world(run.nodes, run.cluster.tasks_per_node)
     _setup_logging(env)
-    device = pick_device(run.trainer.device, env.local_rank)
+    device = pick_device(run.trainer.device, env, local_mode=point["launch_mode"] == "local")
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=run.cluster.timeout_s)
     # the rendezvous store, held here so that it outlives the process group (see leave_together)
@@ -223,7 +247,8 @@ def run_point(point_dir: str | Path) -> Path:
             log.warning("%s; checkpoint %s", stop, trainer.checkpoint_path)
             hand_over(signum, previous, env, on_slurm=point["launch_mode"] == "slurm")
         mine = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
-                "node_name": env.node_name, **placement, "parameters_sha256": parameters_digest(trainer.raw_model),
+                "node_name": env.node_name, "device": str(device), **placement,
+                "parameters_sha256": parameters_digest(trainer.raw_model),
                 **rank_timing(outcome.phases, warmup_of(run, outcome))}
         ranks = [None] * env.world_size if env.rank == 0 else None
         dist.gather_object(mine, ranks, dst=0)

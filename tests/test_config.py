@@ -60,6 +60,9 @@ def test_scaling_modes_set_the_batches(compose_cfg):
     (["model.dropout=1.5"], ["model.dropout"]),
     (["dataset.image_shape=[28,28]"], ["dataset.image_shape"]),
     (["+trainer.unknown_key=1"], ["unknown_key"]),
+    (["trainer.compile=true", "ddp.bucket_cap_mb=0.5"], ["ddp.bucket_cap_mb=0.5", "trainer.compile=true", ">= 1"]),
+    (["cluster=slurm", "cluster.tasks_per_node=4", "cluster.gpus_per_node=2"],
+     ["cluster.tasks_per_node=4", "cluster.gpus_per_node=2", "trainer.device=cpu"]),
 ])
 def test_bad_values_name_the_key(compose_cfg, overrides, names):
     # wrong types are refused by Hydra while composing (against the schema), bad values by our checks
@@ -86,3 +89,9 @@ def test_missing_dataset_files_name_the_paths(compose_cfg, tmp_path, dataset, ex
     assert "dataset.root" in str(e.value)
     for path in expected:
         assert str(tmp_path / path) in str(e.value)
+
+
+def test_more_ranks_than_gpus_is_fine_on_the_cpu(compose_cfg):
+    run = parse_run_config(compose_cfg("cluster=slurm", "cluster.tasks_per_node=4", "cluster.gpus_per_node=2",
+                                       "trainer.device=cpu"))
+    assert run.world_size == 4

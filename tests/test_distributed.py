@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline.distributed import DistEnv, port_for_job
+from pipeline.worker import gpu_index
 from pipeline.local import simulated_slurm_env
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "gpu[07-08],cpu3",
@@ -70,3 +71,27 @@ def test_simulated_nodes_look_like_a_slurm_step(environ):
     assert {e.world_size for e in ranks} == {6} and {e.num_nodes for e in ranks} == {2}
     assert [e.node_name for e in ranks] == ["local1"] * 3 + ["local2"] * 3
     assert [e.local_rank for e in ranks] == [0, 1, 2] * 2
+
+
+@pytest.mark.parametrize("choice, slot, sharing, gpus, local, expected", [
+    ("auto", 3, 4, 0, False, None),      # no GPU: the CPU
+    ("cpu", 0, 1, 8, False, None),       # asked for the CPU
+    ("auto", 3, 4, 8, False, 3),         # a cluster node: LOCAL_RANK picks the GPU
+    ("auto", 3, 4, 4, True, 3),          # local debug mode: the global rank does (every rank is on this machine)
+    ("auto", 1, 4, 1, False, 0),         # a rank bound to its own GPU by srun sees just that one
+    ("auto", 1, 2, 1, True, None),       # local debug mode, 2 ranks, 1 GPU: they would share it; the CPU
+])
+def test_gpu_per_rank(choice, slot, sharing, gpus, local, expected):
+    assert gpu_index(choice, slot, sharing, gpus, same_gpus_for_all=local) == expected
+
+
+@pytest.mark.parametrize("choice, sharing, gpus, local, names", [
+    ("cuda", 1, 0, False, ["trainer.device=cuda", "no CUDA device"]),
+    ("cuda", 2, 1, True, ["all 2 ranks", "1 GPU(s)", "trainer.device=cpu"]),
+    ("auto", 4, 2, False, ["4 ranks (cluster.tasks_per_node)", "2 GPU(s)", "one GPU per rank"]),
+])
+def test_gpu_sharing_is_refused_with_a_reason(choice, sharing, gpus, local, names):
+    with pytest.raises(RuntimeError) as e:
+        gpu_index(choice, 0, sharing, gpus, same_gpus_for_all=local)
+    for name in names:
+        assert name in str(e.value)

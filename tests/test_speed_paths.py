@@ -8,6 +8,7 @@ import torch
 
 from pipeline.flops import flops_per_sample, peak_tflops, utilisation
 from pipeline.models import MLP
+from pipeline.trainer import gather_batch, holds_on_device
 from tests.conftest import launch
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=256"]
@@ -37,6 +38,16 @@ def test_utilisation_arithmetic():
     assert utilisation(1e9, 8e5, 8, "x86_64 CPU", "fp32")["mfu"] is None
 
 
+def test_batches_from_host_memory_are_gathered_into_a_buffer_that_keeps_channels_last():
+    images = torch.arange(40 * 3 * 4 * 4, dtype=torch.float32).reshape(40, 3, 4, 4)
+    images = images.contiguous(memory_format=torch.channels_last)
+    idx = torch.tensor([7, 3, 30])
+    assert torch.equal(gather_batch(images, idx, torch.device("cpu"), pinned=False), images[idx])  # same device
+    # to another device ("meta" stands in for a GPU here; pinning needs CUDA): the copy keeps NHWC strides
+    batch = gather_batch(images, idx, torch.device("meta"), pinned=False)
+    assert batch.shape == (3, 3, 4, 4) and batch.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.slow
 def test_fast_path_options_run_and_keep_replicas_identical(tmp_path):
     out = tmp_path / "run"
@@ -52,6 +63,22 @@ def test_fast_path_options_run_and_keep_replicas_identical(tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_model_trains_to_the_same_weights_as_eager(tmp_path):
+    weights = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        r = launch("nodes=2", "model=cnn", "trainer.max_steps=6", "trainer.precision=fp32",
+                   f"trainer.compile={str(compiled).lower()}", "ddp.bucket_cap_mb=1", *FAST, f"hydra.run.dir={out}",
+                   cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "result.json").read_text())["fast_path"]["compile"] is compiled
+        weights[compiled] = torch.load(out / "model.pt", weights_only=True)
+    for name, eager in weights[False].items():
+        # inductor's kernels sum in another order: equal up to float rounding, not bit for bit
+        torch.testing.assert_close(weights[True][name], eager, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 def test_defaults_on_cpu_take_the_plain_path(tmp_path):
     r = launch("trainer.max_steps=5", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -59,8 +86,12 @@ def test_defaults_on_cpu_take_the_plain_path(tmp_path):
     assert rec["precision"] == "fp32" and not any(rec["fast_path"].values())
 
 
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="needs an NVIDIA GPU (CUDA); this machine has none")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA); this machine has none")
+@NEEDS_GPU
 def test_gpu_fast_path_defaults(tmp_path):
     r = launch("model=cnn", "dataset.image_shape=[3,32,32]", "trainer.max_steps=30", *FAST,
                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -70,3 +101,37 @@ def test_gpu_fast_path_defaults(tmp_path):
     assert rec["fast_path"]["data_on_device"] and rec["fast_path"]["channels_last"]
     assert rec["device"]["nccl"] and rec["achieved_tflops_per_device"] > 0
     assert rec["mfu"] is None or 0 < rec["mfu"] < 1
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_gpu_with_data_on_the_host_and_compile(tmp_path):
+    r = launch("model=cnn", "dataset.image_shape=[3,32,32]", "trainer.max_steps=30", "trainer.data_on_device=false",
+               "trainer.compile=true", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "run/result.json").read_text())
+    assert rec["fast_path"] == {"data_on_device": False, "channels_last": True, "compile": True,
+                                "pinned_memory": True}
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_local_ranks_each_get_a_gpu_or_all_take_the_cpu(tmp_path):
+    r = launch("nodes=2", "trainer.max_steps=10", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "run/result.json").read_text())
+    devices = [rank["device"] for rank in rec["ranks"]]
+    if torch.cuda.device_count() >= 2:
+        assert (devices, rec["backend"]) == (["cuda:0", "cuda:1"], "nccl")
+    else:  # two ranks would share the one GPU, which NCCL refuses
+        assert (devices, rec["backend"]) == (["cpu", "cpu"], "gloo")
+
+
+@pytest.mark.parametrize("setting, split_bytes, free, expected", [
+    (None, 720 * 2**20, 80 * 2**30, True),    # CIFAR-10 as float32 (both splits) on an empty H100
+    (None, 200 * 2**20, 300 * 2**20, False),  # more than half of what is free
+    (None, 200 * 2**20, 0, False),            # no GPU
+    (True, 200 * 2**20, 0, True), (False, 1, 80 * 2**30, False),  # as set
+])
+def test_data_goes_to_the_gpu_when_it_fits(setting, split_bytes, free, expected):
+    assert holds_on_device(setting, split_bytes, free) is expected

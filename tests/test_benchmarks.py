@@ -1,0 +1,41 @@
+"""Every benchmark runs, on tiny sizes, and prints its figures (smoke runs: the figures themselves are measured by
+running the benchmarks as README's Performance section says, never asserted here)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args: str) -> str:
+    r = subprocess.run([sys.executable, *args], cwd=REPO, text=True, capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("flags, first", [([], "pipeline"), (["--aa"], "hand-written")])
+def test_overhead(flags, first):
+    out = bench("benchmarks/overhead.py", "--steps", "25", "--repeats", "1", *flags)
+    assert re.search(rf"median ratio {first} / hand-written: \d+\.\d{{3}}", out), out
+
+
+def test_startup():
+    out = bench("benchmarks/startup.py", "--repeats", "1")
+    assert re.search(r"launch -> first training step\s+median\s+\d+\.\d+ s", out), out
+
+
+def test_collect_speed():
+    out = bench("benchmarks/collect_speed.py", "--records", "100")
+    assert "process start to exit" in out, out
+
+
+def test_gpu_throughput_runs_its_rows_on_a_cpu():
+    out = bench("benchmarks/gpu_throughput.py", "--device", "cpu", "--models", "cnn", "--steps", "22",
+                "--batch", "32", "--train-size", "1024")
+    rows = re.findall(r"^  (\S.*?)\s{2,}(\d+)\s+(\d+\.\d\d)$", out, flags=re.M)
+    assert len(rows) == 7 and all(int(rate) > 0 for _, rate, _ in rows), out  # naive + 6 cumulative options
