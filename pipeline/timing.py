@@ -168,7 +168,9 @@ DEFINITIONS = {
     "flops_per_sample": "forward + backward FLOPs of one sample, counted by torch.utils.flop_counter."
                         "FlopCounterMode (matmuls and convolutions)",
     "achieved_tflops_per_device": "flops_per_sample x throughput_samples_per_s / world_size / 1e12",
-    "mfu": "achieved_tflops_per_device / the device's dense datasheet peak for the run's precision (GPUs only)",
+    "mfu": "achieved_tflops_per_device / the device's dense datasheet peak for the run's precision (GPUs only); "
+           "fp32 runs are compared with the plain-FP32 peak, though convolutions run as TF32 where device.tf32.cudnn "
+           "is true (torch's default), so a convolutional fp32 run's MFU reads high",
     "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
     "test_accuracy": "share of the test split classified correctly after training (test split sharded over ranks)",
 }

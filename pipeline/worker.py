@@ -94,6 +94,8 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
         info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        # torch's defaults let cuDNN convolutions, not matmuls, run fp32 math as TF32
+        info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
     return info
 
 

@@ -100,6 +100,7 @@ def test_gpu_fast_path_defaults(tmp_path):
     assert (rec["backend"], rec["device"]["type"], rec["precision"]) == ("nccl", "cuda", "bf16")
     assert rec["fast_path"]["data_on_device"] and rec["fast_path"]["channels_last"]
     assert rec["device"]["nccl"] and rec["achieved_tflops_per_device"] > 0
+    assert set(rec["device"]["tf32"]) == {"matmul", "cudnn"}
     assert rec["mfu"] is None or 0 < rec["mfu"] < 1
 
 
