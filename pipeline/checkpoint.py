@@ -17,13 +17,17 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def save_atomic(obj, path: Path) -> None:
+    """torch.save beside the target, then rename: a kill mid-write leaves the previous file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     segments: list[dict]) -> None:
-    """Atomically: write beside the target, then rename, so a kill mid-write leaves the previous checkpoint."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "segments": segments}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "segments": segments}, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:

@@ -141,13 +141,14 @@ def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list
     tty, last = out.isatty(), None
     while True:
         statuses = sweep_status(sweep_dir)
-        line = f"[{time.strftime('%H:%M:%S')}] {sweep_dir.name}: {progress_line(statuses)}"
+        text = f"{sweep_dir.name}: {progress_line(statuses)}"
+        line = f"[{time.strftime('%H:%M:%S')}] {text}"
         done = all(s.state in ENDED for s in statuses)
         if tty:
             print(f"\r\033[K{line}", end="\n" if done else "", file=out, flush=True)
-        elif line.split("] ", 1)[1] != last:
+        elif text != last:
             print(line, file=out, flush=True)
-            last = line.split("] ", 1)[1]
+            last = text
         if done:
             return statuses
         time.sleep(poll_s)

@@ -149,7 +149,7 @@ class Trainer:
         self.first_step_at: float | None = None  # unix time this process finished its first step
         self.metrics = make_logger(t.tensorboard, env.rank == 0, point_dir)
         self.phases = Phases(profiling=run.profiler.enabled and env.rank in run.profiler.ranks,
-                             nvtx=run.profiler.nvtx, cuda=device.type == "cuda")
+                             nvtx=run.profiler.nvtx, cuda=cuda)
         if self.phases.profiling or self.phases.nvtx:
             self.timer.on_grads_ready = self.phases.begin_wait
 
@@ -176,6 +176,7 @@ class Trainer:
         window = (time.perf_counter(), step)
         p = self.run.profiler
         profiler = make_profiler(p.enabled, self.env.rank, p.ranks, t.warmup_steps, p.steps, self.point_dir)
+        pinned = self.fast_path["pinned_memory"]
         self.timer.start()
         with profiler or contextlib.nullcontext():
             while step < self.total_steps:
@@ -185,7 +186,6 @@ class Trainer:
                 for i in range(first, min(self.steps_per_epoch, first + self.total_steps - step)):
                     with phase("data"):
                         idx = order[i * self.batch:(i + 1) * self.batch]
-                        pinned = self.fast_path["pinned_memory"]
                         x = gather_batch(self.train_x, idx, self.device, pinned)
                         y = gather_batch(self.train_y, idx, self.device, pinned)
                         self.dropout_rng.manual_seed(dropout_seed(t.seed, self.env.rank, step, self.env.world_size))
@@ -241,12 +241,12 @@ class Trainer:
         """Each rank scores every world_size-th test sample; the counts are summed over ranks."""
         self.model.eval()
         xs, ys = self.test_x[self.env.rank::self.env.world_size], self.test_y[self.env.rank::self.env.world_size]
-        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        counts = torch.tensor([0.0, len(ys)], dtype=torch.float64, device=self.device)  # correct, scored
         for start in range(0, len(ys), EVAL_BATCH):
             x = xs[start:start + EVAL_BATCH].to(self.device)
             y = ys[start:start + EVAL_BATCH].to(self.device)
             with self.autocast:
                 pred = self.raw_model(x).argmax(dim=1)
-            counts += torch.stack([(pred == y).sum(), torch.tensor(len(y), device=self.device)]).double()
+            counts[0] += (pred == y).sum()
         dist.all_reduce(counts)
         return (counts[0] / counts[1]).item()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 
-from pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from pipeline.config import parse_run_config
 from pipeline.distributed import DistEnv
 from pipeline.flops import flops_per_sample, utilisation
@@ -105,12 +105,6 @@ def parameters_digest(model: torch.nn.Module) -> str:
     for p in model.parameters():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
 
 
 def warmup_of(run, outcome) -> int:
@@ -237,7 +231,7 @@ def run_point(point_dir: str | Path) -> Path:
         torch.manual_seed(run.trainer.seed)  # the same initial weights on every rank
         dataset = instantiate(run.dataset, _convert_="all")
         model = instantiate(run.model, _convert_="all", input_shape=dataset.input_shape,
-                            num_classes=dataset.num_classes).to(device)
+                            num_classes=dataset.num_classes)
         trainer = Trainer(run, env, device, model, dataset, point_dir,
                           resume=load_checkpoint(point_dir / CHECKPOINT_NAME))
         flops = flops_per_sample(model, dataset.input_shape, dataset.num_classes, device, trainer.autocast)
@@ -256,7 +250,7 @@ def run_point(point_dir: str | Path) -> Path:
         dist.gather_object(mine, ranks, dst=0)
         record_path = point_dir / RECORD_NAME
         if env.rank == 0:
-            save_weights(trainer.raw_model, point_dir / WEIGHTS_NAME)
+            save_atomic(trainer.raw_model.state_dict(), point_dir / WEIGHTS_NAME)
             record = build_record(point, run, env, trainer, flops, backend, outcome, ranks, started_at,
                                   time.perf_counter() - t0)
             write_json_atomic(record_path, record)
