@@ -7,15 +7,15 @@ reading, aggregating, fitting, writing the tables, report and plots. Prints the 
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.records_factory import make_record  # noqa: E402
+from tests.records_factory import make_record, write_record  # noqa: E402
 
 
 def generate(root: Path, n: int) -> None:
@@ -29,10 +29,8 @@ def generate(root: Path, n: int) -> None:
         rec = make_record(nodes=nodes, tasks_per_node=tpn, throughput=1000.0 * nodes ** 0.9 * (1 + (i % 7) / 100),
                           per_rank_batch=batch, model=model, precision=precision, steps=100)
         # 8 ranks' worth of per-rank timings in every record, as the issue sets
-        rec["ranks"] = [dict(rec["ranks"][0], rank=r) for r in range(8)]
-        folder = root / f"sweep{i // 1000}" / str(i)
-        folder.mkdir(parents=True)
-        (folder / "result.json").write_text(json.dumps(rec))
+        rec = replace(rec, ranks=[replace(rec.ranks[0], rank=r) for r in range(8)])
+        write_record(root / f"sweep{i // 1000}" / str(i), rec)
 
 
 def main() -> None:

@@ -39,8 +39,8 @@ def naive(model_name: str, steps: int, batch: int, device: str, train_size: int)
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import Synthetic
-    from pipeline.models import CNN, MLP
+    from pipeline.workloads.datasets import Synthetic
+    from pipeline.workloads.models import CNN, MLP
 
     shape = SHAPES[model_name]
     x, y = (torch.from_numpy(a) for a in Synthetic(shape, 10, train_size, 16, 6.0, 0).load("train"))

@@ -37,8 +37,8 @@ def minimal_loop(model_name: str, steps: int, batch: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DistributedSampler
 
-    from pipeline.data import Synthetic
-    from pipeline.models import CNN, MLP
+    from pipeline.workloads.datasets import Synthetic
+    from pipeline.workloads.models import CNN, MLP
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.records import load_runs
-from pipeline.report import load_baseline, terminal_table, write_report
-from pipeline.scaling import aggregate, regressions
+from pipeline.collector.records import load_runs
+from pipeline.collector.report import load_baseline, terminal_table, write_report
+from pipeline.collector.scaling import aggregate, regressions
 
 
 def main(argv: list[str] | None = None) -> int:

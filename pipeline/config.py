@@ -35,7 +35,7 @@ def check_at_least(key: str, value: float, minimum: float) -> None:
 class MLPConfig:
     """784 -> hidden ReLU -> dropout -> classes (the input size comes from the dataset)."""
 
-    _target_: str = "pipeline.models.MLP"
+    _target_: str = "pipeline.workloads.models.MLP"
     hidden: int = 128
     dropout: float = 0.2
 
@@ -49,7 +49,7 @@ class MLPConfig:
 class CNNConfig:
     """conv3x3 c0, pool, conv3x3 c1, pool, conv3x3 c2, dense hidden, dense classes."""
 
-    _target_: str = "pipeline.models.CNN"
+    _target_: str = "pipeline.workloads.models.CNN"
     channels: List[int] = field(default_factory=lambda: [32, 64, 64])
     hidden: int = 64
 
@@ -64,7 +64,7 @@ class CNNConfig:
 class SyntheticConfig:
     """Smooth class prototypes plus Gaussian noise, generated from `seed`: learnable, no download."""
 
-    _target_: str = "pipeline.data.Synthetic"
+    _target_: str = "pipeline.workloads.datasets.Synthetic"
     image_shape: List[int] = field(default_factory=lambda: [1, 28, 28])
     num_classes: int = 10
     train_size: int = 8192
@@ -88,7 +88,7 @@ class SyntheticConfig:
 class MNISTConfig:
     """torchvision's layout: ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
 
-    _target_: str = "pipeline.data.MNIST"
+    _target_: str = "pipeline.workloads.datasets.MNIST"
     root: str = "data"
 
 
@@ -96,7 +96,7 @@ class MNISTConfig:
 class CIFAR10Config:
     """torchvision's layout: ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}."""
 
-    _target_: str = "pipeline.data.CIFAR10"
+    _target_: str = "pipeline.workloads.datasets.CIFAR10"
     root: str = "data"
 
 

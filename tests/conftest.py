@@ -11,6 +11,7 @@ from pipeline.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+GOLDEN = REPO / "tests" / "golden"  # files written by real runs, which the current readers must keep reading
 
 
 @pytest.fixture

@@ -1,41 +1,56 @@
-"""Hand-made result records (schema 1) with chosen figures, for the collector's tests and benchmark."""
+"""Hand-made result records with chosen figures, for the collector's tests and benchmark. They are built as
+`pipeline.rundir.Result` objects, so a field renamed there breaks this factory (and its tests) at once."""
 
-import json
 import uuid
 from pathlib import Path
+
+from pipeline.rundir import (DeviceInfo, FastPath, GitInfo, PhaseSplit, Provenance, RankResult, Result, StepTime,
+                             write_json)
+
+PHASES = ("data", "compute", "comm")
 
 
 def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003), tasks_per_node: int = 1,
                 busy=None, node_names=None, scaling: str = "weak", per_rank_batch: int = 64, global_batch=None,
                 model: str = "mlp", precision: str = "fp32", oversubscribed: bool = False, sha: str = "a" * 40,
-                gradient_bytes: int = 407_080, steps: int = 50, run_id: str | None = None) -> dict:
+                gradient_bytes: int = 407_080, steps: int = 50, run_id: str | None = None) -> Result:
     world = nodes * tasks_per_node
     global_batch = global_batch or per_rank_batch * world
     per_rank_batch = global_batch // world if scaling == "strong" else per_rank_batch
     busy = busy or [breakdown[0] + breakdown[1]] * world
     names = node_names or [f"node{r // tasks_per_node + 1}" for r in range(world)]
     step = sum(breakdown)
-    return {
-        "schema_version": 1, "run_id": run_id or uuid.uuid4().hex, "sweep_id": "s", "point": 0, "overrides": [],
-        "config": {"model": {"_target_": f"pipeline.models.{model.upper()}", "hidden": 128},
-                   "dataset": {"_target_": "pipeline.data.Synthetic", "root": "/x"},
-                   "trainer": {"optimizer": "sgd"}, "nodes": nodes},
-        "launch_mode": "slurm", "model": model, "dataset": "synthetic", "nodes": nodes,
-        "tasks_per_node": tasks_per_node, "world_size": world, "model_parameters": gradient_bytes // 4,
-        "gradient_bytes": gradient_bytes, "device": {"type": "cpu", "name": "x86_64 CPU"}, "backend": "gloo",
-        "precision": precision, "scaling": scaling, "per_rank_batch": per_rank_batch, "global_batch": global_batch,
-        "steps": steps + 5, "warmup_steps": 5, "timed_steps": steps, "throughput_samples_per_s": throughput,
-        "breakdown_s": dict(zip(("data", "compute", "comm"), breakdown)),
-        "breakdown_share": {k: v / step for k, v in zip(("data", "compute", "comm"), breakdown)},
-        "oversubscribed": oversubscribed,
-        "ranks": [{"rank": r, "node_name": names[r], "hostname": "h", "step_time_median_s": step,
-                   "busy_time_median_s": busy[r], "step_times_s": [step] * steps} for r in range(world)],
-        "provenance": {"git": {"sha": sha, "dirty": False}},
-    }
+    ranks = [RankResult(rank=r, local_rank=r % tasks_per_node, node_rank=r // tasks_per_node, node_name=names[r],
+                        device="cpu", hostname="h", processes_on_host=tasks_per_node, host_cores=8, threads=1,
+                        oversubscribed=oversubscribed, parameters_sha256="0" * 64, step_times_s=[step] * steps,
+                        step_time_median_s=step, busy_time_median_s=busy[r],
+                        **{f"{p}_mean_s": v for p, v in zip(PHASES, breakdown)}) for r in range(world)]
+    return Result(
+        run_id=run_id or uuid.uuid4().hex, sweep_id="s", point=0, overrides=[],
+        config={"model": {"_target_": f"pipeline.workloads.models.{model.upper()}", "hidden": 128},
+                "dataset": {"_target_": "pipeline.workloads.datasets.Synthetic", "root": "/x"},
+                "trainer": {"optimizer": "sgd"}, "nodes": nodes},
+        launch_mode="slurm", model=model, dataset="synthetic", nodes=nodes, tasks_per_node=tasks_per_node,
+        world_size=world, model_parameters=gradient_bytes // 4, gradient_bytes=gradient_bytes,
+        device=DeviceInfo(type="cpu", name="x86_64 CPU"), backend="gloo", precision=precision,
+        fast_path=FastPath(data_on_device=False, channels_last=False, compile=False, pinned_memory=False),
+        scaling=scaling, per_rank_batch=per_rank_batch, global_batch=global_batch, steps=steps + 5,
+        steps_per_epoch=steps + 5, warmup_steps=5, resumed_from_step=0, restart_count=0, earlier_segments=[],
+        timed_steps=steps, timed_wall_s=step * steps, throughput_samples_per_s=throughput,
+        throughput_per_rank_samples_per_s=throughput / world,
+        step_time_s=StepTime(mean=step, median=step, p95=step), breakdown_s=PhaseSplit(**dict(zip(PHASES, breakdown))),
+        breakdown_share=PhaseSplit(**{p: v / step for p, v in zip(PHASES, breakdown)}),
+        flops_per_sample=1e6, achieved_tflops_per_device=None, peak_tflops_per_device=None, mfu=None,
+        comm_measurement="", final_train_loss=0.1, test_accuracy=0.9, wall_time_s=1.0, oversubscribed=oversubscribed,
+        weights="model.pt", ranks=ranks,
+        provenance=Provenance(git=GitInfo(sha=sha, dirty=False), hostnames=["h"], versions={}, slurm=None,
+                              launched_at="", started_at="", first_step_at_unix=None, ended_at=""),
+        definitions={})
 
 
-def write_record(folder: Path, record: dict) -> Path:
+def write_record(folder: Path, record: Result | dict) -> Path:
+    """Write a record (or, for the tests of bad records, any JSON) as FOLDER/result.json."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "result.json"
-    path.write_text(json.dumps(record))
+    write_json(path, record.to_json() if isinstance(record, Result) else record, durable=False)
     return path

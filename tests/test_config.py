@@ -5,16 +5,22 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
 from pipeline.config import ConfigError, parse_run_config, to_plain
-from pipeline.launch import prepare_run
+from pipeline.launcher.points import prepare_run
+from tests.conftest import CONF
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("dataset", ["synthetic"])
-@pytest.mark.parametrize("cluster", ["local", "slurm"])
-def test_every_group_composes_and_types(compose_cfg, model, dataset, cluster):
-    run = parse_run_config(compose_cfg(f"model={model}", f"dataset={dataset}", f"cluster={cluster}"))
-    assert run.cluster.kind == cluster
-    assert run.model._target_.endswith(model.upper())
+CONFIG_FILES = sorted((group.name, f.stem) for group in CONF.iterdir() if group.is_dir() for f in group.glob("*.yaml"))
+
+
+def test_every_config_file_is_listed():
+    assert {g for g, _ in CONFIG_FILES} == {"model", "dataset", "cluster"} and len(CONFIG_FILES) == 7
+
+
+@pytest.mark.parametrize("group, option", CONFIG_FILES)
+def test_every_file_in_conf_composes_and_types(compose_cfg, group, option):
+    run = parse_run_config(compose_cfg(f"{group}={option}"))
+    node = getattr(run, group)
+    assert (node.kind if group == "cluster" else node._target_.rsplit(".", 1)[-1].lower()) == option
     # the frozen plain config parses back to the same typed config (what every rank does)
     assert parse_run_config(to_plain(run)) == run
 
@@ -33,7 +39,7 @@ def test_every_model_builds_on_every_shape(compose_cfg, model, image_shape):
 def test_defaults_are_the_seed_workload(compose_cfg):
     run = parse_run_config(compose_cfg())
     assert (run.model.hidden, run.model.dropout) == (128, 0.2)
-    assert run.dataset._target_ == "pipeline.data.Synthetic" and run.dataset.image_shape == [1, 28, 28]
+    assert run.dataset._target_ == "pipeline.workloads.datasets.Synthetic" and run.dataset.image_shape == [1, 28, 28]
     assert (run.nodes, run.cluster.kind, run.world_size) == (1, "local", 1)
 
 

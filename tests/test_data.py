@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.data import CIFAR10, MNIST, Synthetic, write_cifar10, write_mnist
+from pipeline.workloads.datasets import CIFAR10, MNIST, Synthetic
+from tests.dataset_files import write_cifar10, write_mnist
 
 
 def _images(n, shape, seed=0):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.distributed import DistEnv, port_for_job
-from pipeline.worker import gpu_index
-from pipeline.local import simulated_slurm_env
+from pipeline.job.env import DistEnv, port_for_job
+from pipeline.job.placement import gpu_index
+from pipeline.launcher.local import simulated_slurm_env
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "gpu[07-08],cpu3",
          "SLURM_NTASKS": "6", "SLURM_NODEID": "1", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, parse_run_config
-from pipeline.slurm import check_slurm_values, sbatch_parameters
+from pipeline.launcher.slurm import check_slurm_values, sbatch_parameters
 from tests.conftest import REPO, launch
 
 SLURM_DIR = "/tmp/pipeline-slurm-tests"
@@ -103,6 +103,16 @@ def test_sbatch_extra_is_checked(compose_cfg, extra):
         check_slurm_values(parse_run_config(cfg))
 
 
+def test_dry_run_needs_no_slurm_on_path(tmp_path):
+    """Only the virtual environment's bin folder on PATH: no srun, sbatch or squeue anywhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")} | {"PATH": str(Path(sys.executable).parent)}
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", "cluster=slurm", "dry_run=true", "nodes=2",
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2\n" in (tmp_path / "run/job.sbatch").read_text()
+
+
 # ------------------------------------------------------------------------------------ the real cluster
 
 
@@ -127,6 +137,21 @@ def test_sweep_submits_one_job_per_point_and_returns(slurm_cluster, tmp_path):
     assert len({r["node_name"] for r in two["ranks"]}) == 2
     assert two["provenance"]["slurm"]["job_id"] == manifest["points"]["1"]["jobs"][0]["job_id"]
     assert len({r["parameters_sha256"] for r in two["ranks"]}) == 1
+
+
+@pytest.mark.slurm
+def test_each_point_takes_its_own_launch_options(slurm_cluster, tmp_path):
+    """-m cluster=local,slurm: point 0 trains here, point 1 is submitted, and wait=true waits for that job."""
+    sweep = tmp_path / "sweep"
+    r = launch("-m", "cluster=local,slurm", "wait=true", "trainer.max_steps=5", *FAST, f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    local, slurm = record(sweep / "0"), record(sweep / "1")
+    assert (local["launch_mode"], slurm["launch_mode"]) == ("local", "slurm")
+    assert local["provenance"]["slurm"]["simulated"] and not slurm["provenance"]["slurm"]["simulated"]
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert list(manifest["points"]) == ["1"]  # the manifest lists Slurm's jobs
+    assert "1 job(s) submitted" in r.stdout + r.stderr
 
 
 @pytest.mark.slurm

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from pipeline.flops import flops_per_sample, peak_tflops, utilisation
-from pipeline.models import MLP
-from pipeline.trainer import gather_batch, holds_on_device
+from pipeline.job.flops import flops_per_sample, peak_tflops, utilisation
+from pipeline.job.trainer import gather_batch, holds_on_device
+from pipeline.workloads.models import MLP
 from tests.conftest import launch
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=256"]
@@ -26,6 +26,8 @@ def test_mlp_flops_are_counted_exactly():
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H200", "fp32", 66.9),
     ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA L40S", "bf16", 362.1), ("NVIDIA L4", "fp32", 30.3),
     ("Tesla V100-SXM2-32GB", "bf16", None), ("x86_64 CPU", "fp32", None),
+    # the whole model name: an L40 is not an L4, an A100 not an A10
+    ("NVIDIA L40", "fp32", None), ("NVIDIA A10", "bf16", 125.0), ("NVIDIA A100 80GB PCIe", "fp32", 19.5),
 ])
 def test_peak_table(name, precision, peak):
     assert peak_tflops(name, precision) == peak

@@ -8,26 +8,23 @@ position and no per-rank RNG state needs saving: a resumed run takes exactly the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
+from pipeline.rundir import write_atomic
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save beside the target, then rename: a kill mid-write leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save(obj, path: Path) -> None:
+    """torch.save through the run folder's atomic writer: a kill mid-write leaves the previous file whole."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     segments: list[dict]) -> None:
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "segments": segments}, path)
+    save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "segments": segments},
+         path)
 
 
 def load_checkpoint(path: Path) -> dict | None:

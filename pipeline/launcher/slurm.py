@@ -18,7 +18,7 @@ import submitit
 from submitit.helpers import Checkpointable
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.logs import LOG_DIR, SRUN_PATTERN
+from pipeline.rundir import LOG_DIR, SRUN_LOG_PATTERN, SUBMITIT_DIR
 
 # characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
 _SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
@@ -71,7 +71,7 @@ def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path) -> dict:
         "setup": list(c.setup),
         # one failing rank ends the whole step instead of leaving the others waiting in a collective; each rank's
         # stdout and stderr go to POINT_DIR/logs/node{N}-rank{R}.log, appended to across requeues
-        "srun_args": ["--kill-on-bad-exit=1", "--open-mode=append", f"--output={log_dir}/{SRUN_PATTERN}"],
+        "srun_args": ["--kill-on-bad-exit=1", "--open-mode=append", f"--output={log_dir}/{SRUN_LOG_PATTERN}"],
         "stderr_to_stdout": True,
         "additional_parameters": {"requeue": True, **c.sbatch_extra},
     }
@@ -82,16 +82,26 @@ def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path) -> dict:
     return params
 
 
-def make_executor(run: RunConfig, point_dir: Path, job_name: str) -> submitit.SlurmExecutor:
+class _ScriptWriter(submitit.SlurmExecutor):
+    """submitit's executor, used only to write the script: it does not ask for `srun` on PATH (submitit's own
+    check for a cluster), so a dry run works where no Slurm is installed."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def make_executor(run: RunConfig, point_dir: Path, job_name: str,
+                  kind: type[submitit.SlurmExecutor] = submitit.SlurmExecutor) -> submitit.SlurmExecutor:
     """submitit's files (script, pickles, the batch step's log) go to POINT_DIR/submitit."""
-    executor = submitit.SlurmExecutor(folder=point_dir / "submitit", max_num_timeout=3)
+    executor = kind(folder=point_dir / SUBMITIT_DIR, max_num_timeout=3)
     executor.update_parameters(**sbatch_parameters(run, job_name, point_dir / LOG_DIR))
     return executor
 
 
 def render_sbatch(run: RunConfig, point_dir: Path, job_name: str) -> str:
     """The exact script submitit submits for this point (its job-specific paths keep Slurm's %j pattern)."""
-    executor = make_executor(run, point_dir, job_name)
+    executor = make_executor(run, point_dir, job_name, kind=_ScriptWriter)
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
@@ -117,7 +127,7 @@ class TrainingJob(Checkpointable):
     call) and requeues the job; the requeued run finds the checkpoint and resumes."""
 
     def __call__(self, point_dir: str) -> str:
-        from pipeline.worker import run_point  # torch is imported on the compute node only
+        from pipeline.job.run import run_point  # torch is imported on the compute node only
 
         return str(run_point(point_dir))
 

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.record import PROGRESS_NAME, utc_now, write_json_atomic
+from pipeline.rundir import PROFILE_DIR, TENSORBOARD_DIR, Progress, utc_now
 
 log = logging.getLogger(__name__)
-TENSORBOARD_DIR = "tensorboard"
-PROFILE_DIR = "profile"
 
 
 class NullLogger:
@@ -54,9 +52,8 @@ def make_logger(enabled: bool, is_rank0: bool, point_dir: Path) -> NullLogger:
 def write_progress(point_dir: Path, *, step: int, total: int, samples_per_s: float, eta_s: float,
                    loss: float) -> None:
     """Rank 0's latest position, for `launch ... wait=true` and `pipeline.status` to show without ssh."""
-    write_json_atomic(point_dir / PROGRESS_NAME, {"step": step, "total_steps": total, "samples_per_s": samples_per_s,
-                                                  "eta_s": eta_s, "loss": loss, "updated_at": utc_now(),
-                                                  "updated_unix": time.time()}, durable=False)
+    Progress(step=step, total_steps=total, samples_per_s=samples_per_s, eta_s=eta_s, loss=loss, updated_at=utc_now(),
+             updated_unix=time.time()).write(point_dir, durable=False)
 
 
 class Phases:

@@ -10,17 +10,20 @@ for dense math, per device, looked up by the name CUDA reports; fp32 means plain
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-# (substring of torch.cuda.get_device_name, {precision: dense TFLOP/s}); first match wins, so the more specific
-# names come first. Sources: NVIDIA H200, H100, A100, L40S, L4, A10, V100 datasheets.
+# (device model as CUDA names it, {precision: dense TFLOP/s}); the first whose words all appear, in order and
+# whole, in the device's name wins ("NVIDIA H100 80GB HBM3" is an H100 SXM5; "L4" is not "NVIDIA L40"), so the
+# more specific names come first. Sources: NVIDIA H200, H100, A100, L40S, L4, A10, V100 datasheets.
 PEAK_TFLOPS = (
     ("H200", {"bf16": 989.4, "fp32": 66.9}),
     ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
     ("H100 NVL", {"bf16": 835.5, "fp32": 59.8}),
-    ("H100", {"bf16": 989.4, "fp32": 66.9}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H100", {"bf16": 989.4, "fp32": 66.9}),
     ("A100", {"bf16": 312.0, "fp32": 19.5}),
     ("L40S", {"bf16": 362.1, "fp32": 91.6}),
     ("L4", {"bf16": 121.0, "fp32": 30.3}),
@@ -29,9 +32,15 @@ PEAK_TFLOPS = (
 )
 
 
+def _words(name: str) -> list[str]:
+    return re.split(r"[\s\-_]+", name.strip())  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB
+
+
 def peak_tflops(device_name: str, precision: str) -> float | None:
-    for pattern, peaks in PEAK_TFLOPS:
-        if pattern in device_name:
+    words = _words(device_name)
+    for model, peaks in PEAK_TFLOPS:
+        pattern = _words(model)
+        if any(words[i:i + len(pattern)] == pattern for i in range(len(words))):
             return peaks.get(precision)
     return None
 

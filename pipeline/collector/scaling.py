@@ -11,7 +11,7 @@ from itertools import groupby
 
 import numpy as np
 
-from pipeline.records import Run
+from pipeline.collector.records import GroupKey, Run
 
 PREDICT_AT = (8, 16, 64)
 
@@ -100,17 +100,16 @@ class ScalingModel:
     predicted: dict = field(default_factory=dict)  # nodes -> predicted efficiency
 
 
-def group_label(key: tuple) -> str:
-    model, model_cfg, dataset, dataset_cfg, scaling, batch, precision, optimizer, tpn, device, sha, over = key
-    cfg = hashlib.sha1((model_cfg + dataset_cfg).encode()).hexdigest()[:6]
-    batch_kind = "global" if scaling == "strong" else "per-rank"
-    label = (f"{model}/{dataset} {scaling} {batch_kind} batch {batch} {precision} {optimizer} {tpn}/node "
-             f"{device} cfg {cfg} @{sha[:7]}")
-    return label + (" [oversubscribed]" if over else "")
-
-
-def _experiment(key: tuple) -> str:
-    return group_label(key[:10] + ("",) + key[11:]).rsplit(" @", 1)[0]
+def group_label(key: GroupKey, code_version: bool = True) -> str:
+    """The group as people read it; without the code version it names the experiment, which a regression check
+    compares across commits."""
+    cfg = hashlib.sha1((key.model_config + key.dataset_config).encode()).hexdigest()[:6]
+    batch_kind = "global" if key.scaling == "strong" else "per-rank"
+    label = (f"{key.model}/{key.dataset} {key.scaling} {batch_kind} batch {key.batch} {key.precision} {key.optimizer} "
+             f"{key.tasks_per_node}/node {key.device} cfg {cfg}")
+    if code_version:
+        label += f" @{key.git_sha[:7]}"
+    return label + (" [oversubscribed]" if key.oversubscribed else "")
 
 
 def aggregate(runs: list[Run]) -> tuple[list[Row], list[ScalingModel]]:
@@ -127,8 +126,8 @@ def aggregate(runs: list[Run]) -> tuple[list[Row], list[ScalingModel]]:
     return rows, models
 
 
-def _group_rows(key: tuple, members: list[Run]) -> list[Row]:
-    label, experiment, oversubscribed = group_label(key), _experiment(key), key[-1]
+def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
+    label, experiment, oversubscribed = group_label(key), group_label(key, code_version=False), key.oversubscribed
     rows = []
     for nodes, point in groupby(members, key=lambda r: r.nodes):
         point = list(point)
@@ -136,7 +135,7 @@ def _group_rows(key: tuple, members: list[Run]) -> list[Row]:
         breakdown = tuple(float(np.mean([r.breakdown[i] for r in point])) for i in range(3))
         step = sum(breakdown)
         worst = max(point, key=lambda r: r.skew)
-        rows.append(Row(group=label, experiment=experiment, scaling=key[4], nodes=nodes,
+        rows.append(Row(group=label, experiment=experiment, scaling=key.scaling, nodes=nodes,
                         world_size=point[0].world_size, runs=len(point), oversubscribed=oversubscribed,
                         throughput=thr, throughput_ci=thr_ci, throughput_per_rank=thr / point[0].world_size,
                         baseline_nodes=None, speedup=None, efficiency=None, efficiency_ci=None, step_time_s=step,
@@ -174,9 +173,9 @@ def fit_alpha_beta(ranks: np.ndarray, comm_s: np.ndarray, gradient_bytes: float)
     return (coef, 0.0) if j == 0 else (0.0, coef)
 
 
-def fit_model(key: tuple, members: list[Run], rows: list[Row]) -> ScalingModel:
+def fit_model(key: GroupKey, members: list[Run], rows: list[Row]) -> ScalingModel:
     label = group_label(key)
-    if key[-1]:
+    if key.oversubscribed:
         return ScalingModel(label, False, "oversubscribed runs: their timings do not model scaling")
     multi = [r for r in members if r.world_size > 1]
     distinct = sorted({r.world_size for r in multi})
@@ -189,7 +188,7 @@ def fit_model(key: tuple, members: list[Run], rows: list[Row]) -> ScalingModel:
     alpha, beta = fit_alpha_beta(ranks, comm, nbytes)
     base = rows[0]
     tpn = base.world_size // base.nodes
-    strong = key[4] == "strong"
+    strong = key.scaling == "strong"
     per_rank_batch = members[0].global_batch // members[0].world_size  # fixed in a weak-scaling group
 
     def predicted_throughput(nodes: int) -> float:

@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from pipeline.rundir import PhaseSplit, RankResult, StepTime
+
 COMM_MEASUREMENT = (
     "comm = time from the last parameter gradient being accumulated (which completes DDP's last bucket and "
     "launches its all-reduce; counted by post-accumulate-grad hooks) to backward() returning, which waits for "
@@ -113,40 +115,41 @@ class StepTimer:
 
 
 def rank_timing(phases: np.ndarray, warmup: int) -> dict:
-    """One rank's figures over its timed (post-warm-up) steps."""
+    """One rank's figures over its timed (post-warm-up) steps: RankResult's timing fields."""
     timed = phases[warmup:]
+    if not len(timed):
+        return {"step_times_s": [], "step_time_median_s": None, "busy_time_median_s": None,
+                **{f"{p}_mean_s": None for p in PHASES}}
     return {
         "step_times_s": timed[:, 0].tolist(),
-        "step_time_median_s": float(np.median(timed[:, 0])) if len(timed) else None,
+        "step_time_median_s": float(np.median(timed[:, 0])),
         # a step's time not spent waiting on communication; DDP's all-reduce evens out whole step times,
         # so this is where a slow rank shows
-        "busy_time_median_s": float(np.median(timed[:, 1] + timed[:, 2])) if len(timed) else None,
-        **{f"{p}_mean_s": float(timed[:, i + 1].mean()) if len(timed) else None for i, p in enumerate(PHASES)},
+        "busy_time_median_s": float(np.median(timed[:, 1] + timed[:, 2])),
+        **{f"{p}_mean_s": float(timed[:, i + 1].mean()) for i, p in enumerate(PHASES)},
     }
 
 
-def summarize(ranks: list[dict], global_batch: int) -> dict:
-    """Job-wide figures from every rank's timing (their definitions are in DEFINITIONS)."""
-    steps = np.array([r["step_times_s"] for r in ranks])  # (ranks, timed steps)
+def summarize(ranks: list[RankResult], global_batch: int) -> dict:
+    """Job-wide figures from every rank's timing: Result's timing fields (their definitions are in DEFINITIONS)."""
+    steps = np.array([r.step_times_s for r in ranks])  # (ranks, timed steps)
     if steps.shape[1] == 0:
-        return {"timed_steps": 0, "throughput_samples_per_s": None, "step_time_s": None, "breakdown_s": None}
+        return {"timed_steps": 0, "throughput_samples_per_s": None, "step_time_s": None, "breakdown_s": None,
+                "breakdown_share": None}
     slowest_step = steps.max(axis=0)
     timed_wall = steps.sum(axis=1).max()
     throughput = global_batch * steps.shape[1] / timed_wall
-    means = {p: float(np.mean([r[f"{p}_mean_s"] for r in ranks])) for p in PHASES}
+    means = {p: float(np.mean([getattr(r, f"{p}_mean_s") for r in ranks])) for p in PHASES}
     total = sum(means.values())
     return {
         "timed_steps": int(steps.shape[1]),
         "timed_wall_s": float(timed_wall),
         "throughput_samples_per_s": float(throughput),
         "throughput_per_rank_samples_per_s": float(throughput / len(ranks)),
-        "step_time_s": {
-            "mean": float(slowest_step.mean()),
-            "median": float(np.median(slowest_step)),
-            "p95": float(np.percentile(slowest_step, 95)),
-        },
-        "breakdown_s": means,
-        "breakdown_share": {p: v / total for p, v in means.items()} if total > 0 else None,
+        "step_time_s": StepTime(mean=float(slowest_step.mean()), median=float(np.median(slowest_step)),
+                                p95=float(np.percentile(slowest_step, 95))),
+        "breakdown_s": PhaseSplit(**means),
+        "breakdown_share": PhaseSplit(**{p: v / total for p, v in means.items()}) if total > 0 else None,
     }
 
 

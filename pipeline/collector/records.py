@@ -6,19 +6,33 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 import orjson
 
-from pipeline.record import RECORD_NAME, SCHEMA_VERSION
+from pipeline.rundir import RECORD_NAME, Result
 
 PARALLEL_FROM = 1000  # records; below this, starting worker processes costs more than it saves
-REQUIRED = ("run_id", "model", "dataset", "config", "nodes", "tasks_per_node", "world_size", "per_rank_batch",
-            "global_batch", "precision", "scaling", "device", "throughput_samples_per_s", "breakdown_s",
-            "ranks", "oversubscribed", "provenance", "gradient_bytes")
+
+
+class GroupKey(NamedTuple):
+    """Everything that defines an experiment except the node count: runs with equal keys form one scaling group."""
+
+    model: str
+    model_config: str  # JSON, keys sorted
+    dataset: str
+    dataset_config: str  # JSON, keys sorted, without the dataset's root folder
+    scaling: str
+    batch: int  # the batch that stays fixed as nodes change: per rank in weak scaling, global in strong
+    precision: str
+    optimizer: str
+    tasks_per_node: int
+    device: str
+    git_sha: str
+    oversubscribed: bool  # such runs form groups of their own
 
 
 @dataclass(frozen=True)
@@ -27,7 +41,7 @@ class Run:
 
     path: str
     run_id: str
-    group: tuple  # everything that defines the experiment except the node count (see group_key)
+    group: GroupKey
     nodes: int
     world_size: int
     global_batch: int
@@ -46,50 +60,45 @@ class Problem:
     reason: str
 
 
-def group_key(rec: dict) -> tuple:
-    """Model and dataset (with their configs), the batch that stays fixed as nodes change (per rank in weak
-    scaling, global in strong), precision, optimizer, scaling mode, tasks per node, device, code version; and
-    whether the run was oversubscribed, so such runs form groups of their own."""
-    cfg = rec["config"]
+def group_key(rec: Result) -> GroupKey:
+    cfg = rec.config
     dataset_cfg = {k: v for k, v in cfg["dataset"].items() if k != "root"}
-    batch = rec["global_batch"] if rec["scaling"] == "strong" else rec["per_rank_batch"]
-    return (rec["model"], json.dumps(cfg["model"], sort_keys=True), rec["dataset"],
-            json.dumps(dataset_cfg, sort_keys=True), rec["scaling"], batch, rec["precision"],
-            cfg["trainer"]["optimizer"], rec["tasks_per_node"], rec["device"]["name"],
-            rec["provenance"]["git"]["sha"] or "unknown", bool(rec["oversubscribed"]))
+    return GroupKey(model=rec.model, model_config=json.dumps(cfg["model"], sort_keys=True), dataset=rec.dataset,
+                    dataset_config=json.dumps(dataset_cfg, sort_keys=True), scaling=rec.scaling,
+                    batch=rec.global_batch if rec.scaling == "strong" else rec.per_rank_batch,
+                    precision=rec.precision, optimizer=cfg["trainer"]["optimizer"], tasks_per_node=rec.tasks_per_node,
+                    device=rec.device.name, git_sha=rec.provenance.git.sha or "unknown",
+                    oversubscribed=rec.oversubscribed)
 
 
-def _reduce(path: str, rec: dict) -> Run:
-    ranks = rec["ranks"]
-    busy = [r["busy_time_median_s"] for r in ranks]
+def _reduce(path: str, rec: Result) -> Run:
+    ranks = rec.ranks
+    busy = [r.busy_time_median_s for r in ranks]
     slowest = max(range(len(busy)), key=busy.__getitem__)
     median = sorted(busy)[(len(busy) - 1) // 2]  # the lower median: a rank's own value
-    b = rec["breakdown_s"]
-    return Run(path=path, run_id=rec["run_id"], group=group_key(rec), nodes=int(rec["nodes"]),
-               world_size=int(rec["world_size"]), global_batch=int(rec["global_batch"]),
-               throughput=float(rec["throughput_samples_per_s"]), breakdown=(b["data"], b["compute"], b["comm"]),
-               skew=busy[slowest] / median if median > 0 else 1.0, slowest_rank=ranks[slowest]["rank"],
-               slowest_host=ranks[slowest]["node_name"], oversubscribed=bool(rec["oversubscribed"]),
-               gradient_bytes=int(rec["gradient_bytes"]))
+    b = rec.breakdown_s
+    return Run(path=path, run_id=rec.run_id, group=group_key(rec), nodes=rec.nodes, world_size=rec.world_size,
+               global_batch=rec.global_batch, throughput=rec.throughput_samples_per_s,
+               breakdown=(b.data, b.compute, b.comm), skew=busy[slowest] / median if median > 0 else 1.0,
+               slowest_rank=ranks[slowest].rank, slowest_host=ranks[slowest].node_name,
+               oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes)
 
 
 def read_one(path: str) -> Run | Problem:
     try:
         with open(path, "rb") as f:
-            rec = orjson.loads(f.read())  # ~10x the standard library's speed on records' long float lists
+            data = orjson.loads(f.read())  # ~10x the standard library's speed on records' long float lists
     except (OSError, ValueError) as e:  # unreadable, corrupt or truncated (orjson.JSONDecodeError is a ValueError)
         return Problem(path, f"not valid JSON ({type(e).__name__}: {e})")
-    if not isinstance(rec, dict) or rec.get("schema_version") != SCHEMA_VERSION:
-        found = rec.get("schema_version") if isinstance(rec, dict) else type(rec).__name__
-        return Problem(path, f"schema_version {found!r}, this collector reads {SCHEMA_VERSION}")
-    missing = [k for k in REQUIRED if k not in rec]
-    if missing:
-        return Problem(path, f"missing fields: {', '.join(missing)}")
-    if rec["throughput_samples_per_s"] is None:
+    try:
+        rec = Result.from_json(data)  # SchemaError names a missing or mistyped field (or the wrong schema_version)
+    except ValueError as e:
+        return Problem(path, str(e))
+    if rec.throughput_samples_per_s is None or rec.breakdown_s is None:
         return Problem(path, "no timed steps (the run had no steps after warm-up)")
     try:
         return _reduce(path, rec)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # the config's fields, an empty rank list
         return Problem(path, f"malformed field ({type(e).__name__}: {e})")
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.logs import LOG_DIR, rank_log_path, tail
-from pipeline.record import read_progress
+from pipeline.launcher.logs import tail
+from pipeline.rundir import LOG_DIR, Progress, rank_log_path
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,13 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> No
 def _progress_bar(point_dir: Path, position: str, done: threading.Event, width: int = 30) -> None:
     """Rewrite one terminal line from rank 0's progress.json until the point ends."""
     while not done.wait(0.5):
-        p = read_progress(point_dir)
+        p = Progress.latest(point_dir)
         if p is None:
             line = f"{position}: starting"
         else:
-            filled = width * p["step"] // max(p["total_steps"], 1)
-            line = (f"{position}: [{'#' * filled}{'.' * (width - filled)}] step {p['step']}/{p['total_steps']} "
-                    f"{p['samples_per_s']:.0f} samples/s ETA {p['eta_s']:.0f} s")
+            filled = width * p.step // max(p.total_steps, 1)
+            line = (f"{position}: [{'#' * filled}{'.' * (width - filled)}] step {p.step}/{p.total_steps} "
+                    f"{p.samples_per_s:.0f} samples/s ETA {p.eta_s:.0f} s")
         sys.stdout.write(f"\r\033[K{line}")
         sys.stdout.flush()
     sys.stdout.write("\r\033[K")

@@ -8,9 +8,9 @@ from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
 
-from pipeline.records import Problem
-from pipeline.record import write_json_atomic
-from pipeline.scaling import DEFINITIONS, PREDICT_AT, Row, ScalingModel, to_dicts
+from pipeline.collector.records import Problem
+from pipeline.collector.scaling import DEFINITIONS, Row, ScalingModel, to_dicts
+from pipeline.rundir import write_json
 
 MAX_PLOTTED_GROUPS = 6  # beyond this a plot is unreadable (and slow to draw); the tables list every group
 COLUMNS = ("nodes", "ranks", "runs", "samples/s", "+-95%", "per rank", "speedup", "efficiency", "model eff",
@@ -53,8 +53,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writerows(dicts)
 
 
-def write_json(rows: list[Row], models: list[ScalingModel], problems: list[Problem], path: Path) -> None:
-    write_json_atomic(path, {"schema_version": 1, "definitions": DEFINITIONS, "rows": to_dicts(rows),
+def write_scaling_json(rows: list[Row], models: list[ScalingModel], problems: list[Problem], path: Path) -> None:
+    write_json(path, {"schema_version": 1, "definitions": DEFINITIONS, "rows": to_dicts(rows),
                              "models": [asdict(m) for m in models], "problems": [asdict(p) for p in problems]})
 
 
@@ -141,7 +141,7 @@ def markdown(rows: list[Row], models: list[ScalingModel], problems: list[Problem
 def write_report(out_dir: Path, rows, models, problems, regressions, with_plots: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "scaling.csv")
-    write_json(rows, models, problems, out_dir / "scaling.json")
+    write_scaling_json(rows, models, problems, out_dir / "scaling.json")
     plots = plot(rows, out_dir) if with_plots else []
     report = out_dir / "report.md"
     report.write_text(markdown(rows, models, problems, plots, regressions))

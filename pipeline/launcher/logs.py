@@ -1,17 +1,12 @@
-"""Per-rank log files, named the same in local debug mode and on Slurm: POINT_DIR/logs/node{N}-rank{R}.log
-(N the node's index in the job, R the global rank; Slurm's srun patterns node%n-rank%t.log)."""
+"""Reading the per-rank logs (POINT_DIR/logs/node{N}-rank{R}.log, named in pipeline.rundir): the rank that
+failed first and its last lines, for local mode's failure message and for status."""
 
 from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
 
-LOG_DIR = "logs"
-SRUN_PATTERN = "node%n-rank%t.log"
-
-
-def rank_log_path(point_dir: Path, node: int, rank: int) -> Path:
-    return Path(point_dir) / LOG_DIR / f"node{node}-rank{rank}.log"
+from pipeline.rundir import LOG_DIR
 
 
 def tail(path: Path, lines: int = 20) -> str:

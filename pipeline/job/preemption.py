@@ -1,0 +1,53 @@
+"""Preemption and time limits: Slurm signals every task (`--signal=USR2@90`) before it ends the job. The signal
+is deferred to the next step boundary, where rank 0 checkpoints; then the job is requeued and resumes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import NoReturn
+
+from pipeline.job.env import DistEnv
+
+log = logging.getLogger(__name__)
+EXIT_REQUEUED = 75  # EX_TEMPFAIL: stopped on purpose, to be continued by the requeued job
+
+
+class Interrupted(Exception):
+    """A stop was requested (preemption or time-limit signal); raised on rank 0 at a step boundary."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped at step {step} by {signal.Signals(signum).name}")
+        self.step = step
+
+
+class StopSignal:
+    """Catches the preemption / time-limit signal and remembers it for the training loop to see.
+
+    submitit has installed its own handler, which requeues the job and exits; that handler runs only after the
+    checkpoint, from `hand_over`.
+    """
+
+    def __init__(self, rank: int):
+        self.signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+        self.received: int | None = None
+        self._rank = rank
+        self._previous = signal.signal(self.signum, self._catch)
+
+    def _catch(self, sig, frame) -> None:
+        self.received = sig
+        if self._rank != 0:
+            log.warning("stop signal received: training on until rank 0 checkpoints and the job is requeued")
+
+    def hand_over(self, env: DistEnv, on_slurm: bool) -> NoReturn:
+        """After rank 0's checkpoint: let submitit requeue the job, or requeue it ourselves under a plain sbatch."""
+        if callable(self._previous):
+            self._previous(self.signum, None)  # submitit: resubmits the callable (it resumes from the checkpoint)
+        if on_slurm and env.job_id and shutil.which("scontrol"):
+            log.warning("checkpoint saved; requeueing job %s", env.job_id)
+            subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+        sys.exit(EXIT_REQUEUED)

@@ -1,0 +1,174 @@
+"""Where a sweep stands: its manifest reconciled with Slurm (squeue for live jobs, sacct for their history) and
+the result records; waiting for a sweep, and resubmitting the points that ended without a record."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.launcher.logs import first_failed_log
+from pipeline.launcher.manifest import read_manifest, record_point
+from pipeline.rundir import POINT_NAME, RECORD_NAME, Point, Progress
+
+LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
+        "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued",
+        "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
+FINAL = {"FAILED": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed",
+         "DEADLINE": "timed out", "TIMEOUT": "timed out", "PREEMPTED": "preempted", "CANCELLED": "cancelled",
+         "REQUEUED": "requeued", "COMPLETED": "failed"}  # COMPLETED without a record: the job ran but wrote none
+RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started"}
+ENDED = RESUBMITTABLE | {"completed"}
+
+
+@dataclass
+class PointStatus:
+    point: int
+    nodes: int | None
+    job_id: str | None
+    state: str
+    detail: str
+    dir: Path | None
+    failed_log: Path | None = None  # for a point that ended without a record: the rank that failed first
+
+    @property
+    def has_record(self) -> bool:
+        return self.dir is not None and (self.dir / RECORD_NAME).is_file()
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """({job: live state} from squeue, {job: every state in its history, oldest first} from sacct)."""
+    if not job_ids:
+        return {}, {}
+    ids = ",".join(job_ids)
+    live = {}
+    for line in (_run(["squeue", "-h", "--states=all", "-j", ids, "-o", "%i|%T"]) or "").splitlines():
+        job, _, state = line.partition("|")
+        live[job.strip()] = state.strip()
+    history: dict[str, list[str]] = {}
+    # -D lists each requeued run of a job as its own row
+    for line in (_run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State"]) or "").splitlines():
+        job, _, state = line.partition("|")
+        history.setdefault(job.strip(), []).append(state.split()[0] if state.strip() else "UNKNOWN")
+    return live, history
+
+
+def classify(job_id: str | None, has_record: bool, live: str | None, history: list[str]) -> tuple[str, str]:
+    requeues = sum(s in ("REQUEUED", "PREEMPTED") for s in history[:-1]) if history else 0
+    note = f"requeued {requeues}x" if requeues else ""
+    if has_record:
+        return "completed", note
+    if job_id is None:
+        return "never started", ""
+    if live in LIVE:
+        state = "requeued" if live == "PENDING" and requeues else LIVE[live]
+        return state, note
+    if history:
+        last = history[-1]
+        return FINAL.get(last, last.lower()), note or ("ended without a record" if last == "COMPLETED" else "")
+    if live:
+        return FINAL.get(live, live.lower()), note
+    return "never started", "Slurm does not know this job"
+
+
+def sweep_status(sweep_dir: Path) -> list[PointStatus]:
+    sweep_dir = Path(sweep_dir)
+    points = read_manifest(sweep_dir).points
+    job_of = {p: (e.jobs[-1].job_id if e.jobs else None) for p, e in points.items()}
+    live, history = slurm_states([j for j in job_of.values() if j])
+    out = []
+    for p, entry in sorted(points.items()):
+        folder = sweep_dir / entry.dir if entry.dir else None
+        job = job_of[p]
+        has_record = folder is not None and (folder / RECORD_NAME).is_file()
+        state, detail = classify(job, has_record, live.get(job), history.get(job, []))
+        if entry.skipped and not job:
+            detail = entry.skipped
+        failed_log = first_failed_log(folder) if folder and state in RESUBMITTABLE else None
+        if state == "running" and folder is not None:
+            detail = ", ".join(filter(None, [detail, progress_text(folder)]))
+        if failed_log is not None:
+            detail = ", ".join(filter(None, [detail, f"rank log {failed_log.name}"]))
+        out.append(PointStatus(p, entry.nodes, job, state, detail, folder, failed_log))
+    return out
+
+
+def progress_text(point_dir: Path) -> str:
+    """Rank 0's last reported position (POINT_DIR/progress.json), e.g. 'step 400/1000, 5120 samples/s, ETA 12 s'."""
+    p = Progress.latest(point_dir)
+    if p is None:
+        return ""
+    return f"step {p.step}/{p.total_steps}, {p.samples_per_s:.0f} samples/s, ETA {p.eta_s:.0f} s"
+
+
+def format_table(statuses: list[PointStatus]) -> str:
+    rows = [("point", "nodes", "job", "state", "detail")]
+    rows += [(str(s.point), str(s.nodes or "-"), s.job_id or "-", s.state, s.detail) for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in rows)
+
+
+def summary_line(statuses: list[PointStatus]) -> str:
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def progress_line(statuses: list[PointStatus]) -> str:
+    """Counts of points by state, then each running point's step and speed."""
+    running = [f"point {s.point}: {s.detail}" for s in statuses if s.state == "running" and s.detail]
+    return "; ".join([summary_line(statuses), *running])
+
+
+def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list[PointStatus]:
+    """Block until every point has ended. On a terminal one status line is rewritten in place; otherwise (a
+    Slurm log file, a pipe) a plain timestamped line is printed whenever it changes."""
+    tty, last = out.isatty(), None
+    while True:
+        statuses = sweep_status(sweep_dir)
+        text = f"{sweep_dir.name}: {progress_line(statuses)}"
+        line = f"[{time.strftime('%H:%M:%S')}] {text}"
+        done = all(s.state in ENDED for s in statuses)
+        if tty:
+            print(f"\r\033[K{line}", end="\n" if done else "", file=out, flush=True)
+        elif text != last:
+            print(line, file=out, flush=True)
+            last = text
+        if done:
+            return statuses
+        time.sleep(poll_s)
+
+
+def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus]) -> list[tuple[int, str]]:
+    """Resubmit the points that ended without a record, from their frozen point.json; returns (point, job id)."""
+    # imported here: a plain `status` does not pay for importing Hydra and submitit
+    from pipeline.config import parse_run_config
+    from pipeline.launcher.slurm import preflight, submit
+
+    done = []
+    for s in statuses:
+        if s.state not in RESUBMITTABLE or s.dir is None or not (s.dir / POINT_NAME).is_file():
+            continue
+        point = Point.read(s.dir)
+        run = parse_run_config(point.config)
+        job_name = f"pipeline-{point.sweep_id}-{s.point}"
+        problem = preflight(run, job_name)
+        if problem:
+            print(f"point {s.point}: not resubmitted, Slurm rejects it: {problem}", file=sys.stderr)
+            continue
+        job_id = submit(run, s.dir, job_name)
+        record_point(sweep_dir, point=s.point, point_dir=s.dir, overrides=point.overrides, nodes=run.nodes,
+                     job_id=job_id)
+        done.append((s.point, job_id))
+    return done

@@ -1,0 +1,459 @@
+"""The run folder: every file the three programs exchange, its name and its type, in one place.
+
+    launcher -> ranks       POINT_DIR/point.json     Point     the resolved config, frozen at launch, and its provenance
+    rank 0   -> launcher    POINT_DIR/progress.json  Progress  latest step, samples/s and ETA (status, progress bar)
+    rank 0   -> collector   POINT_DIR/result.json    Result    the result record, with a RankResult per rank
+    launcher -> status      SWEEP_DIR/manifest.json  Manifest  each point's folder and its Slurm jobs
+
+Each file is a frozen dataclass with `to_json` (a JSON-ready dict) and `from_json` (which checks every field's
+type and names the one it cannot use: `ranks[1].busy_time_median_s: expected a number, got str`). Writers,
+readers and the tests' record factory all go through these classes, so a renamed field fails at once. Writes are
+atomic (a temporary file renamed into place); durable ones also fsync the file and its folder.
+
+Imports no torch: the launcher and the collector run on login nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+# Version 1 is every record written since the project began; a reader for the old layout stays when it changes.
+SCHEMA_VERSION = 1
+
+POINT_NAME = "point.json"
+PROGRESS_NAME = "progress.json"
+RECORD_NAME = "result.json"
+MANIFEST_NAME = "manifest.json"  # in the sweep folder
+WEIGHTS_NAME = "model.pt"  # the trained model's state_dict (rank 0)
+CHECKPOINT_NAME = "checkpoint.pt"  # on preemption / time limit, and every trainer.checkpoint_every steps
+TENSORBOARD_DIR = "tensorboard"
+PROFILE_DIR = "profile"
+SUBMITIT_DIR = "submitit"  # cluster=slurm: submitit's script, pickles and the batch step's log
+SBATCH_NAME = "job.sbatch"  # dry run: the script that would be submitted
+# one log per rank, named alike in local debug mode and on Slurm: N the node's index in the job, R the global rank
+LOG_DIR = "logs"
+SRUN_LOG_PATTERN = "node%n-rank%t.log"  # srun's spelling of rank_log_path's name
+
+
+def rank_log_path(point_dir: Path, node: int, rank: int) -> Path:
+    return Path(point_dir) / LOG_DIR / f"node{node}-rank{rank}.log"
+
+
+def utc_now() -> str:
+    """Timestamps in every file: ISO 8601, UTC, milliseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def write_atomic(path: Path, write: Callable[[typing.BinaryIO], None], durable: bool = True) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it into place: readers and the next run never
+    see half a file. `durable` also fsyncs the file before the rename and the folder after it, so a crash cannot
+    leave an empty or missing file either (progress updates skip that cost)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def write_json(path: Path, data: Any, durable: bool = True) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode()), durable)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+class SchemaError(ValueError):
+    """A file that does not match its dataclass; the message names the field."""
+
+    def __init__(self, problem: str, path: list | None = None):
+        self.problem, self.path = problem, path or []
+        super().__init__(problem)
+
+    def __str__(self) -> str:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path).lstrip(".")
+        return f"{where}: {self.problem}" if where else self.problem
+
+
+class JsonFile:
+    """Base of the files above: `to_json` / `from_json`, and `write` / `read` under the class's FILE name."""
+
+    FILE: ClassVar[str]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any):
+        """The dataclass, with every field's type checked; SchemaError names a missing or mistyped field."""
+        return _decoder(cls)(data)
+
+    def write(self, folder: Path, durable: bool = True) -> Path:
+        path = Path(folder) / self.FILE
+        write_json(path, self.to_json(), durable)
+        return path
+
+    @classmethod
+    def read(cls, folder: Path):
+        """Raises OSError when the file is missing, ValueError (SchemaError among them) when it is not usable."""
+        return cls.from_json(json.loads((Path(folder) / cls.FILE).read_text()))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _exact(tp: type, name: str) -> Callable[[Any], Any]:
+    def decode(value):
+        if type(value) is not tp:
+            raise SchemaError(f"expected {name}, got {_kind(value)}")
+        return value
+    return decode
+
+
+def _number(value: Any) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise SchemaError(f"expected a number, got {_kind(value)}")
+
+
+def _numbers(value: Any) -> list:
+    """A list of numbers, checked in C: records carry thousands of step times, and the collector reads 10,000
+    records in under 2 s. fsum raises TypeError on anything that is not a number (bools pass, as 0 and 1)."""
+    if type(value) is not list:
+        raise SchemaError(f"expected a list of numbers, got {_kind(value)}")
+    try:
+        math.fsum(value)
+    except TypeError:
+        bad = next(i for i, v in enumerate(value) if type(v) not in (int, float))
+        raise SchemaError(f"expected a number, got {_kind(value[bad])}", [bad]) from None
+    return value
+
+
+def _in_field(path_part: Any, decode: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return decode(value)
+    except SchemaError as e:
+        e.path.insert(0, path_part)
+        raise
+
+
+@functools.cache
+def _decoder(tp: Any) -> Callable[[Any], Any]:
+    """A function that checks a JSON value against the type `tp` and converts it; built once per type."""
+    if tp is Any:
+        return lambda value: value
+    if tp is float:
+        return _number
+    if tp in (int, str, bool):
+        return _exact(tp, {int: "an integer", str: "a string", bool: "true or false"}[tp])
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_decoder(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        decode_inner = _decoder(inner)
+        return lambda value: None if value is None else decode_inner(value)
+    if origin is list:
+        if args[0] is float:
+            return _numbers
+        item = _decoder(args[0])
+
+        def decode_list(value):
+            if type(value) is not list:
+                raise SchemaError(f"expected a list, got {_kind(value)}")
+            try:
+                return [item(v) for v in value]
+            except SchemaError:
+                for i, v in enumerate(value):  # again, item by item, to name the one that failed
+                    _in_field(i, item, v)
+                raise
+        return decode_list
+    if origin is dict:
+        key_type, item = args[0], _decoder(args[1])
+
+        def decode_dict(value):
+            if type(value) is not dict:
+                raise SchemaError(f"expected an object, got {_kind(value)}")
+            try:
+                if key_type is int:  # JSON keys are strings; an int-keyed dict is written with str(key)
+                    return {int(k): item(v) for k, v in value.items()}
+                return {k: item(v) for k, v in value.items()}
+            except SchemaError:
+                for k, v in value.items():  # again, item by item, to name the one that failed
+                    _in_field(k, item, v)
+                raise
+            except ValueError:  # int(k)
+                raise SchemaError(f"expected integer keys, got {list(value)}") from None
+        return decode_dict
+    raise TypeError(f"no JSON decoder for {tp!r}")
+
+
+def _dataclass_decoder(cls: type) -> Callable[[Any], Any]:
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    decoders = [(f.name, _decoder(hints[f.name])) for f in fields]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    factories = [(f.name, f.default_factory) for f in fields if f.default_factory is not dataclasses.MISSING]
+    versioned = "schema_version" in defaults
+
+    def decode(value):
+        if type(value) is not dict:
+            raise SchemaError(f"expected an object, got {_kind(value)}")
+        if versioned and value.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaError(f"schema_version {value.get('schema_version')!r}, this reader reads {SCHEMA_VERSION}")
+        missing = [name for name in required if name not in value]
+        if missing:
+            raise SchemaError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        try:
+            values = {name: decode_field(value[name]) for name, decode_field in decoders if name in value}
+        except SchemaError:
+            for name, decode_field in decoders:  # again, field by field, to name the one that failed
+                if name in value:
+                    _in_field(name, decode_field, value[name])
+            raise
+        # The fields are checked, and these classes have no __post_init__: fill the instance directly, since a
+        # frozen dataclass's __init__ sets each field through object.__setattr__, which is most of the cost of
+        # reading 10,000 records.
+        obj = object.__new__(cls)
+        obj.__dict__.update({**defaults, **{name: make() for name, make in factories}, **values})
+        return obj
+    return decode
+
+
+# -------------------------------------------------------------------------------------------- the files
+@dataclass(frozen=True)
+class GitInfo:
+    sha: Optional[str]  # None outside a git checkout
+    dirty: Optional[bool]  # uncommitted changes to tracked files
+
+
+@dataclass(frozen=True, kw_only=True)
+class Point(JsonFile):
+    """What `launch` freezes for the ranks of one sweep point: the resolved config and where it came from."""
+
+    FILE: ClassVar[str] = POINT_NAME
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    sweep_id: str
+    point: int  # the point's index in its sweep (Hydra's job number)
+    overrides: list[str]
+    launch_mode: str  # "local" | "slurm"
+    launched_at: str
+    launch_host: str
+    launch_argv: list[str]
+    git: GitInfo
+    config: dict[str, Any]  # the resolved RunConfig as plain data (pipeline.config.to_plain)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress(JsonFile):
+    """Rank 0's latest position, rewritten every trainer.log_every steps."""
+
+    FILE: ClassVar[str] = PROGRESS_NAME
+    step: int
+    total_steps: int
+    samples_per_s: float
+    eta_s: float
+    loss: float
+    updated_at: str
+    updated_unix: float
+
+    @classmethod
+    def latest(cls, point_dir: Path) -> Optional["Progress"]:
+        """The latest progress, or None before rank 0's first report (or if the file cannot be used)."""
+        try:
+            return cls.read(point_dir)
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class TF32:
+    matmul: bool
+    cudnn: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceInfo:
+    type: str  # "cpu" | "cuda"
+    name: str
+    cuda: Optional[str] = None  # the CUDA and NCCL versions and TF32 settings, on GPUs only
+    nccl: Optional[str] = None
+    tf32: Optional[TF32] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastPath:
+    data_on_device: bool
+    channels_last: bool
+    compile: bool
+    pinned_memory: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment:
+    """Rank 0's throughput in a stretch of a run before a restart (after that stretch's own warm-up)."""
+
+    start_step: int
+    steps: int
+    timed_steps: int
+    throughput_samples_per_s: Optional[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepTime:
+    mean: float
+    median: float
+    p95: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseSplit:
+    data: float
+    compute: float
+    comm: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankResult:
+    rank: int
+    local_rank: int
+    node_rank: int
+    node_name: str  # the scheduler's name for the node (SLURMD_NODENAME), else the hostname
+    device: str
+    hostname: str
+    processes_on_host: int
+    host_cores: int
+    threads: int
+    oversubscribed: bool
+    parameters_sha256: str  # of the final parameters: equal on every rank when DDP kept them in sync
+    step_times_s: list[float]  # every timed step
+    step_time_median_s: Optional[float]  # the timing figures are None when no step was timed
+    busy_time_median_s: Optional[float]
+    data_mean_s: Optional[float]
+    compute_mean_s: Optional[float]
+    comm_mean_s: Optional[float]
+
+
+@dataclass(frozen=True)
+class SlurmInfo:
+    job_id: Optional[str]
+    nodelist: Optional[str]
+    simulated: bool  # local debug mode's made-up job
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    git: GitInfo
+    hostnames: list[str]
+    versions: dict[str, Optional[str]]
+    slurm: Optional[SlurmInfo]  # None outside Slurm (torchrun, a single process)
+    launched_at: str
+    started_at: str
+    first_step_at_unix: Optional[float]
+    ended_at: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result(JsonFile):
+    """The result record: one per run, written by rank 0. `definitions` states how every figure is computed."""
+
+    FILE: ClassVar[str] = RECORD_NAME
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    sweep_id: str
+    point: int
+    overrides: list[str]
+    config: dict[str, Any]
+    launch_mode: str
+    model: str
+    dataset: str
+    nodes: int
+    tasks_per_node: int
+    world_size: int
+    model_parameters: int
+    gradient_bytes: int  # what DDP all-reduces every step
+    device: DeviceInfo
+    backend: str
+    precision: str
+    fast_path: FastPath
+    scaling: str
+    per_rank_batch: int
+    global_batch: int
+    steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    resumed_from_step: int
+    restart_count: int
+    earlier_segments: list[Segment]
+    timed_steps: int
+    # the timing figures are None when no step was timed
+    timed_wall_s: Optional[float] = None
+    throughput_samples_per_s: Optional[float]
+    throughput_per_rank_samples_per_s: Optional[float] = None
+    step_time_s: Optional[StepTime]
+    breakdown_s: Optional[PhaseSplit]
+    breakdown_share: Optional[PhaseSplit]
+    flops_per_sample: float
+    achieved_tflops_per_device: Optional[float]
+    peak_tflops_per_device: Optional[float]
+    mfu: Optional[float]
+    comm_measurement: str
+    final_train_loss: float
+    test_accuracy: float
+    wall_time_s: float
+    oversubscribed: bool
+    weights: str
+    ranks: list[RankResult]
+    provenance: Provenance
+    definitions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    submitted_at: str
+
+
+@dataclass(frozen=True)
+class ManifestPoint:
+    dir: Optional[str]  # relative to the sweep folder; None for a point that was never started
+    overrides: list[str]
+    nodes: Optional[int]
+    jobs: list[Submission]  # every submission, the latest last
+    skipped: Optional[str] = None  # why the point was not submitted (allow_partial=true)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest(JsonFile):
+    """Which point went where, as which Slurm job, when; written as each point is submitted."""
+
+    FILE: ClassVar[str] = MANIFEST_NAME
+    schema_version: int = SCHEMA_VERSION
+    points: dict[int, ManifestPoint] = field(default_factory=dict)

@@ -1,0 +1,104 @@
+"""The run folder's files: every one round-trips, the golden files of a real run keep reading, a missing or
+mistyped field is named, and writes are atomic (and durable where asked)."""
+
+import json
+import os
+
+import pytest
+
+from pipeline.rundir import (SCHEMA_VERSION, Manifest, ManifestPoint, Point, Progress, Result, SchemaError, Submission,
+                             write_atomic, write_json)
+from tests.conftest import GOLDEN
+from tests.records_factory import make_record
+
+RUN = GOLDEN / "local-2rank"
+
+
+def through_json_text(obj):
+    return type(obj).from_json(json.loads(json.dumps(obj.to_json())))
+
+
+def test_the_golden_files_of_a_real_run_read():
+    result, point = Result.read(RUN), Point.read(RUN)
+    assert (result.schema_version, result.world_size, result.backend) == (SCHEMA_VERSION, 2, "gloo")
+    assert [r.node_name for r in result.ranks] == ["local1", "local2"] and len(result.ranks[1].step_times_s) == 8
+    assert result.device.name == "x86_64 CPU" and result.device.tf32 is None  # absent on CPUs: defaults
+    assert result.provenance.slurm.simulated and result.run_id == point.run_id
+    assert point.config == result.config and point.git.sha == result.provenance.git.sha
+    # every field of the golden record is a field of Result, and the other way round
+    assert set(json.loads((RUN / "result.json").read_text())) == set(result.to_json())
+    assert through_json_text(result) == result and through_json_text(point) == point
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (["ranks", 1, "busy_time_median_s"], "7", "ranks[1].busy_time_median_s: expected a number, got str"),
+    (["ranks", 0, "step_times_s", 3], None, "ranks[0].step_times_s[3]: expected a number, got null"),
+    (["provenance", "git", "dirty"], 1, "provenance.git.dirty: expected true or false, got int"),
+    (["breakdown_s"], [1, 2, 3], "breakdown_s: expected an object, got list"),
+    (["world_size"], 2.0, "world_size: expected an integer, got float"),
+])
+def test_a_mistyped_field_is_named(path, value, message):
+    data = json.loads((RUN / "result.json").read_text())
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(SchemaError) as e:
+        Result.from_json(data)
+    assert str(e.value) == message
+
+
+def test_a_renamed_field_is_a_missing_one():
+    data = json.loads((RUN / "result.json").read_text())
+    data["ranks"][1]["busy_median_s"] = data["ranks"][1].pop("busy_time_median_s")
+    with pytest.raises(SchemaError, match=r"^ranks\[1\]: missing field busy_time_median_s$"):
+        Result.from_json(data)
+    data = json.loads((RUN / "result.json").read_text())
+    with pytest.raises(SchemaError, match="schema_version 2, this reader reads 1"):
+        Result.from_json(data | {"schema_version": 2})
+
+
+def test_every_file_round_trips():
+    assert through_json_text(make_record(nodes=2, throughput=10.0, tasks_per_node=2)).world_size == 4
+    progress = Progress(step=3, total_steps=9, samples_per_s=1.5, eta_s=4.0, loss=0.5, updated_at="t",
+                        updated_unix=1.0)
+    assert through_json_text(progress) == progress
+    manifest = Manifest(points={0: ManifestPoint(dir="0", overrides=["nodes=1"], nodes=1,
+                                                 jobs=[Submission(job_id="7", submitted_at="t")]),
+                                3: ManifestPoint(dir=None, overrides=[], nodes=None, jobs=[], skipped="why")})
+    assert manifest.to_json()["points"].keys() == {0, 3}  # JSON writes the point numbers as strings
+    assert through_json_text(manifest) == manifest
+
+
+def test_progress_is_none_until_it_is_usable(tmp_path):
+    assert Progress.latest(tmp_path) is None
+    (tmp_path / "progress.json").write_text('{"step": 1')
+    assert Progress.latest(tmp_path) is None
+    Progress(step=1, total_steps=2, samples_per_s=3.0, eta_s=4.0, loss=5.0, updated_at="t",
+             updated_unix=6.0).write(tmp_path, durable=False)
+    assert Progress.latest(tmp_path).step == 1
+
+
+def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "result.json"
+    write_json(path, {"v": 1})
+
+    def fail_half_way(f):
+        f.write(b'{"v": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, fail_half_way)
+    assert json.loads(path.read_text()) == {"v": 1} and os.listdir(tmp_path) == ["result.json"]
+
+
+def test_a_durable_write_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    write_json(tmp_path / "a.json", {}, durable=True)
+    assert len(synced) == 2 and synced[1] == str(tmp_path) and synced[0].startswith(str(tmp_path / ".a.json."))
+    synced.clear()
+    write_json(tmp_path / "b.json", {}, durable=False)
+    assert synced == []
