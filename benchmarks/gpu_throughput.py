@@ -1,13 +1,21 @@
-"""Images/s of the seed models on one GPU: a naive loop, then the pipeline with each fast-path option added.
+"""Throughput on one GPU. The seed models: a naive loop, then the pipeline with each fast-path option added. The
+models worth scaling (ResNet-50 on 224x224 images, GPT-2 small on 1024-token sequences): a hand-written bf16
+loop against the pipeline with the same settings, with MFU.
 
-    python benchmarks/gpu_throughput.py [--steps 300] [--batch 512] [--models mlp cnn]
-    python benchmarks/gpu_throughput.py --device cpu --steps 20      # a smoke run of the same code on a CPU
+    python benchmarks/gpu_throughput.py [--steps 300] [--batch 512] [--models mlp cnn] [--large resnet50 gpt2_small]
+    python benchmarks/gpu_throughput.py --device cpu --steps 22 --models cnn --large resnet50 gpt2_small \
+        --large-batch 2 --image-size 32 --context 32 --no-compile    # a smoke run of the same code on a CPU
 
 naive: the usual hand-written loop, a DataLoader over a TensorDataset in host memory (shuffled, per-sample
 collation), fp32, batches copied to the GPU every step. The other rows run the pipeline itself (one rank,
 local debug mode) and read throughput from its record; each row adds one option to the row above. Throughput
 excludes the first 20 steps (warm-up, and compilation for torch.compile). Prints a table with each row's ratio
 to the naive loop, the device name and the date.
+
+Large rows: both sides hold a pool of synthetic samples on the GPU (256 images, or token sequences), train in
+bf16 autocast with torch.compile (unless --no-compile), and run `--large-steps` steps; the hand-written loop is
+the usual one (no DDP wrapper, as on one GPU). MFU = FLOPs per sample (torch's flop counter, forward and
+backward) x samples/s / the GPU's dense bf16 peak (pipeline/job/flops.py); tokens/s = samples/s x context.
 """
 
 import argparse
@@ -43,7 +51,7 @@ def naive(model_name: str, steps: int, batch: int, device: str, train_size: int)
     from pipeline.workloads.models import CNN, MLP
 
     shape = SHAPES[model_name]
-    x, y = (torch.from_numpy(a) for a in Synthetic(shape, 10, train_size, 16, 6.0, 0).load("train"))
+    x, y = (torch.from_numpy(a) for a in Synthetic(shape, 10, train_size, 16, 6.0, 0).arrays())
     torch.manual_seed(0)
     model = (MLP(shape, 10) if model_name == "mlp" else CNN(shape, 10)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -83,6 +91,72 @@ def pipeline_run(model: str, overrides: list[str], steps: int, batch: int, devic
     return json.loads((out / "result.json").read_text())["throughput_samples_per_s"]
 
 
+LARGE = {
+    "resnet50": ["model=resnet50", "dataset=synthetic", "dataset.num_classes=1000", "dataset.distinct=256",
+                 "dataset.train_size=100000", "dataset.test_size=256", "optimizer=sgd", "optimizer.lr=0.1"],
+    "gpt2_small": ["model=gpt2_small", "dataset=synthetic_tokens", "dataset.vocab_size=50304",
+                   "dataset.train_size=4096", "dataset.test_size=64", "optimizer=adamw", "optimizer.lr=0.0006"],
+}
+
+
+def large_hand_written(name: str, steps: int, batch: int, device: str, image_size: int, context: int,
+                       compile_: bool) -> tuple[float, float]:
+    """(samples/s, FLOPs per sample) of the usual bf16 loop: data on the device, autocast, compiled model."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.workloads.datasets import Synthetic, SyntheticTokens
+    from pipeline.workloads.models import GPT, ResNet
+
+    torch.manual_seed(0)
+    if name == "resnet50":
+        shape = (3, image_size, image_size)
+        x, y = (torch.as_tensor(a).to(device) for a in Synthetic(shape, 1000, 256, 16, 6.0, 0).arrays())
+        model = ResNet(shape, 1000, depth=50).to(device, memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        x, y = (torch.as_tensor(a).to(device) for a in SyntheticTokens(50304, context, 256, 16, 4, 0).arrays())
+        model = GPT(50304, layers=12, heads=12, width=768, context_length=context).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def step(xb, yb):
+        with autocast:
+            loss = F.cross_entropy(run(xb).flatten(0, -2), yb.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            F.cross_entropy(model(x[:2]).flatten(0, -2), y[:2].flatten()).backward()
+    flops = counter.get_total_flops() / 2
+    run = torch.compile(model) if compile_ else model
+    for i in range(steps):
+        if i == WARMUP:
+            sync(device)
+            start = time.perf_counter()
+        idx = torch.randint(0, len(x), (batch,), device=device)
+        step(x[idx], y[idx])
+    sync(device)
+    return batch * (steps - WARMUP) / (time.perf_counter() - start), flops
+
+
+def large_pipeline(name: str, steps: int, batch: int, device: str, image_size: int, context: int, compile_: bool,
+                   out: Path) -> dict:
+    size = [f"dataset.image_shape=[3,{image_size},{image_size}]"] if name == "resnet50" else \
+        [f"model.context_length={context}", f"dataset.seq_len={context}"]
+    subprocess.run([sys.executable, "-m", "pipeline.launch", *LARGE[name], *size, f"trainer.batch_size={batch}",
+                    f"trainer.max_steps={steps}", "trainer.epochs=1000", f"trainer.warmup_steps={WARMUP}",
+                    "trainer.log_every=100000", "trainer.eval_samples=16", f"trainer.device={device}",
+                    f"trainer.compile={str(compile_).lower()}", "trainer.precision=" + ("bf16" if device == "cuda"
+                                                                                       else "fp32"),
+                    f"hydra.run.dir={out}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((out / "result.json").read_text())
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -94,8 +168,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--train-size", type=int, default=16384)
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=list(SHAPES))
+    parser.add_argument("--models", nargs="*", default=["mlp", "cnn"], choices=list(SHAPES))
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--large", nargs="*", default=list(LARGE), choices=list(LARGE))
+    parser.add_argument("--large-steps", type=int, default=120)
+    parser.add_argument("--large-batch", type=int, default=None, help="default: 128 images, 8 sequences")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     print(f"{device_name(args.device)}, {date.today()}, per-step batch {args.batch}, {args.steps} steps "
           f"({WARMUP} warm-up excluded)")
@@ -112,6 +192,28 @@ def main() -> None:
                 rate = pipeline_run(model, overrides, args.steps, args.batch, args.device, args.train_size,
                                     Path(tmp) / f"{model}{i}")
                 print(f"  {name:48} {rate:12.0f} {rate / base:8.2f}")
+        for name in args.large:
+            batch = args.large_batch or (128 if name == "resnet50" else 8)
+            steps = max(args.large_steps if args.steps == 300 else args.steps, WARMUP + 2)
+            hand, flops = large_hand_written(name, steps, batch, args.device, args.image_size, args.context,
+                                             not args.no_compile)
+            rec = large_pipeline(name, steps, batch, args.device, args.image_size, args.context, not args.no_compile,
+                                 Path(tmp) / name)
+            print_large(name, batch, hand, flops, rec, args.device, args.context)
+
+
+def print_large(name: str, batch: int, hand: float, flops: float, rec: dict, device: str, context: int) -> None:
+    from pipeline.job.flops import peak_tflops
+
+    peak = peak_tflops(device_name(device), "bf16")
+    unit, per = ("tokens/s", context) if name == "gpt2_small" else ("images/s", 1)
+    pipe = rec["throughput_samples_per_s"]
+    print(f"\n{name}, batch {batch}, {rec['precision']}, compile {rec['fast_path']['compile']}\n"
+          f"  {'loop':48} {unit:>12} {'MFU':>8}")
+    for label, rate, fl in (("hand-written", hand, flops), ("pipeline", pipe, rec["flops_per_sample"])):
+        mfu = f"{fl * rate / 1e12 / peak:8.1%}" if peak else f"{'-':>8}"
+        print(f"  {label:48} {rate * per:12.0f} {mfu}")
+    print(f"  pipeline / hand-written: {pipe / hand:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """The typed run configuration: the schemas Hydra composes into, and the checks on them.
 
 `parse_run_config` is the one boundary between untyped config (Hydra's composed DictConfig at launch, the
-frozen YAML a rank reads) and the dataclasses the rest of the code takes. It imports no torch: it runs on
+frozen point.json a rank reads) and the dataclasses the rest of the code takes. It imports no torch: it runs on
 login nodes.
+
+The model, the dataset, the optimizer, the learning-rate schedule and the loss are Hydra `_target_`s. The
+built-in ones have schemas here, with their checks; any other `_target_` (the user's own class, in their package
+or on PYTHONPATH) is kept as given, its module looked up at launch without being imported (`check_target`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, ClassVar, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -30,11 +36,18 @@ def check_at_least(key: str, value: float, minimum: float) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
 
 
+def check_positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be a positive number")
+
+
 # ---------------------------------------------------------------------------------------------- models
+# `needs` says which kind of dataset a built-in model trains on: image classification or language modelling.
 @dataclass
 class MLPConfig:
-    """784 -> hidden ReLU -> dropout -> classes (the input size comes from the dataset)."""
+    """flatten -> hidden ReLU -> dropout -> classes (the input size comes from the dataset)."""
 
+    needs: ClassVar[str] = "images"
     _target_: str = "pipeline.workloads.models.MLP"
     hidden: int = 128
     dropout: float = 0.2
@@ -49,6 +62,7 @@ class MLPConfig:
 class CNNConfig:
     """conv3x3 c0, pool, conv3x3 c1, pool, conv3x3 c2, dense hidden, dense classes."""
 
+    needs: ClassVar[str] = "images"
     _target_: str = "pipeline.workloads.models.CNN"
     channels: List[int] = field(default_factory=lambda: [32, 64, 64])
     hidden: int = 64
@@ -59,11 +73,69 @@ class CNNConfig:
         check_at_least("model.hidden", self.hidden, 1)
 
 
+RESNET_DEPTHS = (18, 34, 50, 101)
+RESNET_STEMS = ("auto", "cifar", "imagenet")
+
+
+@dataclass
+class ResNetConfig:
+    """He et al.'s ResNet: basic blocks (18, 34) or bottlenecks (50, 101); the stem is the ImageNet one (7x7
+    stride 2 and max pool) or the CIFAR one (3x3 stride 1); `auto` picks by image size (ImageNet from 64 px)."""
+
+    needs: ClassVar[str] = "images"
+    _target_: str = "pipeline.workloads.models.ResNet"
+    depth: int = 18
+    stem: str = "auto"
+    width: int = 64  # channels of the first stage; each stage doubles them
+
+    def __post_init__(self) -> None:
+        if self.depth not in RESNET_DEPTHS:
+            raise ConfigError(f"model.depth={self.depth!r} is not allowed; choose one of: "
+                              f"{', '.join(map(str, RESNET_DEPTHS))}")
+        check_choice("model.stem", self.stem, RESNET_STEMS)
+        check_at_least("model.width", self.width, 1)
+
+
+@dataclass
+class GPTConfig:
+    """A GPT-2-style decoder-only transformer: pre-LayerNorm blocks of causal self-attention and a 4x MLP,
+    learned positions, the output layer tied to the token embedding."""
+
+    needs: ClassVar[str] = "tokens"
+    _target_: str = "pipeline.workloads.models.GPT"
+    layers: int = 2
+    heads: int = 4
+    width: int = 128  # the embedding size; a multiple of `heads`
+    context_length: int = 64
+    vocab_size: Optional[int] = None  # null: the dataset's
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_at_least("model.layers", self.layers, 1)
+        check_at_least("model.heads", self.heads, 1)
+        check_at_least("model.context_length", self.context_length, 1)
+        if self.width < 1 or self.width % self.heads:
+            raise ConfigError(f"model.width={self.width} is not allowed; it must be a positive multiple of "
+                              f"model.heads={self.heads}")
+        if self.vocab_size is not None:
+            check_at_least("model.vocab_size", self.vocab_size, 2)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r} is not allowed; it must be in [0, 1)")
+
+
 # -------------------------------------------------------------------------------------------- datasets
+# `provides` says what a built-in dataset holds: images with class labels, or token sequences.
+def check_image_shape(shape: List[int]) -> None:
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"dataset.image_shape={list(shape)} is not allowed; give [channels, height, width], "
+                          "e.g. [1,28,28] (MNIST-shaped), [3,32,32] (CIFAR-shaped) or [3,224,224] (ImageNet-shaped)")
+
+
 @dataclass
 class SyntheticConfig:
     """Smooth class prototypes plus Gaussian noise, generated from `seed`: learnable, no download."""
 
+    provides: ClassVar[str] = "images"
     _target_: str = "pipeline.workloads.datasets.Synthetic"
     image_shape: List[int] = field(default_factory=lambda: [1, 28, 28])
     num_classes: int = 10
@@ -71,13 +143,11 @@ class SyntheticConfig:
     test_size: int = 2048
     separation: float = 6.0  # expected distance between class prototypes, in units of the pixel noise
     seed: int = 0
+    distinct: int = 0  # > 0: generate only this many samples per split and cycle through them (throughput studies)
 
     def __post_init__(self) -> None:
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ConfigError(
-                f"dataset.image_shape={list(self.image_shape)} is not allowed; give [channels, height, width], "
-                "e.g. [1,28,28] (MNIST-shaped) or [3,32,32] (CIFAR-shaped)"
-            )
+        check_image_shape(self.image_shape)
+        check_at_least("dataset.distinct", self.distinct, 0)
         check_at_least("dataset.num_classes", self.num_classes, 2)
         check_at_least("dataset.train_size", self.train_size, 1)
         check_at_least("dataset.test_size", self.test_size, 1)
@@ -88,6 +158,7 @@ class SyntheticConfig:
 class MNISTConfig:
     """torchvision's layout: ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
 
+    provides: ClassVar[str] = "images"
     _target_: str = "pipeline.workloads.datasets.MNIST"
     root: str = "data"
 
@@ -96,8 +167,111 @@ class MNISTConfig:
 class CIFAR10Config:
     """torchvision's layout: ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}."""
 
+    provides: ClassVar[str] = "images"
     _target_: str = "pipeline.workloads.datasets.CIFAR10"
     root: str = "data"
+
+
+@dataclass
+class SyntheticTokensConfig:
+    """Token sequences from a random sparse bigram table (each token has `branching` equally likely successors),
+    generated from `seed`: learnable down to a known loss of ln(branching), no download."""
+
+    provides: ClassVar[str] = "tokens"
+    _target_: str = "pipeline.workloads.datasets.SyntheticTokens"
+    vocab_size: int = 256
+    seq_len: int = 64
+    train_size: int = 4096  # sequences
+    test_size: int = 512
+    branching: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_at_least("dataset.vocab_size", self.vocab_size, 2)
+        check_at_least("dataset.seq_len", self.seq_len, 1)
+        check_at_least("dataset.train_size", self.train_size, 1)
+        check_at_least("dataset.test_size", self.test_size, 1)
+        if not 1 <= self.branching <= self.vocab_size:
+            raise ConfigError(f"dataset.branching={self.branching} is not allowed; it must be in [1, "
+                              f"dataset.vocab_size={self.vocab_size}]")
+
+
+@dataclass
+class TokenFileConfig:
+    """nanoGPT's token files: ROOT/train.bin and ROOT/val.bin, flat uint16 arrays (np.memmap), read through a
+    DataLoader; every value must be below `vocab_size` (checked when the job starts)."""
+
+    provides: ClassVar[str] = "tokens"
+    _target_: str = "pipeline.workloads.datasets.TokenFile"
+    root: str = "data"
+    vocab_size: int = 50257  # GPT-2's tokenizer
+    seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        check_at_least("dataset.vocab_size", self.vocab_size, 2)
+        if self.vocab_size > 65536:
+            raise ConfigError(f"dataset.vocab_size={self.vocab_size} is not allowed: uint16 token files hold "
+                              "values below 65536")
+        check_at_least("dataset.seq_len", self.seq_len, 1)
+
+
+@dataclass
+class ByteTextConfig:
+    """Byte-level text (vocabulary 256) from the `*.py` files under `root` (default: this Python's standard
+    library, which every machine has), in sorted path order; the last `test_share` of the bytes is held out."""
+
+    provides: ClassVar[str] = "tokens"
+    _target_: str = "pipeline.workloads.datasets.ByteText"
+    root: Optional[str] = None
+    seq_len: int = 128
+    max_bytes: int = 4_000_000
+    test_share: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_at_least("dataset.seq_len", self.seq_len, 1)
+        check_at_least("dataset.max_bytes", self.max_bytes, 1)
+        if not 0.0 < self.test_share < 1.0:
+            raise ConfigError(f"dataset.test_share={self.test_share!r} is not allowed; it must be in (0, 1)")
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+# torch's optimizers as `_partial_` targets: the trainer calls them with the model's parameters.
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive("optimizer.lr", self.lr)
+        check_at_least("optimizer.momentum", self.momentum, 0.0)
+        check_at_least("optimizer.weight_decay", self.weight_decay, 0.0)
+
+
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    _partial_: bool = True
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive("optimizer.lr", self.lr)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas={list(self.betas)} is not allowed; give two numbers in [0, 1)")
+        check_positive("optimizer.eps", self.eps)
+        check_at_least("optimizer.weight_decay", self.weight_decay, 0.0)
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 0.01
 
 
 # --------------------------------------------------------------------------------------------- cluster
@@ -131,9 +305,9 @@ class SlurmClusterConfig(LocalClusterConfig):
 
 # --------------------------------------------------------------------------------------------- trainer
 SCALING_MODES = ("weak", "strong")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+LOADERS = ("auto", "memory", "dataloader")
 
 
 @dataclass
@@ -145,20 +319,17 @@ class TrainerConfig:
     scaling: str = "weak"
     batch_size: int = 64
     global_batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     device: str = "auto"
     # the GPU fast path; null means on with CUDA, off without
-    data_on_device: Optional[bool] = None  # hold the dataset on the device and batch it there
+    data_on_device: Optional[bool] = None  # hold an in-memory dataset on the device and batch it there
     channels_last: Optional[bool] = None  # NHWC memory format (null: with CUDA, for convolutional models)
     compile: bool = False  # torch.compile the model
     seed: int = 0
     warmup_steps: int = 5  # the first steps, excluded from every timing figure
     log_every: int = 50
     checkpoint_every: int = 0  # > 0: rank 0 also checkpoints every N steps (always on the preemption signal)
+    eval_samples: int = 0  # evaluate on at most this many held-out samples; 0: all of them
     tensorboard: bool = True  # rank 0 writes scalars when the tensorboard package is installed
 
     def __post_init__(self) -> None:
@@ -167,16 +338,36 @@ class TrainerConfig:
         check_choice("trainer.scaling", self.scaling, SCALING_MODES)
         check_at_least("trainer.batch_size", self.batch_size, 1)
         check_at_least("trainer.global_batch_size", self.global_batch_size, 1)
-        check_choice("trainer.optimizer", self.optimizer, OPTIMIZERS)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"trainer.lr={self.lr!r} is not allowed; it must be a positive number")
-        check_at_least("trainer.momentum", self.momentum, 0.0)
-        check_at_least("trainer.weight_decay", self.weight_decay, 0.0)
         check_choice("trainer.precision", self.precision, PRECISIONS)
         check_choice("trainer.device", self.device, DEVICES)
         check_at_least("trainer.warmup_steps", self.warmup_steps, 0)
         check_at_least("trainer.log_every", self.log_every, 1)
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
+        check_at_least("trainer.eval_samples", self.eval_samples, 0)
+
+
+@dataclass
+class LoaderConfig:
+    """How batches are made. `memory`: a dataset that offers its arrays (`arrays()`; the built-in ones do) is
+    held in memory and batched by indexing (on the GPU when it fits, see trainer.data_on_device); `dataloader`:
+    torch's DataLoader with a DistributedSampler, for any map-style dataset; `auto`: memory when the dataset
+    offers its arrays, else the DataLoader. The other keys are DataLoader's."""
+
+    kind: str = "auto"
+    num_workers: int = 0
+    pin_memory: Optional[bool] = None  # null: on when training on a GPU
+    persistent_workers: bool = False
+    prefetch_factor: Optional[int] = None  # batches each worker loads ahead; null: torch's default (2 with workers)
+
+    def __post_init__(self) -> None:
+        check_choice("loader.kind", self.kind, LOADERS)
+        check_at_least("loader.num_workers", self.num_workers, 0)
+        if self.num_workers == 0 and (self.persistent_workers or self.prefetch_factor is not None):
+            raise ConfigError("loader.persistent_workers and loader.prefetch_factor need loader.num_workers > 0 "
+                              f"(got loader.num_workers=0, persistent_workers={self.persistent_workers}, "
+                              f"prefetch_factor={self.prefetch_factor})")
+        if self.prefetch_factor is not None:
+            check_at_least("loader.prefetch_factor", self.prefetch_factor, 1)
 
 
 @dataclass
@@ -210,17 +401,27 @@ class ProfilerConfig:
 
 
 # ------------------------------------------------------------------------------------------------- run
-MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig)}
-DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config)}
+MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig, ResNetConfig, GPTConfig)}
+DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config, SyntheticTokensConfig,
+                                           TokenFileConfig, ByteTextConfig)}
+OPTIMIZER_SCHEMAS = {c._target_: c for c in (SGDConfig, AdamConfig, AdamWConfig)}
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
+# the groups whose `_target_` may be any importable class, and the schemas of their built-in targets
+TARGET_GROUPS = {"model": MODEL_SCHEMAS, "dataset": DATASET_SCHEMAS, "optimizer": OPTIMIZER_SCHEMAS,
+                 "scheduler": {}, "loss": {}}
 
 
 @dataclass
 class RunConfig:
+    # `_target_`s: a schema's dataclass for a built-in target, else the config as given (a dict)
     model: Any = MISSING
     dataset: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None  # optional learning-rate schedule, stepped after every optimizer step
+    loss: Any = MISSING
     cluster: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     nodes: int = 1
@@ -266,14 +467,80 @@ class RunConfig:
                 f"nodes({self.nodes}) x cluster.tasks_per_node({self.cluster.tasks_per_node}) = "
                 f"{self.world_size} ranks in strong scaling; choose a multiple of {self.world_size}"
             )
+        self._check_builtin_pairing()
+
+    def _check_builtin_pairing(self) -> None:
+        """A built-in model on a built-in dataset: the kinds match, and a language model covers its data."""
+        model, data = self.model, self.dataset
+        if not (hasattr(model, "needs") and hasattr(data, "provides")):
+            return
+        if model.needs != data.provides:
+            fitting = [n for n, s in DATASET_SCHEMAS.items() if s.provides == model.needs]
+            raise ConfigError(f"model._target_={model._target_} trains on {model.needs}, but dataset._target_="
+                              f"{data._target_} holds {data.provides}; choose a dataset among: {', '.join(fitting)}")
+        if model.needs != "tokens":
+            return
+        if model.vocab_size is not None and data_vocab(data) > model.vocab_size:
+            raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the dataset's vocabulary "
+                              f"({data_vocab(data)}); set model.vocab_size=null to take the dataset's")
+        if data.seq_len > model.context_length:
+            raise ConfigError(f"dataset.seq_len={data.seq_len} is longer than model.context_length="
+                              f"{model.context_length}; make dataset.seq_len <= model.context_length")
 
 
-def _typed(group: str, node: Any, schemas: dict, key: str) -> Any:
-    """Merge one group's node onto the schema its discriminator names; return the dataclass instance."""
+def data_vocab(dataset: Any) -> int:
+    """The vocabulary of a built-in token dataset (ByteText's bytes: 256)."""
+    return getattr(dataset, "vocab_size", 256)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def find_module(dotted: str):
+    """The module spec `import dotted` would find, found without running any package's code: each level is
+    looked up in its parent's search path through the finders on sys.meta_path (so editable installs count),
+    the way the import system does, but nothing is executed. None if not found."""
+    spec = None
+    parts = dotted.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        if name in sys.modules:
+            spec = sys.modules[name].__spec__
+            continue
+        if depth == 1:
+            spec = importlib.util.find_spec(name)  # a top-level name: finding it imports nothing
+        elif spec is None or spec.submodule_search_locations is None:
+            return None  # the parent is a plain module: no submodules
+        else:
+            path = spec.submodule_search_locations
+            spec = next((s for f in sys.meta_path if hasattr(f, "find_spec")
+                         and (s := f.find_spec(name, path)) is not None), None)
+        if spec is None:
+            return None
+    return spec
+
+
+def check_target(key: str, target: Any) -> None:
+    """A `_target_` names a class or function in an importable module (its longest importable prefix is the
+    module; the rest are attributes, checked when the job imports it). Raises ConfigError naming the key."""
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(f"{key}={target!r} is not allowed; give a dotted path such as mypackage.models.Net")
+    parts = target.split(".")
+    if not any(find_module(".".join(parts[:n])) for n in range(len(parts) - 1, 0, -1)):
+        raise ConfigError(f"{key}={target}: no module of it can be imported here ({parts[0]!r} is not installed "
+                          f"and not on PYTHONPATH); install the package that holds it or add its folder to PYTHONPATH")
+
+
+def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool) -> Any:
+    """One group's node: merged onto the schema its discriminator names (the dataclass instance), or, for a
+    `_target_` of the user's own (`open_targets`), the node as given once its module is found."""
     value = node.get(key) if isinstance(node, (dict, DictConfig)) else None
-    if value not in schemas:
+    if value in schemas:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[value]), node))
+    if not open_targets:
         raise ConfigError(f"{group}.{key}={value!r} is not allowed; choose one of: {', '.join(schemas)}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[value]), node))
+    if not isinstance(node, (dict, DictConfig)):
+        raise ConfigError(f"{group}={node!r} is not allowed; give a config with a `_target_` (a class to build)")
+    check_target(f"{group}.{key}", value)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
 def parse_run_config(cfg: Union[DictConfig, dict]) -> RunConfig:
@@ -282,11 +549,9 @@ def parse_run_config(cfg: Union[DictConfig, dict]) -> RunConfig:
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node stays behind
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        groups = {
-            "model": _typed("model", cfg.get("model"), MODEL_SCHEMAS, "_target_"),
-            "dataset": _typed("dataset", cfg.get("dataset"), DATASET_SCHEMAS, "_target_"),
-            "cluster": _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind"),
-        }
+        groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
+                  for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
+        groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
         rest = OmegaConf.merge(OmegaConf.structured(RunConfig), {k: v for k, v in cfg.items() if k not in groups})
         values = {f.name: rest[f.name] for f in fields(RunConfig) if f.name not in groups}
         return RunConfig(**{k: OmegaConf.to_object(v) if isinstance(v, DictConfig) else v for k, v in values.items()},
@@ -304,13 +569,14 @@ def to_plain(run: RunConfig) -> dict:
 
 def abspath_dataset_root(run: RunConfig) -> None:
     """Ranks may start in another directory (a Slurm job does): pin a relative dataset root to the launch cwd."""
-    if hasattr(run.dataset, "root"):
+    if getattr(run.dataset, "root", None) is not None:
         run.dataset.root = os.path.abspath(run.dataset.root)
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
+    for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),
+                           ("cluster", CLUSTER_SCHEMAS)):
         for schema in schemas.values():
             cs.store(group=group, name=f"{schema.__name__.removesuffix('Config').lower()}_schema", node=schema)

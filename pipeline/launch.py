@@ -19,7 +19,7 @@ from pipeline.launcher.status import wait_for_sweep
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
 def main(cfg: DictConfig) -> str:
     try:
         run = prepare_run(cfg)

@@ -4,6 +4,7 @@
     rank 0   -> launcher    POINT_DIR/progress.json  Progress  latest step, samples/s and ETA (status, progress bar)
     rank 0   -> collector   POINT_DIR/result.json    Result    the result record, with a RankResult per rank
     launcher -> status      SWEEP_DIR/manifest.json  Manifest  each point's folder and its Slurm jobs
+    a rank   -> launcher    POINT_DIR/logs/rank{R}.failed.json  Failure  a rank that raised, and when
 
 Each file is a frozen dataclass with `to_json` (a JSON-ready dict) and `from_json` (which checks every field's
 type and names the one it cannot use: `ranks[1].busy_time_median_s: expected a number, got str`). Writers,
@@ -48,6 +49,17 @@ SRUN_LOG_PATTERN = "node%n-rank%t.log"  # srun's spelling of rank_log_path's nam
 
 def rank_log_path(point_dir: Path, node: int, rank: int) -> Path:
     return Path(point_dir) / LOG_DIR / f"node{node}-rank{rank}.log"
+
+
+def failure_path(point_dir: Path, rank: int) -> Path:
+    return Path(point_dir) / LOG_DIR / f"rank{rank}.failed.json"
+
+
+def target_name(node: Any) -> str:
+    """How records name a model, dataset or optimizer: its `_target_`'s last part, lower case
+    (`pipeline.workloads.models.MLP` -> `mlp`). `node` is a config (a dict or a schema's dataclass)."""
+    target = node["_target_"] if isinstance(node, dict) else node._target_
+    return target.rsplit(".", 1)[-1].lower()
 
 
 def utc_now() -> str:
@@ -317,6 +329,26 @@ class FastPath:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoaderInfo:
+    kind: str  # "memory": the split held in memory, batched by indexing | "dataloader": torch's DataLoader
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    prefetch_factor: Optional[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """The trained model on the held-out split: the mean loss, and the metric that suits the task."""
+
+    split: str
+    samples: int
+    loss: float  # the configured loss, averaged over target elements (tokens, for a language model)
+    metric: str  # "accuracy" (a classifier), "perplexity" (a language model: exp(loss)) or "loss"
+    value: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Segment:
     """Rank 0's throughput in a stretch of a run before a restart (after that stretch's own warm-up)."""
 
@@ -426,13 +458,44 @@ class Result(JsonFile):
     mfu: Optional[float]
     comm_measurement: str
     final_train_loss: float
-    test_accuracy: float
+    test_accuracy: Optional[float]  # a classifier's; None for other tasks (see evaluation)
     wall_time_s: float
     oversubscribed: bool
     weights: str
     ranks: list[RankResult]
     provenance: Provenance
     definitions: dict[str, str]
+    # added since schema 1 began, so absent from the first records
+    evaluation: Optional[Evaluation] = None
+    loader: Optional[LoaderInfo] = None
+    tokens_per_sample: Optional[int] = None  # a language model's tokens per sequence (tokens/s = this x samples/s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """Written by a rank the moment it raises, before it tears anything down, so the rank that failed first can
+    be told from the ranks that failed because it did (whose errors, and often exits, come later)."""
+
+    rank: int
+    node_rank: int
+    at_unix: float
+    error: str  # the exception's type and message
+
+    def write(self, point_dir: Path) -> None:
+        path = failure_path(point_dir, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)  # torchrun and plain srun runs have no log folder of ours
+        write_json(path, dataclasses.asdict(self), durable=False)
+
+    @staticmethod
+    def read_all(point_dir: Path) -> list["Failure"]:
+        """The failures of the point's current attempt (each rank clears its own when it starts), earliest first."""
+        found = []
+        for path in (Path(point_dir) / LOG_DIR).glob("rank*.failed.json"):
+            try:
+                found.append(_decoder(Failure)(json.loads(path.read_text())))
+            except (OSError, ValueError):
+                continue
+        return sorted(found, key=lambda f: f.at_unix)
 
 
 @dataclass(frozen=True)

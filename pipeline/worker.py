@@ -1,14 +1,27 @@
-"""The rank's entry:  python -m pipeline.worker POINT_DIR
+"""The rank's entry:
 
-Every rank of a run starts here (local debug mode, `srun`, torchrun, `slurm/ddp.sbatch`); it reads the frozen
-config `launch` wrote to POINT_DIR/point.json, trains, and rank 0 writes POINT_DIR/result.json.
+    python -m pipeline.worker POINT_DIR                          a point that `launch` froze (local debug mode,
+                                                                 srun, slurm/ddp.sbatch)
+    torchrun --nproc-per-node=N -m pipeline.worker [overrides]   no launch: rank 0 composes the config from
+                                                                 Hydra overrides, as `launch` would, and freezes it
+                                                                 into hydra.run.dir; every rank trains it
+
+Rank 0 writes POINT_DIR/result.json.
 """
 
 import sys
+from pathlib import Path
 
-from pipeline.job.run import run_point
+from pipeline.job.run import run_from_overrides, run_point
+from pipeline.rundir import POINT_NAME
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) == 1 and (Path(argv[0]) / POINT_NAME).is_file():
+        run_point(argv[0])
+    else:
+        run_from_overrides(argv)
+
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m pipeline.worker POINT_DIR")
-    run_point(sys.argv[1])
+    main(sys.argv[1:])

@@ -36,3 +36,27 @@ def launch(*args: str, cwd: Path, timeout: float = 300, slurm_conf: str | None =
         env["SLURM_CONF"] = slurm_conf
     return subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+def rank_pid(rank: int) -> int | None:
+    """The pid of a running local-mode rank with this SLURM_PROCID (read from /proc; its DataLoader workers, whose
+    parent is the rank, are not it)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not _is_worker(proc):
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+            parent = Path("/proc") / (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if _is_worker(parent):
+                continue
+        except OSError:
+            continue
+        if f"SLURM_PROCID={rank}".encode() in env and any(e.startswith(b"SLURM_JOB_ID=local-") for e in env):
+            return int(proc.name)
+    return None
+
+
+def _is_worker(proc: Path) -> bool:
+    return b"pipeline.worker" in (proc / "cmdline").read_bytes()

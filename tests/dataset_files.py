@@ -15,7 +15,7 @@ def write_mnist(root: str | os.PathLike, split: str, images: np.ndarray, labels:
     """Write uint8 images (N, 28, 28) and labels (N,) as IDX files in torchvision's layout (tests use this)."""
     folder = Path(root) / "MNIST" / "raw"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, arr in zip(MNIST._files[split], (images, labels)):
+    for name, arr in zip(MNIST.FILES[split], (images, labels)):
         arr = np.ascontiguousarray(arr, dtype=np.uint8)
         header = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">i4").tobytes()
         opener, suffix = (gzip.open, ".gz") if gz else (open, "")
@@ -27,7 +27,7 @@ def write_cifar10(root: str | os.PathLike, split: str, images: np.ndarray, label
     """Write uint8 images (N, 3, 32, 32) and labels as CIFAR-10 python pickles, split over the split's files."""
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
-    names = CIFAR10._files[split]
+    names = CIFAR10.FILES[split]
     for name, x, y in zip(names, np.array_split(images, len(names)), np.array_split(labels, len(names))):
         batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in y],
                  b"data": np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), -1), b"filenames": []}

@@ -29,7 +29,7 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
         run_id=run_id or uuid.uuid4().hex, sweep_id="s", point=0, overrides=[],
         config={"model": {"_target_": f"pipeline.workloads.models.{model.upper()}", "hidden": 128},
                 "dataset": {"_target_": "pipeline.workloads.datasets.Synthetic", "root": "/x"},
-                "trainer": {"optimizer": "sgd"}, "nodes": nodes},
+                "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05}, "nodes": nodes},
         launch_mode="slurm", model=model, dataset="synthetic", nodes=nodes, tasks_per_node=tasks_per_node,
         world_size=world, model_parameters=gradient_bytes // 4, gradient_bytes=gradient_bytes,
         device=DeviceInfo(type="cpu", name="x86_64 CPU"), backend="gloo", precision=precision,

@@ -2,7 +2,6 @@
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.utils import instantiate
 
 from pipeline.config import ConfigError, parse_run_config, to_plain
 from pipeline.launcher.points import prepare_run
@@ -10,30 +9,53 @@ from tests.conftest import CONF
 
 
 CONFIG_FILES = sorted((group.name, f.stem) for group in CONF.iterdir() if group.is_dir() for f in group.glob("*.yaml"))
+TOKEN_MODELS = ("gpt_tiny", "gpt2_small")
+TOKEN_DATA = ("synthetic_tokens", "token_file", "byte_text")
+
+
+def override_for(group: str, option: str) -> list[str]:
+    """The override that selects a file, and a partner a built-in model or dataset needs (the same kind of data)."""
+    if group == "experiment":
+        return [f"+experiment={option}"]
+    partner = {("model", True): ["dataset=synthetic_tokens"], ("dataset", True): ["model=gpt_tiny"]}
+    return [f"{group}={option}", *partner.get((group, option in TOKEN_MODELS + TOKEN_DATA), [])]
 
 
 def test_every_config_file_is_listed():
-    assert {g for g, _ in CONFIG_FILES} == {"model", "dataset", "cluster"} and len(CONFIG_FILES) == 7
+    groups = {g for g, _ in CONFIG_FILES}
+    assert groups == {"model", "dataset", "optimizer", "scheduler", "loss", "cluster", "experiment"}
+    assert len(CONFIG_FILES) == 25
 
 
 @pytest.mark.parametrize("group, option", CONFIG_FILES)
 def test_every_file_in_conf_composes_and_types(compose_cfg, group, option):
-    run = parse_run_config(compose_cfg(f"{group}={option}"))
-    node = getattr(run, group)
-    assert (node.kind if group == "cluster" else node._target_.rsplit(".", 1)[-1].lower()) == option
+    cfg = compose_cfg(*override_for(group, option))
+    run = parse_run_config(cfg)
+    if group != "experiment":  # the file's values are the group's
+        expected = {k: v for k, v in cfg[group].items() if k != "defaults"}
+        assert {k: v for k, v in to_plain(run)[group].items() if k in expected} == expected
     # the frozen plain config parses back to the same typed config (what every rank does)
     assert parse_run_config(to_plain(run)) == run
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("image_shape", ["[1,28,28]", "[3,32,32]"])
-def test_every_model_builds_on_every_shape(compose_cfg, model, image_shape):
-    import torch
+@pytest.mark.parametrize("model, dataset, out", [
+    ("mlp", "dataset.image_shape=[1,28,28]", (2, 10)), ("cnn", "dataset.image_shape=[3,32,32]", (2, 10)),
+    ("resnet18", "dataset.image_shape=[3,32,32]", (2, 10)), ("resnet50", "dataset.image_shape=[3,64,64]", (2, 10)),
+    ("gpt_tiny", "dataset=synthetic_tokens", (2, 64, 256)),
+    ("gpt2_small", "dataset=synthetic_tokens", (2, 1024, 256)),
+])
+def test_every_model_builds_and_runs_on_its_data(compose_cfg, model, dataset, out):
+    """Through the job's own build steps: the model gets what it asks of the dataset (shape, classes, vocabulary)."""
+    from torch.utils.data import default_collate
 
-    run = parse_run_config(compose_cfg(f"model={model}", f"dataset.image_shape={image_shape}"))
-    ds = instantiate(run.dataset, _convert_="all")
-    net = instantiate(run.model, _convert_="all", input_shape=ds.input_shape, num_classes=ds.num_classes)
-    assert net(torch.zeros(2, *ds.input_shape)).shape == (2, 10)
+    from pipeline.job.build import build_datasets, build_loss, build_model
+
+    run = parse_run_config(compose_cfg(f"model={model}", dataset, "dataset.train_size=8", "dataset.test_size=4"))
+    train, test = build_datasets(run, rank=0)
+    net = build_model(run, train, rank=0)
+    x, y = default_collate([train[0], train[1]])
+    output = net(x)
+    assert output.shape == out and build_loss(run, rank=0)(output, y).ndim == 0 and len(test) == 4
 
 
 def test_defaults_are_the_seed_workload(compose_cfg):
@@ -57,10 +79,20 @@ def test_scaling_modes_set_the_batches(compose_cfg):
     (["trainer.scaling=strong", "trainer.global_batch_size=100", "nodes=3"],
      ["trainer.global_batch_size=100", "nodes(3)", "multiple of 3"]),
     (["trainer.scaling=linear"], ["trainer.scaling", "weak, strong"]),
-    (["trainer.optimizer=lamb"], ["trainer.optimizer", "sgd, adam, adamw"]),
+    (["optimizer.lr=0"], ["optimizer.lr=0", "positive"]),
+    (["optimizer=adam", "optimizer.betas=[0.9]"], ["optimizer.betas", "two numbers"]),
+    (["model=gpt_tiny"], ["trains on tokens", "holds images", "SyntheticTokens"]),
+    (["model=gpt_tiny", "dataset=synthetic_tokens", "dataset.seq_len=128"], ["dataset.seq_len=128",
+                                                                            "model.context_length=64"]),
+    (["model=gpt_tiny", "dataset=synthetic_tokens", "model.vocab_size=100"], ["model.vocab_size=100", "256"]),
+    (["model=resnet18", "model.depth=19"], ["model.depth=19", "18, 34, 50, 101"]),
+    (["loader.kind=fast"], ["loader.kind", "auto, memory, dataloader"]),
+    (["loader.persistent_workers=true"], ["loader.persistent_workers", "loader.num_workers > 0"]),
+    (["model._target_=nopkg.models.Net"], ["model._target_=nopkg.models.Net", "'nopkg' is not installed"]),
+    (["optimizer._target_=SGD"], ["optimizer._target_='SGD'", "dotted path"]),
     (["trainer.precision=fp8"], ["trainer.precision", "fp32, bf16"]),
-    (["trainer.lr=-1"], ["trainer.lr"]),
-    (["trainer.lr=fast"], ["trainer.lr", "fast"]),
+    (["optimizer.lr=-1"], ["optimizer.lr"]),
+    (["optimizer.lr=fast"], ["optimizer.lr", "fast"]),
     (["nodes=two"], ["nodes", "two"]),
     (["trainer.epochs=1.5"], ["trainer.epochs"]),
     (["model.dropout=1.5"], ["model.dropout"]),

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+from pipeline.job.data import gather_batch, holds_on_device
 from pipeline.job.flops import flops_per_sample, peak_tflops, utilisation
-from pipeline.job.trainer import gather_batch, holds_on_device
+from pipeline.workloads.losses import CrossEntropy
 from pipeline.workloads.models import MLP
 from tests.conftest import launch
 
@@ -15,7 +16,8 @@ FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=
 
 
 def test_mlp_flops_are_counted_exactly():
-    got = flops_per_sample(MLP((1, 28, 28), 10), (1, 28, 28), 10, torch.device("cpu"), contextlib.nullcontext())
+    x, y = torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    got = flops_per_sample(MLP((1, 28, 28), 10), x, y, CrossEntropy(), contextlib.nullcontext())
     forward = 2 * 784 * 128 + 2 * 128 * 10
     # backward: weight gradients of both layers, and the hidden layer's input gradient (not the image's)
     backward = 2 * 784 * 128 + 2 * (2 * 128 * 10)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import orjson
 
-from pipeline.rundir import RECORD_NAME, Result
+from pipeline.rundir import RECORD_NAME, Result, target_name
 
 PARALLEL_FROM = 1000  # records; below this, starting worker processes costs more than it saves
 
@@ -60,13 +60,19 @@ class Problem:
     reason: str
 
 
+def optimizer_name(cfg: dict) -> str:
+    """The optimizer's name: its `_target_`'s class (sgd, adamw, lars); records written before the optimizer
+    became a `_target_` name it as trainer.optimizer."""
+    return target_name(cfg["optimizer"]) if "optimizer" in cfg else cfg["trainer"]["optimizer"]
+
+
 def group_key(rec: Result) -> GroupKey:
     cfg = rec.config
     dataset_cfg = {k: v for k, v in cfg["dataset"].items() if k != "root"}
     return GroupKey(model=rec.model, model_config=json.dumps(cfg["model"], sort_keys=True), dataset=rec.dataset,
                     dataset_config=json.dumps(dataset_cfg, sort_keys=True), scaling=rec.scaling,
                     batch=rec.global_batch if rec.scaling == "strong" else rec.per_rank_batch,
-                    precision=rec.precision, optimizer=cfg["trainer"]["optimizer"], tasks_per_node=rec.tasks_per_node,
+                    precision=rec.precision, optimizer=optimizer_name(cfg), tasks_per_node=rec.tasks_per_node,
                     device=rec.device.name, git_sha=rec.provenance.git.sha or "unknown",
                     oversubscribed=rec.oversubscribed)
 

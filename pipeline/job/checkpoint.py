@@ -21,10 +21,10 @@ def save(obj, path: Path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int,
                     segments: list[dict]) -> None:
-    save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "segments": segments},
-         path)
+    save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "segments": segments,
+          "scheduler": scheduler.state_dict() if scheduler is not None else None}, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:

@@ -38,6 +38,9 @@ class DistEnv:
     job_id: Optional[str] = None
     nodelist: Optional[str] = None
     restart_count: int = 0
+    # torchrun's agent hosts the rendezvous store on master_addr:master_port and every rank is its client;
+    # otherwise rank 0 hosts it
+    agent_store: bool = False
 
     @classmethod
     def detect(cls) -> "DistEnv":
@@ -59,7 +62,8 @@ class DistEnv:
                    node_rank=_int(environ, "GROUP_RANK", int(environ["RANK"]) // local_world),
                    num_nodes=max(1, world // local_world), master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
                    master_port=_int(environ, "MASTER_PORT", 29500), node_name=socket.gethostname(),
-                   job_id=environ.get("SLURM_JOB_ID"), nodelist=environ.get("SLURM_JOB_NODELIST"))
+                   job_id=environ.get("SLURM_JOB_ID"), nodelist=environ.get("SLURM_JOB_NODELIST"),
+                   agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
     @classmethod
     def _from_slurm(cls, environ: Mapping[str, str]) -> "DistEnv":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 # (device model as CUDA names it, {precision: dense TFLOP/s}); the first whose words all appear, in order and
@@ -45,17 +44,14 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def flops_per_sample(model: torch.nn.Module, input_shape: tuple, num_classes: int, device: torch.device,
-                     autocast) -> float:
-    """Forward + backward FLOPs of one training sample, counted on a batch of 2 (gradients left untouched)."""
-    x = torch.randn(2, *input_shape, device=device)
-    y = torch.zeros(2, dtype=torch.long, device=device)
+def flops_per_sample(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, autocast) -> float:
+    """Forward + backward FLOPs of one training sample, counted on the batch (x, y) (gradients left untouched)."""
     with FlopCounterMode(display=False) as counter:
         with autocast:
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
         grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     del grads
-    return counter.get_total_flops() / 2
+    return counter.get_total_flops() / len(x)
 
 
 def utilisation(flops_sample: float, throughput: float | None, world_size: int, device_name: str,

@@ -72,13 +72,14 @@ def place_threads(env: DistEnv) -> HostShare:
     """Give each process its share of the host's cores, so N x M local processes do not oversubscribe it.
 
     Ranks sharing a host are counted from every rank's hostname, which also covers simulated nodes and several
-    Slurm nodes on one machine. Slurm's --cpus-per-task, when set, is the share the allocation grants.
+    Slurm nodes on one machine. OMP_NUM_THREADS, when set, is the user's choice (torchrun sets it to 1 unless it
+    is set already); else Slurm's --cpus-per-task, when set, is the share the allocation grants.
     """
     hostnames = [None] * env.world_size
     dist.all_gather_object(hostnames, socket.gethostname())
     on_host = hostnames.count(socket.gethostname())
     cores = os.cpu_count() or 1
-    granted = os.environ.get("SLURM_CPUS_PER_TASK")
+    granted = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
     threads = int(granted) if granted else max(1, cores // on_host)
     torch.set_num_threads(threads)
     return HostShare(hostname=socket.gethostname(), processes_on_host=on_host, host_cores=cores, threads=threads,

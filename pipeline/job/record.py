@@ -15,7 +15,8 @@ from pipeline.job.flops import utilisation
 from pipeline.job.placement import HostShare, device_info
 from pipeline.job.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
 from pipeline.job.trainer import Trainer, TrainOutcome
-from pipeline.rundir import WEIGHTS_NAME, Point, Provenance, RankResult, Result, Segment, SlurmInfo, utc_now
+from pipeline.rundir import (WEIGHTS_NAME, Point, Provenance, RankResult, Result, Segment, SlurmInfo, target_name,
+                             utc_now)
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "submitit", "numpy")
 
@@ -46,7 +47,8 @@ def warmup_of(run: RunConfig, outcome: TrainOutcome) -> int:
 def rank_result(env: DistEnv, trainer: Trainer, share: HostShare, run: RunConfig, outcome: TrainOutcome) -> RankResult:
     """This rank's entry in the record: where it ran, its final parameters' digest, its step timings."""
     return RankResult(rank=env.rank, local_rank=env.local_rank, node_rank=env.node_rank, node_name=env.node_name,
-                      device=str(trainer.device), **asdict(share), parameters_sha256=parameters_digest(trainer.raw_model),
+                      device=str(trainer.device), **asdict(share),
+                      parameters_sha256=parameters_digest(trainer.raw_model),
                       **rank_timing(outcome.phases, warmup_of(run, outcome)))
 
 
@@ -62,6 +64,13 @@ def earlier_segments(segments: list[dict], warmup: int, global_batch: int) -> li
     return out
 
 
+def tokens_per_sample(trainer: Trainer) -> int | None:
+    """A language model's tokens per training sequence (its dataset has a vocabulary); None otherwise."""
+    if getattr(trainer.train_set, "vocab_size", None) is None:
+        return None
+    return int(torch.as_tensor(trainer.train_set[0][1]).numel())
+
+
 def provenance(point: Point, env: DistEnv, trainer: Trainer, ranks: list[RankResult], started_at: str) -> Provenance:
     slurm = None
     if env.source == "slurm":  # in local debug mode these are the simulated job's values
@@ -73,12 +82,12 @@ def provenance(point: Point, env: DistEnv, trainer: Trainer, ranks: list[RankRes
 
 def build_record(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, flops: float, backend: str,
                  outcome: TrainOutcome, ranks: list[RankResult], started_at: str, wall: float) -> Result:
-    model, device = trainer.raw_model, device_info(trainer.device)
+    model, device, ev = trainer.raw_model, device_info(trainer.device), outcome.evaluation
     timing = summarize(ranks, run.global_batch)
     return Result(
         run_id=point.run_id, sweep_id=point.sweep_id, point=point.point, overrides=point.overrides,
         config=point.config, launch_mode=point.launch_mode,
-        model=run.model._target_.rsplit(".", 1)[-1].lower(), dataset=run.dataset._target_.rsplit(".", 1)[-1].lower(),
+        model=target_name(run.model), dataset=target_name(run.dataset),
         nodes=env.num_nodes, tasks_per_node=env.local_world_size, world_size=env.world_size,
         model_parameters=sum(p.numel() for p in model.parameters()),
         # what DDP all-reduces every step: one gradient per parameter, in the parameter's dtype
@@ -91,6 +100,7 @@ def build_record(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, f
         **timing,
         **utilisation(flops, timing["throughput_samples_per_s"], env.world_size, device.name, trainer.precision),
         comm_measurement=COMM_MEASUREMENT, final_train_loss=outcome.final_train_loss,
-        test_accuracy=outcome.test_accuracy, wall_time_s=wall, oversubscribed=any(r.oversubscribed for r in ranks),
-        weights=WEIGHTS_NAME, ranks=ranks, provenance=provenance(point, env, trainer, ranks, started_at),
-        definitions=DEFINITIONS)
+        test_accuracy=ev.value if ev is not None and ev.metric == "accuracy" else None, evaluation=ev,
+        loader=trainer.loader_info, tokens_per_sample=tokens_per_sample(trainer), wall_time_s=wall,
+        oversubscribed=any(r.oversubscribed for r in ranks), weights=WEIGHTS_NAME, ranks=ranks,
+        provenance=provenance(point, env, trainer, ranks, started_at), definitions=DEFINITIONS)

@@ -175,5 +175,13 @@ DEFINITIONS = {
            "fp32 runs are compared with the plain-FP32 peak, though convolutions run as TF32 where device.tf32.cudnn "
            "is true (torch's default), so a convolutional fp32 run's MFU reads high",
     "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
-    "test_accuracy": "share of the test split classified correctly after training (test split sharded over ranks)",
+    "test_accuracy": "a classifier's share of the test split classified correctly after training (the split "
+                     "sharded over ranks); null for other tasks",
+    "evaluation": "the trained model on the held-out split (its first trainer.eval_samples samples, if set): loss = "
+                  "the configured loss averaged over target elements; metric = accuracy for a classifier, perplexity "
+                  "= exp(loss) for a language model (loss in nats per token), else the loss",
+    "tokens_per_sample": "a language model's tokens per training sequence; tokens/s = tokens_per_sample x "
+                         "throughput_samples_per_s",
+    "loader": "where batches came from: memory (the split held in memory, indexed) or dataloader (torch's "
+              "DataLoader, with these settings); a data-bound run shows as a large data phase",
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.launcher.logs import tail
-from pipeline.rundir import LOG_DIR, Progress, rank_log_path
+from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> No
         for t in echoes:
             t.join(timeout=GRACE_S)
     if failed:
-        raise RunFailed(_failure_message(failed))
+        raise RunFailed(_failure_message(first_failure(failed, ranks, point_dir)))
 
 
 def _progress_bar(point_dir: Path, position: str, done: threading.Event, width: int = 30) -> None:
@@ -138,6 +138,16 @@ def _wait_all(ranks: list[Rank]) -> Rank | None:
         if r.proc.returncode != 0:
             return r
     return None
+
+
+def first_failure(first_exit: Rank, ranks: list[Rank], point_dir: Path) -> Rank:
+    """The rank that failed first. A rank that raised wrote a failure record at once; the others, failing because
+    of it, write theirs later, but may exit sooner. A first exit without a record was a rank killed before it
+    could raise (a signal, the OOM killer), or one that stopped on purpose (a preemption's checkpoint)."""
+    failures = Failure.read_all(point_dir)
+    if not failures or first_exit.rank not in {f.rank for f in failures}:
+        return first_exit
+    return next(r for r in ranks if r.rank == failures[0].rank)
 
 
 def _stop(ranks: list[Rank]) -> None:

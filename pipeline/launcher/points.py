@@ -15,13 +15,15 @@ import uuid
 from pathlib import Path
 from typing import NoReturn
 
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.core.utils import setup_globals
+from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, RunConfig, abspath_dataset_root, parse_run_config, to_plain
+from pipeline.config import ConfigError, RunConfig, abspath_dataset_root, parse_run_config, register_configs, to_plain
 from pipeline.launcher.local import run_local
 from pipeline.launcher.manifest import record_point
 from pipeline.launcher.slurm import check_slurm_values, preflight, render_sbatch, submit
@@ -31,15 +33,17 @@ log = logging.getLogger("pipeline.launch")
 
 
 def prepare_run(cfg: DictConfig) -> RunConfig:
-    """Type and check one point's config, datasets' files included. Raises ConfigError naming the key."""
+    """Type and check one point's config, the built-in datasets' files included (a user's `_target_`s have had
+    their modules found, without being imported). Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     abspath_dataset_root(run)
-    try:
-        instantiate(run.dataset, _convert_="all")  # constructing a dataset checks that its files exist
-    except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise
+    if not isinstance(run.dataset, dict):  # a built-in dataset: constructing it checks its files, importing no torch
+        try:
+            instantiate(run.dataset, _convert_="all", split="train")
+        except InstantiationException as e:
+            if isinstance(e.__cause__, ConfigError):
+                raise e.__cause__ from None
+            raise
     if run.cluster.kind == "slurm":
         check_slurm_values(run)
     return run
@@ -73,21 +77,48 @@ def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
     return GitInfo(sha=sha, dirty=bool(status) if status is not None else None)
 
 
+def freeze_point(run: RunConfig, point_dir: Path, sweep_id: str, index: int, overrides: list[str],
+                 launch_mode: str) -> Point:
+    """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads."""
+    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_id, point=index, overrides=overrides,
+                  launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
+                  git=git_info(), config=to_plain(run))
+    point.write(point_dir)
+    return point
+
+
 def start_point(run: RunConfig, position: str) -> Path:
-    """Freeze the point into the folder Hydra made for it (POINT_DIR/point.json), then run it here or submit
-    it. `position` ("point 2 of 3") is for the progress bar. Returns the point's folder."""
+    """Freeze the point into the folder Hydra made for it, then run it here or submit it. `position` ("point 2
+    of 3") is for the progress bar. Returns the point's folder."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     point_dir = Path(hc.runtime.output_dir)
     sweep_dir = Path(hc.sweep.dir) if multirun else point_dir
-    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_dir.name, point=int(hc.job.num) if multirun else 0,
-                  overrides=list(hc.overrides.task), launch_mode=run.cluster.kind, launched_at=utc_now(),
-                  launch_host=platform.node(), launch_argv=sys.argv, git=git_info(), config=to_plain(run))
-    point.write(point_dir)
+    point = freeze_point(run, point_dir, sweep_dir.name, int(hc.job.num) if multirun else 0, list(hc.overrides.task),
+                         launch_mode=run.cluster.kind)
     if run.cluster.kind == "slurm":
         submit_point(run, point, point_dir, sweep_dir)
     else:
         run_point_here(run, point, point_dir, position)
+    return point_dir
+
+
+def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
+    """Compose the config from Hydra overrides (Hydra's compose API: no Hydra run, so no folder or log of its
+    own), type and check it, and freeze it into the folder `hydra.run.dir` names. What rank 0 does when the
+    worker is started without a launch (torchrun). Returns the point's folder; raises ConfigError."""
+    register_configs()
+    setup_globals()  # Hydra's resolvers, e.g. ${now:...} in hydra.run.dir
+    try:
+        with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except HydraException as e:  # an unknown key or group option, a wrong type: Hydra names it
+        raise ConfigError(str(e)) from None
+    HydraConfig.instance().set_config(cfg)
+    run = prepare_run(cfg)
+    point_dir = Path(cfg.hydra.run.dir).absolute()
+    point_dir.mkdir(parents=True, exist_ok=True)
+    freeze_point(run, point_dir, point_dir.name, 0, overrides, launch_mode=launch_mode)
     return point_dir
 
 

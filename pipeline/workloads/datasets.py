@@ -1,14 +1,26 @@
-"""Datasets as in-memory arrays: a synthetic one that needs no download, and MNIST / CIFAR-10 read from their
-on-disk formats in torchvision's directory layout, so datasets users already staged for torchvision work as is.
+"""The built-in datasets: images with class labels (a synthetic set that needs no download; MNIST and CIFAR-10
+read from their on-disk formats in torchvision's layout, so data users already staged for torchvision works as
+is) and token sequences for language models (a synthetic bigram language; nanoGPT's uint16 token files; the
+bytes of Python source files already on every machine).
 
-Constructing a dataset only checks that its files exist (cheap and torch-free, so `launch` can check before
-submitting); `load(split)` reads it. Arrays are returned normalised: float32 images (N, C, H, W), int64 labels.
+Every dataset is built once per split (`split="train"` or `"test"`) and is a map-style dataset: `len()` and
+`dataset[i] -> (input, target)`, which is all torch's DataLoader needs, and all a user's own dataset must offer.
+The built-in ones also offer what the pipeline uses when present:
+- `arrays()`: the whole split as numpy arrays, for the in-memory fast path (loader.kind=auto|memory); they may
+  hold fewer rows than len(dataset), sample i then being row i % rows (a pool cycled, for throughput studies);
+- `input_shape` and `num_classes` (images), `vocab_size` and `seq_len` (tokens), which a model's constructor
+  receives when it asks for them;
+- `validate()`: checks that read the data, run once when the job starts.
+Constructing one only checks that its files exist (cheap and torch-free, so `launch` can check before
+submitting). Images are float32 (C, H, W) normalised, labels int64; token inputs and targets are int64 (seq_len,),
+the targets the inputs shifted by one.
 """
 
 from __future__ import annotations
 
 import gzip
 import pickle
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -18,42 +30,79 @@ from pipeline.config import ConfigError
 SPLITS = ("train", "test")
 
 
-def _missing_error(name: str, root: str, missing: list[str]) -> ConfigError:
+def _check_split(split: str) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    return SPLITS.index(split)
+
+
+def _missing_error(name: str, root: str, missing: list[str], layout: str = "torchvision's layout") -> ConfigError:
     listed = "\n  ".join(missing)
     return ConfigError(
-        f"dataset.root={root!r}: {name} files not found. Expected (torchvision's layout):\n  {listed}\n"
+        f"dataset.root={root!r}: {name} files not found. Expected ({layout}):\n  {listed}\n"
         f"Stage the dataset there or set dataset.root to the folder that holds it."
     )
 
 
-class Synthetic:
+class InMemory:
+    """A split held as two numpy arrays, made on first use and kept: inputs (N, ...) and targets (N, ...); sample
+    i is row i % N."""
+
+    _arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self._load()
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays()[1])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.arrays()
+        return x[i % len(x)], y[i % len(y)]
+
+
+# ------------------------------------------------------------------------------------------------ images
+class Synthetic(InMemory):
     """Each class is a smooth random prototype image; a sample is its prototype plus unit Gaussian pixel noise.
 
     Prototypes are drawn on a grid 4x coarser than the image and upsampled, so convolutions can learn them as
     well as dense layers. `separation` is the expected Euclidean distance between two class prototypes in units
     of the noise: 6 gives the seed MLP about 95% test accuracy after one epoch of 8,192 samples. Deterministic
-    from `seed`; the test split draws fresh samples around the same prototypes.
+    from `seed`; the test split draws fresh samples around the same prototypes. For throughput studies at
+    ImageNet size ([3,224,224], 1000 classes: 602 KB a sample), `distinct` > 0 generates only that many samples
+    and cycles through them, so a split of any size fits in memory.
     """
 
-    def __init__(self, image_shape, num_classes: int, train_size: int, test_size: int, separation: float, seed: int):
+    def __init__(self, image_shape, num_classes: int, train_size: int, test_size: int, separation: float, seed: int,
+                 distinct: int = 0, split: str = "train"):
         self.input_shape = tuple(int(d) for d in image_shape)
         self.num_classes = num_classes
-        self.sizes = {"train": train_size, "test": test_size}
-        self.separation = separation
-        self.seed = seed
+        self.size = (train_size, test_size)[_check_split(split)]
+        self.rows = min(self.size, distinct) if distinct else self.size
+        self.split, self.separation, self.seed = split, separation, seed
 
-    def _prototypes(self) -> np.ndarray:
+    def __len__(self) -> int:
+        return self.size
+
+    def coarse_prototypes(self) -> np.ndarray:
+        """(classes, C, H/4, W/4): each pixel ~ N(0, sep^2 / 2d), so two prototypes differ by `separation` in
+        expectation over the image's d pixels once upsampled."""
         c, h, w = self.input_shape
         coarse = np.random.default_rng(self.seed).standard_normal((self.num_classes, c, -(-h // 4), -(-w // 4)))
-        smooth = coarse.repeat(4, axis=2).repeat(4, axis=3)[:, :, :h, :w]
-        # each pixel ~ N(0, sep^2 / 2d): two prototypes differ by sep in expectation over d pixels
-        return (smooth * self.separation / np.sqrt(2 * c * h * w)).astype(np.float32)
+        return (coarse * self.separation / np.sqrt(2 * c * h * w)).astype(np.float32)
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, SPLITS.index(split) + 1])
-        n = self.sizes[split]
-        y = rng.integers(0, self.num_classes, size=n, dtype=np.int64)
-        x = self._prototypes()[y] + rng.standard_normal((n, *self.input_shape), dtype=np.float32)
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        c, h, w = self.input_shape
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split) + 1])
+        y = rng.integers(0, self.num_classes, size=self.rows, dtype=np.int64)
+        x = rng.standard_normal((self.rows, c, h, w), dtype=np.float32)
+        # upsampled per sample, never for all classes at once (1000 ImageNet-sized prototypes would take 600 MB)
+        x += self.coarse_prototypes()[y].repeat(4, axis=2).repeat(4, axis=3)[:, :, :h, :w]
         return x, y
 
 
@@ -69,17 +118,18 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-class MNIST:
+class MNIST(InMemory):
     input_shape = (1, 28, 28)
     num_classes = 10
-    _files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
     # torchvision's normalisation constants for MNIST
     mean, std = 0.1307, 0.3081
 
-    def __init__(self, root: str):
-        self.folder = Path(root) / "MNIST" / "raw"
-        missing = [str(self.folder / n) for names in self._files.values() for n in names if not self._find(n)]
+    def __init__(self, root: str, split: str = "train"):
+        _check_split(split)
+        self.folder, self.split = Path(root) / "MNIST" / "raw", split
+        missing = [str(self.folder / n) for names in self.FILES.values() for n in names if not self._find(n)]
         if missing:
             raise _missing_error("MNIST", root, missing)
 
@@ -89,32 +139,142 @@ class MNIST:
                 return candidate
         return None
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = (_read_idx(self._find(n)) for n in self._files[split])
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = (_read_idx(self._find(n)) for n in self.FILES[self.split])
         x = (images.astype(np.float32)[:, None] / 255.0 - self.mean) / self.std
         return x, labels.astype(np.int64)
 
 
-class CIFAR10:
+class CIFAR10(InMemory):
     input_shape = (3, 32, 32)
     num_classes = 10
-    _files = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+    FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
     mean = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
 
-    def __init__(self, root: str):
-        self.folder = Path(root) / "cifar-10-batches-py"
-        missing = [str(self.folder / n) for names in self._files.values() for n in names
+    def __init__(self, root: str, split: str = "train"):
+        _check_split(split)
+        self.folder, self.split = Path(root) / "cifar-10-batches-py", split
+        missing = [str(self.folder / n) for names in self.FILES.values() for n in names
                    if not (self.folder / n).is_file()]
         if missing:
             raise _missing_error("CIFAR-10", root, missing)
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
-        for name in self._files[split]:
+        for name in self.FILES[self.split]:
             with open(self.folder / name, "rb") as f:
                 batch = pickle.load(f, encoding="bytes")  # the python-version pickles, as torchvision reads them
             xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
         x = (np.concatenate(xs).astype(np.float32) / 255.0 - self.mean) / self.std
         return x, np.concatenate(ys)
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+def windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive windows of seq_len + 1 tokens: (inputs, targets) = (window[:-1], window[1:]), int64."""
+    n = (len(tokens) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"{len(tokens)} tokens make no window of dataset.seq_len + 1 = {seq_len + 1}")
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
+    w = tokens[idx].astype(np.int64)
+    return w[:, :-1], w[:, 1:]
+
+
+class SyntheticTokens(InMemory):
+    """A random sparse bigram language: token t is followed by one of `branching` successors drawn for it from
+    `seed`, each equally likely. A model that learns the table reaches a loss of ln(branching) nats per token (a
+    little less where a token's successors repeat); a model that has learned nothing is at ln(vocab_size)."""
+
+    def __init__(self, vocab_size: int, seq_len: int, train_size: int, test_size: int, branching: int, seed: int,
+                 split: str = "train"):
+        self.vocab_size, self.seq_len, self.branching, self.seed = vocab_size, seq_len, branching, seed
+        self.split = split
+        self.size = (train_size, test_size)[_check_split(split)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        successors = np.random.default_rng(self.seed).integers(0, self.vocab_size, (self.vocab_size, self.branching))
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split) + 1])
+        seq = np.empty((self.size, self.seq_len + 1), dtype=np.int64)
+        seq[:, 0] = rng.integers(0, self.vocab_size, self.size)
+        choice = rng.integers(0, self.branching, (self.size, self.seq_len))
+        for t in range(self.seq_len):
+            seq[:, t + 1] = successors[seq[:, t], choice[:, t]]
+        return seq[:, :-1], seq[:, 1:]
+
+
+class TokenFile:
+    """nanoGPT's prepared data: ROOT/train.bin and ROOT/val.bin (the test split), flat uint16 token arrays read
+    through np.memmap, cut into consecutive windows of seq_len + 1 tokens. Not held in memory: it trains through
+    the DataLoader."""
+
+    NAMES = {"train": "train.bin", "test": "val.bin"}
+
+    def __init__(self, root: str, vocab_size: int, seq_len: int, split: str = "train"):
+        _check_split(split)
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+        self.path = Path(root) / self.NAMES[split]
+        missing = [str(Path(root) / n) for n in self.NAMES.values() if not (Path(root) / n).is_file()]
+        if missing:
+            raise _missing_error("token", root, missing, layout="nanoGPT's prepare.py output, uint16")
+        size = self.path.stat().st_size
+        if size % 2 or size // 2 < seq_len + 1:
+            raise ConfigError(f"dataset.root={root!r}: {self.path} holds {size} bytes, not a uint16 token file of at "
+                              f"least dataset.seq_len + 1 = {seq_len + 1} tokens")
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:  # opened on first use, in the process that uses it (DataLoader workers too)
+            self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+        return self._tokens
+
+    def __len__(self) -> int:
+        return (self.path.stat().st_size // 2 - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        w = self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1].astype(np.int64)
+        return w[:-1], w[1:]
+
+    def validate(self, chunk: int = 1 << 26) -> None:
+        """Every token below vocab_size: read once, in chunks (about a second per GB), since an embedding indexed
+        past its end fails far from the cause (on CUDA, as a device-side assert)."""
+        top = max(int(self.tokens[i:i + chunk].max()) for i in range(0, len(self.tokens), chunk))
+        if top >= self.vocab_size:
+            raise ValueError(f"{self.path} holds token {top}, outside dataset.vocab_size={self.vocab_size} (tokens "
+                             f"0..{self.vocab_size - 1}); set dataset.vocab_size to the tokenizer's vocabulary")
+
+
+class ByteText(InMemory):
+    """Byte-level text (vocabulary 256): the `*.py` files under `root`, in sorted path order, concatenated up to
+    `max_bytes`; the last `test_share` of those bytes is the test split. With `root` null it reads this Python's
+    standard library (its own packages, not site-packages), which is on every machine: no download."""
+
+    vocab_size = 256
+
+    def __init__(self, root: str | None, seq_len: int, max_bytes: int, test_share: float, split: str = "train"):
+        _check_split(split)
+        self.root = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+        if not self.root.is_dir():
+            raise ConfigError(f"dataset.root={root!r} is not a folder; give a folder of *.py files, or null for "
+                              "this Python's standard library")
+        self.seq_len, self.max_bytes, self.test_share, self.split = seq_len, max_bytes, test_share, split
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.root.rglob("*.py")
+                      if not {"site-packages", "dist-packages"} & set(p.relative_to(self.root).parts))
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        chunks, size = [], 0
+        for path in self.files():
+            if size >= self.max_bytes:
+                break
+            chunks.append(path.read_bytes()[:self.max_bytes - size])
+            size += len(chunks[-1])
+        data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        cut = int(len(data) * (1 - self.test_share))
+        return windows(data[:cut] if self.split == "train" else data[cut:], self.seq_len)
