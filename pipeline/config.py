@@ -11,10 +11,13 @@ or on PYTHONPATH) is kept as given, its module looked up at launch without being
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import math
 import os
 import sys
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, List, Optional, Union
 
@@ -301,6 +304,7 @@ class SlurmClusterConfig(LocalClusterConfig):
     exclusive: bool = False
     setup: List[str] = field(default_factory=list)  # raw shell lines run before the job's tasks start
     sbatch_extra: Dict[str, Any] = field(default_factory=dict)  # further #SBATCH --key=value pairs
+    array_parallelism: Optional[int] = None  # at most this many tasks of a sweep's job array run at once
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -530,41 +534,97 @@ def check_target(key: str, target: Any) -> None:
 
 
 def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool) -> Any:
-    """One group's node: merged onto the schema its discriminator names (the dataclass instance), or, for a
-    `_target_` of the user's own (`open_targets`), the node as given once its module is found."""
-    value = node.get(key) if isinstance(node, (dict, DictConfig)) else None
+    """One group's node: built as the schema its discriminator names, or, for a `_target_` of the user's own
+    (`open_targets`), the node as given once its module is found."""
+    value = node.get(key) if isinstance(node, dict) else None
     if value in schemas:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[value]), node))
+        return build_typed(schemas[value], node, f"{group}.")
     if not open_targets:
         raise ConfigError(f"{group}.{key}={value!r} is not allowed; choose one of: {', '.join(schemas)}")
-    if not isinstance(node, (dict, DictConfig)):
+    if not isinstance(node, dict):
         raise ConfigError(f"{group}={node!r} is not allowed; give a config with a `_target_` (a class to build)")
     check_target(f"{group}.{key}", value)
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return node
+
+
+@functools.cache
+def _fields_of(cls: type) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+
+def build_typed(cls: type, data: Any, prefix: str = "") -> Any:
+    """The dataclass `cls` from plain data: every key one of its fields (else the key is named, with the allowed
+    ones), every value of its field's type, absent keys their defaults; the class's __post_init__ then checks
+    the values. Hydra has already typed what it composed; this is the one step from plain data (a composed
+    config's container, or point.json) to the typed config, and it is fast: a 1,000-point sweep takes it 1,000
+    times."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'}={data!r} is not allowed; expected a mapping")
+    known = _fields_of(cls)
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]} is not a key of {prefix.rstrip('.') or 'the config'}; the keys "
+                          f"are: {', '.join(known)}")
+    return cls(**{k: _typed_value(known[k], v, f"{prefix}{k}") for k, v in data.items()})
+
+
+def _typed_value(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build_typed(tp, value, f"{key}.")
+    if origin is list and isinstance(value, list):
+        return [_typed_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {k: _typed_value(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and type(value) in (int, float):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    raise ConfigError(f"{key}={value!r} is not allowed; it must be {expected}")
 
 
 def parse_run_config(cfg: Union[DictConfig, dict]) -> RunConfig:
-    """Resolve, type and validate a composed config. Raises ConfigError naming the key on bad input."""
+    """Resolve, type and validate a composed config (or its plain form, as point.json holds it). Raises
+    ConfigError naming the key on bad input."""
+    if isinstance(cfg, DictConfig):
+        cfg = plain_config(cfg)
+    groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
+              for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
+    groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
+    rest = {k: v for k, v in cfg.items() if k not in groups}
+    known = _fields_of(RunConfig)
+    unknown = [k for k in rest if k not in known]
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a key of the config; the keys are: {', '.join(known)}")
+    return RunConfig(**{k: _typed_value(known[k], v, k) for k, v in rest.items()}, **groups)
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """A composed config as plain data, interpolations resolved (an unresolvable one names its key); Hydra's
+    own node stays behind."""
     try:
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node stays behind
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
-                  for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
-        groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
-        rest = OmegaConf.merge(OmegaConf.structured(RunConfig), {k: v for k, v in cfg.items() if k not in groups})
-        values = {f.name: rest[f.name] for f in fields(RunConfig) if f.name not in groups}
-        return RunConfig(**{k: OmegaConf.to_object(v) if isinstance(v, DictConfig) else v for k, v in values.items()},
-                         **groups)
-    except ConfigError:
-        raise
-    except Exception as e:  # OmegaConf's errors name the full key and the type it wanted
+        plain = {}
+        for key in cfg:
+            if key != "hydra":
+                value = cfg[key]
+                plain[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        return plain
+    except Exception as e:
         raise ConfigError(str(e).strip()) from None
 
 
 def to_plain(run: RunConfig) -> dict:
     """The resolved config as plain data (what ranks read and what a record shows)."""
-    return OmegaConf.to_container(OmegaConf.structured(run), resolve=True)
+    return dataclasses.asdict(run)
 
 
 def abspath_dataset_root(run: RunConfig) -> None:

@@ -3,8 +3,8 @@
 Hydra composes the config. A single point is typed and checked, frozen into its folder (point.json: the resolved
 config and its provenance) and then run in local debug mode (simulated nodes on this machine) or submitted to
 Slurm as its own job (cluster=slurm), after which the launch returns (or waits, with wait=true). With -m, the
-sweep launcher (pipeline/launcher/sweep.py) checks every point before starting any, with the same steps.
-Imports no torch: it runs on login nodes.
+sweep (pipeline/launcher/sweep.py) checks every point before starting any, with the same steps, and submits the
+points whose allocations are identical as one job array. Imports no torch: it runs on login nodes.
 """
 
 from __future__ import annotations
@@ -13,25 +13,24 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, register_configs
-from pipeline.launcher.points import check_allocation, exit_on_config_error, prepare_run, start_point
+from pipeline.launcher.points import check_allocations, exit_on_config_error, plan_from_hydra, prepare_run, start
 from pipeline.launcher.status import wait_for_sweep
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
-def main(cfg: DictConfig) -> str:
+def main(cfg: DictConfig) -> None:
     try:
-        run = prepare_run(cfg)
-        problem = check_allocation(run)
+        point, folder = plan_from_hydra(prepare_run(cfg))
+        problem = check_allocations([point], folder).get(point.index)
         if problem:
             raise ConfigError(f"Slurm would reject this job: {problem}")
     except ConfigError as e:
         exit_on_config_error(e)
-    point_dir = start_point(run, position="point 1 of 1")
-    if run.cluster.kind == "slurm" and run.wait and not run.dry_run:
-        wait_for_sweep(point_dir)  # a single point's folder is its own sweep folder, with the manifest
-    return str(point_dir)
+    start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
+    if point.run.cluster.kind == "slurm" and point.run.wait and not point.run.dry_run:
+        wait_for_sweep(folder)
 
 
 if __name__ == "__main__":

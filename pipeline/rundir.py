@@ -38,6 +38,7 @@ RECORD_NAME = "result.json"
 MANIFEST_NAME = "manifest.json"  # in the sweep folder
 WEIGHTS_NAME = "model.pt"  # the trained model's state_dict (rank 0)
 CHECKPOINT_NAME = "checkpoint.pt"  # on preemption / time limit, and every trainer.checkpoint_every steps
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"  # the one before, kept until the next is whole
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
 SUBMITIT_DIR = "submitit"  # cluster=slurm: submitit's script, pickles and the batch step's log
@@ -68,10 +69,12 @@ def utc_now() -> str:
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def write_atomic(path: Path, write: Callable[[typing.BinaryIO], None], durable: bool = True) -> None:
+def write_atomic(path: Path, write: Callable[[typing.BinaryIO], None], durable: bool = True,
+                 previous: Path | None = None) -> None:
     """Call `write` on a temporary file beside `path`, then rename it into place: readers and the next run never
     see half a file. `durable` also fsyncs the file before the rename and the folder after it, so a crash cannot
-    leave an empty or missing file either (progress updates skip that cost)."""
+    leave an empty or missing file either (progress updates skip that cost). With `previous`, the file being
+    replaced is kept there, once the new one is whole."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -80,6 +83,8 @@ def write_atomic(path: Path, write: Callable[[typing.BinaryIO], None], durable: 
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -500,8 +505,15 @@ class Failure:
 
 @dataclass(frozen=True)
 class Submission:
-    job_id: str
+    job_id: str  # what squeue and sacct call it: "123", or "123_4" for task 4 of job array 123
     submitted_at: str
+    array_job_id: Optional[str] = None
+    array_task_id: Optional[int] = None
+
+    @classmethod
+    def of(cls, job_id: str, submitted_at: str) -> "Submission":
+        array, _, task = job_id.partition("_")
+        return cls(job_id, submitted_at, array if task else None, int(task) if task else None)
 
 
 @dataclass(frozen=True)

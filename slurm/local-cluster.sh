@@ -12,9 +12,12 @@
 # Then, in a shell that uses the cluster:   source "$PIPELINE_SLURM_DIR/env.sh"   (sets SLURM_CONF)
 #
 # Everything it writes (config, munge key, state, logs, database) lives under PIPELINE_SLURM_DIR
-# (default /tmp/pipeline-slurm); outside it are only munged's socket in /run/munge (Slurm's clients look there)
-# and an /etc/hosts line naming the nodes, because the worker's rendezvous uses the first node's name as
-# MASTER_ADDR. N nodes are N slurmd on 127.0.0.1, one port each, or (--netns) N slurmd in network namespaces
+# (default /tmp/pipeline-slurm), a folder of its own: `up` refuses /, a home, a system folder, or a non-empty
+# folder it did not make (it marks its own with .pipeline-local-cluster). Outside it are only munged's socket in
+# /run/munge (Slurm's clients look there) and an /etc/hosts line naming the nodes, because the worker's
+# rendezvous uses the first node's name as MASTER_ADDR; /etc/hosts is replaced by a rename where it can be (not
+# where it is a bind mount, as in some containers). `down` stops a daemon only if its pid is that daemon and it
+# runs from this folder. The database password is made anew for every cluster. N nodes are N slurmd on 127.0.0.1, one port each, or (--netns) N slurmd in network namespaces
 # of their own; the controller, the database and the users' commands stay in this namespace either way.
 # `up` on a running cluster of the same shape does nothing; of another shape, it restarts it.
 set -euo pipefail
@@ -30,6 +33,7 @@ DB_PORT=${PIPELINE_SLURM_DB_PORT:-33166}
 SUBNET=${PIPELINE_SLURM_SUBNET:-10.231.0}  # --netns: addresses inside this script's own namespaces only
 BRIDGE=${PIPELINE_SLURM_BRIDGE:-plslurm0}  # --netns: the bridge; namespaces are $BRIDGE-<node>
 HOSTS_TAG="# pipeline local-cluster $LAB"
+MARK=.pipeline-local-cluster  # in the folder: it is this script's to remove and rewrite
 export SLURM_CONF=$LAB/etc/slurm.conf
 
 log() { printf '[local-cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -52,6 +56,25 @@ install_packages() {
   log "installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+refuse_lab() { echo "local-cluster: refusing PIPELINE_SLURM_DIR=$LAB: $*" >&2; exit 2; }
+
+check_lab() {  # the folder `up` empties and fills must be this script's own
+  local real home
+  real=$(realpath -m -- "$LAB")
+  case $real in
+    /|/bin|/boot|/dev|/etc|/home|/lib|/lib64|/media|/mnt|/opt|/proc|/root|/run|/sbin|/srv|/sys|/tmp|/usr|/var|/usr/*|/etc/*|/boot/*|/proc/*|/sys/*|/dev/*)
+      refuse_lab "a system folder ($real)" ;;
+  esac
+  while IFS= read -r home; do
+    [ -n "$home" ] && [ "$real" = "$(realpath -m -- "$home")" ] && refuse_lab "a home folder ($real)"
+  done < <(getent passwd | cut -d: -f6; echo "${HOME:-}")
+  if [ -d "$real" ] && [ -n "$(ls -A -- "$real")" ] && [ ! -e "$real/$MARK" ]; then
+    refuse_lab "$real holds files this script did not make (no $MARK): choose an empty or new folder"
+  fi
+  [ -L "$LAB" ] && refuse_lab "a symbolic link"
+  return 0
 }
 
 node_addr() { if [ "$NETNS" = 1 ]; then echo "$SUBNET.$((10 + $1))"; else echo 127.0.0.1; fi; }
@@ -114,20 +137,31 @@ StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StoragePort=$DB_PORT
 StorageUser=slurm
-StoragePass=slurmpw
+StoragePass=$DB_PASS
 StorageLoc=slurm_acct_db
 EOF
-  chmod 600 "$LAB/etc/slurmdbd.conf"
+  chmod 600 "$LAB/etc/slurmdbd.conf"  # it holds the database password
   echo "export SLURM_CONF=$LAB/etc/slurm.conf" > "$LAB/env.sh"
   echo "$n${NETNS:+ netns}" > "$LAB/nodes"
+}
+
+replace_hosts() {  # replace_hosts <content>: a rename, so no reader sees half a file; in place where /etc/hosts is a
+  local tmp         # bind mount (containers), which cannot be renamed over
+  tmp=$(mktemp /etc/.hosts.pipeline.XXXXXX)
+  printf '%s' "$1" > "$tmp"
+  chmod --reference=/etc/hosts "$tmp" 2>/dev/null || chmod 644 "$tmp"
+  if ! mv -f -- "$tmp" /etc/hosts 2>/dev/null; then
+    rm -f -- "$tmp"
+    log "/etc/hosts cannot be renamed over (a bind mount?): rewriting it in place"
+    printf '%s' "$1" > /etc/hosts
+  fi
 }
 
 set_hosts() {  # the nodes' names must resolve: the worker uses the first one as MASTER_ADDR
   local n=$1 lines="" i rest
   for ((i = 1; i <= n; i++)); do lines+="$(node_addr "$i") $PREFIX$i"$'\n'; done
   rest=$(grep -vF -- "$HOSTS_TAG" /etc/hosts || true)
-  # in place: /etc/hosts may be a mount
-  printf '%s\n%s' "$rest" "$(printf '%s' "$lines" | sed "s|\$| $HOSTS_TAG|")"$'\n' > /etc/hosts
+  replace_hosts "$(printf '%s\n%s' "$rest" "$(printf '%s' "$lines" | sed "s|\$| $HOSTS_TAG|")")"$'\n'
   # what the nodes' namespaces see as /etc/hosts (bind-mounted there): localhost, the controller, the nodes
   printf '127.0.0.1 localhost\n%s.1 %s\n%s' "$SUBNET" "$(hostname -s)" "$lines" > "$LAB/etc/hosts"
 }
@@ -136,7 +170,7 @@ unset_hosts() {
   local rest
   grep -qF -- "$HOSTS_TAG" /etc/hosts 2>/dev/null || return 0
   rest=$(grep -vF -- "$HOSTS_TAG" /etc/hosts || true)
-  printf '%s\n' "$rest" > /etc/hosts
+  replace_hosts "$rest"$'\n'
 }
 
 start_munge() {
@@ -153,16 +187,16 @@ start_munge() {
   wait_for 10 sh -c 'munge -n | unmunge'
 }
 
-start_database() {
-  mkdir -p "$LAB/mysql"; chown mysql:mysql "$LAB/mysql"; chmod 1777 "$LAB/run"
+start_database() {  # its socket and pid file in a folder of the mysql user's own, not a world-writable one
+  mkdir -p "$LAB/mysql" "$LAB/mysql-run"; chown mysql:mysql "$LAB/mysql" "$LAB/mysql-run"; chmod 700 "$LAB/mysql-run"
   mariadb-install-db --user=mysql --datadir="$LAB/mysql" --auth-root-authentication-method=socket \
       --skip-test-db > "$LAB/log/mariadb-install.log" 2>&1
-  setsid /usr/sbin/mariadbd --user=mysql --datadir="$LAB/mysql" --socket="$LAB/run/mysqld.sock" \
-      --bind-address=127.0.0.1 --port="$DB_PORT" --pid-file="$LAB/run/mariadbd.pid" \
+  setsid /usr/sbin/mariadbd --user=mysql --datadir="$LAB/mysql" --socket="$LAB/mysql-run/mysqld.sock" \
+      --bind-address=127.0.0.1 --port="$DB_PORT" --pid-file="$LAB/mysql-run/mariadbd.pid" \
       --log-error="$LAB/log/mariadb.err" </dev/null >/dev/null 2>&1 &
-  wait_for 30 mariadb --socket="$LAB/run/mysqld.sock" -e 'select 1'
-  mariadb --socket="$LAB/run/mysqld.sock" -e "
-     CREATE USER 'slurm'@'localhost' IDENTIFIED BY 'slurmpw'; CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurmpw';
+  wait_for 30 mariadb --socket="$LAB/mysql-run/mysqld.sock" -e 'select 1'
+  mariadb --socket="$LAB/mysql-run/mysqld.sock" -e "
+     CREATE USER 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS'; CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
      GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
   slurmdbd  # daemonizes; reads slurmdbd.conf beside $SLURM_CONF
   wait_for 30 sacctmgr -n show cluster
@@ -210,9 +244,11 @@ do_up() {
   if running && [ "$(cat "$LAB/nodes" 2>/dev/null)" = "$n${NETNS:+ netns}" ] && scontrol ping >/dev/null 2>&1; then
     log "already up with $n nodes ($LAB)"; return 0
   fi
+  check_lab
   [ -e "$LAB/run" ] && do_down
   install_packages
-  rm -rf "$LAB"; mkdir -p "$LAB"
+  rm -rf -- "$LAB"; mkdir -p -- "$LAB"; chmod 755 "$LAB"; touch "$LAB/$MARK"
+  DB_PASS=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   write_config "$n"
   set_hosts "$n"
   if [ "$NETNS" = 1 ]; then start_namespaces "$n"; fi
@@ -225,13 +261,20 @@ do_up() {
   log "up: $n idle nodes after $((SECONDS - t0)) s. Use it with: source $LAB/env.sh"
 }
 
+ours() {  # ours <pid> <daemon name>: that pid is that daemon, started from this folder (its command line names
+  local p=$1   # the folder, or its environment holds our SLURM_CONF); pids get reused, and pid files can be forged
+  [[ $p =~ ^[0-9]+$ ]] || return 1
+  [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] || return 1
+  grep -qaF -- "$LAB/" "/proc/$p/cmdline" 2>/dev/null && return 0
+  tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qxF -- "SLURM_CONF=$SLURM_CONF"
+}
+
 stop_pidfiles() {  # SIGTERM each daemon still running under its recorded pid, wait up to 15 s, then SIGKILL
   local f p name pids=""
   for f in "$@"; do
     [ -s "$f" ] || continue
     p=$(cat "$f"); name=$(basename "$f" .pid); name=${name%%-*}; rm -f "$f"
-    # only if that pid is still that daemon (pids get reused)
-    if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$name" ]; then kill "$p" && pids+=" $p"; fi
+    if ours "$p" "$name"; then kill "$p" && pids+=" $p"; else log "not stopping pid $p from $f: not our $name"; fi
   done
   [ -n "$pids" ] || return 0
   for _ in $(seq 75); do
@@ -251,7 +294,7 @@ do_down() {
   fi
   stop_pidfiles "$LAB"/run/slurmd-*.pid "$LAB/run/slurmctld.pid"
   stop_pidfiles "$LAB/run/slurmdbd.pid"
-  stop_pidfiles "$LAB/run/mariadbd.pid" "$LAB/run/munged.pid"
+  stop_pidfiles "$LAB/mysql-run/mariadbd.pid" "$LAB/run/munged.pid"
   stop_namespaces
   unset_hosts
   log "down ($LAB)"

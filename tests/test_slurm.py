@@ -28,6 +28,10 @@ def local_cluster(folder: str, ports: int, *flags: str, **env_extra: str):
            "PIPELINE_SLURM_DBD_PORT": str(ports + 2), "PIPELINE_SLURM_DB_PORT": str(ports + 26000),
            "PIPELINE_SLURM_BASE_PORT": str(ports + 10000), **env_extra}
     subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "up", *flags], env=env, check=True, timeout=600)
+    # safe as root: secrets readable by root alone, a password of its own, no world-writable folder
+    dbd = Path(folder) / "etc/slurmdbd.conf"
+    assert dbd.stat().st_mode & 0o777 == 0o600 and "StoragePass=slurmpw" not in dbd.read_text()
+    assert not any(p.stat().st_mode & 0o002 for p in Path(folder).rglob("*") if p.is_dir() and not p.is_symlink())
     yield f"{folder}/etc/slurm.conf"
     subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "down"], env=env, timeout=120)
 
@@ -151,7 +155,30 @@ def test_each_point_takes_its_own_launch_options(slurm_cluster, tmp_path):
     assert local["provenance"]["slurm"]["simulated"] and not slurm["provenance"]["slurm"]["simulated"]
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert list(manifest["points"]) == ["1"]  # the manifest lists Slurm's jobs
-    assert "1 job(s) submitted" in r.stdout + r.stderr
+    assert "1 point(s) submitted" in r.stdout + r.stderr
+
+
+@pytest.mark.slurm
+def test_a_sweep_goes_as_one_array_and_a_preempted_task_resumes_alone(slurm_cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = launch("-m", "trainer.seed=0,1", "cluster=slurm", "trainer.epochs=60", "trainer.log_every=50", *FAST[1:],
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    jobs = [manifest["points"][p]["jobs"][0] for p in ("0", "1")]
+    assert jobs[0]["array_job_id"] == jobs[1]["array_job_id"] and [j["array_task_id"] for j in jobs] == [0, 1]
+    log1 = sweep / "1" / "logs" / "node0-rank0.log"  # the task's ranks log into its own point's folder
+    deadline = time.monotonic() + 120
+    while not (log1.is_file() and "step 100/" in log1.read_text()):
+        assert time.monotonic() < deadline, "task 1 did not start training"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", jobs[1]["job_id"]], check=True)
+    out = wait(sweep)
+    lines = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
+    assert "completed" in lines["0"] and "completed" in lines["1"] and "requeued 1x" in lines["1"]
+    one, two = record(sweep / "0"), record(sweep / "1")
+    assert (one["restart_count"], two["restart_count"]) == (0, 1) and two["resumed_from_step"] >= 100
+    assert two["provenance"]["slurm"]["job_id"] == jobs[1]["job_id"]
 
 
 @pytest.mark.slurm

@@ -4,33 +4,86 @@ Rank 0 writes one at a step boundary (on the preemption / time-limit signal, and
 `trainer.checkpoint_every` steps); on restart every rank loads it. The data order is a function of
 (seed, epoch) and dropout is reseeded from (seed, rank, step) every step, so the step count is the sampler's
 position and no per-rank RNG state needs saving: a resumed run takes exactly the steps an uninterrupted one would.
+
+A checkpoint is written whole (fsynced before it is renamed into place), the one before it is kept
+(checkpoint.prev.pt), and each is stamped with its run's id and config hash. A checkpoint that cannot be read
+(truncated, corrupt) is reported and the one before it used, or none (the run starts over, saying so); a
+checkpoint of another run is refused. So a requeued job never loops on a broken file, and never resumes another
+run's weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from pipeline.rundir import write_atomic
+from pipeline.rundir import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, write_atomic
+
+log = logging.getLogger(__name__)
 
 
-def save(obj, path: Path) -> None:
+def save(obj, path: Path, previous: Path | None = None) -> None:
     """torch.save through the run folder's atomic writer: a kill mid-write leaves the previous file whole."""
-    write_atomic(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f), previous=previous)
 
 
-def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int,
-                    segments: list[dict]) -> None:
-    save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "segments": segments,
-          "scheduler": scheduler.state_dict() if scheduler is not None else None}, path)
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def load_checkpoint(path: Path) -> dict | None:
-    if not path.is_file():
+class Checkpoints:
+    """POINT_DIR/checkpoint.pt and the one before it, for the run `run_id` with `config`."""
+
+    def __init__(self, point_dir: Path, run_id: str, config: dict):
+        self.path, self.previous = Path(point_dir) / CHECKPOINT_NAME, Path(point_dir) / PREVIOUS_CHECKPOINT_NAME
+        self.stamp = {"run_id": run_id, "config_sha256": config_hash(config)}
+
+    def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int,
+             segments: list[dict]) -> None:
+        save({**self.stamp, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+              "segments": segments, "scheduler": scheduler.state_dict() if scheduler is not None else None},
+             self.path, previous=self.previous)
+
+    def load(self) -> dict | None:
+        """The newest usable checkpoint of this run, or None. Rank 0 chooses and every rank loads its choice, so
+        all resume from the same step (a file that reads on one rank and not on another cannot split them)."""
+        choice = [self._choose() if not dist.is_initialized() or dist.get_rank() == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return None if choice[0] is None else self._read(Path(choice[0]))
+
+    def _choose(self) -> str | None:
+        tried = []
+        for path in (self.path, self.previous):
+            if not path.is_file():
+                continue
+            try:
+                checkpoint = self._read(path)
+            except Exception as e:  # truncated or corrupt: torch.load raises several kinds
+                log.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", path,
+                            type(e).__name__, str(e)[:200])
+                tried.append(path.name)
+                continue
+            mine = {k: checkpoint.get(k) for k in self.stamp}
+            if mine != self.stamp:
+                log.warning("checkpoint %s belongs to another run (%s), not this one (%s); not used", path, mine,
+                            self.stamp)
+                tried.append(path.name)
+                continue
+            return str(path)
+        if tried:
+            log.warning("no usable checkpoint (%s): this run starts over from step 0", ", ".join(tried))
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def segment(start_step: int, phases: np.ndarray) -> dict:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_run_config
 from pipeline.job.build import build_datasets, build_loss, build_model, target_of
-from pipeline.job.checkpoint import load_checkpoint, save
+from pipeline.job.checkpoint import Checkpoints, save
 from pipeline.job.data import check_datasets, check_workers
 from pipeline.job.env import DistEnv
 from pipeline.job.flops import flops_per_sample
@@ -25,7 +25,7 @@ from pipeline.job.placement import HostShare, pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.record import build_record, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome
-from pipeline.rundir import CHECKPOINT_NAME, RECORD_NAME, WEIGHTS_NAME, Failure, Point, failure_path, utc_now
+from pipeline.rundir import RECORD_NAME, WEIGHTS_NAME, Failure, Point, failure_path, utc_now
 
 log = logging.getLogger("pipeline.worker")
 
@@ -78,7 +78,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         store = store or rendezvous_store(env, timeout)
         join_process_group(env, device, store, timeout)
         share = place_threads(env)
-        trainer, flops = build_trainer(run, env, device, point_dir)
+        trainer, flops = build_trainer(run, env, device, point_dir, Checkpoints(point_dir, point.run_id, point.config))
         if trainer.loader_info.kind == "dataloader":
             check_workers(run.loader, share.threads, env)
         outcome = train(trainer, env, on_slurm=point.launch_mode == "slurm")
@@ -118,7 +118,8 @@ def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore,
                             world_size=env.world_size, timeout=timeout)
 
 
-def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point_dir: Path) -> tuple[Trainer, float]:
+def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point_dir: Path,
+                  checkpoints: Checkpoints) -> tuple[Trainer, float]:
     """The datasets, the model and the loss from their `_target_`s, the trainer (resumed from a checkpoint if
     there is one), and the model's FLOPs per sample, counted on two training samples: the first time the model
     meets the data and the loss, so a misfit is reported here, naming them."""
@@ -126,8 +127,7 @@ def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point_dir:
     train_set, test_set = build_datasets(run, env.rank)
     check_datasets(train_set, test_set, target_of(run.dataset), env.rank)
     model = build_model(run, train_set, env.rank)
-    trainer = Trainer(run, env, device, model, train_set, test_set, build_loss(run, env.rank), point_dir,
-                      resume=load_checkpoint(point_dir / CHECKPOINT_NAME))
+    trainer = Trainer(run, env, device, model, train_set, test_set, build_loss(run, env.rank), point_dir, checkpoints)
     x, y = trainer.sample_batch(2)
     try:
         flops = flops_per_sample(trainer.raw_model, x, y, trainer.loss_fn, trainer.autocast)
@@ -146,7 +146,7 @@ def train(trainer: Trainer, env: DistEnv, on_slurm: bool) -> TrainOutcome:
         return trainer.fit(stop)
     except Interrupted as e:
         trainer.save_checkpoint(e.step)
-        log.warning("%s; checkpoint %s", e, trainer.checkpoint_path)
+        log.warning("%s; checkpoint %s", e, trainer.checkpoints.path)
         stop.hand_over(env, on_slurm)  # does not return
 
 

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from pipeline.config import RunConfig
 from pipeline.job.build import build_optimizer, build_scheduler, target_of
-from pipeline.job.checkpoint import save_checkpoint, segment
+from pipeline.job.checkpoint import Checkpoints, segment
 from pipeline.job.data import InMemoryBatches, LoaderBatches, holds_on_device, loader_info
 from pipeline.job.env import DistEnv
 from pipeline.job.observe import Phases, make_logger, make_profiler, write_progress
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.timing import StepTimer
-from pipeline.rundir import CHECKPOINT_NAME, Evaluation, FastPath
+from pipeline.rundir import Evaluation, FastPath
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class Trainer:
     then `fit` takes `train_step` until the last step and evaluates."""
 
     def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, train_set: Any,
-                 test_set: Any | None, loss_fn: Callable, point_dir: Path, resume: dict | None = None):
+                 test_set: Any | None, loss_fn: Callable, point_dir: Path, checkpoints: Checkpoints):
         self.run, self.env, self.device, self.point_dir = run, env, device, point_dir
-        self.checkpoint_path = point_dir / CHECKPOINT_NAME
+        self.checkpoints = checkpoints
         self.batch = run.per_rank_batch
         cuda = device.type == "cuda"
         self.precision = run.trainer.precision if run.trainer.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -77,7 +77,7 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         # the generator dropout draws from; reseeding it alone costs ~1 us, torch.manual_seed ~190 us
         self.dropout_rng = torch.cuda.default_generators[device.index] if cuda else torch.default_generator
-        self.start_step, self.segments = self._resume(resume)
+        self.start_step, self.segments = self._resume(checkpoints.load())
         self.first_step_at: float | None = None  # unix time this process finished its first step
         self._make_observers()
 
@@ -152,7 +152,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.env.rank == 0:
-            log.info("resumed from %s at step %d", self.checkpoint_path, checkpoint["step"])
+            log.info("resumed from %s at step %d", self.checkpoints.path, checkpoint["step"])
         return checkpoint["step"], checkpoint["segments"]
 
     def _make_observers(self) -> None:
@@ -175,9 +175,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ training
     def save_checkpoint(self, step: int) -> None:
-        save_checkpoint(self.checkpoint_path, model=self.raw_model, optimizer=self.optimizer,
-                        scheduler=self.scheduler, step=step,
-                        segments=[*self.segments, segment(self.start_step, self.timer.phases())])
+        self.checkpoints.save(model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
+                              segments=[*self.segments, segment(self.start_step, self.timer.phases())])
 
     def fit(self, stop: StopSignal | None = None) -> TrainOutcome:
         """Train from the start (or resumed) step to the last; raises Interrupted on rank 0 at the first step

@@ -1,60 +1,79 @@
-"""One sweep point on the launch side, in named steps: type and check its config (`prepare_run`), ask Slurm
-whether it would take the allocation (`check_allocation`), then freeze it into its folder and run it in local
-debug mode or submit it (`start_point`). `python -m pipeline.launch` takes these steps for a single point, the
-sweep launcher (`pipeline.launcher.sweep`) for every point of a sweep.
+"""Sweep points on the launch side, in named steps: type and check a point's config (`prepare_run`), ask Slurm
+once per distinct allocation whether it would take it (`check_allocations`), then freeze every point into its
+folder and start them (`start`): the Slurm ones submitted, one job array per distinct allocation, then the local
+ones run here one after another. `python -m pipeline.launch` takes these steps for a single point, the sweep
+launcher (`pipeline.launcher.sweep`) for every point of a sweep, and `status --resubmit-failed` for the points it
+resubmits.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import setup_globals
-from hydra.errors import HydraException, InstantiationException
-from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.errors import HydraException
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, RunConfig, abspath_dataset_root, parse_run_config, register_configs, to_plain
-from pipeline.launcher.local import run_local
-from pipeline.launcher.manifest import record_point
-from pipeline.launcher.slurm import check_slurm_values, preflight, render_sbatch, submit
-from pipeline.rundir import RECORD_NAME, SBATCH_NAME, GitInfo, Point, utc_now
+from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
+from pipeline.launcher.manifest import add_submissions
+from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, check_script_text, check_slurm_values, group_by_allocation,
+                                     max_array_size, preflight, submit, write_dry_run)
+from pipeline.rundir import RECORD_NAME, GitInfo, Point, rank_log_path, utc_now
 
 log = logging.getLogger("pipeline.launch")
+DRY_RUN_NAME = "dry_run.txt"  # local debug mode's dry run: the processes it would have started
 
 
-def prepare_run(cfg: DictConfig) -> RunConfig:
+@dataclass
+class PlannedPoint:
+    """A point whose config is typed and checked, with its place in the sweep and its folder."""
+
+    index: int  # its number in the sweep (Hydra's job number): its folder's name by default, its manifest key
+    overrides: list[str]
+    run: RunConfig
+    point_dir: Path
+
+
+def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     """Type and check one point's config, the built-in datasets' files included (a user's `_target_`s have had
     their modules found, without being imported). Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     abspath_dataset_root(run)
     if not isinstance(run.dataset, dict):  # a built-in dataset: constructing it checks its files, importing no torch
-        try:
-            instantiate(run.dataset, _convert_="all", split="train")
-        except InstantiationException as e:
-            if isinstance(e.__cause__, ConfigError):
-                raise e.__cause__ from None
-            raise
+        fields = {k: v for k, v in vars(run.dataset).items() if k != "_target_"}
+        get_class(run.dataset._target_)(**fields, split="train")
     if run.cluster.kind == "slurm":
         check_slurm_values(run)
     return run
 
 
-def check_allocation(run: RunConfig) -> str | None:
-    """Would Slurm accept this point? The reason if not. A dry run submits nothing, so it is not asked (it also
-    works where no cluster is reachable; `sbatch --test-only POINT_DIR/job.sbatch` asks later)."""
-    if run.cluster.kind != "slurm" or run.dry_run:
-        return None
-    return preflight(run, job_name="pipeline-preflight")
+def check_folder(key: str, path: Path) -> Path:
+    check_script_text(key, str(path))
+    return path
+
+
+def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, str]:
+    """Would Slurm accept them? One `sbatch --test-only` per distinct allocation (dry runs are not asked: they
+    also work where no cluster is reachable). Returns the reason for each point it would not."""
+    problems = {}
+    slurm = [p for p in points if p.run.cluster.kind == "slurm" and not p.run.dry_run]
+    for group in group_by_allocation(slurm, max_array=len(slurm) or 1):
+        problem = preflight(group, sweep_dir, job_name="pipeline-preflight")
+        problems.update({p.index: problem for p in group if problem})
+    return problems
 
 
 def exit_on_config_error(error: ConfigError) -> NoReturn:
@@ -63,8 +82,10 @@ def exit_on_config_error(error: ConfigError) -> NoReturn:
     sys.exit(2)
 
 
+@functools.cache
 def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
-    """The commit the pipeline's code is at, and whether its work tree has changes (None outside git)."""
+    """The commit the pipeline's code is at, and whether its work tree has changes (None outside git); asked
+    once per launch, however many points it has."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
@@ -77,30 +98,97 @@ def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
     return GitInfo(sha=sha, dirty=bool(status) if status is not None else None)
 
 
-def freeze_point(run: RunConfig, point_dir: Path, sweep_id: str, index: int, overrides: list[str],
-                 launch_mode: str) -> Point:
+def freeze_point(p: PlannedPoint, sweep_id: str, launch_mode: str) -> Point:
     """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads."""
-    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_id, point=index, overrides=overrides,
+    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_id, point=p.index, overrides=p.overrides,
                   launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
-                  git=git_info(), config=to_plain(run))
-    point.write(point_dir)
+                  git=git_info(), config=to_plain(p.run))
+    p.point_dir.mkdir(parents=True, exist_ok=True)
+    point.write(p.point_dir)
     return point
 
 
-def start_point(run: RunConfig, position: str) -> Path:
-    """Freeze the point into the folder Hydra made for it, then run it here or submit it. `position` ("point 2
-    of 3") is for the progress bar. Returns the point's folder."""
+def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
+    """Freeze every point, submit the Slurm ones (one job array per distinct allocation), then run the local
+    ones here, one after another. A local point that fails does not stop the next; the first failure is raised
+    once all have run."""
+    for p in points:
+        freeze_point(p, sweep_dir.name, p.run.cluster.kind)
+    submit_points([p for p in points if p.run.cluster.kind == "slurm"], sweep_dir)
+    local = [p for p in points if p.run.cluster.kind == "local"]
+    failures = []
+    for n, p in enumerate(local, start=1):
+        try:
+            run_here(p, position=f"point {n} of {len(local)}")
+        except RunFailed as e:
+            log.error("point %d failed: %s", p.index, e)
+            failures.append(e)
+    if failures:
+        raise failures[0]
+
+
+def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int, str]]:
+    """Submit points (already frozen) with one `sbatch` per distinct allocation (split at the cluster's
+    MaxArraySize), adding each to the manifest; dry runs write the scripts instead. Returns (point, job id)."""
+    dry = [p for p in points if p.run.dry_run]
+    for group in group_by_allocation(dry, max_array=DEFAULT_MAX_ARRAY):
+        script = write_dry_run(group, sweep_dir, job_name(sweep_dir, group))
+        log.info("dry run, nothing submitted: %d point(s) would go as %s; its sbatch script: %s", len(group),
+                 "one job" if len(group) == 1 else "one job array", script)
+    real = [p for p in points if not p.run.dry_run]
+    done = []
+    for group in group_by_allocation(real, max_array=max_array_size() if real else DEFAULT_MAX_ARRAY):
+        job_ids = submit(group, sweep_dir, job_name(sweep_dir, group))
+        add_submissions(sweep_dir, [(p.index, p.point_dir, p.overrides, p.run.nodes, job)
+                                    for p, job in zip(group, job_ids)])
+        r = group[0].run
+        log.info("%d point(s) submitted as %s %s (%d node(s) x %d task(s) each)", len(group),
+                 "Slurm job" if len(group) == 1 else "Slurm job array", job_ids[0].split("_")[0], r.nodes,
+                 r.cluster.tasks_per_node)
+        done += [(p.index, job) for p, job in zip(group, job_ids)]
+    return done
+
+
+def job_name(sweep_dir: Path, group: list[PlannedPoint]) -> str:
+    return f"pipeline-{sweep_dir.name}-{group[0].index}"
+
+
+def run_here(p: PlannedPoint, position: str) -> None:
+    """Local debug mode: the point's ranks as processes on this machine; returns when they have ended. A dry
+    run writes the processes it would start to POINT_DIR/dry_run.txt instead."""
+    run, point = p.run, Point.read(p.point_dir)
+    if run.dry_run:
+        write_local_dry_run(p, point)
+        log.info("point %s: dry run, nothing started; what would run: %s", p.index, p.point_dir / DRY_RUN_NAME)
+        return
+    cores = os.cpu_count() or 1
+    if run.world_size > cores:
+        log.warning("%d processes on %d cores: this point is oversubscribed; its record says so, and its timings "
+                    "do not measure scaling", run.world_size, cores)
+    log.info("point %s: %d node(s) x %d task(s) in local debug mode, folder %s",
+             p.index, run.nodes, run.cluster.tasks_per_node, p.point_dir)
+    run_local(p.point_dir, run, job_id=f"local-{point.run_id[:8]}", position=position)
+    log.info("record: %s", p.point_dir / RECORD_NAME)
+
+
+def write_local_dry_run(p: PlannedPoint, point: Point) -> None:
+    tpn, job = p.run.cluster.tasks_per_node, f"local-{point.run_id[:8]}"
+    lines = [f"# dry run: nothing was started. Local debug mode would start {p.run.world_size} process(es), one "
+             "per rank, each with these variables (MASTER_ADDR=127.0.0.1 and a free MASTER_PORT besides):"]
+    for node in range(p.run.nodes):
+        for local in range(tpn):
+            env = simulated_slurm_env(job, p.run.nodes, tpn, node, local)
+            lines.append(" ".join(f"{k}={v}" for k, v in env.items()) +
+                         f" {sys.executable} -m pipeline.worker {p.point_dir}"
+                         f" > {rank_log_path(p.point_dir, node, node * tpn + local)}")
+    (p.point_dir / DRY_RUN_NAME).write_text("\n".join(lines) + "\n")
+
+
+def plan_from_hydra(run: RunConfig) -> tuple[PlannedPoint, Path]:
+    """A single run's point (no -m): the folder Hydra made for it, which is also its sweep folder."""
     hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    point_dir = Path(hc.runtime.output_dir)
-    sweep_dir = Path(hc.sweep.dir) if multirun else point_dir
-    point = freeze_point(run, point_dir, sweep_dir.name, int(hc.job.num) if multirun else 0, list(hc.overrides.task),
-                         launch_mode=run.cluster.kind)
-    if run.cluster.kind == "slurm":
-        submit_point(run, point, point_dir, sweep_dir)
-    else:
-        run_point_here(run, point, point_dir, position)
-    return point_dir
+    point_dir = check_folder("hydra.run.dir", Path(hc.runtime.output_dir))
+    return PlannedPoint(index=0, overrides=list(hc.overrides.task), run=run, point_dir=point_dir), point_dir
 
 
 def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
@@ -116,34 +204,7 @@ def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
         raise ConfigError(str(e)) from None
     HydraConfig.instance().set_config(cfg)
     run = prepare_run(cfg)
-    point_dir = Path(cfg.hydra.run.dir).absolute()
-    point_dir.mkdir(parents=True, exist_ok=True)
-    freeze_point(run, point_dir, point_dir.name, 0, overrides, launch_mode=launch_mode)
+    point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
+    freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir.name,
+                 launch_mode=launch_mode)
     return point_dir
-
-
-def submit_point(run: RunConfig, point: Point, point_dir: Path, sweep_dir: Path) -> None:
-    """Submit the point as its own Slurm job and add it to the sweep's manifest (a dry run writes the script)."""
-    job_name = f"pipeline-{point.sweep_id}-{point.point}"
-    if run.dry_run:
-        script = point_dir / SBATCH_NAME
-        script.write_text(render_sbatch(run, point_dir, job_name))
-        log.info("point %s: dry run, nothing submitted; the sbatch script: %s", point.point, script)
-        return
-    job_id = submit(run, point_dir, job_name)
-    record_point(sweep_dir, point=point.point, point_dir=point_dir, overrides=point.overrides, nodes=run.nodes,
-                 job_id=job_id)
-    log.info("point %s: submitted as Slurm job %s (%d node(s) x %d task(s)), folder %s", point.point, job_id,
-             run.nodes, run.cluster.tasks_per_node, point_dir)
-
-
-def run_point_here(run: RunConfig, point: Point, point_dir: Path, position: str) -> None:
-    """Local debug mode: the point's ranks as processes on this machine; returns when they have ended."""
-    cores = os.cpu_count() or 1
-    if run.world_size > cores:
-        log.warning("%d processes on %d cores: this point is oversubscribed; its record says so, and its timings "
-                    "do not measure scaling", run.world_size, cores)
-    log.info("point %s: %d node(s) x %d task(s) in local debug mode, folder %s",
-             point.point, run.nodes, run.cluster.tasks_per_node, point_dir)
-    run_local(point_dir, run, job_id=f"local-{point.run_id[:8]}", position=position)
-    log.info("record: %s", point_dir / RECORD_NAME)

@@ -1,4 +1,6 @@
-"""Slurm through submitit: one job per sweep point, its allocation taken from that point's config.
+"""Slurm through submitit: every point of a sweep is its own job, with the allocation its config asks for; points
+whose allocations are identical (every sbatch value) go out as one job array, one task per point, by one
+`sbatch` call (split where the array would pass the cluster's MaxArraySize).
 
 `sbatch_parameters` is the one mapping from config to sbatch options; submitit renders them (its own
 whitelisted, quoted `#SBATCH` lines). Values that reach the script are checked here first, since a newline in a
@@ -8,28 +10,38 @@ Nothing here imports torch: it runs on login nodes.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
 from submitit.helpers import Checkpointable
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.rundir import LOG_DIR, SRUN_LOG_PATTERN, SUBMITIT_DIR
+from pipeline.rundir import LOG_DIR, SBATCH_NAME, SRUN_LOG_PATTERN, SUBMITIT_DIR
 
 # characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
 _SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
 _SAFE_TEXT = "letters, digits and _ . , : @ % + = / - [ ]"
 _SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]&|()*!]+$")
 _MEM = re.compile(r"^[0-9]+[KMGT]?B?$")
-_OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
+_OPTION = re.compile(r"^[a-z][a-z0-9-]+$")  # a long option's name (single letters are short options' aliases)
 # options the pipeline sets itself from the config; sbatch_extra may not override them
 _OWN = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition", "account", "qos",
         "constraint", "exclusive", "job-name", "output", "error", "signal", "open-mode", "requeue"}
+# options that would break one folder and one job (or array task) per point, or the ranks' shape
+_BREAKING = {"array", "wrap", "chdir", "ntasks", "ntasks-per-core", "ntasks-per-socket", "ntasks-per-gpu",
+             "gpus-per-task", "export", "export-file", "input", "hold", "test-only", "parsable", "wait"}
 SIGNAL_DELAY_S = 90  # Slurm sends the preemption / time-limit signal this long before the end
+DEFAULT_MAX_ARRAY = 1001  # Slurm's default MaxArraySize
+ARRAY_LOGS = ".array-logs"  # SWEEP_DIR/.array-logs/<array>/<task> -> the task's POINT_DIR/logs
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_slurm_values(run: RunConfig) -> None:
@@ -46,7 +58,13 @@ def check_slurm_values(run: RunConfig) -> None:
         raise ConfigError(f"cluster.time={c.time} is not allowed: minutes, >= 1")
     if c.cpus_per_task is not None and c.cpus_per_task < 1:
         raise ConfigError(f"cluster.cpus_per_task={c.cpus_per_task} is not allowed: >= 1 or null")
+    if c.array_parallelism is not None and c.array_parallelism < 1:
+        raise ConfigError(f"cluster.array_parallelism={c.array_parallelism} is not allowed: >= 1 or null")
     for key, value in c.sbatch_extra.items():
+        if key in _BREAKING:
+            raise ConfigError(f"cluster.sbatch_extra.{key} is not allowed: every point is its own job (or array task) "
+                              "with its own folder and the ranks nodes x cluster.tasks_per_node, which these "
+                              f"options would change: {', '.join(sorted(_BREAKING))}")
         if not _OPTION.match(str(key)) or key in _OWN:
             raise ConfigError(f"cluster.sbatch_extra key {key!r} is not allowed: an sbatch long option name "
                               f"(lowercase, dashes) other than the ones set from the config: {', '.join(sorted(_OWN))}")
@@ -56,6 +74,14 @@ def check_slurm_values(run: RunConfig) -> None:
     for line in c.setup:
         if "\n" in line or "\r" in line:
             raise ConfigError("cluster.setup: give one shell line per list item (no embedded newlines)")
+
+
+def check_script_text(key: str, value: str) -> None:
+    """A value that reaches an sbatch script (a job name, a folder): no newline or other control character,
+    which would end the line it is on."""
+    if _CONTROL.search(value):
+        raise ConfigError(f"{key}={value!r} is not allowed: a newline or other control character in it would end a "
+                          "line of the sbatch script (and of the logs) that it reaches")
 
 
 def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path) -> dict:
@@ -91,27 +117,80 @@ class _ScriptWriter(submitit.SlurmExecutor):
         return 1
 
 
-def make_executor(run: RunConfig, point_dir: Path, job_name: str,
-                  kind: type[submitit.SlurmExecutor] = submitit.SlurmExecutor) -> submitit.SlurmExecutor:
-    """submitit's files (script, pickles, the batch step's log) go to POINT_DIR/submitit."""
-    executor = kind(folder=point_dir / SUBMITIT_DIR, max_num_timeout=3)
-    executor.update_parameters(**sbatch_parameters(run, job_name, point_dir / LOG_DIR))
-    return executor
+@dataclass
+class SlurmPoint:
+    """A point ready to be submitted: its typed config, its number in the sweep and its folder."""
+
+    index: int
+    run: RunConfig
+    point_dir: Path
 
 
-def render_sbatch(run: RunConfig, point_dir: Path, job_name: str) -> str:
-    """The exact script submitit submits for this point (its job-specific paths keep Slurm's %j pattern)."""
-    executor = make_executor(run, point_dir, job_name, kind=_ScriptWriter)
+def allocation(run: RunConfig) -> str:
+    """Everything of a point's sbatch script but its name and folders: points with equal allocations share an
+    array."""
+    return json.dumps(sbatch_parameters(run, job_name="", log_dir=Path()), sort_keys=True, default=str)
+
+
+def group_by_allocation(points: list[SlurmPoint], max_array: int) -> list[list[SlurmPoint]]:
+    """Points with identical allocations together, in sweep order, at most `max_array` to a group."""
+    groups: dict[str, list[SlurmPoint]] = {}
+    for p in points:
+        groups.setdefault(allocation(p.run), []).append(p)
+    return [g[i:i + max_array] for g in groups.values() for i in range(0, len(g), max_array)]
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (task ids run 0 .. MaxArraySize - 1); Slurm's default where it cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return DEFAULT_MAX_ARRAY
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
+
+
+def _executor(group: list[SlurmPoint], sweep_dir: Path, job_name: str, kind=submitit.SlurmExecutor):
+    """One point: its own job, submitit's files in POINT_DIR/submitit, its ranks' logs in POINT_DIR/logs. Several:
+    a job array, submitit's files in SWEEP_DIR/submitit, each task's logs reached through
+    SWEEP_DIR/.array-logs/<array>/<task id> (srun's %a), a link to that task's POINT_DIR/logs."""
+    first = group[0]
+    if len(group) == 1:
+        folder, log_dir = first.point_dir / SUBMITIT_DIR, first.point_dir / LOG_DIR
+    else:
+        folder, log_dir = sweep_dir / SUBMITIT_DIR, sweep_dir / ARRAY_LOGS / uuid.uuid4().hex[:12]
+    executor = kind(folder=folder, max_num_timeout=3)
+    executor.update_parameters(**sbatch_parameters(first.run, job_name, log_dir / "%a" if len(group) > 1 else log_dir))
+    if len(group) > 1:
+        executor.update_parameters(array_parallelism=first.run.cluster.array_parallelism or len(group))
+    return executor, log_dir
+
+
+def render_sbatch(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> str:
+    """The exact script submitit submits for these points (a job array for several; the job-specific paths keep
+    Slurm's %j, %A and %a patterns)."""
+    executor, _ = _executor(group, sweep_dir, job_name, kind=_ScriptWriter)
+    if len(group) > 1:
+        executor.parameters["map_count"] = len(group)  # as submitit sets it for an array
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
-def preflight(run: RunConfig, job_name: str) -> str | None:
-    """Ask Slurm whether it would accept this point (`sbatch --test-only`); the reason if not, else None."""
+def write_dry_run(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> Path:
+    """The script that would be submitted: POINT_DIR/job.sbatch for one point, SWEEP_DIR/array-<first
+    point>.sbatch for an array."""
+    path = (group[0].point_dir / SBATCH_NAME if len(group) == 1 else
+            sweep_dir / f"array-{group[0].index}-{group[-1].index}.sbatch")
+    path.write_text(render_sbatch(group, sweep_dir, job_name))
+    return path
+
+
+def preflight(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> str | None:
+    """Ask Slurm whether it would accept these points' job or array (`sbatch --test-only`); the reason if not."""
     if shutil.which("sbatch") is None:
         return "sbatch not found: submit from a Slurm login node (or use cluster=local)"
     with tempfile.TemporaryDirectory(prefix="pipeline-preflight-") as tmp:
         script = Path(tmp) / "job.sbatch"
-        script.write_text(render_sbatch(run, Path(tmp), job_name))
+        script.write_text(render_sbatch(group, sweep_dir, job_name))
         try:
             out = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:
@@ -132,8 +211,15 @@ class TrainingJob(Checkpointable):
         return str(run_point(point_dir))
 
 
-def submit(run: RunConfig, point_dir: Path, job_name: str) -> str:
-    """Submit one point; returns the Slurm job id. submitit's files go to POINT_DIR/submitit."""
-    (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
-    job = make_executor(run, point_dir, job_name).submit(TrainingJob(), str(point_dir))
-    return job.job_id
+def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> list[str]:
+    """Submit the points with one `sbatch` call: a job, or a job array with a task per point. Returns each
+    point's Slurm job id ("123", or "123_4" for task 4 of array 123)."""
+    executor, log_dir = _executor(group, sweep_dir, job_name)
+    for task, p in enumerate(group):
+        (p.point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        if len(group) > 1:  # srun writes the task's logs through this link, into its own point's folder
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / str(task)).symlink_to(os.path.relpath(p.point_dir / LOG_DIR, log_dir))
+    with executor.batch():
+        jobs = [executor.submit(TrainingJob(), str(p.point_dir)) for p in group]
+    return [job.job_id for job in jobs]

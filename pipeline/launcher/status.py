@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.launcher.logs import first_failed_log
-from pipeline.launcher.manifest import read_manifest, record_point
+from pipeline.launcher.manifest import read_manifest
 from pipeline.rundir import POINT_NAME, RECORD_NAME, Point, Progress
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
@@ -47,20 +47,36 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """({job: live state} from squeue, {job: every state in its history, oldest first} from sacct)."""
+    """({job: live state} from squeue, {job: every state in its history, oldest first} from sacct), each for
+    every job and array task of `job_ids` in one call, however many points the sweep has."""
     if not job_ids:
         return {}, {}
-    ids = ",".join(job_ids)
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))  # an array's id stands for all of its tasks
     live = {}
-    for line in (_run(["squeue", "-h", "--states=all", "-j", ids, "-o", "%i|%T"]) or "").splitlines():
+    # -r: one line per array task, pending ones too
+    for line in (_run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T"]) or "").splitlines():
         job, _, state = line.partition("|")
-        live[job.strip()] = state.strip()
+        for one in expand_job_ids(job.strip()):
+            live[one] = state.strip()
     history: dict[str, list[str]] = {}
     # -D lists each requeued run of a job as its own row
     for line in (_run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State"]) or "").splitlines():
         job, _, state = line.partition("|")
-        history.setdefault(job.strip(), []).append(state.split()[0] if state.strip() else "UNKNOWN")
+        for one in expand_job_ids(job.strip()):
+            history.setdefault(one, []).append(state.split()[0] if state.strip() else "UNKNOWN")
     return live, history
+
+
+def expand_job_ids(job: str) -> list[str]:
+    """Slurm folds an array's pending tasks into one id: 123_[4-6,9%2] -> 123_4, 123_5, 123_6, 123_9."""
+    base, sep, tasks = job.partition("_[")
+    if not sep:
+        return [job]
+    out = []
+    for part in tasks.rstrip("]").split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        out += [f"{base}_{t}" for t in range(int(first), int(last or first) + 1)]
+    return out
 
 
 def classify(job_id: str | None, has_record: bool, live: str | None, history: list[str]) -> tuple[str, str]:
@@ -151,24 +167,24 @@ def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list
 
 
 def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus]) -> list[tuple[int, str]]:
-    """Resubmit the points that ended without a record, from their frozen point.json; returns (point, job id)."""
+    """Resubmit the points that ended without a record, from their frozen point.json, after the checks a launch
+    makes (the config typed and checked, the dataset's files, Slurm asked once per distinct allocation); the
+    ones with identical allocations go as one job array. Returns (point, job id)."""
     # imported here: a plain `status` does not pay for importing Hydra and submitit
-    from pipeline.config import parse_run_config
-    from pipeline.launcher.slurm import preflight, submit
+    from pipeline.config import ConfigError
+    from pipeline.launcher.points import PlannedPoint, check_allocations, prepare_run, submit_points
 
-    done = []
+    planned = []
     for s in statuses:
         if s.state not in RESUBMITTABLE or s.dir is None or not (s.dir / POINT_NAME).is_file():
             continue
         point = Point.read(s.dir)
-        run = parse_run_config(point.config)
-        job_name = f"pipeline-{point.sweep_id}-{s.point}"
-        problem = preflight(run, job_name)
-        if problem:
-            print(f"point {s.point}: not resubmitted, Slurm rejects it: {problem}", file=sys.stderr)
-            continue
-        job_id = submit(run, s.dir, job_name)
-        record_point(sweep_dir, point=s.point, point_dir=s.dir, overrides=point.overrides, nodes=run.nodes,
-                     job_id=job_id)
-        done.append((s.point, job_id))
-    return done
+        try:
+            planned.append(PlannedPoint(s.point, point.overrides, prepare_run(point.config), s.dir))
+        except ConfigError as e:
+            print(f"point {s.point}: not resubmitted, its config does not pass the launch's checks: {e}",
+                  file=sys.stderr)
+    problems = check_allocations(planned, sweep_dir)
+    for index, problem in problems.items():
+        print(f"point {index}: not resubmitted, Slurm rejects it: {problem}", file=sys.stderr)
+    return submit_points([p for p in planned if p.index not in problems], sweep_dir)

@@ -1,0 +1,79 @@
+"""Checkpoints that survive faults: whole before they are renamed in, the one before kept, a truncated or corrupt
+one reported and passed over (never a loop), another run's refused; and a run resumed from the one before its
+truncated last checkpoint still ends with the weights of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.config import parse_run_config
+from pipeline.job.checkpoint import Checkpoints
+from pipeline.launcher.local import run_local
+from pipeline.rundir import Point, Result
+from tests.conftest import launch, rank_pid
+
+
+def saved(folder, step, run_id="run-a", config=None):
+    model = torch.nn.Linear(2, 2)
+    Checkpoints(folder, run_id, config or {"x": 1}).save(model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
+                                                         scheduler=None, step=step, segments=[])
+
+
+def test_a_broken_checkpoint_falls_back_to_the_one_before_then_to_none(tmp_path, caplog):
+    saved(tmp_path, 10)
+    saved(tmp_path, 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    mine = Checkpoints(tmp_path, "run-a", {"x": 1})
+    assert mine.load()["step"] == 20
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[:len(data) // 2])  # truncated, as by a full disk
+    assert mine.load()["step"] == 10 and "cannot be read" in caplog.text
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"\x00" * 100)  # corrupt
+    caplog.clear()
+    assert mine.load() is None and "starts over from step 0" in caplog.text
+    for _ in range(3):  # asked again (a requeue after a requeue): the same answer, no loop
+        assert mine.load() is None
+
+
+def test_another_runs_checkpoint_is_refused(tmp_path, caplog):
+    saved(tmp_path, 30, run_id="run-b")
+    assert Checkpoints(tmp_path, "run-a", {"x": 1}).load() is None and "belongs to another run" in caplog.text
+    saved(tmp_path, 40, run_id="run-a", config={"x": 2})
+    assert Checkpoints(tmp_path, "run-a", {"x": 1}).load() is None  # same run id, other config
+    assert Checkpoints(tmp_path, "run-a", {"x": 2}).load()["step"] == 40
+
+
+@pytest.mark.slow
+def test_a_truncated_last_checkpoint_resumes_from_the_one_before_to_the_same_weights(tmp_path):
+    common = ["nodes=2", "trainer.epochs=40", "trainer.max_steps=500", "trainer.log_every=20", "model.dropout=0.1",
+              "dataset.train_size=2048", "dataset.test_size=256"]
+    r = launch(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "broken"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.launch", *common, "trainer.checkpoint_every=40",
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "progress.json").is_file() and json.loads((run_dir / "progress.json").read_text())["step"] >= 200):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    for rank in (0, 1):
+        os.kill(rank_pid(rank), signal.SIGUSR2)
+    proc.communicate(timeout=120)
+    last = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+    before = torch.load(run_dir / "checkpoint.prev.pt", weights_only=True)["step"]
+    assert before < last
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(data[:1000])
+    run_local(run_dir, parse_run_config(Point.read(run_dir).config), job_id="local-again", position="again")
+    rec = Result.read(run_dir)
+    assert rec.resumed_from_step == before and "cannot be read" in (run_dir / "logs/node0-rank0.log").read_text()
+    straight, resumed = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "straight", run_dir))
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name

@@ -1,0 +1,229 @@
+"""The Slurm logic on any machine: fake sbatch / squeue / sacct / scontrol on PATH (tests/fake_slurm), as
+submitit's own tests fake them. Job arrays by allocation, the preflight once per allocation, status in one
+squeue and one sacct call, resubmission per task with the launch's checks, the manifest under a lock, and the
+sbatch scripts against golden files. The same paths through a real Slurm are in test_slurm.py."""
+
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, parse_run_config
+from pipeline.launcher.manifest import add_submissions, read_manifest
+from pipeline.launcher.points import PlannedPoint
+from pipeline.launcher.slurm import check_slurm_values, render_sbatch
+from pipeline.launcher.status import expand_job_ids
+from tests.conftest import GOLDEN, REPO
+from tests.fake_slurm.fake_slurm import calls, install, set_state
+
+FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+    """The fake Slurm's environment; `run(*args)` launches, `status(*args)` asks, `calls(name)` counts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env |= install(tmp_path / "bin", tmp_path / "slurm-state.json", tmp_path / "slurm-calls")
+
+    class Slurm:
+        def run(self, *args, extra_env=None):
+            return subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=300, env=env | (extra_env or {}))
+
+        def status(self, *args):
+            return subprocess.run([sys.executable, "-m", "pipeline.status", *args], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=300, env=env)
+
+        def calls(self, name=None):
+            return calls(tmp_path / "slurm-calls", name)
+
+        def submissions(self):
+            return [c for c in self.calls("sbatch") if "--test-only" not in c]
+
+        def script(self, job_id):
+            return json.loads((tmp_path / "slurm-state.json").read_text())["jobs"][job_id]["script"]
+
+    monkeypatch.setenv("FAKE_SLURM_STATE", str(tmp_path / "slurm-state.json"))  # for set_state in this process
+    return Slurm()
+
+
+def job_ids(sweep: Path) -> dict[int, list[str]]:
+    return {p: [j.job_id for j in e.jobs] for p, e in read_manifest(sweep).points.items()}
+
+
+def test_identical_allocations_go_as_one_job_array(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = slurm.run("-m", "trainer.seed=0,1,2", "nodes=1,2", "cluster=slurm", "cluster.array_parallelism=2",
+                  f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    # 6 points, 2 allocations: 2 sbatch calls, 2 preflights, 1 scontrol (MaxArraySize)
+    assert len(slurm.submissions()) == 2 and len(slurm.calls("sbatch")) == 4 and len(slurm.calls("scontrol")) == 1
+    ids = job_ids(sweep)
+    one_node = [p for p in range(6) if read_manifest(sweep).points[p].nodes == 1]
+    arrays = {ids[p][0].split("_")[0] for p in one_node}
+    assert len(arrays) == 1 and sorted(ids[p][0].split("_")[1] for p in one_node) == ["0", "1", "2"]
+    entry = read_manifest(sweep).points[one_node[1]].jobs[0]
+    assert (entry.array_job_id, entry.array_task_id) == (ids[one_node[1]][0].split("_")[0], 1)
+    script = slurm.script(arrays.pop())
+    assert "#SBATCH --array=0-2%2\n" in script and "#SBATCH --nodes=1\n" in script
+    # each task's ranks log into their own point's folder, through SWEEP/.array-logs/<array>/<task>
+    log_dir = re.search(r"--output=(\S+)/%a/node%n-rank%t.log", script).group(1)
+    for task, point in enumerate(one_node):
+        assert (Path(log_dir) / str(task)).resolve() == (sweep / str(point) / "logs").resolve()
+
+
+def test_arrays_are_split_at_max_array_size(slurm, tmp_path):
+    r = slurm.run("-m", "trainer.seed=range(5)", "cluster=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                  extra_env={"FAKE_SLURM_MAX_ARRAY": "2"})
+    assert r.returncode == 0, r.stderr
+    arrays = [re.search(r"--array=(\S+)", slurm.script(str(1000 + i))) for i in range(3)]
+    # 2 + 2 + 1: the last, a single point, a plain job
+    assert [a and a.group(1) for a in arrays] == ["0-1%2", "0-1%2", None] and len(slurm.submissions()) == 3
+
+
+def test_a_rejected_allocation_submits_nothing_unless_allow_partial(slurm, tmp_path):
+    r = slurm.run("-m", "trainer.seed=0,1", "nodes=1,8", "cluster=slurm", f"hydra.sweep.dir={tmp_path / 'a'}")
+    assert r.returncode == 2 and "nothing was launched" in r.stderr and "Requested node configuration" in r.stderr
+    assert slurm.submissions() == [] and len(slurm.calls("sbatch")) == 2  # one preflight per allocation
+    r = slurm.run("-m", "nodes=1,8", "cluster=slurm", "allow_partial=true", f"hydra.sweep.dir={tmp_path / 'b'}")
+    assert r.returncode == 0, r.stderr
+    points = read_manifest(tmp_path / "b").points
+    assert points[0].jobs and not points[1].jobs and "Requested node configuration" in points[1].skipped
+
+
+def test_a_thousand_points_launch_in_two_sbatch_calls_and_show_in_one_table(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = slurm.run("-m", "trainer.seed=range(500)", "nodes=1,2", "cluster=slurm", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    assert len(slurm.submissions()) == 2 and len(read_manifest(sweep).points) == 1000
+    ids = job_ids(sweep)
+    set_state(ids[3][0], "RUNNING")
+    set_state(ids[4][0], "PENDING", "RUNNING", "FAILED")
+    (sweep / "5" / "result.json").write_text("{}")
+    before = len(slurm.calls())
+    s = slurm.status(str(sweep))
+    assert s.returncode == 0, s.stderr
+    # one squeue and one sacct call, whatever the sweep's size
+    assert [c[0] for c in slurm.calls()[before:]] == ["squeue", "sacct"]
+    rows = {int(line.split()[0]): line for line in s.stdout.splitlines() if line[:1].isdigit()}
+    assert len(rows) == 1000
+    assert "running" in rows[3] and "failed" in rows[4] and "completed" in rows[5] and "pending" in rows[6]
+
+
+def test_failed_tasks_are_resubmitted_together_after_the_launch_checks(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    assert slurm.run("-m", "trainer.seed=range(4)", "cluster=slurm", f"hydra.sweep.dir={sweep}").returncode == 0
+    ids = job_ids(sweep)
+    for p in (1, 2, 3):
+        set_state(ids[p][0], "RUNNING", "FAILED")
+    # point 3's frozen config no longer passes the launch's checks: it is not resubmitted, and says why
+    point3 = json.loads((sweep / "3" / "point.json").read_text())
+    point3["config"]["cluster"]["sbatch_extra"] = {"array": "0-3"}
+    (sweep / "3" / "point.json").write_text(json.dumps(point3))
+    before = len(slurm.submissions())
+    s = slurm.status(str(sweep), "--resubmit-failed")
+    assert s.returncode == 0, s.stderr
+    assert "point 3: not resubmitted" in s.stderr and "cluster.sbatch_extra.array is not allowed" in s.stderr
+    new = slurm.submissions()[before:]
+    assert len(new) == 1  # points 1 and 2: one allocation, one array
+    after = job_ids(sweep)
+    assert after[0] == ids[0] and after[3] == ids[3]
+    assert [len(after[p]) for p in (1, 2)] == [2, 2] and {after[1][1].split("_")[0]} == {after[2][1].split("_")[0]}
+
+
+def test_a_dry_run_needs_no_slurm_and_a_local_one_trains_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")} | {"PATH": str(Path(sys.executable).parent)}
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", "-m", "trainer.seed=0,1", "nodes=2", "cluster=slurm",
+                        "dry_run=true", f"hydra.sweep.dir={tmp_path / 's'}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (script,) = (tmp_path / "s").glob("array-*.sbatch")
+    assert "#SBATCH --array=0-1%2\n" in script.read_text() and "#SBATCH --nodes=2\n" in script.read_text()
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", "nodes=2", "cluster.tasks_per_node=2", "dry_run=true",
+                        f"hydra.run.dir={tmp_path / 'l'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "dry run, nothing started" in r.stderr + r.stdout
+    assert not (tmp_path / "l/result.json").exists() and not (tmp_path / "l/model.pt").exists()
+    lines = (tmp_path / "l/dry_run.txt").read_text().splitlines()
+    assert len(lines) == 5 and "SLURM_PROCID=3" in lines[4] and "-m pipeline.worker" in lines[4]
+
+
+@pytest.mark.parametrize("key", ["array", "wrap", "chdir", "ntasks", "export", "a"])
+def test_sbatch_extra_cannot_break_one_folder_per_point(compose_cfg, key):
+    cfg = compose_cfg("cluster=slurm")
+    cfg.cluster.sbatch_extra = {key: "1"}
+    with pytest.raises(ConfigError, match=f"cluster.sbatch_extra"):
+        check_slurm_values(parse_run_config(cfg))
+
+
+@pytest.mark.parametrize("override", ["hydra.run.dir='out\nrm -rf x'", "hydra.run.dir='out\tx'"])
+def test_a_control_character_in_a_folder_is_a_configuration_error(tmp_path, override):
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", "cluster=slurm", "dry_run=true", override],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "configuration error: hydra.run.dir=" in r.stderr and "control character" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_job_ids_of_pending_array_tasks_are_expanded():
+    assert expand_job_ids("123_[4-6,9%2]") == ["123_4", "123_5", "123_6", "123_9"]
+    assert expand_job_ids("123_7") == ["123_7"] and expand_job_ids("88") == ["88"]
+
+
+def _add(sweep: str, writer: int) -> None:
+    add_submissions(Path(sweep), [(writer * 100 + i, Path(sweep) / str(writer * 100 + i), [], 1, f"{writer}_{i}")
+                                  for i in range(25)])
+
+
+def test_concurrent_writers_lose_no_manifest_entry(tmp_path):
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pool.starmap(_add, [(str(tmp_path), w) for w in range(8) for _ in range(1)])
+    with multiprocessing.get_context("fork").Pool(8) as pool:  # and again: each point's second submission
+        pool.starmap(_add, [(str(tmp_path), w) for w in range(8)])
+    points = read_manifest(tmp_path).points
+    assert len(points) == 200 and all(len(e.jobs) == 2 for e in points.values())
+
+
+# ------------------------------------------------------------------------------------------------- golden
+GOLDEN_SBATCH = GOLDEN / "sbatch"
+
+
+def rendered(compose_cfg, points: int, *overrides: str) -> str:
+    run = parse_run_config(compose_cfg("cluster=slurm", *overrides))
+    group = [PlannedPoint(i, [], run, Path(f"/SWEEP/{i}")) for i in range(points)]
+    text = render_sbatch(group, Path("/SWEEP"), "pipeline-sweep-0")
+    text = re.sub(r"/SWEEP/\.array-logs/[0-9a-f]+/", "/SWEEP/.array-logs/ARRAY/", text)
+    return text.replace(sys.executable, "PYTHON")
+
+
+@pytest.mark.parametrize("name, points, overrides", [
+    ("single", 1, ["nodes=2", "cluster.tasks_per_node=4", "cluster.gpus_per_node=4", "cluster.partition=gpu",
+                   "cluster.account=proj", "cluster.time=120", "cluster.mem=64G", "cluster.setup=['module load cuda']",
+                   "+cluster.sbatch_extra.mail-type=END"]),
+    ("array", 3, ["nodes=1", "cluster.array_parallelism=2", "cluster.exclusive=true"]),
+])
+def test_sbatch_scripts_match_the_golden_files(compose_cfg, name, points, overrides):
+    """The golden files are checked in (tests/golden/sbatch); this test only reads them. After a deliberate change
+    of the scripts, write them anew with `python -m tests.test_slurm_fake` and review the difference."""
+    assert rendered(compose_cfg, points, *overrides) == (GOLDEN_SBATCH / f"{name}.sbatch").read_text()
+
+
+if __name__ == "__main__":  # write the golden scripts anew (a deliberate change), then review `git diff`
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    GOLDEN_SBATCH.mkdir(parents=True, exist_ok=True)
+    for params in test_sbatch_scripts_match_the_golden_files.pytestmark[0].args[1]:
+        name, points, overrides = params
+
+        def compose_cfg(*o):
+            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+                return compose(config_name="config", overrides=list(o))
+        (GOLDEN_SBATCH / f"{name}.sbatch").write_text(rendered(compose_cfg, points, *overrides))
