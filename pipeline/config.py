@@ -19,10 +19,14 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Union
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# Hydra and OmegaConf are imported where they are used (composition, registration): every rank parses its frozen
+# config, as plain data, before its first step, and importing Hydra would add a tenth of a second to that.
+MISSING = "???"  # OmegaConf's mark of a required value
 
 
 class ConfigError(ValueError):
@@ -390,18 +394,27 @@ class DDPConfig:
 
 @dataclass
 class ProfilerConfig:
-    """torch.profiler over `steps` steps right after the warm-up, on the listed ranks; `nvtx` adds NVTX ranges
-    (for Nsight Systems) around the same phases."""
+    """torch.profiler over `steps` steps right after the warm-up, on the listed ranks (null: every rank, one trace
+    each in POINT_DIR/profile, as Holistic Trace Analysis reads them); `nvtx` adds NVTX ranges (for Nsight
+    Systems) around the same phases."""
 
     enabled: bool = False
-    ranks: List[int] = field(default_factory=lambda: [0])
+    ranks: Optional[List[int]] = None
     steps: int = 5
     nvtx: bool = False
 
     def __post_init__(self) -> None:
         check_at_least("profiler.steps", self.steps, 1)
-        for r in self.ranks:
+        for r in self.ranks or []:
             check_at_least("profiler.ranks", r, 0)
+
+
+@dataclass
+class ProbeConfig:
+    """Every multi-rank job measures its allocation's all-reduce before training (pipeline.job.probe): a few
+    seconds at most."""
+
+    enabled: bool = True
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -428,6 +441,7 @@ class RunConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     nodes: int = 1
     # launch options (cluster=slurm): write each point's sbatch script instead of submitting; block until every
     # job has ended; submit the points Slurm accepts even when others are rejected
@@ -592,10 +606,10 @@ def _typed_value(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}={value!r} is not allowed; it must be {expected}")
 
 
-def parse_run_config(cfg: Union[DictConfig, dict]) -> RunConfig:
+def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     """Resolve, type and validate a composed config (or its plain form, as point.json holds it). Raises
     ConfigError naming the key on bad input."""
-    if isinstance(cfg, DictConfig):
+    if not isinstance(cfg, dict):
         cfg = plain_config(cfg)
     groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
               for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
@@ -608,9 +622,11 @@ def parse_run_config(cfg: Union[DictConfig, dict]) -> RunConfig:
     return RunConfig(**{k: _typed_value(known[k], v, k) for k, v in rest.items()}, **groups)
 
 
-def plain_config(cfg: DictConfig) -> dict:
+def plain_config(cfg: "DictConfig") -> dict:
     """A composed config as plain data, interpolations resolved (an unresolvable one names its key); Hydra's
     own node stays behind."""
+    from omegaconf import OmegaConf
+
     try:
         plain = {}
         for key in cfg:
@@ -634,6 +650,8 @@ def abspath_dataset_root(run: RunConfig) -> None:
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),

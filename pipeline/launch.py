@@ -9,10 +9,17 @@ points whose allocations are identical as one job array. Imports no torch: it ru
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from pipeline.config import ConfigError, register_configs
+from pipeline.launcher.local import prestart
+
+if __name__ == "__main__":  # a single local run's ranks import torch while this process imports Hydra and composes
+    prestart(sys.argv[1:])
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.config import ConfigError, register_configs  # noqa: E402
 from pipeline.launcher.points import check_allocations, exit_on_config_error, plan_from_hydra, prepare_run, start
 from pipeline.launcher.status import wait_for_sweep
 
@@ -31,6 +38,12 @@ def main(cfg: DictConfig) -> None:
     start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
     if point.run.cluster.kind == "slurm" and point.run.wait and not point.run.dry_run:
         wait_for_sweep(folder)
+
+
+def cli() -> None:
+    """The `pipeline-launch` command: the same, its ranks started once this module is imported."""
+    prestart(sys.argv[1:])
+    main()
 
 
 if __name__ == "__main__":

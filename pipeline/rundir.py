@@ -286,6 +286,7 @@ class Point(JsonFile):
     launch_argv: list[str]
     git: GitInfo
     config: dict[str, Any]  # the resolved RunConfig as plain data (pipeline.config.to_plain)
+    sweep_dir: Optional[str] = None  # the sweep's folder (a single run's is its own), where TensorBoard runs go
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,6 +341,27 @@ class LoaderInfo:
     pin_memory: bool
     persistent_workers: bool
     prefetch_factor: Optional[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbePoint:
+    bytes: int  # the all-reduce's message
+    time_s: float  # the slowest rank's median over the timed iterations
+    algbw_gb_s: float  # bytes / time
+    busbw_gb_s: float  # algbw x 2(n-1)/n, nccl-tests' bus bandwidth
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fabric:
+    """The job's own all-reduce, measured before training (pipeline.job.probe)."""
+
+    backend: str
+    world_size: int
+    points: list[ProbePoint]
+    seconds: float  # what the probe cost
+    latency_us: Optional[float]  # fitted: per ring step
+    bandwidth_gb_s: Optional[float]  # fitted: the bus bandwidth (None: no bandwidth term could be fitted)
+    transport: Optional[str]  # NCCL's choice (nvlink, p2p, shm, infiniband, sockets), tcp for gloo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -474,6 +496,10 @@ class Result(JsonFile):
     evaluation: Optional[Evaluation] = None
     loader: Optional[LoaderInfo] = None
     tokens_per_sample: Optional[int] = None  # a language model's tokens per sequence (tokens/s = this x samples/s)
+    fabric: Optional[Fabric] = None  # the probe of a multi-rank job
+    # rank 0's start-up: seconds from its process's start to ready (imports done), rendezvous, datasets, model,
+    # trainer (DDP and all), probe, first_step
+    startup: Optional[dict[str, float]] = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,11 +5,18 @@
     torchrun --nproc-per-node=N -m pipeline.worker [overrides]   no launch: rank 0 composes the config from
                                                                  Hydra overrides, as `launch` would, and freezes it
                                                                  into hydra.run.dir; every rank trains it
+    python -m pipeline.worker --warm                             local debug mode's head start: import everything
+                                                                 while the launcher composes the config, then read
+                                                                 the point and this rank's variables from stdin
 
-Rank 0 writes POINT_DIR/result.json.
+Rank 0 writes POINT_DIR/result.json. Once a rank has left the process group it exits at once (exit_now).
 """
 
+import json
+import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline.job.run import run_from_overrides, run_point
@@ -17,11 +24,37 @@ from pipeline.rundir import POINT_NAME
 
 
 def main(argv: list[str]) -> None:
+    if argv == ["--warm"]:
+        order = sys.stdin.readline()
+        if not order:  # the launcher did not need this rank after all
+            return
+        order = json.loads(order)
+        os.environ.update(order["env"])
+        argv = [order["point_dir"]]
     if len(argv) == 1 and (Path(argv[0]) / POINT_NAME).is_file():
         run_point(argv[0])
     else:
         run_from_overrides(argv)
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown of torch: most of a second that does nothing for the run, and on
+    a failure, where the traceback still holds DDP, a destructor that can join gloo's threads under the GIL."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except SystemExit as e:  # as the interpreter would: a message goes to stderr with status 1
+        if isinstance(e.code, int) or e.code is None:
+            exit_now(e.code or 0)
+        print(e.code, file=sys.stderr)
+        exit_now(1)
+    except BaseException:
+        traceback.print_exc()
+        exit_now(1)
+    exit_now(0)

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from pipeline.config import register_configs
+from pipeline.launcher.local import RANK_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -38,23 +39,19 @@ def launch(*args: str, cwd: Path, timeout: float = 300, slurm_conf: str | None =
                           capture_output=True, timeout=timeout)
 
 
-def rank_pid(rank: int) -> int | None:
-    """The pid of a running local-mode rank with this SLURM_PROCID (read from /proc; its DataLoader workers, whose
-    parent is the rank, are not it)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if not _is_worker(proc):
-                continue
-            env = (proc / "environ").read_bytes().split(b"\0")
-            parent = Path("/proc") / (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            if _is_worker(parent):
-                continue
-        except OSError:
-            continue
-        if f"SLURM_PROCID={rank}".encode() in env and any(e.startswith(b"SLURM_JOB_ID=local-") for e in env):
-            return int(proc.name)
+def rank_pid(point_dir: Path, rank: int) -> int | None:
+    """The pid of a running local-mode rank of the point, as the launcher's header line of the rank's log names it;
+    None until the log names one, or once that process has gone."""
+    for log in Path(point_dir, "logs").glob(f"node*-rank{rank}.log"):
+        with open(log) as f:
+            header = f.readline()
+        if header.startswith(f"{RANK_HEADER} {rank} ") and header.endswith("\n"):
+            proc = Path("/proc") / header.split()[-1]
+            try:
+                if _is_worker(proc) and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    return int(proc.name)
+            except OSError:
+                pass
     return None
 
 

@@ -4,8 +4,8 @@
 import uuid
 from pathlib import Path
 
-from pipeline.rundir import (DeviceInfo, FastPath, GitInfo, PhaseSplit, Provenance, RankResult, Result, StepTime,
-                             write_json)
+from pipeline.rundir import (DeviceInfo, Fabric, FastPath, GitInfo, PhaseSplit, ProbePoint, Provenance, RankResult,
+                             Result, StepTime, write_json)
 
 PHASES = ("data", "compute", "comm")
 
@@ -13,7 +13,11 @@ PHASES = ("data", "compute", "comm")
 def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003), tasks_per_node: int = 1,
                 busy=None, node_names=None, scaling: str = "weak", per_rank_batch: int = 64, global_batch=None,
                 model: str = "mlp", precision: str = "fp32", oversubscribed: bool = False, sha: str = "a" * 40,
-                gradient_bytes: int = 407_080, steps: int = 50, run_id: str | None = None) -> Result:
+                gradient_bytes: int = 407_080, steps: int = 50, run_id: str | None = None,
+                probe: tuple[float, float] | None = None, transport: str = "tcp", backend: str = "gloo",
+                steps_per_epoch: int = 100, device: str = "cpu") -> Result:
+    """`probe`: (latency in s per ring step, bus bandwidth in bytes/s) of a synthetic fabric, which the record's
+    fabric probe then measures exactly (a multi-rank run only)."""
     world = nodes * tasks_per_node
     global_batch = global_batch or per_rank_batch * world
     per_rank_batch = global_batch // world if scaling == "strong" else per_rank_batch
@@ -32,10 +36,11 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
                 "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05}, "nodes": nodes},
         launch_mode="slurm", model=model, dataset="synthetic", nodes=nodes, tasks_per_node=tasks_per_node,
         world_size=world, model_parameters=gradient_bytes // 4, gradient_bytes=gradient_bytes,
-        device=DeviceInfo(type="cpu", name="x86_64 CPU"), backend="gloo", precision=precision,
+        device=DeviceInfo(type=device, name="x86_64 CPU" if device == "cpu" else "NVIDIA H100 80GB HBM3"),
+        backend=backend, precision=precision,
         fast_path=FastPath(data_on_device=False, channels_last=False, compile=False, pinned_memory=False),
         scaling=scaling, per_rank_batch=per_rank_batch, global_batch=global_batch, steps=steps + 5,
-        steps_per_epoch=steps + 5, warmup_steps=5, resumed_from_step=0, restart_count=0, earlier_segments=[],
+        steps_per_epoch=steps_per_epoch, warmup_steps=5, resumed_from_step=0, restart_count=0, earlier_segments=[],
         timed_steps=steps, timed_wall_s=step * steps, throughput_samples_per_s=throughput,
         throughput_per_rank_samples_per_s=throughput / world,
         step_time_s=StepTime(mean=step, median=step, p95=step), breakdown_s=PhaseSplit(**dict(zip(PHASES, breakdown))),
@@ -45,7 +50,18 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
         weights="model.pt", ranks=ranks,
         provenance=Provenance(git=GitInfo(sha=sha, dirty=False), hostnames=["h"], versions={}, slurm=None,
                               launched_at="", started_at="", first_step_at_unix=None, ended_at=""),
-        definitions={})
+        definitions={}, fabric=fabric(probe, world, transport, backend) if probe and world > 1 else None)
+
+
+def fabric(probe: tuple[float, float], world: int, transport: str, backend: str) -> Fabric:
+    latency, bandwidth = probe
+    points = []
+    for size in (8, 4096, 1 << 20, 1 << 24):
+        t = 2 * (world - 1) * latency + 2 * (world - 1) / world * size / bandwidth
+        points.append(ProbePoint(bytes=size, time_s=t, algbw_gb_s=size / t / 1e9,
+                                 busbw_gb_s=size / t * 2 * (world - 1) / world / 1e9))
+    return Fabric(backend=backend, world_size=world, points=points, seconds=0.5, latency_us=latency * 1e6,
+                  bandwidth_gb_s=bandwidth / 1e9, transport=transport)
 
 
 def write_record(folder: Path, record: Result | dict) -> Path:

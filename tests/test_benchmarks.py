@@ -36,6 +36,11 @@ def test_startup():
     assert re.search(r"launch -> first training step\s+median\s+\d+\.\d+ s", out), out
 
 
+def test_probe_cost():
+    out = bench("benchmarks/probe_cost.py", "--repeats", "1", "--ranks", "2")
+    assert re.search(r"2 gloo ranks .*probe \d+\.\d\d s median", out) and "busbw" in out, out
+
+
 def test_collect_speed():
     out = bench("benchmarks/collect_speed.py", "--records", "100")
     assert "process start to exit" in out, out

@@ -21,8 +21,9 @@ from tests.conftest import launch, rank_pid
 
 def saved(folder, step, run_id="run-a", config=None):
     model = torch.nn.Linear(2, 2)
-    Checkpoints(folder, run_id, config or {"x": 1}).save(model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1),
-                                                         scheduler=None, step=step, segments=[])
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    Checkpoints(folder, run_id, config or {"x": 1}).save(model=model, optimizer=optimizer, scheduler=None, step=step,
+                                                         segments=[])
 
 
 def test_a_broken_checkpoint_falls_back_to_the_one_before_then_to_none(tmp_path, caplog):
@@ -60,11 +61,12 @@ def test_a_truncated_last_checkpoint_resumes_from_the_one_before_to_the_same_wei
                              f"hydra.run.dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while not ((run_dir / "progress.json").is_file() and json.loads((run_dir / "progress.json").read_text())["step"] >= 200):
+    progress = run_dir / "progress.json"
+    while not (progress.is_file() and json.loads(progress.read_text())["step"] >= 200):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     for rank in (0, 1):
-        os.kill(rank_pid(rank), signal.SIGUSR2)
+        os.kill(rank_pid(run_dir, rank), signal.SIGUSR2)
     proc.communicate(timeout=120)
     last = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
     before = torch.load(run_dir / "checkpoint.prev.pt", weights_only=True)["step"]

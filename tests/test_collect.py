@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline.collector.forecast import fit_alpha_beta
 from pipeline.collector.records import load_runs
-from pipeline.collector.scaling import aggregate, fit_alpha_beta, regressions, t975
+from pipeline.collector.scaling import aggregate, regressions, t975
 from tests.conftest import GOLDEN, launch
 from tests.records_factory import make_record, write_record
 
@@ -87,7 +88,8 @@ def test_oversubscribed_runs_are_apart_and_never_a_baseline(tmp_path):
     assert set(clean) == {1, 2} and set(over) == {4}
     assert over[4].speedup is None and over[4].efficiency is None and over[4].baseline_nodes is None
     assert "oversubscribed" in over[4].group
-    assert not [m for m in models if "oversubscribed" in m.group][0].fitted
+    analysis = [m for m in models if "oversubscribed" in m.group][0]
+    assert "oversubscribed" in analysis.fit.missing and not analysis.fit.predictions and analysis.cost is None
 
 
 ALPHA, BANDWIDTH, NBYTES = 25e-6, 2e9, 4_000_000
@@ -109,26 +111,92 @@ def test_alpha_beta_parameters_are_recovered():
     assert alpha == 0.0 and beta == pytest.approx(14000 / 52e12, rel=1e-9)
 
 
-def test_model_fit_and_predictions_from_synthetic_runs(tmp_path):
-    work, batch = 0.010, 64  # data + compute per step (s), per-rank batch
-    recs = []
-    for nodes in (1, 2, 4, 8):
-        step = work + comm_model(nodes)
-        recs.append(make_record(nodes=nodes, throughput=batch * nodes / step, per_rank_batch=batch,
-                                breakdown=(0.002, work - 0.002, comm_model(nodes)), gradient_bytes=NBYTES))
+def synthetic_sweep(repeats=2, nodes=(1, 2, 4, 8), jitter=0.02, probe=(ALPHA, BANDWIDTH)):
+    """Weak scaling on a synthetic fabric: each run's comm phase and probe follow the ring model exactly; its
+    data + compute varies by +-jitter between repeats."""
+    work, batch, recs = 0.010, 64, []
+    for n in nodes:
+        for k in range(repeats):
+            w = work * (1 + jitter * (k - (repeats - 1) / 2))
+            step = w + comm_model(n)
+            recs.append(make_record(nodes=n, throughput=batch * n / step, per_rank_batch=batch,
+                                    breakdown=(0.002, w - 0.002, comm_model(n) if n > 1 else 0.0),
+                                    gradient_bytes=NBYTES, probe=probe))
+    return work, recs
+
+
+def test_the_probe_model_predicts_from_the_probes_with_intervals(tmp_path):
+    work, recs = synthetic_sweep()
     rows, models, _ = collect(tmp_path, recs)
-    m = models[0]
-    assert m.fitted and m.alpha_us == pytest.approx(25.0, rel=1e-6) and m.bandwidth_gb_s == pytest.approx(2.0)
-    for nodes, (measured, predicted) in m.measured.items():
-        assert predicted == pytest.approx(measured, rel=1e-9)
-    # weak scaling: efficiency(N) = step(1) / step(N)
-    assert m.predicted[64] == pytest.approx(work / (work + comm_model(64)))
-    assert by_nodes(rows)[8].predicted_efficiency == pytest.approx(by_nodes(rows)[8].efficiency)
+    f = models[0].probes
+    assert f.missing == "" and f.latency_us == pytest.approx(25.0) and f.bandwidth_gb_s == pytest.approx(2.0)
+    by = {p.nodes: p for p in f.predictions}
+    # weak scaling, no overlap: efficiency(N) = step(1) / step(N); the measured runs are exactly that
+    assert by[64].predicted == pytest.approx(work / (work + comm_model(64)), rel=1e-3)
+    assert by[64].low < by[64].predicted < by[64].high
+    assert all(abs(by[n].error) < 1e-3 for n in (2, 4, 8)) and by[1].predicted == 1.0
+    assert by_nodes(rows)[8].predicted_efficiency == pytest.approx(by[8].predicted)
+    assert "16 nodes" in f.next_measurement
 
 
-def test_too_few_points_to_fit_is_said(tmp_path):
+def test_the_fitted_model_recovers_latency_and_bandwidth_with_resampled_intervals(tmp_path):
+    work, recs = synthetic_sweep()
+    _, models, _ = collect(tmp_path, recs)
+    f = models[0].fit
+    assert f.latency_us == pytest.approx(25.0, rel=1e-6) and f.bandwidth_gb_s == pytest.approx(2.0)
+    by = {p.nodes: p for p in f.predictions}
+    assert by[64].predicted == pytest.approx(work / (work + comm_model(64)), rel=1e-3)
+    assert by[64].low <= by[64].predicted <= by[64].high
+
+
+def test_intervals_widen_with_fewer_repeats_and_go_without_them(tmp_path):
+    widths = []
+    for repeats in (4, 2):
+        _, recs = synthetic_sweep(repeats=repeats, jitter=0.05)
+        _, models, _ = collect(tmp_path / str(repeats), recs)
+        p64 = [p for p in models[0].probes.predictions if p.nodes == 64][0]
+        widths.append(p64.high - p64.low)
+    assert widths[1] > widths[0] > 0
+    _, recs = synthetic_sweep(repeats=1)
+    _, models, _ = collect(tmp_path / "once", recs)
+    for f in (models[0].probes, models[0].fit):
+        assert "needs two runs" in f.missing and all(p.predicted is None for p in f.predictions if p.nodes > 1)
+        assert "repeat the measured node counts" in f.next_measurement
+
+
+def test_too_few_points_or_no_probes_are_said(tmp_path):
     _, models, _ = collect(tmp_path, [make_record(nodes=1, throughput=100), make_record(nodes=2, throughput=190)])
-    assert not models[0].fitted and "too few points to fit" in models[0].reason
+    assert "too few points to fit" in models[0].fit.missing and "no fabric probes" in models[0].probes.missing
+
+
+def test_the_cost_view_names_the_knee(tmp_path):
+    # 1 -> 2 nodes adds 900 samples/s (90% of a baseline node's 1000), 2 -> 4 adds 600 per node (60%),
+    # 4 -> 8 adds 150 per node (15%): beyond 4 nodes each added node buys less than half its cost
+    recs = [make_record(nodes=n, throughput=t, steps_per_epoch=1000 // n, per_rank_batch=64, device="cuda")
+            for n, t in ((1, 1000), (2, 1900), (4, 3100), (8, 3700))]
+    _, models, _ = collect(tmp_path, recs)
+    cost = models[0].cost
+    assert cost.knee == 4 and "beyond 4 node(s)" in cost.summary
+    assert [round(p.marginal, 3) if p.marginal else None for p in cost.points] == [None, 0.9, 0.6, 0.15]
+    # an epoch at 1 node: 1000 steps x 64 samples = 64,000 samples; at 1000 samples/s, 64 s on 1 GPU
+    assert cost.points[0].epoch_s == pytest.approx(64.0) and cost.points[0].gpu_hours == pytest.approx(64 / 3600)
+
+
+def test_a_run_of_one_rank_has_no_comm_phase(tmp_path):
+    from pipeline.collector.report import row_cells
+
+    rows, _, _ = collect(tmp_path, [make_record(nodes=1, throughput=100, breakdown=(0.001, 0.009, 0.0))])
+    assert rows[0].share_comm == 0.0 and row_cells(rows[0])[11] == "-"
+
+
+def test_fabric_flags(tmp_path):
+    recs = [make_record(nodes=2, throughput=1000, probe=(5e-6, 10e9), backend="nccl", transport="infiniband"),
+            make_record(nodes=2, throughput=1000, probe=(5e-6, 10e9), backend="nccl", transport="infiniband"),
+            make_record(nodes=2, throughput=900, probe=(5e-6, 1e9), backend="nccl", transport="sockets",
+                        per_rank_batch=32)]
+    rows, _, _ = collect(tmp_path, recs)
+    slow = [r for r in rows if r.fabric_flag]
+    assert len(slow) == 1 and "TCP sockets" in slow[0].fabric_flag and "below 50%" in slow[0].fabric_flag
 
 
 def test_bad_records_are_listed_and_the_rest_aggregated(tmp_path):
@@ -168,7 +236,7 @@ def test_the_golden_record_of_a_real_run_is_read():
     assert run.group.model == "mlp" and run.group.batch == 64 and run.group.git_sha.startswith("cf33c15")
     assert sum(run.breakdown) == pytest.approx(0.004477392687499915)
     rows, models = aggregate(runs)
-    assert rows[0].efficiency == 1.0 and not models[0].fitted
+    assert rows[0].efficiency == 1.0 and models[0].fit.missing and models[0].probes.missing
 
 
 def test_regression_check_against_a_baseline(tmp_path):
@@ -194,10 +262,12 @@ def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path):
                        text=True, cwd=tmp_path)
     assert c.returncode == 0, c.stderr
     assert "2 runs in 1 groups" in c.stdout and "mlp/synthetic weak per-rank batch 64" in c.stdout
-    for name in ("scaling.csv", "scaling.json", "report.md", "speedup.png", "efficiency.png", "breakdown.png"):
+    for name in ("scaling.csv", "scaling.json", "report.md", "speedup-1.png", "efficiency-1.png",
+                 "breakdown-1.png", "cost-1.png"):
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text()
-    assert "![speedup](speedup.png)" in report and "## Definitions" in report and "too few points" in report
+    assert "![speedup-1](speedup-1.png)" in report and "## Definitions" in report and "too few points" in report
+    assert "## Cost" in report and "gloo:tcp" in (out / "scaling.csv").read_text()
     rows = json.loads((out / "scaling.json").read_text())["rows"]
     assert [row["nodes"] for row in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
     # against itself with an impossible bar: every point "regressed"

@@ -11,7 +11,8 @@ import pipeline.collector
 import pipeline.launcher
 from tests.conftest import REPO
 
-HEAVY = "sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'pipeline.job', 'pipeline.workloads.models')))"
+HEAVY = ("sorted(m for m in sys.modules if m == 'torch' or "
+         "m.startswith(('torch.', 'pipeline.job', 'pipeline.workloads.models')))")
 
 
 def loaded_after(code: str) -> str:

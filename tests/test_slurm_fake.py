@@ -137,13 +137,19 @@ def test_failed_tasks_are_resubmitted_together_after_the_launch_checks(slurm, tm
 
 
 def test_a_dry_run_needs_no_slurm_and_a_local_one_trains_nothing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")} | {"PATH": str(Path(sys.executable).parent)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env["PATH"] = str(Path(sys.executable).parent)
     r = subprocess.run([sys.executable, "-m", "pipeline.launch", "-m", "trainer.seed=0,1", "nodes=2", "cluster=slurm",
                         "dry_run=true", f"hydra.sweep.dir={tmp_path / 's'}"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     (script,) = (tmp_path / "s").glob("array-*.sbatch")
     assert "#SBATCH --array=0-1%2\n" in script.read_text() and "#SBATCH --nodes=2\n" in script.read_text()
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", "cluster=slurm", "dry_run=true", "nodes=2",
+                        f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2\n" in (tmp_path / "one/job.sbatch").read_text()
     r = subprocess.run([sys.executable, "-m", "pipeline.launch", "nodes=2", "cluster.tasks_per_node=2", "dry_run=true",
                         f"hydra.run.dir={tmp_path / 'l'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
@@ -158,7 +164,7 @@ def test_a_dry_run_needs_no_slurm_and_a_local_one_trains_nothing(tmp_path):
 def test_sbatch_extra_cannot_break_one_folder_per_point(compose_cfg, key):
     cfg = compose_cfg("cluster=slurm")
     cfg.cluster.sbatch_extra = {key: "1"}
-    with pytest.raises(ConfigError, match=f"cluster.sbatch_extra"):
+    with pytest.raises(ConfigError, match="cluster.sbatch_extra"):
         check_slurm_values(parse_run_config(cfg))
 
 

@@ -137,11 +137,12 @@ def test_dataloader_and_memory_take_the_same_batches_and_resume_exactly(tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.launch", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while not ((loader / "progress.json").is_file() and json.loads((loader / "progress.json").read_text())["step"] >= 100):
+    progress = loader / "progress.json"
+    while not (progress.is_file() and json.loads(progress.read_text())["step"] >= 100):
         assert time.monotonic() < deadline and proc.poll() is None, "the run did not get going"
         time.sleep(0.05)
     for rank in (0, 1):  # as Slurm signals every task before preemption
-        os.kill(rank_pid(rank), signal.SIGUSR2)
+        os.kill(rank_pid(loader, rank), signal.SIGUSR2)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "rank 0 (simulated node 0) failed first, exit code 75" in out, out
     checkpoint = torch.load(loader / "checkpoint.pt", weights_only=True)

@@ -36,6 +36,17 @@ class GroupKey(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A run's fabric probe, reduced: the fitted ring model and the largest message's bus bandwidth."""
+
+    latency_s: float | None
+    bandwidth_bytes_s: float | None
+    busbw_gb_s: float  # at the largest message probed
+    transport: str | None
+    backend: str
+
+
+@dataclass(frozen=True)
 class Run:
     """One record, reduced to what the collector uses."""
 
@@ -52,6 +63,10 @@ class Run:
     slowest_host: str
     oversubscribed: bool
     gradient_bytes: int
+    samples_per_epoch: int  # steps per epoch x global batch
+    device_type: str  # "cuda" or "cpu": GPU-hours are counted on GPUs
+    probe: Probe | None  # the fabric probe of a multi-rank run (None before probes, or when disabled)
+    hosts: tuple[tuple[int, str], ...]  # (rank, Slurm node name) of every rank
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,18 @@ def _reduce(path: str, rec: Result) -> Run:
                global_batch=rec.global_batch, throughput=rec.throughput_samples_per_s,
                breakdown=(b.data, b.compute, b.comm), skew=busy[slowest] / median if median > 0 else 1.0,
                slowest_rank=ranks[slowest].rank, slowest_host=ranks[slowest].node_name,
-               oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes)
+               oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes,
+               samples_per_epoch=rec.steps_per_epoch * rec.global_batch, device_type=rec.device.type,
+               probe=_probe(rec), hosts=tuple((r.rank, r.node_name) for r in ranks))
+
+
+def _probe(rec: Result) -> Probe | None:
+    f = rec.fabric
+    if f is None or not f.points:
+        return None
+    return Probe(latency_s=f.latency_us / 1e6 if f.latency_us is not None else None,
+                 bandwidth_bytes_s=f.bandwidth_gb_s * 1e9 if f.bandwidth_gb_s is not None else None,
+                 busbw_gb_s=f.points[-1].busbw_gb_s, transport=f.transport, backend=f.backend)
 
 
 def read_one(path: str) -> Run | Problem:

@@ -1,4 +1,5 @@
-"""The collector's outputs: a terminal table, CSV and JSON of every row, and a Markdown report with PNG plots."""
+"""The collector's outputs: a terminal table, CSV and JSON of every row and analysis, and a Markdown report with
+PNG plots (speedup, efficiency, step breakdown, cost; every group, a few to a figure)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
 
+from pipeline.collector.cost import COST_FRACTION
 from pipeline.collector.records import Problem
-from pipeline.collector.scaling import DEFINITIONS, Row, ScalingModel, to_dicts
+from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
 
-MAX_PLOTTED_GROUPS = 6  # beyond this a plot is unreadable (and slow to draw); the tables list every group
-COLUMNS = ("nodes", "ranks", "runs", "samples/s", "+-95%", "per rank", "speedup", "efficiency", "model eff",
-           "data", "compute", "comm", "skew", "straggler")
+GROUPS_PER_FIGURE = 4  # beyond this a figure's legend crowds its lines; more groups make more figures
+COLUMNS = ("nodes", "ranks", "runs", "samples/s", "+-95%", "per rank", "speedup", "efficiency", "probe model",
+           "data", "compute", "comm", "skew", "straggler", "busbw GB/s")
 
 
 def _f(value, fmt: str) -> str:
@@ -25,8 +27,9 @@ def row_cells(r: Row) -> list[str]:
     return [str(r.nodes), str(r.world_size), str(r.runs), _f(r.throughput, ".1f"), _f(r.throughput_ci, ".1f"),
             _f(r.throughput_per_rank, ".1f"), _f(r.speedup, ".2f"),
             _f(r.efficiency, ".1%") + (f" +-{r.efficiency_ci:.1%}" if r.efficiency_ci is not None else ""),
-            _f(r.predicted_efficiency, ".1%"), f"{r.share_data:.0%}", f"{r.share_compute:.0%}", f"{r.share_comm:.0%}",
-            f"{r.skew:.2f}", f"{r.straggler_host} (rank {r.straggler_rank})"]
+            _f(r.predicted_efficiency, ".1%"), f"{r.share_data:.0%}", f"{r.share_compute:.0%}",
+            f"{r.share_comm:.0%}" if r.world_size > 1 else "-",  # one rank: no communication
+            f"{r.skew:.2f}", f"{r.straggler_host} (rank {r.straggler_rank})", _f(r.busbw_gb_s, ".3g")]
 
 
 def terminal_table(rows: list[Row]) -> str:
@@ -38,10 +41,12 @@ def terminal_table(rows: list[Row]) -> str:
         if oversubscribed:
             out.append("\nOVERSUBSCRIBED runs (more processes than cores; not scaling, never a baseline):")
         for group, members in groupby(selected, key=lambda r: r.group):
+            members = list(members)
             table = [list(COLUMNS)] + [row_cells(r) for r in members]
             widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
             out.append(f"\n{group}")
             out += ["  " + "  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table]
+            out += [f"  FABRIC {r.nodes} node(s): {r.fabric_flag}" for r in members if r.fabric_flag]
     return "\n".join(out).lstrip("\n")
 
 
@@ -53,98 +58,215 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writerows(dicts)
 
 
-def write_scaling_json(rows: list[Row], models: list[ScalingModel], problems: list[Problem], path: Path) -> None:
+def write_scaling_json(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Problem], path: Path) -> None:
     write_json(path, {"schema_version": 1, "definitions": DEFINITIONS, "rows": to_dicts(rows),
-                             "models": [asdict(m) for m in models], "problems": [asdict(p) for p in problems]})
+                      "analyses": [asdict(a) for a in analyses], "problems": [asdict(p) for p in problems]})
 
 
-def plot(rows: list[Row], out_dir: Path) -> list[str]:
-    """speedup.png (with the ideal line), efficiency.png, breakdown.png; returns the file names."""
+# ------------------------------------------------------------------------------------------------- plots
+def plot(rows: list[Row], analyses: list[GroupAnalysis], out_dir: Path) -> list[str]:
+    """speedup-K.png, efficiency-K.png, breakdown-K.png and cost-K.png for every GROUPS_PER_FIGURE groups;
+    returns the file names."""
     from matplotlib.figure import Figure  # without pyplot: no GUI backend, and 0.2 s less to import
 
+    by_group = {a.group: a for a in analyses}
     groups = [(g, list(m)) for g, m in groupby([r for r in rows if not r.oversubscribed], key=lambda r: r.group)]
-    groups = groups[:MAX_PLOTTED_GROUPS]
-    if not groups:
-        return []
     names = []
-    for metric, ylabel in (("speedup", "speedup vs. baseline"), ("efficiency", "scaling efficiency")):
-        fig = Figure(figsize=(8, 5))
-        ax = fig.subplots()
-        all_nodes = sorted({r.nodes for _, m in groups for r in m})
-        for group, members in groups:
-            ax.plot([r.nodes for r in members], [getattr(r, metric) for r in members], marker=".", label=group)
-        base = min(m[0].nodes for _, m in groups)
-        ideal = [n / base for n in all_nodes] if metric == "speedup" else [1.0] * len(all_nodes)
-        ax.plot(all_nodes, ideal, "k--", label="ideal")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(all_nodes, [str(n) for n in all_nodes])
-        ax.set_xlabel("nodes")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.savefig(out_dir / f"{metric}.png", dpi=90)
-        names.append(f"{metric}.png")
-    cols = min(3, len(groups))
-    rows_ = -(-len(groups) // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.8 * rows_))
-    axes = fig.subplots(rows_, cols, squeeze=False)
-    fig.subplots_adjust(hspace=0.45, wspace=0.3, left=0.07, right=0.97, top=0.93, bottom=0.1)
-    for ax in axes.flat[len(groups):]:
+    for k in range(0, len(groups), GROUPS_PER_FIGURE):
+        chunk, part = groups[k:k + GROUPS_PER_FIGURE], k // GROUPS_PER_FIGURE + 1
+        for metric in ("speedup", "efficiency"):
+            fig = Figure(figsize=(9, 5.5), layout="constrained")
+            _scaling_axes(fig.subplots(), chunk, by_group, metric)
+            names.append(_save(fig, out_dir, f"{metric}-{part}.png"))
+        names.append(_save(_panels(Figure, chunk, _breakdown_axes), out_dir, f"breakdown-{part}.png"))
+        names.append(_save(_panels(Figure, chunk, lambda ax, group, _: _cost_axes(ax, group, by_group[group].cost)),
+                           out_dir, f"cost-{part}.png"))
+    return names
+
+
+def _panels(Figure, chunk, draw):
+    """A figure with one panel per group, two to a row; draw(ax, group, members) fills each."""
+    rows, cols = (len(chunk) + 1) // 2, min(len(chunk), 2)
+    fig = Figure(figsize=(4.6 * cols, 3.9 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax, (group, members) in zip(axes, chunk):
+        draw(ax, group, members)
+    for ax in axes[len(chunk):]:
         ax.set_visible(False)
-    for ax, (group, members) in zip(axes.flat, groups):
-        x = [str(r.nodes) for r in members]
-        bottom = [0.0] * len(members)
-        for i, (phase, color) in enumerate((("data", "tab:blue"), ("compute", "tab:orange"), ("comm", "tab:red"))):
-            heights = [r.breakdown_s[i] * 1e3 for r in members]
-            ax.bar(x, heights, bottom=bottom, label=phase, color=color)
-            bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_title(group.replace(" sgd", "\nsgd"), fontsize=6)
-        ax.set_xlabel("nodes")
-        ax.set_ylabel("ms per step")
-        ax.legend(fontsize=6)
-    fig.savefig(out_dir / "breakdown.png", dpi=90)
-    return names + ["breakdown.png"]
+    return fig
 
 
-def markdown(rows: list[Row], models: list[ScalingModel], problems: list[Problem], plots: list[str],
+def _save(fig, out_dir: Path, name: str) -> str:
+    fig.savefig(out_dir / name, dpi=100, bbox_inches="tight")  # nothing clipped, whatever the labels' length
+    return name
+
+
+def _log2_nodes(ax, nodes: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(nodes, [str(n) for n in nodes])
+    ax.set_xlabel("nodes")
+    ax.grid(alpha=0.3)
+
+
+def _scaling_axes(ax, chunk, by_group: dict[str, GroupAnalysis], metric: str) -> None:
+    """Measured points with their 95% intervals, the ideal line, and the probe model's prediction (with its
+    interval as a band) where it has one. Speedup and efficiency are never negative: intervals stop at 0 (at an
+    eighth of the value on the speedup's log axis)."""
+    nodes = sorted({r.nodes for _, m in chunk for r in m})
+    predicted_any = False
+    for i, (group, members) in enumerate(chunk):
+        color = f"C{i}"
+        x = [r.nodes for r in members]
+        if metric == "speedup":
+            y = [r.speedup for r in members]
+            err = [r.speedup * r.efficiency_ci / r.efficiency if r.efficiency_ci and r.efficiency else 0.0
+                   for r in members]
+        else:
+            y, err = [r.efficiency for r in members], [r.efficiency_ci or 0.0 for r in members]
+        floor = [v / 8 if metric == "speedup" else 0.0 for v in y]  # a log axis has no 0
+        ax.errorbar(x, y, yerr=[[min(e, v - f) for e, v, f in zip(err, y, floor)], err], marker="o", capsize=3,
+                    color=color, label=group)
+        base = members[0].nodes
+        predictions = [p for p in by_group[group].probes.predictions if p.predicted is not None]
+        if predictions:
+            predicted_any = True
+            px = [p.nodes for p in predictions]
+            scale = [n / base if metric == "speedup" else 1.0 for n in px]
+            ax.plot(px, [p.predicted * k for p, k in zip(predictions, scale)], "--", color=color)
+            ax.fill_between(px, [max(p.low, p.predicted / 8) * k for p, k in zip(predictions, scale)],
+                            [p.high * k for p, k in zip(predictions, scale)], color=color, alpha=0.12)
+            nodes = sorted(set(nodes) | set(px))
+    base = min(m[0].nodes for _, m in chunk)
+    ax.plot(nodes, [n / base if metric == "speedup" else 1.0 for n in nodes], "k:", label="ideal")
+    if predicted_any:  # one legend entry for every group's dashed line: its colour names the group
+        ax.plot([], [], "--", color="gray", label="predicted from the fabric probes (lower bound: no overlap of the "
+                                                  "all-reduce with backward); band: its 95% interval")
+    _log2_nodes(ax, nodes)
+    if metric == "speedup":  # log-log, so that ideal scaling is a straight line
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(_plain_numbers())
+        ax.set_ylabel("speedup vs. the group's smallest node count")
+    else:
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("scaling efficiency")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _breakdown_axes(ax, group: str, members: list[Row]) -> None:
+    x = [str(r.nodes) for r in members]
+    bottom = [0.0] * len(members)
+    for i, (phase, color) in enumerate((("data", "tab:blue"), ("compute", "tab:orange"), ("comm", "tab:red"))):
+        heights = [r.breakdown_s[i] * 1e3 for r in members]
+        ax.bar(x, heights, bottom=bottom, label=phase, color=color)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_title(group, fontsize=7, wrap=True)
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("ms per step")
+    ax.legend(fontsize=7)
+
+
+def _cost_axes(ax, group: str, cost) -> None:
+    """One group: what an epoch costs (bars, node-hours or GPU-hours) and how long it takes (line, right axis),
+    with the knee marked. One panel per group, since groups' costs differ by orders of magnitude."""
+    ax.set_title(group, fontsize=7, wrap=True)
+    if cost is None or not cost.points:
+        ax.text(0.5, 0.5, "no cost view: no measured throughput", ha="center", va="center", transform=ax.transAxes)
+        return
+    x = [str(p.nodes) for p in cost.points]
+    gpu = cost.points[0].gpu_hours is not None
+    hours = [p.gpu_hours if gpu else p.node_hours for p in cost.points]
+    ax.bar(x, hours, color="tab:blue", alpha=0.7, label="GPU-hours per epoch" if gpu else "node-hours per epoch")
+    ax.set_ylabel("GPU-hours per epoch" if gpu else "node-hours per epoch")
+    ax.set_xlabel("nodes")
+    time_ax = ax.twinx()
+    time_ax.plot(x, [p.epoch_s / 60 for p in cost.points], marker="o", color="black", label="minutes per epoch")
+    time_ax.set_ylabel("minutes per epoch (time to result)")
+    time_ax.set_ylim(bottom=0)
+    for axis in (ax, time_ax):
+        axis.yaxis.set_major_formatter(_plain_numbers())
+    if cost.knee is not None:
+        ax.axvline(x.index(str(cost.knee)), color="tab:red", linestyle="--",
+                   label=f"knee at {cost.knee}: a node more buys < {COST_FRACTION:.0%} of its cost")
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = time_ax.get_legend_handles_labels()
+    ax.legend(handles + more, labels + more_labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+              ncols=2)
+
+
+def _plain_numbers():
+    """Tick labels with 3 significant digits and no offset text (which collides with titles)."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:.3g}")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Problem], plots: list[str],
              regressions: list[str]) -> str:
     lines = ["# Scaling report", ""]
     if regressions:
         lines += ["## Regressions against the baseline", ""] + [f"- {r}" for r in regressions] + [""]
+    flagged = [r for r in rows if r.fabric_flag]
+    if flagged:
+        lines += ["## Fabric warnings", ""] + [f"- {r.group}, {r.nodes} node(s) ({r.transport}): {r.fabric_flag}"
+                                                for r in flagged] + [""]
     lines += ["## Results", ""]
     for group, members in groupby(rows, key=lambda r: r.group):
         lines += [f"### {group}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(row_cells(r)) + " |" for r in members]
         lines.append("")
     if plots:
-        plotted = len({r.group for r in rows if not r.oversubscribed})
-        note = f" (the first {MAX_PLOTTED_GROUPS} of {plotted} groups)" if plotted > MAX_PLOTTED_GROUPS else ""
-        lines += ["## Plots" + note, ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
-    lines += ["## Scaling model", ""]
-    for m in models:
-        lines.append(f"### {m.group}")
-        if not m.fitted:
-            lines += ["", f"Not fitted: {m.reason}.", ""]
+        lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
+    lines += ["## Forecast", ""]
+    for a in analyses:
+        lines += [f"### {a.group}", ""]
+        for forecast in (a.probes, a.fit):
+            lines += _forecast_lines(forecast)
+        if a.hosts:
+            lines += ["Ranks at the largest node count: " +
+                      ", ".join(f"{r} on {h}" for r, h in sorted(a.hosts.items())), ""]
+    lines += ["## Cost", ""]
+    for a in analyses:
+        if a.cost is None:
             continue
-        bandwidth = f"{m.bandwidth_gb_s:.3g} GB/s" if m.bandwidth_gb_s else "unbounded (fit gave 0 s/byte)"
-        lines += ["", f"alpha (latency per ring step) = {m.alpha_us:.3g} us; effective bandwidth = {bandwidth}; "
-                      f"gradient = {m.gradient_bytes:,} bytes", "", "| nodes | measured efficiency | model |",
-                  "|---|---|---|"]
-        lines += [f"| {n} | {_f(meas, '.1%')} | {_f(pred, '.1%')} |" for n, (meas, pred) in m.measured.items()]
-        lines += [f"| {n} (predicted) | | {pred:.1%} |" for n, pred in m.predicted.items()] + [""]
+        gpu = any(p.gpu_hours is not None for p in a.cost.points)
+        lines += [f"### {a.group}", "", f"{a.cost.summary}.", "",
+                  f"| nodes | time per epoch | {'GPU-hours' if gpu else 'node-hours'} per epoch | marginal value |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p.nodes} | {p.epoch_s / 60:.3g} min | {(p.gpu_hours if gpu else p.node_hours):.3g} | "
+                  f"{_f(p.marginal, '.0%')} |" for p in a.cost.points] + [""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
     if problems:
         lines += ["## Records not used", ""] + [f"- `{p.path}`: {p.reason}" for p in problems] + [""]
     return "\n".join(lines)
 
 
-def write_report(out_dir: Path, rows, models, problems, regressions, with_plots: bool = True) -> Path:
+def _forecast_lines(f) -> list[str]:
+    title = ("From the fabric probes" if f.source == "probes" else "Fitted to the measured comm phase")
+    lines = [f"**{title}**"]
+    if f.latency_us is not None:
+        bandwidth = f"{f.bandwidth_gb_s:.3g} GB/s" if f.bandwidth_gb_s else "unbounded (no bandwidth term)"
+        lines.append(f"latency {f.latency_us:.3g} us per ring step; bandwidth {bandwidth}; gradient "
+                     f"{f.gradient_bytes:,} bytes")
+    if f.missing:
+        lines.append(f"No numbers where an interval is missing: {f.missing}.")
+    rows = [p for p in f.predictions if p.predicted is not None]
+    if rows:
+        lines += ["", "| nodes | measured efficiency | predicted (95% interval) | error |", "|---|---|---|---|"]
+        lines += [f"| {p.nodes} | {_f(p.measured, '.1%')} | {p.predicted:.1%} ({p.low:.1%} to {p.high:.1%}) | "
+                  f"{_f(p.error, '+.1%')} |" for p in rows]
+    if f.next_measurement:
+        lines += ["", f"Next to measure: {f.next_measurement}."]
+    return lines + [""]
+
+
+def write_report(out_dir: Path, rows, analyses, problems, regressions, with_plots: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "scaling.csv")
-    write_scaling_json(rows, models, problems, out_dir / "scaling.json")
-    plots = plot(rows, out_dir) if with_plots else []
+    write_scaling_json(rows, analyses, problems, out_dir / "scaling.json")
+    plots = plot(rows, analyses, out_dir) if with_plots else []
     report = out_dir / "report.md"
-    report.write_text(markdown(rows, models, problems, plots, regressions))
+    report.write_text(markdown(rows, analyses, problems, plots, regressions))
     return report
 
 

@@ -1,6 +1,7 @@
 """Scaling metrics: repeats combined, speedup and efficiency against a baseline, where the step time goes,
-stragglers, and a fitted alpha-beta model of the gradient all-reduce. Each figure's definition is in
-DEFINITIONS, and the report prints them. Pure Python and numpy: no torch."""
+stragglers, the fabric each run measured; and per group the forecasts (collector/forecast.py) and the cost view
+(collector/cost.py). Each figure's definition is in DEFINITIONS, and the report prints them. Pure Python and
+numpy: no torch."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from itertools import groupby
 
 import numpy as np
 
+from pipeline.collector.cost import COST_FRACTION, CostView, cost_view
+from pipeline.collector.forecast import Baseline, Forecast, from_fit, from_probes, t975
 from pipeline.collector.records import GroupKey, Run
 
-PREDICT_AT = (8, 16, 64)
+SLOW_FABRIC = 0.5  # a probe whose bus bandwidth is below this fraction of the median at its world size is flagged
 
 DEFINITIONS = {
     "group": "runs that differ only in node count: same model and dataset (and their configs), per-rank batch "
@@ -29,27 +32,31 @@ DEFINITIONS = {
                   "N / N_base), the same expression. Its interval propagates both throughputs' relative intervals "
                   "in quadrature.",
     "data / compute / comm share": "each phase's share of the mean step time (phases as defined in the records: "
-                                   "comm is the all-reduce time not hidden behind backward)",
+                                   "comm is the all-reduce time not hidden behind backward; a run of one rank has "
+                                   "no communication, so no comm phase: shown as -)",
     "straggler skew": "per run, the slowest rank's median busy time (data + compute per step, i.e. the step "
                       "without waiting for communication, which DDP's all-reduce evens out) over the median "
                       "rank's; the host is that rank's Slurm node; averaged over repeats, host of the worst run",
-    "model": "ring all-reduce alpha-beta model, fitted by non-negative least squares to the measured comm time "
-             "per step of every run with more than one rank: comm(P) = alpha x 2(P-1) + 2(P-1)/P x bytes / "
-             "bandwidth, P ranks, bytes the gradient bytes. Because the measured comm is the part not overlapped "
-             "with backward, the bandwidth is an effective one. Predicted step(P) = the baseline's data + compute "
-             "(scaled by P_base/P in strong scaling) + comm(P); predicted efficiency compares predicted "
-             "throughputs as above.",
+    "fabric": "each multi-rank job's all-reduce, probed before training on its own allocation and backend: "
+              "algbw = bytes / time, busbw = algbw x 2(n-1)/n (nccl-tests' definitions), time the slowest rank's "
+              "median; latency and bandwidth fitted to time = 2(n-1) latency + 2(n-1)/n bytes / bandwidth. "
+              f"Flagged: a multi-node NCCL job on TCP sockets; a busbw below {SLOW_FABRIC:.0%} of the median of "
+              "the collection's probes at the same world size",
+    "forecast": "step(P) = (data + compute)_base x (P_base/P in strong scaling) + comm(P), comm(P) = 2(P-1) "
+                "latency + 2(P-1)/P gradient_bytes / bandwidth; efficiency as above from the predicted throughputs. "
+                "'probes': latency and bandwidth from the fabric probes (of the largest measured node count <= N), "
+                "independent of the training times; comm(P) is the whole all-reduce, so the predicted step is an "
+                "upper bound (and efficiency a lower bound) where DDP hides part of it behind backward. 'fit': "
+                "fitted by non-negative least squares to the measured comm phase of the multi-rank runs. Intervals "
+                "(95%): probes, a t-interval over the per-probe predictions widened by the baseline throughput's "
+                "interval in quadrature, cut at 0; fit, the 2.5-97.5 percentiles over 200 resamplings of one run per node "
+                "count. Where probes, repeats or points are too few the forecast says what is missing instead of "
+                "a number. Error = predicted / measured - 1 at the measured node counts.",
+    "cost": "epoch time = samples per epoch (steps per epoch x global batch) / throughput; node-hours = nodes x "
+            "epoch time / 3600 (GPU-hours = ranks x epoch time / 3600, on GPUs); marginal value of a step up = "
+            "(throughput_b - throughput_a) / (N_b - N_a) / (throughput_base / N_base); the knee is the node count "
+            f"beyond which the marginal value falls below {COST_FRACTION:.0%}",
 }
-
-
-def t975(df: int) -> float:
-    """Student's t 0.975 quantile (two-sided 95%)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-             10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-    if df in table:
-        return table[df]
-    below = [k for k in table if k < df]
-    return table[max(below)] if df <= 120 else 1.960  # the next smaller df: a slightly wider, safe interval
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -85,19 +92,19 @@ class Row:
     skew: float
     straggler_host: str
     straggler_rank: int
-    predicted_efficiency: float | None = None
+    busbw_gb_s: float | None = None  # the probes' bus bandwidth at their largest message (mean of repeats)
+    transport: str | None = None
+    fabric_flag: str = ""  # why this point's fabric looks wrong, if it does
+    predicted_efficiency: float | None = None  # the probe forecast's, where it has an interval
 
 
 @dataclass
-class ScalingModel:
+class GroupAnalysis:
     group: str
-    fitted: bool
-    reason: str
-    alpha_us: float | None = None
-    bandwidth_gb_s: float | None = None
-    gradient_bytes: int | None = None
-    measured: dict = field(default_factory=dict)  # nodes -> (measured efficiency, predicted efficiency)
-    predicted: dict = field(default_factory=dict)  # nodes -> predicted efficiency
+    probes: Forecast  # the forecast from the fabric probes
+    fit: Forecast  # the forecast fitted to the measured comm phase
+    cost: CostView | None  # None for oversubscribed groups
+    hosts: dict[int, str] = field(default_factory=dict)  # rank -> Slurm node name, at the largest node count
 
 
 def group_label(key: GroupKey, code_version: bool = True) -> str:
@@ -112,18 +119,73 @@ def group_label(key: GroupKey, code_version: bool = True) -> str:
     return label + (" [oversubscribed]" if key.oversubscribed else "")
 
 
-def aggregate(runs: list[Run]) -> tuple[list[Row], list[ScalingModel]]:
-    rows, models = [], []
+def aggregate(runs: list[Run]) -> tuple[list[Row], list[GroupAnalysis]]:
+    rows, analyses = [], []
+    medians = median_busbw(runs)
     ordered = sorted(runs, key=lambda r: (r.group, r.nodes))
     for key, members in groupby(ordered, key=lambda r: r.group):
         members = list(members)
         group_rows = _group_rows(key, members)
-        model = fit_model(key, members, group_rows)
+        flag_fabrics(group_rows, members, medians)
+        analysis = analyse(key, members, group_rows)
+        predicted = {p.nodes: p.predicted for p in analysis.probes.predictions}
         for row in group_rows:
-            row.predicted_efficiency = model.measured.get(row.nodes, (None, None))[1]
+            row.predicted_efficiency = predicted.get(row.nodes)
         rows += group_rows
-        models.append(model)
-    return rows, models
+        analyses.append(analysis)
+    return rows, analyses
+
+
+def analyse(key: GroupKey, members: list[Run], rows: list[Row]) -> GroupAnalysis:
+    label = group_label(key)
+    largest = max(members, key=lambda r: r.nodes)
+    hosts = dict(largest.hosts)
+    if key.oversubscribed:
+        why = "oversubscribed runs: their timings do not model scaling"
+        return GroupAnalysis(label, Forecast(label, "probes", missing=why), Forecast(label, "fit", missing=why), None,
+                             hosts)
+    base_row = rows[0]
+    at_base = [r for r in members if r.nodes == base_row.nodes]
+    first = members[0]
+    base = Baseline(nodes=base_row.nodes, world_size=base_row.world_size,
+                    work_s=[r.breakdown[0] + r.breakdown[1] for r in at_base],
+                    throughputs=[r.throughput for r in at_base],
+                    tasks_per_node=base_row.world_size // base_row.nodes, strong=key.scaling == "strong",
+                    global_batch=first.global_batch, per_rank_batch=first.global_batch // first.world_size,
+                    gradient_bytes=first.gradient_bytes)
+    measured = {r.nodes: r.efficiency for r in rows}
+    rel = base_row.throughput_ci / base_row.throughput if base_row.throughput_ci is not None else None
+    return GroupAnalysis(label, from_probes(label, base, members, measured, rel),
+                         from_fit(label, base, members, measured),
+                         cost_view(label, rows, float(np.mean([r.samples_per_epoch for r in at_base])),
+                                   first.device_type == "cuda"), hosts)
+
+
+def median_busbw(runs: list[Run]) -> dict[int, float]:
+    """The collection's median probe bus bandwidth at each world size."""
+    by_world: dict[int, list[float]] = {}
+    for r in runs:
+        if r.probe is not None:
+            by_world.setdefault(r.world_size, []).append(r.probe.busbw_gb_s)
+    return {w: float(np.median(v)) for w, v in by_world.items()}
+
+
+def flag_fabrics(rows: list[Row], members: list[Run], medians: dict[int, float]) -> None:
+    """Each row's probes summed up, and flagged when NCCL fell back to sockets across nodes, or when their bus
+    bandwidth is far below the collection's median at the same world size."""
+    for row in rows:
+        probes = [r.probe for r in members if r.nodes == row.nodes and r.probe is not None]
+        if not probes:
+            continue
+        row.busbw_gb_s = float(np.mean([p.busbw_gb_s for p in probes]))
+        row.transport = "/".join(sorted({f"{p.backend}:{p.transport}" for p in probes}))
+        flags = []
+        if row.nodes > 1 and any(p.backend == "nccl" and p.transport and "sockets" in p.transport for p in probes):
+            flags.append("NCCL fell back to TCP sockets between nodes (no InfiniBand used)")
+        if row.busbw_gb_s < SLOW_FABRIC * medians[row.world_size]:
+            flags.append(f"busbw {row.busbw_gb_s:.3g} GB/s is below {SLOW_FABRIC:.0%} of the collection's median "
+                         f"({medians[row.world_size]:.3g} GB/s) at {row.world_size} ranks")
+        row.fabric_flag = "; ".join(flags)
 
 
 def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
@@ -141,7 +203,8 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
                         baseline_nodes=None, speedup=None, efficiency=None, efficiency_ci=None, step_time_s=step,
                         share_data=breakdown[0] / step if step else 0.0,
                         share_compute=breakdown[1] / step if step else 0.0,
-                        share_comm=breakdown[2] / step if step else 0.0, breakdown_s=breakdown,
+                        share_comm=breakdown[2] / step if step and point[0].world_size > 1 else 0.0,
+                        breakdown_s=breakdown,
                         skew=float(np.mean([r.skew for r in point])), straggler_host=worst.slowest_host,
                         straggler_rank=worst.slowest_rank))
     if not oversubscribed:
@@ -155,56 +218,6 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
             if row is not base and rel:
                 row.efficiency_ci = row.efficiency * math.sqrt(sum(x * x for x in rel))
     return rows
-
-
-def fit_alpha_beta(ranks: np.ndarray, comm_s: np.ndarray, gradient_bytes: float) -> tuple[float, float]:
-    """Non-negative least squares for comm = alpha x 2(P-1) + beta x 2(P-1)/P x bytes. Returns (alpha, beta)."""
-    x = np.stack([2 * (ranks - 1), 2 * (ranks - 1) / ranks * gradient_bytes], axis=1)
-    solution, *_ = np.linalg.lstsq(x, comm_s, rcond=None)
-    if (solution >= 0).all():
-        return float(solution[0]), float(solution[1])
-    # one coefficient would be negative: the best fit has it at zero; fit the other alone
-    fits = []
-    for j in (0, 1):
-        col = x[:, j]
-        coef = max(0.0, float(col @ comm_s / (col @ col)))
-        fits.append((float(np.sum((comm_s - coef * col) ** 2)), j, coef))
-    _, j, coef = min(fits)
-    return (coef, 0.0) if j == 0 else (0.0, coef)
-
-
-def fit_model(key: GroupKey, members: list[Run], rows: list[Row]) -> ScalingModel:
-    label = group_label(key)
-    if key.oversubscribed:
-        return ScalingModel(label, False, "oversubscribed runs: their timings do not model scaling")
-    multi = [r for r in members if r.world_size > 1]
-    distinct = sorted({r.world_size for r in multi})
-    if len(distinct) < 2:
-        return ScalingModel(label, False, f"too few points to fit: runs with more than one rank at "
-                                          f"{len(distinct)} world size(s) {distinct}; the two parameters need two")
-    ranks = np.array([r.world_size for r in multi], dtype=float)
-    comm = np.array([r.breakdown[2] for r in multi])
-    nbytes = members[0].gradient_bytes
-    alpha, beta = fit_alpha_beta(ranks, comm, nbytes)
-    base = rows[0]
-    tpn = base.world_size // base.nodes
-    strong = key.scaling == "strong"
-    per_rank_batch = members[0].global_batch // members[0].world_size  # fixed in a weak-scaling group
-
-    def predicted_throughput(nodes: int) -> float:
-        p = nodes * tpn
-        work = base.breakdown_s[0] + base.breakdown_s[1]
-        step = work * (base.world_size / p if strong else 1.0) + alpha * 2 * (p - 1) + beta * 2 * (p - 1) / p * nbytes
-        batch = members[0].global_batch if strong else per_rank_batch * p
-        return batch / step
-
-    def predicted_efficiency(nodes: int) -> float:
-        return predicted_throughput(nodes) / predicted_throughput(base.nodes) * base.nodes / nodes
-
-    return ScalingModel(label, True, "", alpha_us=alpha * 1e6, bandwidth_gb_s=(1 / beta / 1e9) if beta > 0 else None,
-                        gradient_bytes=nbytes,
-                        measured={r.nodes: (r.efficiency, predicted_efficiency(r.nodes)) for r in rows},
-                        predicted={n: predicted_efficiency(n) for n in PREDICT_AT})
 
 
 def regressions(rows: list[Row], baseline_rows: list[dict], tolerance: float) -> list[str]:

@@ -126,6 +126,11 @@ class LoaderBatches:
         self.device, self.pin = device, pin
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
 
+    def close(self) -> None:
+        iterator = getattr(self.loader, "_iterator", None)  # a persistent-workers DataLoader keeps its iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def epoch(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.order.start(epoch, first)
         for x, y in self.loader:

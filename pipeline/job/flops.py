@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 # (device model as CUDA names it, {precision: dense TFLOP/s}); the first whose words all appear, in order and
 # whole, in the device's name wins ("NVIDIA H100 80GB HBM3" is an H100 SXM5; "L4" is not "NVIDIA L40"), so the
@@ -46,6 +45,8 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 def flops_per_sample(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, autocast) -> float:
     """Forward + backward FLOPs of one training sample, counted on the batch (x, y) (gradients left untouched)."""
+    from torch.utils.flop_counter import FlopCounterMode  # rank 0 only, after training: not on the way to step 1
+
     with FlopCounterMode(display=False) as counter:
         with autocast:
             loss = loss_fn(model(x), y)

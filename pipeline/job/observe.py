@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.rundir import PROFILE_DIR, TENSORBOARD_DIR, Progress, utc_now
+from pipeline.rundir import PROFILE_DIR, TENSORBOARD_DIR, Point, Progress, utc_now
 
 log = logging.getLogger(__name__)
 
 
 class NullLogger:
     def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
         pass
 
     def close(self) -> None:
@@ -36,16 +40,45 @@ class TensorBoardLogger(NullLogger):
         values = [self.summary.Value(tag=name, simple_value=float(value)) for name, value in metrics.items()]
         self.writer._get_file_writer().add_summary(self.summary(value=values), step)
 
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """The run's overrides and final figures, for TensorBoard's HParams view (a sweep's runs side by side),
+        into this run's own folder (SummaryWriter.add_hparams would open another)."""
+        from torch.utils.tensorboard.summary import hparams as summaries
+
+        for summary in summaries(hparams, metrics):
+            self.writer._get_file_writer().add_summary(summary)
+        self.log(metrics, 0)
+
     def close(self) -> None:
         self.writer.close()
 
 
-def make_logger(enabled: bool, is_rank0: bool, point_dir: Path) -> NullLogger:
+def tensorboard_dir(point: Point, point_dir: Path) -> Path:
+    """SWEEP_DIR/tensorboard/<the point's overrides>: `tensorboard --logdir SWEEP_DIR/tensorboard` names each run
+    by what differs between them (a single run's sweep folder is its own)."""
+    name = ",".join(o for o in point.overrides if not o.startswith(("hydra.", "hydra/"))) or "defaults"
+    name = re.sub(r"[^A-Za-z0-9_.,=+@:\-\[\]]", "_", name)[:150]
+    return Path(point.sweep_dir or point_dir) / TENSORBOARD_DIR / f"{point.point:03d}_{name}"
+
+
+def hparams_of(point: Point) -> dict:
+    """The point's overrides as TensorBoard hyperparameters (numbers where they read as numbers)."""
+    out = {}
+    for o in point.overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def make_logger(enabled: bool, is_rank0: bool, folder: Path) -> NullLogger:
     """Rank 0's TensorBoard writer when asked for and installed; otherwise one that writes nothing."""
     if not (enabled and is_rank0):
         return NullLogger()
     try:
-        return TensorBoardLogger(point_dir / TENSORBOARD_DIR)
+        return TensorBoardLogger(folder)
     except ImportError:
         log.warning("tensorboard is not installed: no TensorBoard curves for this run "
                     "(pip install 'pipeline[tensorboard]', or set trainer.tensorboard=false to silence this)")
@@ -102,13 +135,17 @@ class Phases:
                     torch.cuda.nvtx.range_pop()
 
     def range(self, name: str):
-        return self._ranges(name) if (self.profiling or self.nvtx) else contextlib.nullcontext()
+        return self._ranges(name) if (self.profiling or self.nvtx) else _NO_RANGE
 
 
-def make_profiler(enabled: bool, rank: int, ranks: list[int], skip: int, steps: int, point_dir: Path):
-    """A torch.profiler over `steps` steps after the first `skip` (the warm-up), on the chosen ranks; its trace
-    (TensorBoard profiler plugin / Perfetto format) goes to POINT_DIR/profile. None where not profiling."""
-    if not enabled or rank not in ranks:
+_NO_RANGE = contextlib.nullcontext()  # reusable: an unprofiled step makes no context objects
+
+
+def make_profiler(profiled: bool, rank: int, skip: int, steps: int, point_dir: Path):
+    """A torch.profiler over `steps` steps after the first `skip` (the warm-up), on a profiled rank; its trace
+    (Kineto JSON: TensorBoard's profiler plugin, Perfetto, Holistic Trace Analysis, which reads the rank and world
+    size torch writes into it) goes to POINT_DIR/profile/rank{R}.*.pt.trace.json. None where not profiling."""
+    if not profiled:
         return None
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():

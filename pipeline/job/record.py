@@ -15,8 +15,8 @@ from pipeline.job.flops import utilisation
 from pipeline.job.placement import HostShare, device_info
 from pipeline.job.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
 from pipeline.job.trainer import Trainer, TrainOutcome
-from pipeline.rundir import (WEIGHTS_NAME, Point, Provenance, RankResult, Result, Segment, SlurmInfo, target_name,
-                             utc_now)
+from pipeline.rundir import (WEIGHTS_NAME, Fabric, Point, Provenance, RankResult, Result, Segment, SlurmInfo,
+                             target_name, utc_now)
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "submitit", "numpy")
 
@@ -81,7 +81,8 @@ def provenance(point: Point, env: DistEnv, trainer: Trainer, ranks: list[RankRes
 
 
 def build_record(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, flops: float, backend: str,
-                 outcome: TrainOutcome, ranks: list[RankResult], started_at: str, wall: float) -> Result:
+                 outcome: TrainOutcome, ranks: list[RankResult], started_at: str, wall: float,
+                 fabric: Fabric | None, startup: dict[str, float]) -> Result:
     model, device, ev = trainer.raw_model, device_info(trainer.device), outcome.evaluation
     timing = summarize(ranks, run.global_batch)
     return Result(
@@ -103,4 +104,5 @@ def build_record(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, f
         test_accuracy=ev.value if ev is not None and ev.metric == "accuracy" else None, evaluation=ev,
         loader=trainer.loader_info, tokens_per_sample=tokens_per_sample(trainer), wall_time_s=wall,
         oversubscribed=any(r.oversubscribed for r in ranks), weights=WEIGHTS_NAME, ranks=ranks,
-        provenance=provenance(point, env, trainer, ranks, started_at), definitions=DEFINITIONS)
+        provenance=provenance(point, env, trainer, ranks, started_at), definitions=DEFINITIONS, fabric=fabric,
+        startup=startup)

@@ -6,13 +6,19 @@ Entry: `python -m pipeline.worker POINT_DIR` (pipeline/worker.py), or `TrainingJ
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
 import time
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+# torch.optim and DDP import torch._dynamo on first use (most of a second): imported here, it counts as an import
+# in the start-up breakdown, and local mode's warm worker pays it before its point arrives
+import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_run_config
@@ -21,16 +27,42 @@ from pipeline.job.checkpoint import Checkpoints, save
 from pipeline.job.data import check_datasets, check_workers
 from pipeline.job.env import DistEnv
 from pipeline.job.flops import flops_per_sample
+from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import HostShare, pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
+from pipeline.job.probe import describe, fell_back_to_sockets, run_probe
 from pipeline.job.record import build_record, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome
-from pipeline.rundir import RECORD_NAME, WEIGHTS_NAME, Failure, Point, failure_path, utc_now
+from pipeline.rundir import LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Failure, Fabric, Point, failure_path, utc_now
 
 log = logging.getLogger("pipeline.worker")
 
 
-POINT_KEY = "pipeline/point_dir"  # where rank 0 tells the others which folder it froze the config into
+POINT_KEY = "pipeline/point_dir"
+
+
+class Stopwatch:
+    """Seconds from this process's start (the kernel's record of it, so the interpreter's start and the imports
+    count) to named moments of the rank's start-up: what README's start-up breakdown shows."""
+
+    def __init__(self):
+        self.origin = process_start()
+        self.marks = {"ready": time.time() - self.origin}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time() - self.origin
+
+
+def process_start() -> float:
+    """This process's start as unix time (Linux: /proc); now, where that cannot be read."""
+    try:  # its age: the system's uptime now less its start in clock ticks after boot (both to 10 ms)
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        return time.time()  # where rank 0 tells the others which folder it froze the config into
 
 
 def run_from_overrides(overrides: list[str]) -> Path:
@@ -64,25 +96,32 @@ def run_from_overrides(overrides: list[str]) -> Path:
 def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path:
     """Train one sweep point on this rank. Returns the record's path (written by rank 0)."""
     point_dir = Path(point_dir)
-    started_at, t0 = utc_now(), time.perf_counter()
+    started_at, t0, clock = utc_now(), time.perf_counter(), Stopwatch()
     point = Point.read(point_dir)
     run = parse_run_config(point.config)
     env = DistEnv.detect()
     failure_path(point_dir, env.rank).unlink(missing_ok=True)  # an earlier attempt's
-    finished = False
+    finished, trainer = False, None
     try:
         env.check_world(run.nodes, run.cluster.tasks_per_node)
         setup_logging(env)
         device = pick_device(run.trainer.device, env, local_mode=point.launch_mode == "local")
         timeout = timedelta(seconds=run.cluster.timeout_s)
         store = store or rendezvous_store(env, timeout)
-        join_process_group(env, device, store, timeout)
+        join_process_group(env, device, store, timeout, point_dir)
+        clock.mark("rendezvous")
         share = place_threads(env)
-        trainer, flops = build_trainer(run, env, device, point_dir, Checkpoints(point_dir, point.run_id, point.config))
+        trainer = build_trainer(run, env, device, point_dir, Checkpoints(point_dir, point.run_id, point.config),
+                                tensorboard_dir(point, point_dir), clock)
         if trainer.loader_info.kind == "dataloader":
             check_workers(run.loader, share.threads, env)
+        fabric = probe_fabric(run, env, trainer, point_dir)
+        clock.mark("probe")
         outcome = train(trainer, env, on_slurm=point.launch_mode == "slurm")
-        write_result(point, run, env, trainer, outcome, share, flops, started_at, t0)
+        if trainer.first_step_at is not None:
+            clock.marks["first_step"] = trainer.first_step_at - clock.origin
+        write_result(point, run, env, trainer, outcome, share, started_at, t0, fabric, clock)
+        trainer.close()
         dist.barrier()  # no rank tears the process group down while another still uses it
         finished = True
         return point_dir / RECORD_NAME
@@ -93,8 +132,8 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
                 error=f"{type(e).__name__}: {e}"[:2000]).write(point_dir)
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        held, trainer = weakref.ref(trainer) if trainer else None, None
+        release_process_group(held)
         if finished:
             leave_together(store, env)
 
@@ -112,31 +151,65 @@ def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.TCPStore:
                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout)
 
 
-def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore, timeout: timedelta) -> None:
-    """NCCL on GPUs, gloo on CPUs."""
+def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore, timeout: timedelta,
+                       point_dir: Path) -> None:
+    """NCCL on GPUs, gloo on CPUs. NCCL's INFO log (its choice of transport, which the fabric probe reports) goes
+    to POINT_DIR/logs/nccl-<host>-<pid>.log, unless the user set NCCL_DEBUG."""
+    if device.type == "cuda" and "NCCL_DEBUG" not in os.environ:
+        (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET",
+                          NCCL_DEBUG_FILE=str(point_dir / LOG_DIR / "nccl-%h-%p.log"))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=env.rank,
                             world_size=env.world_size, timeout=timeout)
 
 
-def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point_dir: Path,
-                  checkpoints: Checkpoints) -> tuple[Trainer, float]:
-    """The datasets, the model and the loss from their `_target_`s, the trainer (resumed from a checkpoint if
-    there is one), and the model's FLOPs per sample, counted on two training samples: the first time the model
-    meets the data and the loss, so a misfit is reported here, naming them."""
+def probe_fabric(run: RunConfig, env: DistEnv, trainer: Trainer, point_dir: Path) -> Fabric | None:
+    """A multi-rank job's all-reduce, timed before training (probe.enabled); a multi-node NCCL job on TCP sockets
+    is warned about in the log."""
+    if env.world_size == 1 or not run.probe.enabled:
+        return None
+    gradient = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
+    fabric = run_probe(gradient, trainer.device, dist.get_backend(), env.world_size,
+                       sorted((point_dir / LOG_DIR).glob("nccl-*.log")))
+    if env.rank == 0:
+        log.info(describe(fabric))
+        if fell_back_to_sockets(fabric, env.num_nodes):
+            log.warning("NCCL uses TCP sockets between the nodes: no InfiniBand (or it is disabled, NCCL_IB_DISABLE); "
+                        "expect multi-node steps to be slow")
+    return fabric
+
+
+def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point_dir: Path, checkpoints: Checkpoints,
+                  tensorboard: Path, clock: Stopwatch) -> Trainer:
+    """The datasets, the model and the loss from their `_target_`s, and the trainer (resumed from a checkpoint if
+    there is one); the model and the loss are then run on two training samples: the first time they meet the
+    data, so a misfit is reported here, naming them."""
     torch.manual_seed(run.trainer.seed)  # the same initial weights on every rank
     train_set, test_set = build_datasets(run, env.rank)
     check_datasets(train_set, test_set, target_of(run.dataset), env.rank)
+    clock.mark("datasets")
     model = build_model(run, train_set, env.rank)
-    trainer = Trainer(run, env, device, model, train_set, test_set, build_loss(run, env.rank), point_dir, checkpoints)
+    clock.mark("model")
+    trainer = Trainer(run, env, device, model, train_set, test_set, build_loss(run, env.rank), point_dir, checkpoints,
+                      tensorboard)
+    clock.mark("trainer")
     x, y = trainer.sample_batch(2)
     try:
-        flops = flops_per_sample(trainer.raw_model, x, y, trainer.loss_fn, trainer.autocast)
+        with torch.no_grad(), trainer.autocast:
+            trainer.loss_fn(trainer.raw_model(x), y)
     except Exception as e:
         raise RuntimeError(f"rank {env.rank}: model._target_={target_of(run.model)} and loss._target_="
                            f"{target_of(run.loss)} could not train on a batch of dataset._target_="
                            f"{target_of(run.dataset)} (inputs {tuple(x.shape)} {x.dtype}, targets {tuple(y.shape)} "
                            f"{y.dtype}): {type(e).__name__}: {e}") from e
-    return trainer, flops
+    return trainer
+
+
+def count_flops(trainer: Trainer) -> float:
+    """FLOPs per training sample (forward and backward, torch's flop counter), on rank 0 after training: the same
+    on every rank, and the counter's first use costs most of a second, which the first step need not wait for."""
+    x, y = trainer.sample_batch(2)
+    return flops_per_sample(trainer.raw_model, x, y, trainer.loss_fn, trainer.autocast)
 
 
 def train(trainer: Trainer, env: DistEnv, on_slurm: bool) -> TrainOutcome:
@@ -151,8 +224,9 @@ def train(trainer: Trainer, env: DistEnv, on_slurm: bool) -> TrainOutcome:
 
 
 def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, outcome: TrainOutcome,
-                 share: HostShare, flops: float, started_at: str, t0: float) -> None:
-    """Every rank's entry goes to rank 0, which saves the weights and writes the record."""
+                 share: HostShare, started_at: str, t0: float, fabric: Fabric | None, clock: Stopwatch) -> None:
+    """Every rank's entry goes to rank 0, which saves the weights, writes the record, and gives TensorBoard the
+    run's overrides and final figures (its HParams view)."""
     mine = rank_result(env, trainer, share, run, outcome)
     ranks = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(mine, ranks, dst=0)
@@ -160,12 +234,28 @@ def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, o
         return
     point_dir = trainer.point_dir
     save(trainer.raw_model.state_dict(), point_dir / WEIGHTS_NAME)
-    record = build_record(point, run, env, trainer, flops, dist.get_backend(), outcome, ranks, started_at,
-                          time.perf_counter() - t0)
+    record = build_record(point, run, env, trainer, count_flops(trainer), dist.get_backend(), outcome, ranks,
+                          started_at, time.perf_counter() - t0, fabric, clock.marks)
     path = record.write(point_dir)
     ev = outcome.evaluation
+    trainer.metrics.hparams(hparams_of(point), {
+        "final/samples_per_s": record.throughput_samples_per_s or 0.0, "final/train_loss": outcome.final_train_loss,
+        **({f"final/test_{ev.metric}": ev.value} if ev else {})})
+    trainer.metrics.close()
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
              record.throughput_samples_per_s or 0.0, path)
+
+
+def release_process_group(trainer: weakref.ref | None) -> None:
+    """Destroy the process group after the trainer (its DDP) is gone. DDP's reducer holds the group: had it
+    dropped the last hold, its destructor would join gloo's threads while holding the GIL that one of them, still
+    releasing the tensors of the last collective, waits for (a hang seen at a rank's exit). Destroyed here, the
+    group joins them without the GIL. A trainer still alive (in a cycle, or in a traceback) is collected first
+    where it can be (a tenth of a second)."""
+    if trainer is not None and trainer() is not None:
+        gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def leave_together(store: dist.TCPStore, env: DistEnv) -> None:
@@ -174,8 +264,9 @@ def leave_together(store: dist.TCPStore, env: DistEnv) -> None:
     gloo). torchrun's agent outlives its ranks, and so does its store."""
     if env.agent_store:
         return
-    store.add("left", 1)
+    store.set(f"left/{env.rank}", "1")
     if env.rank == 0:
-        deadline = time.monotonic() + 60
-        while store.add("left", 0) < env.world_size and time.monotonic() < deadline:
-            time.sleep(0.01)
+        try:
+            store.wait([f"left/{r}" for r in range(env.world_size)], timedelta(seconds=60))
+        except Exception:  # a rank that never left (it died): rank 0 has waited long enough
+            pass

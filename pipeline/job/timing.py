@@ -41,8 +41,11 @@ class StepTimer:
     # steps back has long been reached, so reading it does not wait, and the events in hand stay bounded
     READ_EVERY = 256
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, communicates: bool = True):
         self._cuda = device.type == "cuda"
+        # one rank communicates with nobody: what DDP does between the last gradient and backward's return is then
+        # its own bookkeeping, counted as compute, and the comm phase is 0
+        self._communicates = communicates
         self._marks: list[tuple] = []  # steps not read yet
         self._read: list[np.ndarray] = []  # (steps, 4) intervals between a step's 5 marks, in seconds
         self._start = self._data = self._grads = self._backward = None
@@ -111,6 +114,8 @@ class StepTimer:
             t = t[-last:]
         # columns of t: data, forward+backward, comm, optimizer
         data, fwd_bwd, comm, opt = t[:, 0], t[:, 1], t[:, 2], t[:, 3]
+        if not self._communicates:
+            fwd_bwd, comm = fwd_bwd + comm, np.zeros_like(comm)
         return np.stack([data + fwd_bwd + comm + opt, data, fwd_bwd + opt, comm], axis=1)
 
 
@@ -164,7 +169,12 @@ DEFINITIONS = {
     "data": "from the end of the previous step to the batch being on the device (indexing, copy, logging)",
     "compute": "forward and backward compute up to the last parameter gradient's accumulation (when DDP's last "
                "bucket's all-reduce is launched), plus the optimizer step",
-    "comm": COMM_MEASUREMENT,
+    "comm": COMM_MEASUREMENT + "; 0 in a run of one rank, which communicates with nobody (that interval is counted "
+            "as compute there)",
+    "fabric": "multi-rank jobs only, measured before training: all-reduce time over message sizes from 8 bytes up to "
+              "at least the gradient (the slowest rank's median of 5 timed iterations), algbw = bytes / time, busbw = "
+              "algbw x 2(n-1)/n (nccl-tests' definitions), latency and bandwidth fitted to time = 2(n-1) latency + "
+              "2(n-1)/n bytes / bandwidth; transport: NCCL's choice read from its INFO log, tcp for gloo",
     "restarts": "after a restart (preemption or time limit), the timing figures cover the last uninterrupted "
                 "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "
                 "resumed_from_step is the checkpoint's step, restart_count Slurm's SLURM_RESTART_COUNT",

@@ -29,6 +29,7 @@ from pipeline.job.timing import StepTimer
 from pipeline.rundir import Evaluation, FastPath
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 1.0
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Trainer:
     then `fit` takes `train_step` until the last step and evaluates."""
 
     def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, train_set: Any,
-                 test_set: Any | None, loss_fn: Callable, point_dir: Path, checkpoints: Checkpoints):
+                 test_set: Any | None, loss_fn: Callable, point_dir: Path, checkpoints: Checkpoints,
+                 tensorboard_dir: Path | None = None):
         self.run, self.env, self.device, self.point_dir = run, env, device, point_dir
         self.checkpoints = checkpoints
         self.batch = run.per_rank_batch
@@ -70,7 +72,7 @@ class Trainer:
         self.train_set, self.test_set, self.loss_fn = train_set, test_set, loss_fn
         self._plan_steps()
         self.fast_path = self._make_batches(model)
-        self.timer = StepTimer(device)
+        self.timer = StepTimer(device, communicates=env.world_size > 1)
         self.raw_model, self.model = self._wrap_model(model)
         self.optimizer = build_optimizer(run, self.model, env.rank)
         self.scheduler = build_scheduler(run, self.optimizer, self.total_steps, env.rank)
@@ -79,7 +81,7 @@ class Trainer:
         self.dropout_rng = torch.cuda.default_generators[device.index] if cuda else torch.default_generator
         self.start_step, self.segments = self._resume(checkpoints.load())
         self.first_step_at: float | None = None  # unix time this process finished its first step
-        self._make_observers()
+        self._make_observers(tensorboard_dir or point_dir / "tensorboard")
 
     # ------------------------------------------------------------------------------------------ set-up steps
     def _plan_steps(self) -> None:
@@ -155,12 +157,13 @@ class Trainer:
             log.info("resumed from %s at step %d", self.checkpoints.path, checkpoint["step"])
         return checkpoint["step"], checkpoint["segments"]
 
-    def _make_observers(self) -> None:
+    def _make_observers(self, tensorboard_dir: Path) -> None:
         """Rank 0's TensorBoard writer; the profiler's and NVTX's named ranges around the phases."""
         run, cuda = self.run, self.device.type == "cuda"
-        self.metrics = make_logger(run.trainer.tensorboard, self.env.rank == 0, self.point_dir)
-        self.phases = Phases(profiling=run.profiler.enabled and self.env.rank in run.profiler.ranks,
-                             nvtx=run.profiler.nvtx, cuda=cuda)
+        self.metrics = make_logger(run.trainer.tensorboard, self.env.rank == 0, tensorboard_dir)
+        p = run.profiler
+        self.phases = Phases(profiling=p.enabled and (p.ranks is None or self.env.rank in p.ranks), nvtx=p.nvtx,
+                             cuda=cuda)
         if self.phases.profiling or self.phases.nvtx:
             self.timer.on_grads_ready = self.phases.begin_wait
 
@@ -184,10 +187,11 @@ class Trainer:
         self._announce()
         self.model.train()
         p = self.run.profiler
-        profiler = make_profiler(p.enabled, self.env.rank, p.ranks, self.run.trainer.warmup_steps, p.steps,
+        profiler = make_profiler(self.phases.profiling, self.env.rank, self.run.trainer.warmup_steps, p.steps,
                                  self.point_dir)
         loss = torch.zeros((), device=self.device)
         self._window = (time.perf_counter(), self.start_step)  # where the next logged rate is measured from
+        self._progress_at = -PROGRESS_EVERY_S
         batches = self._batches()
         self.timer.start()
         with profiler or contextlib.nullcontext():
@@ -261,7 +265,6 @@ class Trainer:
         evaluation = self.evaluate()
         if evaluation is not None:
             self.metrics.log({f"test/{evaluation.metric}": evaluation.value, "test/loss": evaluation.loss}, steps)
-        self.metrics.close()
         return TrainOutcome(steps=steps, start_step=self.start_step, steps_per_epoch=self.steps_per_epoch,
                             phases=self.timer.phases(), final_train_loss=final_loss.item() / self.env.world_size,
                             evaluation=evaluation)
@@ -279,8 +282,18 @@ class Trainer:
                           "train/lr": self.optimizer.param_groups[0]["lr"],
                           "time/step_ms": recent[0], "time/data_ms": recent[1], "time/compute_ms": recent[2],
                           "time/comm_ms": recent[3]}, step)
-        write_progress(self.point_dir, step=step, total=self.total_steps, samples_per_s=rate, eta_s=eta, loss=value)
+        # the progress file's readers poll every few seconds: rewriting it more often than each second is waste (a
+        # fast step notices, benchmarks/step_costs.py)
+        if now - self._progress_at >= PROGRESS_EVERY_S or step == self.total_steps:
+            write_progress(self.point_dir, step=step, total=self.total_steps, samples_per_s=rate, eta_s=eta,
+                           loss=value)
+            self._progress_at = now
         self._window = (now, step)
+
+    def close(self) -> None:
+        """Stop what outlives training: DataLoader worker processes (persistent ones wait for the next epoch)."""
+        if isinstance(self.batches, LoaderBatches):
+            self.batches.close()
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()

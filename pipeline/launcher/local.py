@@ -10,6 +10,8 @@ the point.
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
 import queue
@@ -29,6 +31,8 @@ from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
 log = logging.getLogger(__name__)
 
 GRACE_S = 5.0
+LEAVE_S = 10.0  # see _wait_all
+RANK_HEADER = "pipeline: rank"  # the first line of each rank's log in local mode: see _copy
 # variables that would make a spawned rank believe it is part of some other job
 _FOREIGN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -66,38 +70,95 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _echo(stream, log_path: Path) -> None:
+def _copy(stream, log_path: Path, echo: bool, header: str) -> None:
+    """A rank's output into its log file, after a header line that names its process (to signal it, or to look at
+    it with py-spy); and onto the launcher's stdout, for rank 0 when that is no terminal."""
     with open(log_path, "w") as f:
+        f.write(header + "\n")
+        f.flush()
         for line in stream:
             f.write(line)
             f.flush()
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+
+def _base_env() -> dict:
+    """The launcher's environment, less what would make a rank believe it belongs to another job."""
+    return {**{k: v for k, v in os.environ.items() if not (k.startswith("SLURM") or k in _FOREIGN)},
+            "PYTHONUNBUFFERED": "1"}
+
+
+class WarmRanks:
+    """Rank processes started when the launcher starts (`python -m pipeline.worker --warm`): they import torch
+    and the job side while the launcher imports Hydra and composes the config, which would otherwise come first.
+    Each is then sent its point and its variables on stdin; those not needed are stopped. Started only for a
+    command line that can only mean a single local run (see `prestart`)."""
+
+    def __init__(self, count: int):
+        self.procs = [subprocess.Popen([sys.executable, "-m", "pipeline.worker", "--warm"], env=_base_env(),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True) for _ in range(count)]
+        atexit.register(self.release)
+
+    def take(self) -> subprocess.Popen | None:
+        return self.procs.pop(0) if self.procs else None
+
+    def release(self) -> None:
+        """Stop those not needed (they have done nothing but import)."""
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs = []
+
+
+_warm = WarmRanks(0)
+
+
+def prestart(argv: list[str]) -> None:
+    """Start the ranks of a single local run before the launcher's own work, when its command line says how many
+    and can mean nothing else: no sweep, no dry run, no other cluster, no experiment or config of the user's (which
+    could say otherwise: a login node must not import torch for a Slurm launch)."""
+    global _warm
+    size = {"nodes": 1, "cluster.tasks_per_node": 1}
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if key in size and value.isdigit() and 0 < int(value) <= 64:
+            size[key] = int(value)
+        elif arg.startswith("-") or not eq or key.startswith(("+", "~", "hydra.searchpath", "cluster", "dry_run")) \
+                and arg != "cluster=local":
+            return
+    _warm = WarmRanks(size["nodes"] * size["cluster.tasks_per_node"])
 
 
 def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> None:
-    """Start every rank of the point, wait for all of them; raise RunFailed when one fails. `position` says
-    which point of the sweep this is (e.g. "point 2 of 3"), for the progress bar."""
+    """Start every rank of the point (or hand a warm one its part), wait for all of them; raise RunFailed when one
+    fails. `position` says which point of the sweep this is (e.g. "point 2 of 3"), for the progress bar."""
     tty = sys.stdout.isatty()
     tpn = run.cluster.tasks_per_node
-    base = {k: v for k, v in os.environ.items() if not (k.startswith("SLURM") or k in _FOREIGN)}
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+    master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
     ranks, echoes = [], []
     for node in range(run.nodes):
         for local in range(tpn):
             rank = node * tpn + local
             path = rank_log_path(point_dir, node, rank)
-            env = {**base, **simulated_slurm_env(job_id, run.nodes, tpn, node, local)}
-            cmd = [sys.executable, "-m", "pipeline.worker", str(point_dir)]
-            if rank == 0 and not tty:
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                echoes.append(threading.Thread(target=_echo, args=(proc.stdout, path), daemon=True))
-                echoes[-1].start()
+            env = {**master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local)}
+            proc = _warm.take()
+            if proc is not None:
+                proc.stdin.write(json.dumps({"point_dir": str(point_dir), "env": env}) + "\n")
+                proc.stdin.close()
             else:
-                with open(path, "w") as out:
-                    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(point_dir)],
+                                        env={**_base_env(), **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+            header = f"{RANK_HEADER} {rank} (simulated node {node}) is process {proc.pid}"
+            echoes.append(threading.Thread(target=_copy, args=(proc.stdout, path, rank == 0 and not tty, header),
+                                           daemon=True))
+            echoes[-1].start()
             ranks.append(Rank(rank, node, path, proc))
+    _warm.release()
     done = threading.Event()
     if tty:
         echoes.append(threading.Thread(target=_progress_bar, args=(point_dir, position, done), daemon=True))
@@ -129,14 +190,25 @@ def _progress_bar(point_dir: Path, position: str, done: threading.Event, width: 
 
 
 def _wait_all(ranks: list[Rank]) -> Rank | None:
-    """Wait until every rank has exited; return the first to exit non-zero (the others are then stopped)."""
+    """Wait until every rank has exited; return the first to exit non-zero (the others are then stopped). Rank 0
+    exits cleanly only after the record is written and every rank has left the process group (leave_together), so a
+    rank still running LEAVE_S after that is stuck in its teardown: the run is done, and it is stopped, not waited
+    for."""
     exits: queue.Queue[Rank] = queue.Queue()
     for r in ranks:
         threading.Thread(target=lambda r=r: (r.proc.wait(), exits.put(r)), daemon=True).start()
+    deadline = None
     for _ in ranks:
-        r = exits.get()
+        try:
+            r = exits.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            log.warning("rank(s) %s still running %.0f s after rank 0 finished the run: stopped",
+                        [r.rank for r in ranks if r.proc.poll() is None], LEAVE_S)
+            return None
         if r.proc.returncode != 0:
             return r
+        if r.rank == 0:
+            deadline = time.monotonic() + LEAVE_S
     return None
 
 

@@ -98,11 +98,11 @@ def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
     return GitInfo(sha=sha, dirty=bool(status) if status is not None else None)
 
 
-def freeze_point(p: PlannedPoint, sweep_id: str, launch_mode: str) -> Point:
+def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str) -> Point:
     """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads."""
-    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_id, point=p.index, overrides=p.overrides,
+    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
                   launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
-                  git=git_info(), config=to_plain(p.run))
+                  git=git_info(), config=to_plain(p.run), sweep_dir=str(sweep_dir))
     p.point_dir.mkdir(parents=True, exist_ok=True)
     point.write(p.point_dir)
     return point
@@ -113,7 +113,7 @@ def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
     ones here, one after another. A local point that fails does not stop the next; the first failure is raised
     once all have run."""
     for p in points:
-        freeze_point(p, sweep_dir.name, p.run.cluster.kind)
+        freeze_point(p, sweep_dir, p.run.cluster.kind)
     submit_points([p for p in points if p.run.cluster.kind == "slurm"], sweep_dir)
     local = [p for p in points if p.run.cluster.kind == "local"]
     failures = []
@@ -205,6 +205,6 @@ def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
     HydraConfig.instance().set_config(cfg)
     run = prepare_run(cfg)
     point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
-    freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir.name,
+    freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir,
                  launch_mode=launch_mode)
     return point_dir

@@ -19,8 +19,11 @@ the targets the inputs shifted by one.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import pickle
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,19 +47,53 @@ def _missing_error(name: str, root: str, missing: list[str], layout: str = "torc
     )
 
 
+CACHE_LIMIT_BYTES = 2 << 30
+
+
+def cache_dir() -> Path:
+    """Where generated splits are kept between runs: $PIPELINE_CACHE_DIR, else ~/.cache/pipeline (safe to delete)."""
+    return Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "pipeline")
+
+
 class InMemory:
     """A split held as two numpy arrays, made on first use and kept: inputs (N, ...) and targets (N, ...); sample
-    i is row i % N."""
+    i is row i % N. A split that is generated (not read from files) names itself (`cache_name`), and is then
+    kept in the cache folder: every rank of a run, and every later run, reads it instead of making it again."""
 
     _arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def cache_name(self) -> str | None:
+        return None
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._arrays is None:
-            self._arrays = self._load()
+            self._arrays = self._cached()
         return self._arrays
+
+    def _cached(self) -> tuple[np.ndarray, np.ndarray]:
+        name = self.cache_name()
+        if name is None:
+            return self._load()
+        path = cache_dir() / f"{type(self).__name__}-{hashlib.sha256(name.encode()).hexdigest()[:20]}.npz"
+        try:
+            with np.load(path) as f:
+                return f["x"], f["y"]
+        except (OSError, ValueError, KeyError):  # not made yet, or a broken file: made again
+            pass
+        x, y = self._load()
+        if x.nbytes + y.nbytes <= CACHE_LIMIT_BYTES:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, x=x, y=y)
+                os.replace(tmp, path)  # whole or absent: ranks writing at once leave one whole file
+            except OSError:
+                pass  # a read-only or full home: the split is made every time, as without a cache
+        return x, y
 
     def __len__(self) -> int:
         return len(self.arrays()[1])
@@ -88,6 +125,9 @@ class Synthetic(InMemory):
 
     def __len__(self) -> int:
         return self.size
+
+    def cache_name(self) -> str:
+        return repr((self.input_shape, self.num_classes, self.size, self.rows, self.split, self.separation, self.seed))
 
     def coarse_prototypes(self) -> np.ndarray:
         """(classes, C, H/4, W/4): each pixel ~ N(0, sep^2 / 2d), so two prototypes differ by `separation` in
@@ -195,6 +235,9 @@ class SyntheticTokens(InMemory):
 
     def __len__(self) -> int:
         return self.size
+
+    def cache_name(self) -> str:
+        return repr((self.vocab_size, self.seq_len, self.size, self.branching, self.split, self.seed))
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         successors = np.random.default_rng(self.seed).integers(0, self.vocab_size, (self.vocab_size, self.branching))

@@ -1,0 +1,129 @@
+"""The fabric probe: before training, every multi-rank job measures its own allocation's all-reduce, on its own
+backend, over message sizes from a few bytes up to at least the model's gradient, with nccl-tests' definitions:
+
+    algbw = bytes / time                      (time: the slowest rank's median over the timed iterations)
+    busbw = algbw x 2(n-1)/n                  (n ranks: what each link carries in a ring all-reduce)
+
+and fits the ring all-reduce model the collector predicts with, to these independent measurements:
+
+    time(bytes) = 2(n-1) x latency + 2(n-1)/n x bytes / bandwidth
+
+(latency per ring step, bandwidth the bus bandwidth). On NCCL it also reads, from NCCL's own INFO log, which
+transport NCCL chose between ranks (NVLink, PCIe P2P, shared memory, InfiniBand, or TCP sockets).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.rundir import Fabric, ProbePoint
+
+log = logging.getLogger(__name__)
+SMALLEST = 8  # bytes
+STEP = 8  # each size is 8 times the one before
+ITERATIONS = 5  # timed, after 2 untimed
+BUDGET_S = 3.0  # the probe stops growing messages once it has spent this long
+
+
+def probe_sizes(gradient_bytes: int) -> list[int]:
+    """8 B, 64 B, ... by factors of 8, up to the first size at least the gradient (and at least 1 MiB)."""
+    sizes, size = [], SMALLEST
+    while True:
+        sizes.append(size)
+        if size >= max(gradient_bytes, 1 << 20):
+            return sizes
+        size *= STEP
+
+
+def time_all_reduce(nbytes: int, device: torch.device) -> float:
+    """The slowest rank's median seconds for one all-reduce of `nbytes` (float32)."""
+    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    times = []
+    for i in range(2 + ITERATIONS):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest.item())
+
+
+def fit_ring(points: list[ProbePoint], world: int) -> tuple[float | None, float | None]:
+    """(latency per ring step in s, bus bandwidth in bytes/s) from time = 2(n-1) lat + 2(n-1)/n bytes / bw, by
+    non-negative least squares."""
+    sizes = np.array([p.bytes for p in points], dtype=float)
+    t = np.array([p.time_s for p in points])
+    x = np.stack([np.full_like(sizes, 2 * (world - 1)), 2 * (world - 1) / world * sizes], axis=1)
+    coef, *_ = np.linalg.lstsq(x, t, rcond=None)
+    if coef[0] < 0:  # the best non-negative fit has no latency term
+        coef = np.array([0.0, float(x[:, 1] @ t / (x[:, 1] @ x[:, 1]))])
+    if coef[1] <= 0:
+        return float(max(coef[0], 0.0)), None
+    return float(coef[0]), float(1 / coef[1])
+
+
+def run_probe(gradient_bytes: int, device: torch.device, backend: str, world: int, nccl_logs: list[Path]) -> Fabric:
+    """Time the all-reduce over the sizes, within BUDGET_S, and fit the ring model."""
+    points, spent = [], time.perf_counter()
+    for size in probe_sizes(gradient_bytes):
+        seconds = time_all_reduce(size, device)
+        algbw = size / seconds
+        points.append(ProbePoint(bytes=size, time_s=seconds, algbw_gb_s=algbw / 1e9,
+                                 busbw_gb_s=algbw * 2 * (world - 1) / world / 1e9))
+        if time.perf_counter() - spent > BUDGET_S:
+            break
+    latency, bandwidth = fit_ring(points, world)
+    return Fabric(backend=backend, world_size=world, points=points, seconds=time.perf_counter() - spent,
+                  latency_us=latency * 1e6 if latency is not None else None,
+                  bandwidth_gb_s=bandwidth / 1e9 if bandwidth is not None else None,
+                  transport=nccl_transport(nccl_logs) if backend == "nccl" else "tcp")
+
+
+# NCCL's INFO lines name each channel's transport, e.g. "Channel 00/0 : 0[0] -> 1[1] via NET/IB/0",
+# "via P2P/CUMEM/read", "via P2P/NVL" (NVLink), "via SHM/direct/direct", "via NET/Socket/0".
+_VIA = re.compile(r"via (NET/IB|NET/Socket|P2P/NVL|NVLS|P2P|SHM|NET/[A-Za-z]+)")
+TRANSPORTS = {"NET/IB": "infiniband", "NET/Socket": "sockets", "P2P/NVL": "nvlink", "NVLS": "nvlink", "P2P": "p2p",
+              "SHM": "shm"}
+
+
+def nccl_transport(logs: list[Path]) -> str | None:
+    """The transports NCCL chose, from its INFO logs: across nodes the network one (infiniband, sockets, or
+    another NET plugin), else what ranks on one node use (nvlink, p2p, shm); joined with '+' when several."""
+    found = set()
+    for path in logs:
+        try:
+            text = path.read_text(errors="replace")
+            found |= {TRANSPORTS.get(m, m.split("/")[-1].lower()) for m in _VIA.findall(text)}
+        except OSError:
+            continue
+    return "+".join(sorted(found)) or None
+
+
+def fell_back_to_sockets(fabric: Fabric, nodes: int) -> bool:
+    """A multi-node NCCL job whose inter-node traffic goes over TCP sockets: the usual cause of "N nodes are no
+    faster than one" (no InfiniBand seen, or NCCL_IB_DISABLE)."""
+    return nodes > 1 and fabric.backend == "nccl" and fabric.transport is not None and "sockets" in fabric.transport
+
+
+def describe(fabric: Fabric) -> str:
+    size = fabric.points[-1]
+    return (f"fabric probe: {fabric.backend}/{fabric.transport or '?'}, {fabric.world_size} ranks: "
+            f"{size.bytes / 2**20:.1f} MiB all-reduce {size.time_s * 1e3:.2f} ms, busbw {size.busbw_gb_s:.2f} GB/s; "
+            f"fit: latency {fabric.latency_us or 0:.1f} us per ring step, bandwidth "
+            f"{fabric.bandwidth_gb_s if fabric.bandwidth_gb_s is not None else math.inf:.2f} GB/s "
+            f"({fabric.seconds:.2f} s)")
