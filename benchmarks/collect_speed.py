@@ -3,7 +3,8 @@
     python benchmarks/collect_speed.py [--records 10000]
 
 Generates the records in a temporary folder, then times the collector in a fresh process (as a user runs it):
-reading, aggregating, fitting, writing the tables, report and plots. Prints the wall time of each of 3 repeats.
+reading, aggregating, fitting, writing the tables and report, with `--no-plots` and then with the plots (4 figures
+per 4 groups: 20 figures for the 20 groups here). Prints the wall time of each of 3 repeats.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from tests.records_factory import make_record, write_record  # noqa: E402
 
 
 def generate(root: Path, n: int) -> None:
-    """n records: 25 experiment groups (model x batch x precision) x 4 node counts (1, 2, 4, 8; 8 ranks at 8
+    """n records: 20 experiment groups (model x batch x precision) x 4 node counts (1, 2, 4, 8; 8 ranks at 8
     nodes) x repeats, each rank with 100 step times."""
     groups = [(m, b, p) for m in ("mlp", "cnn") for b in (16, 32, 64, 128, 256) for p in ("fp32", "bf16")][:25]
     for i in range(n):
@@ -44,10 +45,11 @@ def main() -> None:
         size = sum(p.stat().st_size for p in (root / "runs").rglob("result.json")) / 1e6
         print(f"generated {args.records} records ({size:.0f} MB) in {time.perf_counter() - t0:.1f} s")
         for repeat in range(3):
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "pipeline.collect", str(root / "runs"), "--out",
-                            str(root / f"out{repeat}")], check=True, stdout=subprocess.DEVNULL)
-            print(f"collect, repeat {repeat + 1}: {time.perf_counter() - t0:.2f} s (process start to exit)")
+            for label, extra in (("without plots", ["--no-plots"]), ("with plots", [])):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "pipeline.collect", str(root / "runs"), "--out",
+                                str(root / f"out{repeat}"), *extra], check=True, stdout=subprocess.DEVNULL)
+                print(f"collect {label}, repeat {repeat + 1}: {time.perf_counter() - t0:.2f} s (process start to exit)")
 
 
 if __name__ == "__main__":

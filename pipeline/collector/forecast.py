@@ -14,8 +14,9 @@ counts (the validation) and at 8, 16 and 64 nodes, by two models of the gradient
 
 Every prediction carries a 95% interval: for the probe model, over the predictions of each probe (t-interval),
 widened by the baseline throughput's interval (quadrature) and cut at 0 (no efficiency is negative); for the
-fit, the 2.5-97.5 percentiles of the fits of 200 resamplings of the runs (one run per node count each time). With too few probes, repeats or node counts the
-forecast says what is missing instead of giving a number. Pure Python and numpy: no torch.
+fit, the 2.5-97.5 percentiles of the fits of 200 resamplings of the runs (one run per node count each time).
+With too few probes, repeats or node counts the forecast says what is missing instead of giving a number. Pure
+Python and numpy: no torch.
 """
 
 from __future__ import annotations

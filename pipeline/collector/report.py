@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
@@ -66,21 +68,30 @@ def write_scaling_json(rows: list[Row], analyses: list[GroupAnalysis], problems:
 # ------------------------------------------------------------------------------------------------- plots
 def plot(rows: list[Row], analyses: list[GroupAnalysis], out_dir: Path) -> list[str]:
     """speedup-K.png, efficiency-K.png, breakdown-K.png and cost-K.png for every GROUPS_PER_FIGURE groups;
-    returns the file names."""
-    from matplotlib.figure import Figure  # without pyplot: no GUI backend, and 0.2 s less to import
-
+    returns the file names. Drawing dominates a large collection's time (about 0.25 s a figure), so the figures
+    of more than one chunk of groups are drawn on every core."""
     by_group = {a.group: a for a in analyses}
     groups = [(g, list(m)) for g, m in groupby([r for r in rows if not r.oversubscribed], key=lambda r: r.group)]
+    jobs = [(groups[k:k + GROUPS_PER_FIGURE], {g: by_group[g] for g, _ in groups[k:k + GROUPS_PER_FIGURE]},
+             out_dir, k // GROUPS_PER_FIGURE + 1) for k in range(0, len(groups), GROUPS_PER_FIGURE)]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [name for job in jobs for name in _plot_chunk(*job)]
+    with ProcessPoolExecutor(workers) as pool:
+        return [name for names in pool.map(_plot_chunk, *zip(*jobs)) for name in names]
+
+
+def _plot_chunk(chunk, by_group: dict[str, GroupAnalysis], out_dir: Path, part: int) -> list[str]:
+    from matplotlib.figure import Figure  # without pyplot: no GUI backend, and 0.2 s less to import
+
     names = []
-    for k in range(0, len(groups), GROUPS_PER_FIGURE):
-        chunk, part = groups[k:k + GROUPS_PER_FIGURE], k // GROUPS_PER_FIGURE + 1
-        for metric in ("speedup", "efficiency"):
-            fig = Figure(figsize=(9, 5.5), layout="constrained")
-            _scaling_axes(fig.subplots(), chunk, by_group, metric)
-            names.append(_save(fig, out_dir, f"{metric}-{part}.png"))
-        names.append(_save(_panels(Figure, chunk, _breakdown_axes), out_dir, f"breakdown-{part}.png"))
-        names.append(_save(_panels(Figure, chunk, lambda ax, group, _: _cost_axes(ax, group, by_group[group].cost)),
-                           out_dir, f"cost-{part}.png"))
+    for metric in ("speedup", "efficiency"):
+        fig = Figure(figsize=(9, 5.5), layout="constrained")
+        _scaling_axes(fig.subplots(), chunk, by_group, metric)
+        names.append(_save(fig, out_dir, f"{metric}-{part}.png"))
+    names.append(_save(_panels(Figure, chunk, _breakdown_axes), out_dir, f"breakdown-{part}.png"))
+    names.append(_save(_panels(Figure, chunk, lambda ax, group, _: _cost_axes(ax, group, by_group[group].cost)),
+                       out_dir, f"cost-{part}.png"))
     return names
 
 
@@ -97,7 +108,7 @@ def _panels(Figure, chunk, draw):
 
 
 def _save(fig, out_dir: Path, name: str) -> str:
-    fig.savefig(out_dir / name, dpi=100, bbox_inches="tight")  # nothing clipped, whatever the labels' length
+    fig.savefig(out_dir / name, dpi=100)  # constrained layout keeps every label and legend inside the figure
     return name
 
 
@@ -162,7 +173,7 @@ def _breakdown_axes(ax, group: str, members: list[Row]) -> None:
     ax.set_title(group, fontsize=7, wrap=True)
     ax.set_xlabel("nodes")
     ax.set_ylabel("ms per step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=3)
 
 
 def _cost_axes(ax, group: str, cost) -> None:

@@ -49,9 +49,9 @@ DEFINITIONS = {
                 "upper bound (and efficiency a lower bound) where DDP hides part of it behind backward. 'fit': "
                 "fitted by non-negative least squares to the measured comm phase of the multi-rank runs. Intervals "
                 "(95%): probes, a t-interval over the per-probe predictions widened by the baseline throughput's "
-                "interval in quadrature, cut at 0; fit, the 2.5-97.5 percentiles over 200 resamplings of one run per node "
-                "count. Where probes, repeats or points are too few the forecast says what is missing instead of "
-                "a number. Error = predicted / measured - 1 at the measured node counts.",
+                "interval in quadrature, cut at 0; fit, the 2.5-97.5 percentiles over 200 resamplings of one run "
+                "per node count. Where probes, repeats or points are too few the forecast says what is missing "
+                "instead of a number. Error = predicted / measured - 1 at the measured node counts.",
     "cost": "epoch time = samples per epoch (steps per epoch x global batch) / throughput; node-hours = nodes x "
             "epoch time / 3600 (GPU-hours = ranks x epoch time / 3600, on GPUs); marginal value of a step up = "
             "(throughput_b - throughput_a) / (N_b - N_a) / (throughput_base / N_base); the knee is the node count "
