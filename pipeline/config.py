@@ -614,12 +614,7 @@ def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
               for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
     groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
-    rest = {k: v for k, v in cfg.items() if k not in groups}
-    known = _fields_of(RunConfig)
-    unknown = [k for k in rest if k not in known]
-    if unknown:
-        raise ConfigError(f"{unknown[0]} is not a key of the config; the keys are: {', '.join(known)}")
-    return RunConfig(**{k: _typed_value(known[k], v, k) for k, v in rest.items()}, **groups)
+    return build_typed(RunConfig, {**{k: v for k, v in cfg.items() if k not in groups}, **groups})
 
 
 def plain_config(cfg: "DictConfig") -> dict:

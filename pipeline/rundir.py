@@ -56,11 +56,15 @@ def failure_path(point_dir: Path, rank: int) -> Path:
     return Path(point_dir) / LOG_DIR / f"rank{rank}.failed.json"
 
 
+def target_of(node: Any) -> str:
+    """A config's `_target_`; `node` is a dict or a schema's dataclass."""
+    return node["_target_"] if isinstance(node, dict) else node._target_
+
+
 def target_name(node: Any) -> str:
     """How records name a model, dataset or optimizer: its `_target_`'s last part, lower case
-    (`pipeline.workloads.models.MLP` -> `mlp`). `node` is a config (a dict or a schema's dataclass)."""
-    target = node["_target_"] if isinstance(node, dict) else node._target_
-    return target.rsplit(".", 1)[-1].lower()
+    (`pipeline.workloads.models.MLP` -> `mlp`)."""
+    return target_of(node).rsplit(".", 1)[-1].lower()
 
 
 def utc_now() -> str:

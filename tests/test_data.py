@@ -61,7 +61,8 @@ def test_synthetic_is_deterministic_and_splits_differ():
     assert not np.array_equal(test.arrays()[0][:32], xa[:32])
     assert not np.array_equal(Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=8).arrays()[0], xa)
     x0, y0 = a[5]
-    np.testing.assert_array_equal(x0, xa[5]) and y0 == ya[5]
+    np.testing.assert_array_equal(x0, xa[5])
+    assert y0 == ya[5]
 
 
 def test_synthetic_separation_is_the_distance_between_prototypes():
@@ -98,7 +99,8 @@ def test_token_files_are_read_in_windows_and_checked_against_the_vocabulary(tmp_
     ds = TokenFile(str(tmp_path), vocab_size=512, seq_len=10)
     assert len(ds) == 99 and len(TokenFile(str(tmp_path), 512, 10, split="test")) == 9
     x, y = ds[3]
-    np.testing.assert_array_equal(x, np.arange(30, 40)) and np.testing.assert_array_equal(y, np.arange(31, 41))
+    np.testing.assert_array_equal(x, np.arange(30, 40))
+    np.testing.assert_array_equal(y, np.arange(31, 41))
     ds.validate()
     with pytest.raises(ValueError, match=r"holds token 299, outside dataset.vocab_size=256"):
         TokenFile(str(tmp_path), vocab_size=256, seq_len=10).validate()

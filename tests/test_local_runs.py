@@ -117,6 +117,21 @@ def test_sweep_runs_points_one_after_another(tmp_path):
     assert (a["point"], b["point"]) == (0, 1)
 
 
+def test_sweep_values_from_an_experiment_files_sweeper_params(tmp_path):
+    """`hydra.sweeper.params` in a config sweeps as in Hydra's basic sweeper, crossed with the command line's."""
+    (tmp_path / "conf/experiment").mkdir(parents=True)
+    (tmp_path / "conf/experiment/seeds.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      trainer.seed: 0,1\n")
+    r = launch("-m", "nodes=1,2", "dry_run=true", "+experiment=seeds", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    overrides = sorted(tuple(sorted(o for o in json.loads((d / "point.json").read_text())["overrides"]
+                                    if o.startswith(("nodes", "trainer.seed"))))
+                       for d in (tmp_path / "sweep").glob("[0-9]*"))
+    assert overrides == [("nodes=1", "trainer.seed=0"), ("nodes=1", "trainer.seed=1"),
+                         ("nodes=2", "trainer.seed=0"), ("nodes=2", "trainer.seed=1")]
+
+
 def test_bad_sweep_point_stops_everything_before_it_starts(tmp_path):
     sweep = tmp_path / "sweep"
     r = launch("-m", "nodes=1,0,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)

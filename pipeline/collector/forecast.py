@@ -69,7 +69,6 @@ class Baseline:
     nodes: int
     world_size: int
     work_s: list[float]  # data + compute per step, per repeat
-    throughputs: list[float]
     tasks_per_node: int
     strong: bool
     global_batch: int  # fixed in strong scaling

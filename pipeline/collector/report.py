@@ -68,7 +68,7 @@ def write_scaling_json(rows: list[Row], analyses: list[GroupAnalysis], problems:
 # ------------------------------------------------------------------------------------------------- plots
 def plot(rows: list[Row], analyses: list[GroupAnalysis], out_dir: Path) -> list[str]:
     """speedup-K.png, efficiency-K.png, breakdown-K.png and cost-K.png for every GROUPS_PER_FIGURE groups;
-    returns the file names. Drawing dominates a large collection's time (about 0.25 s a figure), so the figures
+    returns the file names. Drawing is most of a large collection's time (benchmarks/collect_speed.py), so the figures
     of more than one chunk of groups are drawn on every core."""
     by_group = {a.group: a for a in analyses}
     groups = [(g, list(m)) for g, m in groupby([r for r in rows if not r.oversubscribed], key=lambda r: r.group)]

@@ -149,7 +149,6 @@ def analyse(key: GroupKey, members: list[Run], rows: list[Row]) -> GroupAnalysis
     first = members[0]
     base = Baseline(nodes=base_row.nodes, world_size=base_row.world_size,
                     work_s=[r.breakdown[0] + r.breakdown[1] for r in at_base],
-                    throughputs=[r.throughput for r in at_base],
                     tasks_per_node=base_row.world_size // base_row.nodes, strong=key.scaling == "strong",
                     global_batch=first.global_batch, per_rank_batch=first.global_batch // first.world_size,
                     gradient_bytes=first.gradient_bytes)

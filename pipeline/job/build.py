@@ -19,6 +19,7 @@ import torch
 from hydra.utils import get_object, instantiate
 
 from pipeline.config import RunConfig
+from pipeline.rundir import target_of
 
 MODEL_GETS = ("input_shape", "num_classes", "vocab_size")
 SCHEDULE_STEPS = ("T_max", "total_steps")
@@ -26,10 +27,6 @@ SCHEDULE_STEPS = ("T_max", "total_steps")
 
 class BuildError(RuntimeError):
     """A `_target_` that could not be built; the message names the key, the target and the rank."""
-
-
-def target_of(node: Any) -> str:
-    return node["_target_"] if isinstance(node, dict) else node._target_
 
 
 def _given(node: Any, name: str) -> bool:

@@ -53,12 +53,17 @@ class Checkpoints:
     def load(self) -> dict | None:
         """The newest usable checkpoint of this run, or None. Rank 0 chooses and every rank loads its choice, so
         all resume from the same step (a file that reads on one rank and not on another cannot split them)."""
-        choice = [self._choose() if not dist.is_initialized() or dist.get_rank() == 0 else None]
+        chooser = not dist.is_initialized() or dist.get_rank() == 0
+        path, checkpoint = self._choose() if chooser else (None, None)
+        choice = [path]
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
-        return None if choice[0] is None else self._read(Path(choice[0]))
+        if chooser or choice[0] is None:
+            return checkpoint  # rank 0 read it while choosing
+        return self._read(Path(choice[0]))
 
-    def _choose(self) -> str | None:
+    def _choose(self) -> tuple[str | None, dict | None]:
+        """The newest checkpoint that reads and is this run's: its path and its contents."""
         tried = []
         for path in (self.path, self.previous):
             if not path.is_file():
@@ -76,10 +81,10 @@ class Checkpoints:
                             self.stamp)
                 tried.append(path.name)
                 continue
-            return str(path)
+            return str(path), checkpoint
         if tried:
             log.warning("no usable checkpoint (%s): this run starts over from step 0", ", ".join(tried))
-        return None
+        return None, None
 
     @staticmethod
     def _read(path: Path) -> dict:

@@ -31,6 +31,11 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """What DDP all-reduces every step: one gradient per parameter, in the parameter's dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def parameters_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter's bytes: equal on all ranks when DDP kept them in sync."""
     h = hashlib.sha256()
@@ -91,8 +96,7 @@ def build_record(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, f
         model=target_name(run.model), dataset=target_name(run.dataset),
         nodes=env.num_nodes, tasks_per_node=env.local_world_size, world_size=env.world_size,
         model_parameters=sum(p.numel() for p in model.parameters()),
-        # what DDP all-reduces every step: one gradient per parameter, in the parameter's dtype
-        gradient_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        gradient_bytes=gradient_bytes(model),
         device=device, backend=backend, precision=trainer.precision, fast_path=trainer.fast_path,
         scaling=run.trainer.scaling, per_rank_batch=run.per_rank_batch, global_batch=run.global_batch,
         steps=outcome.steps, steps_per_epoch=outcome.steps_per_epoch, warmup_steps=warmup_of(run, outcome),

@@ -22,7 +22,7 @@ import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_run_config
-from pipeline.job.build import build_datasets, build_loss, build_model, target_of
+from pipeline.job.build import build_datasets, build_loss, build_model
 from pipeline.job.checkpoint import Checkpoints, save
 from pipeline.job.data import check_datasets, check_workers
 from pipeline.job.env import DistEnv
@@ -31,9 +31,10 @@ from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import HostShare, pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.probe import describe, fell_back_to_sockets, run_probe
-from pipeline.job.record import build_record, rank_result
+from pipeline.job.record import build_record, gradient_bytes, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome
-from pipeline.rundir import LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Failure, Fabric, Point, failure_path, utc_now
+from pipeline.rundir import (LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure, Point, failure_path, target_of,
+                             utc_now)
 
 log = logging.getLogger("pipeline.worker")
 
@@ -168,8 +169,7 @@ def probe_fabric(run: RunConfig, env: DistEnv, trainer: Trainer, point_dir: Path
     is warned about in the log."""
     if env.world_size == 1 or not run.probe.enabled:
         return None
-    gradient = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
-    fabric = run_probe(gradient, trainer.device, dist.get_backend(), env.world_size,
+    fabric = run_probe(gradient_bytes(trainer.raw_model), trainer.device, dist.get_backend(), env.world_size,
                        sorted((point_dir / LOG_DIR).glob("nccl-*.log")))
     if env.rank == 0:
         log.info(describe(fabric))

@@ -41,11 +41,8 @@ class StepTimer:
     # steps back has long been reached, so reading it does not wait, and the events in hand stay bounded
     READ_EVERY = 256
 
-    def __init__(self, device: torch.device, communicates: bool = True):
+    def __init__(self, device: torch.device):
         self._cuda = device.type == "cuda"
-        # one rank communicates with nobody: what DDP does between the last gradient and backward's return is then
-        # its own bookkeeping, counted as compute, and the comm phase is 0
-        self._communicates = communicates
         self._marks: list[tuple] = []  # steps not read yet
         self._read: list[np.ndarray] = []  # (steps, 4) intervals between a step's 5 marks, in seconds
         self._start = self._data = self._grads = self._backward = None
@@ -60,7 +57,9 @@ class StepTimer:
         return time.perf_counter()
 
     def watch(self, model: torch.nn.Module) -> None:
-        """Count gradient accumulations, to mark the moment the step's last one is done."""
+        """Count gradient accumulations, to mark the moment the step's last one is done. Not watched (a run of one
+        rank, which communicates with nobody), the comm phase is 0: what DDP does between the last gradient and
+        backward's return is then its own bookkeeping, counted as compute."""
         for p in model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._accumulated)
@@ -114,8 +113,6 @@ class StepTimer:
             t = t[-last:]
         # columns of t: data, forward+backward, comm, optimizer
         data, fwd_bwd, comm, opt = t[:, 0], t[:, 1], t[:, 2], t[:, 3]
-        if not self._communicates:
-            fwd_bwd, comm = fwd_bwd + comm, np.zeros_like(comm)
         return np.stack([data + fwd_bwd + comm + opt, data, fwd_bwd + opt, comm], axis=1)
 
 

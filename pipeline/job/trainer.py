@@ -19,14 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from pipeline.config import RunConfig
-from pipeline.job.build import build_optimizer, build_scheduler, target_of
+from pipeline.job.build import build_optimizer, build_scheduler
 from pipeline.job.checkpoint import Checkpoints, segment
 from pipeline.job.data import InMemoryBatches, LoaderBatches, holds_on_device, loader_info
 from pipeline.job.env import DistEnv
 from pipeline.job.observe import Phases, make_logger, make_profiler, write_progress
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.timing import StepTimer
-from pipeline.rundir import Evaluation, FastPath
+from pipeline.rundir import Evaluation, FastPath, target_of
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
@@ -72,7 +72,7 @@ class Trainer:
         self.train_set, self.test_set, self.loss_fn = train_set, test_set, loss_fn
         self._plan_steps()
         self.fast_path = self._make_batches(model)
-        self.timer = StepTimer(device, communicates=env.world_size > 1)
+        self.timer = StepTimer(device)
         self.raw_model, self.model = self._wrap_model(model)
         self.optimizer = build_optimizer(run, self.model, env.rank)
         self.scheduler = build_scheduler(run, self.optimizer, self.total_steps, env.rank)
@@ -131,7 +131,7 @@ class Trainer:
 
     def _wrap_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, DistributedDataParallel]:
         """The model on its device (NHWC if chosen), compiled if asked, inside DDP; the timer watches its
-        gradients. Returns (the plain model, the DDP model)."""
+        gradients when there are several ranks. Returns (the plain model, the DDP model)."""
         raw = model.to(self.device)
         if self.fast_path.channels_last:
             raw.to(memory_format=torch.channels_last)
@@ -141,7 +141,8 @@ class Trainer:
             device_ids=[self.device.index] if self.device.type == "cuda" else None, bucket_cap_mb=d.bucket_cap_mb,
             gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph,
             **buffer_sync(d.broadcast_buffers))
-        self.timer.watch(raw)
+        if self.env.world_size > 1:  # one rank communicates with nobody: no comm phase to mark (StepTimer.watch)
+            self.timer.watch(raw)
         return raw, ddp
 
     def _resume(self, checkpoint: dict | None) -> tuple[int, list[dict]]:

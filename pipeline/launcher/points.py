@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError, RunConfig, abspath_dataset_root, parse_run_config, register_configs, to_plain
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
 from pipeline.launcher.manifest import add_submissions
-from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, check_script_text, check_slurm_values, group_by_allocation,
-                                     max_array_size, preflight, submit, write_dry_run)
+from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, check_script_text, check_slurm_values,
+                                     group_by_allocation, max_array_size, preflight, submit, write_dry_run)
 from pipeline.rundir import RECORD_NAME, GitInfo, Point, rank_log_path, utc_now
 
 log = logging.getLogger("pipeline.launch")
@@ -68,11 +68,15 @@ def check_folder(key: str, path: Path) -> Path:
 def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, str]:
     """Would Slurm accept them? One `sbatch --test-only` per distinct allocation (dry runs are not asked: they
     also work where no cluster is reachable). Returns the reason for each point it would not."""
-    problems = {}
+    problems, asked = {}, {}
     slurm = [p for p in points if p.run.cluster.kind == "slurm" and not p.run.dry_run]
-    for group in group_by_allocation(slurm, max_array=len(slurm) or 1):
-        problem = preflight(group, sweep_dir, job_name="pipeline-preflight")
-        problems.update({p.index: problem for p in group if problem})
+    # the arrays as they will be submitted (split at MaxArraySize), each allocation asked about once, for its
+    # first (largest) array
+    for group in group_by_allocation(slurm, max_array=max_array_size() if slurm else DEFAULT_MAX_ARRAY):
+        key = allocation(group[0].run)
+        if key not in asked:
+            asked[key] = preflight(group, sweep_dir, job_name="pipeline-preflight")
+        problems.update({p.index: asked[key] for p in group if asked[key]})
     return problems
 
 
@@ -112,14 +116,13 @@ def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
     """Freeze every point, submit the Slurm ones (one job array per distinct allocation), then run the local
     ones here, one after another. A local point that fails does not stop the next; the first failure is raised
     once all have run."""
-    for p in points:
-        freeze_point(p, sweep_dir, p.run.cluster.kind)
+    frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind) for p in points]
     submit_points([p for p in points if p.run.cluster.kind == "slurm"], sweep_dir)
-    local = [p for p in points if p.run.cluster.kind == "local"]
+    local = [(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"]
     failures = []
-    for n, p in enumerate(local, start=1):
+    for n, (p, point) in enumerate(local, start=1):
         try:
-            run_here(p, position=f"point {n} of {len(local)}")
+            run_here(p, point, position=f"point {n} of {len(local)}")
         except RunFailed as e:
             log.error("point %d failed: %s", p.index, e)
             failures.append(e)
@@ -153,10 +156,10 @@ def job_name(sweep_dir: Path, group: list[PlannedPoint]) -> str:
     return f"pipeline-{sweep_dir.name}-{group[0].index}"
 
 
-def run_here(p: PlannedPoint, position: str) -> None:
+def run_here(p: PlannedPoint, point: Point, position: str) -> None:
     """Local debug mode: the point's ranks as processes on this machine; returns when they have ended. A dry
     run writes the processes it would start to POINT_DIR/dry_run.txt instead."""
-    run, point = p.run, Point.read(p.point_dir)
+    run = p.run
     if run.dry_run:
         write_local_dry_run(p, point)
         log.info("point %s: dry run, nothing started; what would run: %s", p.index, p.point_dir / DRY_RUN_NAME)

@@ -10,6 +10,7 @@ Nothing here imports torch: it runs on login nodes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,8 +18,8 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import submitit
 from submitit.helpers import Checkpointable
@@ -117,9 +118,9 @@ class _ScriptWriter(submitit.SlurmExecutor):
         return 1
 
 
-@dataclass
-class SlurmPoint:
-    """A point ready to be submitted: its typed config, its number in the sweep and its folder."""
+class SlurmPoint(Protocol):
+    """What this module needs of a point (points.PlannedPoint has it): its typed config, its number in the sweep
+    and its folder."""
 
     index: int
     run: RunConfig
@@ -140,8 +141,10 @@ def group_by_allocation(points: list[SlurmPoint], max_array: int) -> list[list[S
     return [g[i:i + max_array] for g in groups.values() for i in range(0, len(g), max_array)]
 
 
+@functools.cache
 def max_array_size() -> int:
-    """The cluster's MaxArraySize (task ids run 0 .. MaxArraySize - 1); Slurm's default where it cannot say."""
+    """The cluster's MaxArraySize (task ids run 0 .. MaxArraySize - 1); Slurm's default where it cannot say. Asked
+    once per launch: the preflight and the submission split arrays alike."""
     try:
         out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):

@@ -23,12 +23,12 @@ import hashlib
 import os
 import pickle
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import ConfigError
+from pipeline.rundir import write_atomic
 
 SPLITS = ("train", "test")
 
@@ -87,10 +87,8 @@ class InMemory:
         if x.nbytes + y.nbytes <= CACHE_LIMIT_BYTES:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, x=x, y=y)
-                os.replace(tmp, path)  # whole or absent: ranks writing at once leave one whole file
+                # whole or absent: ranks writing at once leave one whole file
+                write_atomic(path, lambda f: np.savez(f, x=x, y=y), durable=False)
             except OSError:
                 pass  # a read-only or full home: the split is made every time, as without a cache
         return x, y
