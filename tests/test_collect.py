@@ -183,11 +183,11 @@ def test_the_cost_view_names_the_knee(tmp_path):
 
 
 def test_a_run_of_one_rank_has_no_comm_phase(tmp_path):
-    from pipeline.collector.report import row_cells
+    from pipeline.collector.report import COLUMNS, row_cells
 
     # a record of one rank whose comm phase is not 0 (older workers timed DDP's own bookkeeping as comm)
     rows, _, _ = collect(tmp_path, [make_record(nodes=1, throughput=100, breakdown=(0.001, 0.006, 0.003))])
-    assert rows[0].share_comm == 0.0 and row_cells(rows[0])[11] == "-"
+    assert rows[0].share_comm == 0.0 and row_cells(rows[0])[COLUMNS.index("comm")] == "-"
 
 
 def test_fabric_flags(tmp_path):
@@ -262,7 +262,7 @@ def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path):
     c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(out)], capture_output=True,
                        text=True, cwd=tmp_path)
     assert c.returncode == 0, c.stderr
-    assert "2 runs in 1 groups" in c.stdout and "mlp/synthetic weak per-rank batch 64" in c.stdout
+    assert "2 runs in 1 groups" in c.stdout and "MLP 0.102M params/synthetic weak per-rank batch 64" in c.stdout
     for name in ("scaling.csv", "scaling.json", "report.md", "speedup-1.png", "efficiency-1.png",
                  "breakdown-1.png", "cost-1.png"):
         assert (out / name).stat().st_size > 0

@@ -33,6 +33,9 @@ class GroupKey(NamedTuple):
     device: str
     git_sha: str
     oversubscribed: bool  # such runs form groups of their own
+    # how people name the model (its innermost class and size, pipeline.job.build.model_label): what the report
+    # shows; derived from the model's config, so it splits no group
+    model_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Run:
     device_type: str  # "cuda" or "cpu": GPU-hours are counted on GPUs
     probe: Probe | None  # the fabric probe of a multi-rank run (None before probes, or when disabled)
     hosts: tuple[tuple[int, str], ...]  # (rank, Slurm node name) of every rank
+    tokens_per_sample: int | None = None  # a token model's: tokens/s = this x throughput
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def group_key(rec: Result) -> GroupKey:
                     batch=rec.global_batch if rec.scaling == "strong" else rec.per_rank_batch,
                     precision=rec.precision, optimizer=optimizer_name(cfg), tasks_per_node=rec.tasks_per_node,
                     device=rec.device.name, git_sha=rec.provenance.git.sha or "unknown",
-                    oversubscribed=rec.oversubscribed)
+                    oversubscribed=rec.oversubscribed, model_label=rec.model_label or rec.model)
 
 
 def _reduce(path: str, rec: Result) -> Run:
@@ -104,7 +108,8 @@ def _reduce(path: str, rec: Result) -> Run:
                slowest_rank=ranks[slowest].rank, slowest_host=ranks[slowest].node_name,
                oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes,
                samples_per_epoch=rec.steps_per_epoch * rec.global_batch, device_type=rec.device.type,
-               probe=_probe(rec), hosts=tuple((r.rank, r.node_name) for r in ranks))
+               probe=_probe(rec), hosts=tuple((r.rank, r.node_name) for r in ranks),
+               tokens_per_sample=rec.tokens_per_sample)
 
 
 def _probe(rec: Result) -> Probe | None:

@@ -17,7 +17,8 @@ from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
 
 GROUPS_PER_FIGURE = 4  # beyond this a figure's legend crowds its lines; more groups make more figures
-COLUMNS = ("nodes", "ranks", "runs", "samples/s", "+-95%", "per rank", "speedup", "efficiency", "probe model",
+COLUMNS = ("nodes", "ranks", "runs", "samples/s", "+-95%", "per rank", "tokens/s", "speedup", "efficiency",
+           "probe model",
            "data", "compute", "comm", "skew", "straggler", "busbw GB/s")
 
 
@@ -27,7 +28,7 @@ def _f(value, fmt: str) -> str:
 
 def row_cells(r: Row) -> list[str]:
     return [str(r.nodes), str(r.world_size), str(r.runs), _f(r.throughput, ".1f"), _f(r.throughput_ci, ".1f"),
-            _f(r.throughput_per_rank, ".1f"), _f(r.speedup, ".2f"),
+            _f(r.throughput_per_rank, ".1f"), _f(r.tokens_per_s, ".0f"), _f(r.speedup, ".2f"),
             _f(r.efficiency, ".1%") + (f" +-{r.efficiency_ci:.1%}" if r.efficiency_ci is not None else ""),
             _f(r.predicted_efficiency, ".1%"), f"{r.share_data:.0%}", f"{r.share_compute:.0%}",
             f"{r.share_comm:.0%}" if r.world_size > 1 else "-",  # one rank: no communication

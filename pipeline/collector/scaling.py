@@ -25,6 +25,7 @@ DEFINITIONS = {
     "throughput": "samples/s over the timed steps (global batch x timed steps / slowest rank's timed time); "
                   "repeats of a point are averaged, with a 95% confidence interval mean +- t(0.975, n-1) s/sqrt(n)",
     "per-rank throughput": "throughput / world size",
+    "tokens/s": "a token model's throughput in tokens: samples/s x tokens per sample (the input's length)",
     "baseline": "the group's smallest node count",
     "speedup": "throughput_N / throughput_base",
     "efficiency": "strong scaling: T_base x N_base / (T_N x N), T the time for the fixed work, = "
@@ -96,6 +97,7 @@ class Row:
     transport: str | None = None
     fabric_flag: str = ""  # why this point's fabric looks wrong, if it does
     predicted_efficiency: float | None = None  # the probe forecast's, where it has an interval
+    tokens_per_s: float | None = None  # a token model's throughput in tokens (samples/s x tokens per sample)
 
 
 @dataclass
@@ -108,11 +110,14 @@ class GroupAnalysis:
 
 
 def group_label(key: GroupKey, code_version: bool = True) -> str:
-    """The group as people read it; without the code version it names the experiment, which a regression check
-    compares across commits."""
+    """The group as people read it: the model as they name it (its class and size), the dataset, the fixed batch
+    and the rest, with a hash of the configs (no two groups share a label). Without the code version it names the
+    experiment, which a regression check compares across collections: that one keeps the model's config name
+    (key.model), so it reads the same for records written before models were labelled."""
     cfg = hashlib.sha1((key.model_config + key.dataset_config).encode()).hexdigest()[:6]
     batch_kind = "global" if key.scaling == "strong" else "per-rank"
-    label = (f"{key.model}/{key.dataset} {key.scaling} {batch_kind} batch {key.batch} {key.precision} {key.optimizer} "
+    model = (key.model_label or key.model) if code_version else key.model
+    label = (f"{model}/{key.dataset} {key.scaling} {batch_kind} batch {key.batch} {key.precision} {key.optimizer} "
              f"{key.tasks_per_node}/node {key.device} cfg {cfg}")
     if code_version:
         label += f" @{key.git_sha[:7]}"
@@ -193,6 +198,7 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
     for nodes, point in groupby(members, key=lambda r: r.nodes):
         point = list(point)
         thr, thr_ci = mean_ci([r.throughput for r in point])
+        tokens = point[0].tokens_per_sample
         breakdown = tuple(float(np.mean([r.breakdown[i] for r in point])) for i in range(3))
         step = sum(breakdown)
         worst = max(point, key=lambda r: r.skew)
@@ -205,7 +211,7 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
                         share_comm=breakdown[2] / step if step and point[0].world_size > 1 else 0.0,
                         breakdown_s=breakdown,
                         skew=float(np.mean([r.skew for r in point])), straggler_host=worst.slowest_host,
-                        straggler_rank=worst.slowest_rank))
+                        straggler_rank=worst.slowest_rank, tokens_per_s=thr * tokens if tokens else None))
     if not oversubscribed:
         base = rows[0]
         for row in rows:
