@@ -55,17 +55,17 @@ def run(row: int, workload: str, steps: int, folder: Path) -> float:
     timer = StepTimer(torch.device("cpu"))
     if row >= 5:
         timer.watch(raw)
-    source = InMemoryBatches(dataset, sampler, batch, torch.device("cpu"), False, False)
+    source = InMemoryBatches(dataset, batch, torch.device("cpu"), False, False)
     phase = Phases(profiling=False, nvtx=False, cuda=False).range
     metrics = make_logger(True, True, folder) if row >= 7 else None
 
     def batches():
         epoch = 0
         while True:
+            sampler.set_epoch(epoch)
             if row >= 6:
-                yield from source.epoch(epoch, 0)
+                yield from (b[:2] for b in source.batches(list(sampler), drop_last=True))
             else:
-                sampler.set_epoch(epoch)
                 order = torch.as_tensor(list(sampler))
                 for i in range(len(order) // batch):
                     idx = order[i * batch:(i + 1) * batch]

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field, fields
@@ -48,6 +49,24 @@ def check_positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be a positive number")
 
 
+IO_OUTPUT_HELP = "auto, an attribute or mapping key name, or a tuple index"
+LOSS_ON = ("logits", "output")
+
+
+def check_image_shape(shape: List[int], key: str = "dataset.image_shape") -> None:
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"{key}={list(shape)} is not allowed; give [channels, height, width], "
+                          "e.g. [1,28,28] (MNIST-shaped), [3,32,32] (CIFAR-shaped) or [3,224,224] (ImageNet-shaped)")
+
+
+def check_image_model(model: Any) -> None:
+    """A built-in image model's explicit input size and class count, when given (null: the dataset's)."""
+    if model.input_shape is not None:
+        check_image_shape(model.input_shape, "model.input_shape")
+    if model.num_classes is not None:
+        check_at_least("model.num_classes", model.num_classes, 2)
+
+
 # ---------------------------------------------------------------------------------------------- models
 # `needs` says which kind of dataset a built-in model trains on: image classification or language modelling.
 @dataclass
@@ -58,11 +77,14 @@ class MLPConfig:
     _target_: str = "pipeline.workloads.models.MLP"
     hidden: int = 128
     dropout: float = 0.2
+    input_shape: Optional[List[int]] = None  # null: the dataset's
+    num_classes: Optional[int] = None  # null: the dataset's
 
     def __post_init__(self) -> None:
         check_at_least("model.hidden", self.hidden, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} is not allowed; it must be in [0, 1)")
+        check_image_model(self)
 
 
 @dataclass
@@ -73,11 +95,14 @@ class CNNConfig:
     _target_: str = "pipeline.workloads.models.CNN"
     channels: List[int] = field(default_factory=lambda: [32, 64, 64])
     hidden: int = 64
+    input_shape: Optional[List[int]] = None  # null: the dataset's
+    num_classes: Optional[int] = None  # null: the dataset's
 
     def __post_init__(self) -> None:
         if len(self.channels) != 3 or min(self.channels) < 1:
             raise ConfigError(f"model.channels={list(self.channels)} is not allowed; give 3 positive ints")
         check_at_least("model.hidden", self.hidden, 1)
+        check_image_model(self)
 
 
 RESNET_DEPTHS = (18, 34, 50, 101)
@@ -94,6 +119,8 @@ class ResNetConfig:
     depth: int = 18
     stem: str = "auto"
     width: int = 64  # channels of the first stage; each stage doubles them
+    input_shape: Optional[List[int]] = None  # null: the dataset's
+    num_classes: Optional[int] = None  # null: the dataset's
 
     def __post_init__(self) -> None:
         if self.depth not in RESNET_DEPTHS:
@@ -101,6 +128,7 @@ class ResNetConfig:
                               f"{', '.join(map(str, RESNET_DEPTHS))}")
         check_choice("model.stem", self.stem, RESNET_STEMS)
         check_at_least("model.width", self.width, 1)
+        check_image_model(self)
 
 
 @dataclass
@@ -132,12 +160,6 @@ class GPTConfig:
 
 # -------------------------------------------------------------------------------------------- datasets
 # `provides` says what a built-in dataset holds: images with class labels, or token sequences.
-def check_image_shape(shape: List[int]) -> None:
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"dataset.image_shape={list(shape)} is not allowed; give [channels, height, width], "
-                          "e.g. [1,28,28] (MNIST-shaped), [3,32,32] (CIFAR-shaped) or [3,224,224] (ImageNet-shaped)")
-
-
 @dataclass
 class SyntheticConfig:
     """Smooth class prototypes plus Gaussian noise, generated from `seed`: learnable, no download."""
@@ -281,6 +303,28 @@ class AdamWConfig(AdamConfig):
     weight_decay: float = 0.01
 
 
+# ------------------------------------------------------------------------------------------------ losses
+TARGETS_FROM = ("targets", "inputs")
+
+
+@dataclass
+class ModelLossConfig:
+    """loss=model: the model computes its own loss, given the targets (pipeline.workloads.losses.ModelLoss)."""
+
+    _target_: str = "pipeline.workloads.losses.ModelLoss"
+    targets_as: Optional[str] = "labels"  # the keyword (Hugging Face: labels, nanoGPT: targets); null: positional
+    targets_from: str = "targets"  # or inputs: Hugging Face's causal LMs shift their labels inside
+    output: str = "auto"  # where its loss is: auto (.loss, ["loss"], a tuple's 0-dim tensor), a name or an index
+
+    def __post_init__(self) -> None:
+        check_choice("loss.targets_from", self.targets_from, TARGETS_FROM)
+        if self.targets_as is not None and not self.targets_as.isidentifier():
+            raise ConfigError(f"loss.targets_as={self.targets_as!r} is not allowed; give the keyword the model "
+                              "takes its targets by (labels, targets), or null to pass them positionally")
+        if not self.output.strip():
+            raise ConfigError(f"loss.output={self.output!r} is not allowed; give {IO_OUTPUT_HELP}")
+
+
 # --------------------------------------------------------------------------------------------- cluster
 @dataclass
 class LocalClusterConfig:
@@ -339,6 +383,9 @@ class TrainerConfig:
     checkpoint_every: int = 0  # > 0: rank 0 also checkpoints every N steps (always on the preemption signal)
     eval_samples: int = 0  # evaluate on at most this many held-out samples; 0: all of them
     tensorboard: bool = True  # rank 0 writes scalars when the tensorboard package is installed
+    # every this many steps the ranks agree whether any loss was not finite (NaN, inf): the run then stops as
+    # diverged. Each check waits for the GPU (one small all-reduce): more often costs more.
+    finite_check_every: int = 10
 
     def __post_init__(self) -> None:
         check_at_least("trainer.epochs", self.epochs, 1)
@@ -352,6 +399,7 @@ class TrainerConfig:
         check_at_least("trainer.log_every", self.log_every, 1)
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         check_at_least("trainer.eval_samples", self.eval_samples, 0)
+        check_at_least("trainer.finite_check_every", self.finite_check_every, 1)
 
 
 @dataclass
@@ -366,6 +414,9 @@ class LoaderConfig:
     pin_memory: Optional[bool] = None  # null: on when training on a GPU
     persistent_workers: bool = False
     prefetch_factor: Optional[int] = None  # batches each worker loads ahead; null: torch's default (2 with workers)
+    # a `_target_` that builds DataLoader's collate_fn (a function with `_partial_: true`, or a callable object);
+    # null: torch's default_collate
+    collate_fn: Optional[Any] = None
 
     def __post_init__(self) -> None:
         check_choice("loader.kind", self.kind, LOADERS)
@@ -376,6 +427,8 @@ class LoaderConfig:
                               f"prefetch_factor={self.prefetch_factor})")
         if self.prefetch_factor is not None:
             check_at_least("loader.prefetch_factor", self.prefetch_factor, 1)
+        if self.collate_fn is not None:
+            check_target_node("loader.collate_fn", self.collate_fn)
 
 
 @dataclass
@@ -386,6 +439,8 @@ class DDPConfig:
     gradient_as_bucket_view: bool = False
     static_graph: bool = False
     broadcast_buffers: bool = True
+    # parameters that get no gradient in some steps (unused by the loss): DDP must look for them every step
+    find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         if not self.bucket_cap_mb > 0:
@@ -410,6 +465,54 @@ class ProfilerConfig:
 
 
 @dataclass
+class IOConfig:
+    """How batches meet the model (pipeline.job.model_io): where the logits are in its output (auto: a tensor, a
+    `logits` attribute or key, a tuple's first tensor), whether the loss gets them or the whole output (a loss of
+    your own that reads more of it, e.g. an auxiliary loss), and which keys of a mapping item hold the input and
+    the target (the other keys go to the model as keywords)."""
+
+    output: str = "auto"
+    loss_on: str = "logits"  # what loss._target_ is given: the logits, or the model's whole output as it returned it
+    input_key: str = "input_ids"
+    target_key: str = "labels"
+
+    def __post_init__(self) -> None:
+        check_choice("io.loss_on", self.loss_on, LOSS_ON)
+        if not self.output.strip():
+            raise ConfigError(f"io.output={self.output!r} is not allowed; give {IO_OUTPUT_HELP}")
+        for key, value in (("io.input_key", self.input_key), ("io.target_key", self.target_key)):
+            if not value.strip():
+                raise ConfigError(f"{key}={value!r} is not allowed; give the mapping key that holds it")
+        if self.input_key == self.target_key:
+            raise ConfigError(f"io.input_key and io.target_key are both {self.input_key!r}; give two keys")
+
+
+@dataclass
+class ParamGroupsConfig:
+    """The optimizer's parameter groups. `no_decay`: biases, normalisation layers' weights and embeddings get
+    weight_decay 0 (what nanoGPT's configure_optimizers and Hugging Face's Trainer do); `method`: a method of the
+    model that returns the groups, or a whole optimizer (nanoGPT's configure_optimizers), called with what it
+    asks for by name (weight_decay, learning_rate or lr, betas, device_type); `function`: a `_target_` called
+    with the model that returns the groups. At most one."""
+
+    no_decay: bool = False
+    method: Optional[str] = None
+    function: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        chosen = [k for k, v in (("no_decay", self.no_decay), ("method", self.method), ("function", self.function))
+                  if v]
+        if len(chosen) > 1:
+            raise ConfigError(f"param_groups.{chosen[0]} and param_groups.{chosen[1]} are both set; choose one way "
+                              "to make the parameter groups")
+        if self.method is not None and not self.method.isidentifier():
+            raise ConfigError(f"param_groups.method={self.method!r} is not allowed; give the name of a method of the "
+                              "model, e.g. configure_optimizers")
+        if self.function is not None:
+            check_target_node("param_groups.function", self.function)
+
+
+@dataclass
 class ProbeConfig:
     """Every multi-rank job measures its allocation's all-reduce before training (pipeline.job.probe): a few
     seconds at most."""
@@ -422,10 +525,11 @@ MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig, ResNetConfig, GPT
 DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config, SyntheticTokensConfig,
                                            TokenFileConfig, ByteTextConfig)}
 OPTIMIZER_SCHEMAS = {c._target_: c for c in (SGDConfig, AdamConfig, AdamWConfig)}
+LOSS_SCHEMAS = {c._target_: c for c in (ModelLossConfig,)}
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
 # the groups whose `_target_` may be any importable class, and the schemas of their built-in targets
 TARGET_GROUPS = {"model": MODEL_SCHEMAS, "dataset": DATASET_SCHEMAS, "optimizer": OPTIMIZER_SCHEMAS,
-                 "scheduler": {}, "loss": {}}
+                 "scheduler": {}, "loss": LOSS_SCHEMAS}
 
 
 @dataclass
@@ -442,6 +546,8 @@ class RunConfig:
     ddp: DDPConfig = field(default_factory=DDPConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
     nodes: int = 1
     # launch options (cluster=slurm): write each point's sbatch script instead of submitting; block until every
     # job has ended; submit the points Slurm accepts even when others are rejected
@@ -547,6 +653,14 @@ def check_target(key: str, target: Any) -> None:
                           f"and not on PYTHONPATH); install the package that holds it or add its folder to PYTHONPATH")
 
 
+def check_target_node(key: str, node: Any) -> None:
+    """A nested `_target_` config (not a group's): a mapping whose `_target_`'s module can be found."""
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ConfigError(f"{key}={node!r} is not allowed; give a config with a `_target_` (e.g. "
+                          f"{key}._target_=mypackage.module.function, with _partial_: true for a function)")
+    check_target(f"{key}._target_", node["_target_"])
+
+
 def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool) -> Any:
     """One group's node: built as the schema its discriminator names, or, for a `_target_` of the user's own
     (`open_targets`), the node as given once its module is found."""
@@ -591,6 +705,8 @@ def _typed_value(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         (tp,) = [a for a in args if a is not type(None)]
+        if tp is Any:
+            return value
         origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return build_typed(tp, value, f"{key}.")
@@ -644,12 +760,32 @@ def abspath_dataset_root(run: RunConfig) -> None:
         run.dataset.root = os.path.abspath(run.dataset.root)
 
 
+# `${from_dataset:NAME}` in any config node (a model's, a Hugging Face config's, a loss's): the train dataset's
+# attribute NAME, known only once the job has built the dataset. At launch the resolver leaves the marker as it is
+# (a string in point.json); the job replaces it with the value (pipeline.job.build).
+FROM_DATASET = ("input_shape", "num_classes", "vocab_size", "seq_len")
+_FROM_DATASET_MARK = re.compile(r"^\$\{from_dataset:(\w+)\}$")
+
+
+def from_dataset(name: str) -> str:
+    check_choice("${from_dataset:NAME}: NAME", name, FROM_DATASET)
+    return "${from_dataset:" + name + "}"
+
+
+def from_dataset_name(value: Any) -> str | None:
+    """The NAME of a `${from_dataset:NAME}` marker, or None for any other value."""
+    match = _FROM_DATASET_MARK.match(value) if isinstance(value, str) else None
+    return match.group(1) if match else None
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    OmegaConf.register_new_resolver("from_dataset", from_dataset, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),
-                           ("cluster", CLUSTER_SCHEMAS)):
+                           ("loss", LOSS_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
         for schema in schemas.values():
             cs.store(group=group, name=f"{schema.__name__.removesuffix('Config').lower()}_schema", node=schema)

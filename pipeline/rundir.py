@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -101,8 +102,26 @@ def write_atomic(path: Path, write: Callable[[typing.BinaryIO], None], durable: 
             os.close(folder)
 
 
-def write_json(path: Path, data: Any, durable: bool = True) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode()), durable)
+def finite(data: Any, where: str = "") -> tuple[Any, list[str]]:
+    """`data` with every NaN or infinite float replaced by None (JSON has no such numbers: a reader that follows
+    the standard rejects `NaN`), and where each was."""
+    if isinstance(data, float):
+        return (data, []) if math.isfinite(data) else (None, [where or "(the value)"])
+    if isinstance(data, dict):
+        pairs = [(k, finite(v, f"{where}.{k}" if where else str(k))) for k, v in data.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, found) in pairs for p in found]
+    if isinstance(data, (list, tuple)):
+        items = [finite(v, f"{where}[{i}]") for i, v in enumerate(data)]
+        return [v for v, _ in items], [p for _, found in items for p in found]
+    return data, []
+
+
+def write_json(path: Path, data: Any, durable: bool = True) -> list[str]:
+    """Write `data` as strict JSON (no NaN or Infinity: those become null). Returns where any non-finite number was,
+    for the writer to say so."""
+    data, replaced = finite(data)
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=1, allow_nan=False).encode()), durable)
+    return replaced
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -133,7 +152,10 @@ class JsonFile:
 
     def write(self, folder: Path, durable: bool = True) -> Path:
         path = Path(folder) / self.FILE
-        write_json(path, self.to_json(), durable)
+        replaced = write_json(path, self.to_json(), durable)
+        if replaced:
+            logging.getLogger(__name__).warning("%s: non-finite numbers written as null: %s", path,
+                                                ", ".join(replaced[:10]))
         return path
 
     @classmethod
@@ -302,7 +324,7 @@ class Progress(JsonFile):
     total_steps: int
     samples_per_s: float
     eta_s: float
-    loss: float
+    loss: Optional[float]  # None once the loss is not finite (the run diverged)
     updated_at: str
     updated_unix: float
 
@@ -377,6 +399,29 @@ class Evaluation:
     loss: float  # the configured loss, averaged over target elements (tokens, for a language model)
     metric: str  # "accuracy" (a classifier), "perplexity" (a language model: exp(loss)) or "loss"
     value: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelIOInfo:
+    """How batches met the model (pipeline.job.model_io), in words."""
+
+    batch: str  # "(input, target) pairs", or the keys of mapping items
+    logits: Optional[str]  # where the logits were read from the model's output (None: it gave none)
+    loss: str  # the configured loss on the logits, or the model's own and how it was given the targets
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamGroupInfo:
+    parameters: int
+    tensors: int
+    lr: float
+    weight_decay: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerInfo:
+    name: str  # the optimizer's class
+    groups: list[ParamGroupInfo]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -483,16 +528,16 @@ class Result(JsonFile):
     step_time_s: Optional[StepTime]
     breakdown_s: Optional[PhaseSplit]
     breakdown_share: Optional[PhaseSplit]
-    flops_per_sample: float
+    flops_per_sample: Optional[float]  # None when counting failed (see missing)
     achieved_tflops_per_device: Optional[float]
     peak_tflops_per_device: Optional[float]
     mfu: Optional[float]
     comm_measurement: str
-    final_train_loss: float
+    final_train_loss: Optional[float]  # None when it was not finite (status diverged)
     test_accuracy: Optional[float]  # a classifier's; None for other tasks (see evaluation)
     wall_time_s: float
     oversubscribed: bool
-    weights: str
+    weights: Optional[str]  # the weights' file in the run folder; None when they were not saved (see missing)
     ranks: list[RankResult]
     provenance: Provenance
     definitions: dict[str, str]
@@ -504,6 +549,12 @@ class Result(JsonFile):
     # rank 0's start-up: seconds from its process's start to ready (imports done), rendezvous, datasets, model,
     # trainer (DDP and all), probe, first_step
     startup: Optional[dict[str, float]] = None
+    status: str = "completed"  # or "diverged": the loss stopped being finite at diverged_at_step
+    diverged_at_step: Optional[int] = None
+    missing: dict[str, str] = field(default_factory=dict)  # a figure or file not produced, and why
+    model_label: Optional[str] = None  # the model as people name it: its class and size (GPT2LMHeadModel 2x64)
+    io: Optional[ModelIOInfo] = None
+    optimizer: Optional[OptimizerInfo] = None
 
 
 @dataclass(frozen=True, kw_only=True)

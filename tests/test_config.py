@@ -24,7 +24,7 @@ def override_for(group: str, option: str) -> list[str]:
 def test_every_config_file_is_listed():
     groups = {g for g, _ in CONFIG_FILES}
     assert groups == {"model", "dataset", "optimizer", "scheduler", "loss", "cluster", "experiment"}
-    assert len(CONFIG_FILES) == 25
+    assert len(CONFIG_FILES) == 27
 
 
 @pytest.mark.parametrize("group, option", CONFIG_FILES)

@@ -1,28 +1,41 @@
-"""The run's objects from their `_target_`s: datasets, model, loss, optimizer and learning-rate schedule.
+"""The run's objects from their `_target_`s: datasets, model, loss, optimizer, learning-rate schedule and
+DataLoader's collate_fn.
 
 A constructor gets the config's arguments, plus what the pipeline knows and the constructor asks for by name
 (and the config leaves unset):
 - a dataset: `split` ("train" / "test"), or else `train` (True / False), as torchvision's datasets take it; a
   dataset that takes neither is built once and nothing is held out;
-- a model: the train dataset's `input_shape`, `num_classes` and `vocab_size`, where the dataset has them;
-- an optimizer (`_partial_`): the model's parameters, first;
-- a schedule (`_partial_`): the optimizer, first, and `T_max` / `total_steps` as the run's number of steps.
-An error in a constructor stops the job at once with a message naming the config key, the target and the rank.
+- a model: the train dataset's `input_shape`, `num_classes` and `vocab_size`, where the dataset has them. A
+  constructor that takes `**kwargs` (a timm-style factory) is given none of them unasked, and the log says so;
+  `${from_dataset:NAME}` anywhere in a config reaches the dataset's NAME explicitly (config.FROM_DATASET);
+- an optimizer (`_partial_`): the model's parameters (or the parameter groups of `param_groups.*`), first;
+- a schedule (`_partial_`): the optimizer, first, and the run's number of steps under the name it takes
+  (pipeline.workloads.schedules.LENGTH_NAMES).
+An error in a constructor, or in importing its module, stops the job at once with a message naming the config
+key, the target and the rank.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from hydra.utils import get_object, instantiate
 
-from pipeline.config import RunConfig
-from pipeline.rundir import target_of
+from pipeline.config import FROM_DATASET, ParamGroupsConfig, RunConfig, find_module, from_dataset_name
+from pipeline.job.data import ItemFormat
+from pipeline.rundir import OptimizerInfo, ParamGroupInfo, target_of
+from pipeline.workloads.losses import ModelLoss
+from pipeline.workloads.schedules import run_length, takes
 
+log = logging.getLogger(__name__)
 MODEL_GETS = ("input_shape", "num_classes", "vocab_size")
-SCHEDULE_STEPS = ("T_max", "total_steps")
+NO_DECAY_MODULES = (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.LocalResponseNorm,
+                    torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
 
 
 class BuildError(RuntimeError):
@@ -34,25 +47,92 @@ def _given(node: Any, name: str) -> bool:
     return value is not None
 
 
-def _asks_for(target: str, names: tuple[str, ...]) -> set[str]:
+def _located(key: str, node: Any, rank: int) -> Any:
+    """The class or function a `_target_` names, imported: its longest prefix that is a module (found as the
+    launch found it, pipeline.config.find_module), then attributes. An error in that module (its own imports, a
+    syntax error) or a missing attribute is the key's."""
+    target = target_of(node)
+    parts = target.split(".")
+    depth = next((n for n in range(len(parts) - 1, 0, -1) if find_module(".".join(parts[:n]))), 0)
+    try:
+        if not depth:
+            raise ModuleNotFoundError(f"no module of {target} can be found")
+        obj = importlib.import_module(".".join(parts[:depth]))
+        for attribute in parts[depth:]:
+            obj = getattr(obj, attribute)
+        return obj
+    except Exception as e:
+        raise BuildError(f"{key}._target_={target} could not be imported on rank {rank}: {type(e).__name__}: "
+                         f"{e}") from e
+
+
+def _asks_for(key: str, node: Any, rank: int, names: tuple[str, ...]) -> set[str]:
     """Which of `names` the target's constructor takes by name (its signature; none if it has no readable one)."""
+    return takes(_located(key, node, rank)) & set(names)
+
+
+def _takes_any_keyword(key: str, node: Any, rank: int) -> bool:
     try:
-        parameters = inspect.signature(get_object(target)).parameters
+        parameters = inspect.signature(_located(key, node, rank)).parameters.values()
     except (TypeError, ValueError):
-        return set()
-    return {n for n in names if n in parameters}
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def build(key: str, node: Any, rank: int, *args, partial: bool = False, **kwargs) -> Any:
-    """instantiate(node) with `kwargs` (a `partial` target is then called with `args` and `kwargs`, whatever its
-    config says of `_partial_`); a failure is reported as the config key's, on this rank."""
+def with_dataset_values(key: str, node: Any, facts: dict[str, Any]) -> Any:
+    """`node` with every `${from_dataset:NAME}` replaced by the train dataset's NAME (`facts`); a name the dataset
+    does not have is an error naming the key."""
+    if isinstance(node, dict):
+        return {k: with_dataset_values(f"{key}.{k}", v, facts) for k, v in node.items()}
+    if isinstance(node, list):
+        return [with_dataset_values(f"{key}[{i}]", v, facts) for i, v in enumerate(node)]
+    name = from_dataset_name(node)
+    if name is None:
+        return node
+    if facts.get(name) is None:
+        have = [n for n in FROM_DATASET if facts.get(n) is not None]
+        raise BuildError(f"{key}=${{from_dataset:{name}}}: the train dataset has no {name} (it has: "
+                         f"{', '.join(have) or 'none of ' + ', '.join(FROM_DATASET)}); set {key} to a value")
+    return facts[name]
+
+
+def dataset_facts(dataset: Any) -> dict[str, Any]:
+    """What a dataset says of itself that configs may use: its FROM_DATASET attributes (tuples as lists)."""
+    facts = {name: getattr(dataset, name, None) for name in FROM_DATASET}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in facts.items()}
+
+
+def _reported(key: str, node: Any, rank: int, make: Callable[[], Any]) -> Any:
     try:
-        if partial:
-            return instantiate(node, _partial_=True, _convert_="all")(*args, **kwargs)
-        return instantiate(node, _convert_="all", **kwargs)
+        return make()
     except Exception as e:
         raise BuildError(f"{key}._target_={target_of(node)} could not be built on rank {rank}: "
                          f"{type(e).__name__}: {_cause(e)}") from e
+
+
+def _prepared(key: str, node: Any, rank: int, facts: dict | None) -> Any:
+    """The node with `${from_dataset:...}` filled in, its target importable."""
+    node = with_dataset_values(key, node, facts or {})
+    _located(key, node, rank)
+    return node
+
+
+def partial_of(key: str, node: Any, rank: int, facts: dict | None = None) -> Callable:
+    """The `_target_` as a partial (its config's arguments bound), not yet called, whatever its config says of
+    `_partial_`."""
+    node = _prepared(key, node, rank, facts)
+    return _reported(key, node, rank, lambda: instantiate(node, _partial_=True, _convert_="all"))
+
+
+def build(key: str, node: Any, rank: int, *args, partial: bool = False, facts: dict | None = None,
+          **kwargs) -> Any:
+    """instantiate(node) with `kwargs` (a `partial` target is called with `args` and `kwargs`); a failure, in
+    importing the target's module or in its constructor, is reported as the config key's, on this rank."""
+    if partial:
+        made = partial_of(key, node, rank, facts)
+        return _reported(key, node, rank, lambda: made(*args, **kwargs))
+    node = _prepared(key, node, rank, facts)
+    return _reported(key, node, rank, lambda: instantiate(node, _convert_="all", **kwargs))
 
 
 def _cause(e: BaseException) -> str:
@@ -64,7 +144,7 @@ def _cause(e: BaseException) -> str:
 
 def build_datasets(run: RunConfig, rank: int) -> tuple[Any, Any | None]:
     """(train split, test split), or (the dataset, None) when its constructor takes no split."""
-    asks = _asks_for(target_of(run.dataset), ("split", "train"))
+    asks = _asks_for("dataset", run.dataset, rank, ("split", "train"))
     if "split" in asks:
         return build("dataset", run.dataset, rank, split="train"), build("dataset", run.dataset, rank, split="test")
     if "train" in asks:
@@ -73,39 +153,174 @@ def build_datasets(run: RunConfig, rank: int) -> tuple[Any, Any | None]:
 
 
 def build_model(run: RunConfig, dataset: Any, rank: int) -> torch.nn.Module:
-    target = target_of(run.model)
-    wanted = [name for name in _asks_for(target, MODEL_GETS) if not _given(run.model, name)]
-    offered = {name: getattr(dataset, name) for name in wanted if getattr(dataset, name, None) is not None}
+    target, facts = target_of(run.model), dataset_facts(dataset)
+    wanted = [name for name in _asks_for("model", run.model, rank, MODEL_GETS) if not _given(run.model, name)]
+    offered = {name: facts[name] for name in wanted if facts.get(name) is not None}
+    _say_what_was_passed(run, rank, offered, facts)
     try:
-        model = build("model", run.model, rank, **offered)
+        model = build("model", run.model, rank, facts=facts, **offered)
     except BuildError as e:
         lacking = [name for name in wanted if name not in offered]
         if lacking:
-            raise BuildError(f"{e} (the dataset has no {', '.join(lacking)} to give it: set it in model.*, or "
+            raise BuildError(f"{e} (the dataset has no {', '.join(lacking)} to give it: set model.{lacking[0]}, or "
                              f"give the dataset that attribute)") from e.__cause__
         raise
     if not isinstance(model, torch.nn.Module):
         raise BuildError(f"model._target_={target} built a {type(model).__name__} on rank {rank}, not a "
                          "torch.nn.Module")
+    _check_explicit_sizes(run, facts, rank)
     return model
 
 
-def build_loss(run: RunConfig, rank: int) -> Callable:
-    loss = build("loss", run.loss, rank)
-    if not callable(loss):
+def _say_what_was_passed(run: RunConfig, rank: int, offered: dict, facts: dict) -> None:
+    """The log says which of the dataset's values the model's constructor was given; one that takes **kwargs (a
+    timm-style factory) is given none unasked, and a missing class count is warned about."""
+    if rank != 0:
+        return
+    target, has = target_of(run.model), [n for n in MODEL_GETS if facts.get(n) is not None]
+    passed = ", ".join(f"{k}={v}" for k, v in offered.items()) or "nothing"
+    withheld = [n for n in has if n not in offered and not _given(run.model, n)]
+    log.info("model._target_=%s given %s from the dataset%s", target, passed,
+             f"; not given: {', '.join(withheld)}" if withheld else "")
+    if _takes_any_keyword("model", run.model, rank) and "num_classes" in withheld:
+        log.warning("model._target_=%s takes **kwargs, so it was not given the dataset's num_classes=%s: it builds "
+                    "its own default head unless you set model.num_classes (or model.num_classes="
+                    "${from_dataset:num_classes})", target, facts["num_classes"])
+
+
+def _check_explicit_sizes(run: RunConfig, facts: dict, rank: int) -> None:
+    """A class count or vocabulary set in model.* must cover the dataset's: a smaller one fails far from the cause
+    (on CUDA, as a device-side assert)."""
+    for name in ("num_classes", "vocab_size"):
+        mine = run.model.get(name) if isinstance(run.model, dict) else getattr(run.model, name, None)
+        theirs = facts.get(name)
+        if isinstance(mine, int) and isinstance(theirs, int) and mine < theirs:
+            raise BuildError(f"model.{name}={mine} is smaller than the dataset's {name}={theirs} (rank {rank}); "
+                             f"set model.{name}={theirs}, or null to take the dataset's")
+
+
+def build_loss(run: RunConfig, rank: int, facts: dict | None = None) -> Callable:
+    loss = build("loss", run.loss, rank, facts=facts)
+    if not callable(loss) and not isinstance(loss, ModelLoss):
         raise BuildError(f"loss._target_={target_of(run.loss)} built a {type(loss).__name__} on rank {rank}, which "
                          "cannot be called as loss(output, target)")
     return loss
 
 
-def build_optimizer(run: RunConfig, model: torch.nn.Module, rank: int) -> torch.optim.Optimizer:
-    return build("optimizer", run.optimizer, rank, model.parameters(), partial=True)
+def build_collate(run: RunConfig, rank: int, facts: dict | None = None) -> Callable | None:
+    """loader.collate_fn, built (None: torch's default_collate)."""
+    if run.loader.collate_fn is None:
+        return None
+    collate = build("loader.collate_fn", run.loader.collate_fn, rank, facts=facts)
+    if not callable(collate):
+        raise BuildError(f"loader.collate_fn._target_={target_of(run.loader.collate_fn)} built a "
+                         f"{type(collate).__name__} on rank {rank}, not a function of a list of items")
+    return collate
+
+
+def no_decay_groups(model: torch.nn.Module) -> list[dict]:
+    """Two groups: weight decay for the weights of the other layers, none for biases, normalisation layers' weights
+    and embeddings (nanoGPT's and Hugging Face's Trainer's rule, embeddings included). Each parameter once (a
+    tied weight is one parameter)."""
+    exempt = {id(p) for m in model.modules() if isinstance(m, NO_DECAY_MODULES) or "Norm" in type(m).__name__
+              for p in m.parameters(recurse=False)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (no_decay if id(p) in exempt or p.dim() < 2 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _method_arguments(method: Callable, run: RunConfig, device: torch.device) -> dict:
+    """What a model's configure_optimizers-style method asks for by name, from the optimizer's config."""
+    opt = run.optimizer if isinstance(run.optimizer, dict) else vars(run.optimizer)
+    known = {"weight_decay": opt.get("weight_decay"), "learning_rate": opt.get("lr"), "lr": opt.get("lr"),
+             "betas": opt.get("betas"), "device_type": device.type}
+    return {k: v for k, v in known.items() if k in takes(method) and v is not None}
+
+
+def build_optimizer(run: RunConfig, model: torch.nn.Module, rank: int,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over the model's parameters, or over the groups param_groups.* makes; a model method that
+    returns a whole optimizer (nanoGPT's configure_optimizers) gives it directly."""
+    groups: Any = model.parameters()
+    pg: ParamGroupsConfig = run.param_groups
+    if pg.no_decay:
+        groups = no_decay_groups(model)
+    elif pg.method is not None:
+        method = getattr(model, pg.method, None)
+        if not callable(method):
+            raise BuildError(f"param_groups.method={pg.method}: the model ({type(model).__name__}) has no such method "
+                             f"(rank {rank})")
+        given = _method_arguments(method, run, device)
+        try:
+            made = method(**given)
+        except Exception as e:
+            raise BuildError(f"param_groups.method={pg.method} failed on rank {rank}, given "
+                             f"{', '.join(given) or 'nothing'} (from the optimizer's config): "
+                             f"{type(e).__name__}: {e}") from e
+        if isinstance(made, torch.optim.Optimizer):
+            return made
+        groups = made
+    elif pg.function is not None:
+        groups = build("param_groups.function", pg.function, rank, model, partial=True)
+    return build("optimizer", run.optimizer, rank, groups, partial=True)
+
+
+def optimizer_info(optimizer: torch.optim.Optimizer) -> OptimizerInfo:
+    """What the record states of the optimizer: its class and each parameter group's size and settings."""
+    return OptimizerInfo(name=type(optimizer).__name__, groups=[
+        ParamGroupInfo(parameters=sum(p.numel() for p in g["params"]), tensors=len(g["params"]),
+                       lr=float(g["lr"]), weight_decay=float(g.get("weight_decay", 0.0)))
+        for g in optimizer.param_groups])
 
 
 def build_scheduler(run: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int, rank: int):
     """The learning-rate schedule, stepped after every optimizer step; None when the config has none."""
     if run.scheduler is None:
         return None
-    steps = {name: total_steps for name in _asks_for(target_of(run.scheduler), SCHEDULE_STEPS)
-             if not _given(run.scheduler, name)}
-    return build("scheduler", run.scheduler, rank, optimizer, partial=True, **steps)
+    schedule = partial_of("scheduler", run.scheduler, rank)
+    return _reported("scheduler", run.scheduler, rank,
+                     lambda: schedule(optimizer, **run_length(schedule, total_steps)))
+
+
+@dataclass
+class Workload:
+    """What a job trains, built from the config's `_target_`s: the model, the splits and how their items are
+    read, the loss and the collate_fn."""
+
+    model: torch.nn.Module
+    train_set: Any
+    test_set: Any | None
+    loss_fn: Callable
+    collate_fn: Callable | None
+    items: ItemFormat
+    batch_kind: str  # what the items are, in words (the record's io.batch)
+
+
+def _targets(node: Any, depth: int = 0) -> list[tuple[int, str]]:
+    """Every `_target_` in a config node, nested ones too, with its depth."""
+    if not isinstance(node, dict):
+        return [(depth, node._target_)] if hasattr(node, "_target_") else []
+    found = [(depth, node["_target_"])] if "_target_" in node else []
+    for value in node.values():
+        found += _targets(value, depth + 1)
+    return found
+
+
+def model_label(run: RunConfig, model: torch.nn.Module) -> str:
+    """The model as people name it: the innermost torch.nn.Module class among the model config's `_target_`s (a
+    wrapper's model, a Hugging Face model rather than its config; the built model's class for a factory
+    function), and its size: layers x width where that module's config says (Hugging Face's num_hidden_layers and
+    hidden_size), else its parameter count."""
+    classes = [cls for _, cls in sorted(((d, get_object(t)) for d, t in _targets(run.model)), key=lambda dc: -dc[0])
+               if isinstance(cls, type) and issubclass(cls, torch.nn.Module)]
+    cls = classes[0] if classes else type(model)
+    inner = next((m for m in model.modules() if type(m) is cls), model)
+    config = getattr(inner, "config", None)
+    layers, width = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    if isinstance(layers, int) and isinstance(width, int):
+        return f"{cls.__name__} {layers}x{width}"
+    return f"{cls.__name__} {sum(p.numel() for p in inner.parameters()) / 1e6:.3g}M params"

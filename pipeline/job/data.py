@@ -1,17 +1,20 @@
 """Where a rank's batches come from: a split held in memory and batched by indexing (on the GPU when it fits), or
-torch's DataLoader over any map-style dataset (workers, pinned memory, prefetching). Both take their order from
-the same DistributedSampler, a function of (seed, epoch), and both can start at any step of an epoch, so a
-resumed run takes exactly the batches an uninterrupted one takes, and the two paths take the same batches."""
+torch's DataLoader over any map-style dataset (workers, pinned memory, prefetching, a collate_fn of the user's).
+Both are asked for the batches of given sample indices: training's are the DistributedSampler's order for
+(seed, epoch) from the step a run starts at, so a resumed run takes exactly the batches an uninterrupted one takes
+and the two paths take the same batches; evaluation's are this rank's share of the held-out split, through the
+same code. A batch is a `Batch` (inputs, targets, and a mapping item's other keys), whatever the items are."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-from typing import Any, Iterator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from pipeline.config import LoaderConfig
 from pipeline.job.env import DistEnv
@@ -41,89 +44,140 @@ def gather_batch(source: torch.Tensor, idx: torch.Tensor, device: torch.device, 
     return batch.to(device, non_blocking=True)
 
 
-def check_datasets(train: Any, test: Any | None, target: str, rank: int) -> None:
-    """Before anything is built on them: items are (input, target) pairs, and each dataset's own checks
-    (`validate()`, e.g. token values within the vocabulary) pass. Errors name the dataset and the rank."""
+class Batch(NamedTuple):
+    """One batch as the model meets it: its inputs, its targets, and the other keys of a mapping item (an
+    attention mask), which the model gets as keywords."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    extra: dict
+
+
+@dataclass(frozen=True)
+class ItemFormat:
+    """What a dataset's items (and so its collated batches) are: `(input, target)` pairs, or mappings whose input
+    and target sit under io.input_key and io.target_key (Hugging Face's datasets and collators give
+    `{"input_ids": ..., "labels": ..., "attention_mask": ...}`)."""
+
+    input_key: str
+    target_key: str
+
+    def split(self, item: Any) -> Batch:
+        if isinstance(item, Mapping):
+            keys = (self.input_key, self.target_key)
+            return Batch(item[self.input_key], item[self.target_key],
+                         {k: v for k, v in item.items() if k not in keys})
+        return Batch(item[0], item[1], {})
+
+    def describe(self, item: Any, where: str) -> str:
+        """What the items are, in words for the record; a TypeError naming the dataset (`where`) and the io.* keys
+        when they are neither pairs nor mappings holding both keys."""
+        if isinstance(item, Mapping):
+            missing = [k for k in (self.input_key, self.target_key) if k not in item]
+            if missing:
+                raise TypeError(f"{where}: item 0 is a mapping with keys {list(item)}, without {', '.join(missing)}; "
+                                "set io.input_key and io.target_key to the keys that hold the input and the target")
+            extra = [k for k in item if k not in (self.input_key, self.target_key)]
+            return (f"mappings: {self.input_key} the input, {self.target_key} the targets"
+                    + (f", {', '.join(extra)} passed to the model as keywords" if extra else ""))
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            return "(input, target) pairs"
+        kind = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+        raise TypeError(f"{where}: item 0 is {kind}, not an (input, target) pair or a mapping; a dataset's "
+                        "__getitem__ must return (input, target), or a mapping with the keys io.input_key and "
+                        "io.target_key")
+
+
+def check_datasets(train: Any, test: Any | None, target: str, rank: int, items: ItemFormat) -> str:
+    """Before anything is built on them: items are pairs or mappings with the input and target keys, and each
+    dataset's own checks (`validate()`, e.g. token values within the vocabulary) pass. Errors name the dataset and
+    the rank. Returns what the items are, in words."""
+    kind = ""
     for split, data in (("train", train), ("test", test)):
         if data is None:
             continue
         where = f"rank {rank}: dataset._target_={target} ({split} split)"
-        check_pairs(data, where)
+        if len(data) == 0:
+            raise ValueError(f"{where}: the dataset is empty")
+        kind = kind or items.describe(data[0], where)
         if callable(getattr(data, "validate", None)):
             try:
                 data.validate()
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+    return kind
 
 
-def check_pairs(dataset: Any, where: str) -> None:
-    """A dataset's items are (input, target) pairs: said at once, naming the dataset (`where`), rather than as an
-    unpacking error deep in the loop."""
-    if len(dataset) == 0:
-        raise ValueError(f"{where}: the dataset is empty")
-    item = dataset[0]
-    if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        kind = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
-        raise TypeError(f"{where}: item 0 is {kind}, not an (input, target) pair; a dataset's __getitem__ must "
-                        "return (input, target)")
+def to_device(batch: Batch, device: torch.device, non_blocking: bool, memory_format: torch.memory_format) -> Batch:
+    """A collated batch on the device: images in the chosen memory format, the extra keys' tensors alongside."""
+    inputs = batch.inputs.to(device, non_blocking=non_blocking,
+                             memory_format=memory_format if batch.inputs.dim() == 4 else torch.preserve_format)
+    extra = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+             for k, v in batch.extra.items()}
+    return Batch(inputs, batch.targets.to(device, non_blocking=non_blocking), extra)
+
+
+def collate(items: list, fmt: ItemFormat, collate_fn: Callable | None) -> Batch:
+    """A list of items as one batch, by the user's collate_fn when given (loader.collate_fn), else torch's."""
+    return fmt.split((collate_fn or default_collate)(items))
 
 
 class InMemoryBatches:
     """The split as two tensors, on the device when it fits there, else in host memory; a batch is gathered from
-    the rows the sampler gives this rank."""
+    the rows it is asked for."""
 
-    def __init__(self, dataset: Any, sampler: DistributedSampler, batch: int, device: torch.device, on_device: bool,
-                 channels_last: bool):
+    def __init__(self, dataset: Any, batch: int, device: torch.device, on_device: bool, channels_last: bool):
         x, y = (torch.as_tensor(np.asarray(a)) for a in dataset.arrays())
         if len(x) != len(y):
             raise ValueError(f"dataset.arrays() gave {len(x)} inputs and {len(y)} targets")
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.x, self.y = (x.to(device), y.to(device)) if on_device else (x, y)
-        self.sampler, self.batch, self.device = sampler, batch, device
+        self.batch, self.device = batch, device
         self.pinned = device.type == "cuda" and not on_device
 
-    def epoch(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(epoch)
+    def batches(self, indices: Sequence[int], drop_last: bool) -> Iterator[Batch]:
+        """The samples `indices` in batches (the last one short unless `drop_last`)."""
         # sample i is row i % rows: a dataset may hold a pool smaller than its length (datasets.InMemory)
-        order = torch.as_tensor(list(self.sampler), device=self.x.device) % len(self.x)
-        for i in range(first, len(order) // self.batch):
-            idx = order[i * self.batch:(i + 1) * self.batch]
-            yield (gather_batch(self.x, idx, self.device, self.pinned),
-                   gather_batch(self.y, idx, self.device, self.pinned))
+        order = torch.as_tensor(indices, dtype=torch.int64, device=self.x.device) % len(self.x)
+        stop = len(order) - len(order) % self.batch if drop_last else len(order)
+        for start in range(0, stop, self.batch):
+            idx = order[start:start + self.batch]
+            yield Batch(gather_batch(self.x, idx, self.device, self.pinned),
+                        gather_batch(self.y, idx, self.device, self.pinned), {})
 
 
-class EpochOrder(Sampler):
-    """A DistributedSampler's order for one epoch, from a given batch on (where a resumed run starts)."""
+class IndexBatches(Sampler):
+    """DataLoader's batch sampler: the indices of the current pass, in batches; set anew before each pass (a
+    persistent-workers DataLoader keeps its sampler), so one loader serves every epoch and a resumed one's first."""
 
-    def __init__(self, sampler: DistributedSampler, batch: int):
-        self.sampler, self.batch, self.skip = sampler, batch, 0
+    def __init__(self, batch: int):
+        self.batch, self.indices, self.drop_last = batch, [], True
 
-    def start(self, epoch: int, first_batch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.skip = first_batch * self.batch
+    def set(self, indices: Sequence[int], drop_last: bool) -> None:
+        self.indices, self.drop_last = list(indices), drop_last
 
     def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.skip, None)
+        stop = len(self.indices) - len(self.indices) % self.batch if self.drop_last else len(self.indices)
+        return (self.indices[i:i + self.batch] for i in range(0, stop, self.batch))
 
     def __len__(self) -> int:
-        return len(self.sampler) - self.skip
+        return len(self.indices) // self.batch if self.drop_last else -(-len(self.indices) // self.batch)
 
 
 class LoaderBatches:
-    """torch's DataLoader over the dataset, in the sampler's order; batches copied to the device (without
+    """torch's DataLoader over the dataset, for the indices it is asked for; batches copied to the device (without
     blocking, from pinned memory, when pin_memory is on)."""
 
-    def __init__(self, dataset: Any, sampler: DistributedSampler, batch: int, device: torch.device,
-                 loader: LoaderConfig, pin: bool, channels_last: bool, seed: int, rank: int):
-        self.order = EpochOrder(sampler, batch)
+    def __init__(self, dataset: Any, batch: int, device: torch.device, loader: LoaderConfig, pin: bool,
+                 channels_last: bool, items: ItemFormat, collate_fn: Callable | None, seed: int, rank: int):
+        self.order = IndexBatches(batch)
         extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
-        self.loader = DataLoader(dataset, batch_size=batch, sampler=self.order, drop_last=True,
-                                 num_workers=loader.num_workers, pin_memory=pin,
-                                 persistent_workers=loader.persistent_workers,
+        self.loader = DataLoader(dataset, batch_sampler=self.order, num_workers=loader.num_workers, pin_memory=pin,
+                                 persistent_workers=loader.persistent_workers, collate_fn=collate_fn,
                                  # workers' random streams (augmentation) differ by rank, and repeat by seed
                                  generator=torch.Generator().manual_seed(seed * 1000 + rank), **extra)
-        self.device, self.pin = device, pin
+        self.device, self.pin, self.items = device, pin, items
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
 
     def close(self) -> None:
@@ -131,11 +185,10 @@ class LoaderBatches:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
 
-    def epoch(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.order.start(epoch, first)
-        for x, y in self.loader:
-            yield (x.to(self.device, non_blocking=self.pin, memory_format=self.memory_format),
-                   y.to(self.device, non_blocking=self.pin))
+    def batches(self, indices: Sequence[int], drop_last: bool) -> Iterator[Batch]:
+        self.order.set(indices, drop_last)
+        for batch in self.loader:
+            yield to_device(self.items.split(batch), self.device, self.pin, self.memory_format)
 
 
 def check_workers(loader: LoaderConfig, cpus: int, env: DistEnv) -> None:

@@ -11,6 +11,7 @@ for dense math, per device, looked up by the name CUDA reports; fp32 means plain
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 
@@ -43,21 +44,22 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def flops_per_sample(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, autocast) -> float:
-    """Forward + backward FLOPs of one training sample, counted on the batch (x, y) (gradients left untouched)."""
+def flops_per_sample(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], samples: int, autocast) -> float:
+    """Forward + backward FLOPs of one training sample: `loss_of()` runs the model and its loss on a batch of
+    `samples` (gradients left untouched; parameters the loss does not use are allowed)."""
     from torch.utils.flop_counter import FlopCounterMode  # rank 0 only, after training: not on the way to step 1
 
     with FlopCounterMode(display=False) as counter:
         with autocast:
-            loss = loss_fn(model(x), y)
-        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+            loss = loss_of()
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     del grads
-    return counter.get_total_flops() / len(x)
+    return counter.get_total_flops() / samples
 
 
-def utilisation(flops_sample: float, throughput: float | None, world_size: int, device_name: str,
+def utilisation(flops_sample: float | None, throughput: float | None, world_size: int, device_name: str,
                 precision: str) -> dict:
-    achieved = flops_sample * throughput / world_size / 1e12 if throughput else None
+    achieved = flops_sample * throughput / world_size / 1e12 if throughput and flops_sample else None
     peak = peak_tflops(device_name, precision)
     return {"flops_per_sample": flops_sample, "achieved_tflops_per_device": achieved,
             "peak_tflops_per_device": peak, "mfu": achieved / peak if achieved is not None and peak else None}

@@ -22,17 +22,17 @@ import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_run_config
-from pipeline.job.build import build_datasets, build_loss, build_model
+from pipeline.job.build import (Workload, build_collate, build_datasets, build_loss, build_model, dataset_facts,
+                                model_label)
 from pipeline.job.checkpoint import Checkpoints, save
-from pipeline.job.data import check_datasets, check_workers
+from pipeline.job.data import ItemFormat, check_datasets, check_workers
 from pipeline.job.env import DistEnv
-from pipeline.job.flops import flops_per_sample
 from pipeline.job.observe import hparams_of, tensorboard_dir
-from pipeline.job.placement import HostShare, pick_device, place_threads
+from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.probe import describe, fell_back_to_sockets, run_probe
-from pipeline.job.record import build_record, gradient_bytes, rank_result
-from pipeline.job.trainer import Trainer, TrainOutcome
+from pipeline.job.record import JobFacts, build_record, rank_result
+from pipeline.job.trainer import Trainer, TrainOutcome, gradient_bytes
 from pipeline.rundir import (LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure, Point, failure_path, target_of,
                              utc_now)
 
@@ -112,16 +112,18 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         join_process_group(env, device, store, timeout, point_dir)
         clock.mark("rendezvous")
         share = place_threads(env)
-        trainer = build_trainer(run, env, device, point_dir, Checkpoints(point_dir, point.run_id, point.config),
-                                tensorboard_dir(point, point_dir), clock)
+        trainer, label = build_trainer(run, env, device, point, point_dir, clock)
         if trainer.loader_info.kind == "dataloader":
             check_workers(run.loader, share.threads, env)
         fabric = probe_fabric(run, env, trainer, point_dir)
         clock.mark("probe")
         outcome = train(trainer, env, on_slurm=point.launch_mode == "slurm")
-        if trainer.first_step_at is not None:
-            clock.marks["first_step"] = trainer.first_step_at - clock.origin
-        write_result(point, run, env, trainer, outcome, share, started_at, t0, fabric, clock)
+        if outcome.first_step_at is not None:
+            clock.marks["first_step"] = outcome.first_step_at - clock.origin
+        job = JobFacts(backend=dist.get_backend(), device=device, precision=trainer.precision, started_at=started_at,
+                       wall_s=time.perf_counter() - t0, startup=clock.marks, model_label=label, fabric=fabric,
+                       host=share)
+        write_result(point, run, env, trainer, outcome, job)
         trainer.close()
         dist.barrier()  # no rank tears the process group down while another still uses it
         finished = True
@@ -179,37 +181,27 @@ def probe_fabric(run: RunConfig, env: DistEnv, trainer: Trainer, point_dir: Path
     return fabric
 
 
-def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point_dir: Path, checkpoints: Checkpoints,
-                  tensorboard: Path, clock: Stopwatch) -> Trainer:
-    """The datasets, the model and the loss from their `_target_`s, and the trainer (resumed from a checkpoint if
-    there is one); the model and the loss are then run on two training samples: the first time they meet the
-    data, so a misfit is reported here, naming them."""
+def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point: Point, point_dir: Path,
+                  clock: Stopwatch) -> tuple[Trainer, str]:
+    """The datasets, the model, the loss and the collate_fn from their `_target_`s, and the trainer (resumed from a
+    checkpoint if there is one); the model and the loss are then run on two training samples: the first time they
+    meet the data, so a misfit is reported here, naming them. Returns the trainer and the model's label."""
     torch.manual_seed(run.trainer.seed)  # the same initial weights on every rank
     train_set, test_set = build_datasets(run, env.rank)
-    check_datasets(train_set, test_set, target_of(run.dataset), env.rank)
+    items = ItemFormat(run.io.input_key, run.io.target_key)
+    kind = check_datasets(train_set, test_set, target_of(run.dataset), env.rank, items)
     clock.mark("datasets")
     model = build_model(run, train_set, env.rank)
     clock.mark("model")
-    trainer = Trainer(run, env, device, model, train_set, test_set, build_loss(run, env.rank), point_dir, checkpoints,
-                      tensorboard)
+    facts = dataset_facts(train_set)
+    workload = Workload(model=model, train_set=train_set, test_set=test_set,
+                        loss_fn=build_loss(run, env.rank, facts), collate_fn=build_collate(run, env.rank, facts),
+                        items=items, batch_kind=kind)
+    trainer = Trainer(run, env, device, workload, Checkpoints(point_dir, point.run_id, point.config),
+                      (point_dir, tensorboard_dir(point, point_dir)))
     clock.mark("trainer")
-    x, y = trainer.sample_batch(2)
-    try:
-        with torch.no_grad(), trainer.autocast:
-            trainer.loss_fn(trainer.raw_model(x), y)
-    except Exception as e:
-        raise RuntimeError(f"rank {env.rank}: model._target_={target_of(run.model)} and loss._target_="
-                           f"{target_of(run.loss)} could not train on a batch of dataset._target_="
-                           f"{target_of(run.dataset)} (inputs {tuple(x.shape)} {x.dtype}, targets {tuple(y.shape)} "
-                           f"{y.dtype}): {type(e).__name__}: {e}") from e
-    return trainer
-
-
-def count_flops(trainer: Trainer) -> float:
-    """FLOPs per training sample (forward and backward, torch's flop counter), on rank 0 after training: the same
-    on every rank, and the counter's first use costs most of a second, which the first step need not wait for."""
-    x, y = trainer.sample_batch(2)
-    return flops_per_sample(trainer.raw_model, x, y, trainer.loss_fn, trainer.autocast)
+    trainer.check_on_samples()
+    return trainer, model_label(run, model)
 
 
 def train(trainer: Trainer, env: DistEnv, on_slurm: bool) -> TrainOutcome:
@@ -224,26 +216,49 @@ def train(trainer: Trainer, env: DistEnv, on_slurm: bool) -> TrainOutcome:
 
 
 def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, outcome: TrainOutcome,
-                 share: HostShare, started_at: str, t0: float, fabric: Fabric | None, clock: Stopwatch) -> None:
-    """Every rank's entry goes to rank 0, which saves the weights, writes the record, and gives TensorBoard the
-    run's overrides and final figures (its HParams view)."""
-    mine = rank_result(env, trainer, share, run, outcome)
+                 job: JobFacts) -> None:
+    """Every rank's entry goes to rank 0, which saves the weights, counts the FLOPs, writes the record, and gives
+    TensorBoard the run's overrides and final figures (its HParams view). Once training has finished nothing but
+    writing the record itself can fail the run: a step that fails is logged, and the record says what is missing
+    and why."""
+    mine = rank_result(env, job.device, job.host, run, outcome)
     ranks = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(mine, ranks, dst=0)
     if env.rank != 0:
         return
     point_dir = trainer.point_dir
-    save(trainer.raw_model.state_dict(), point_dir / WEIGHTS_NAME)
-    record = build_record(point, run, env, trainer, count_flops(trainer), dist.get_backend(), outcome, ranks,
-                          started_at, time.perf_counter() - t0, fabric, clock.marks)
+    if outcome.diverged_at_step is None:
+        job.weights = attempt("weights", job.missing,
+                              lambda: save(trainer.weights(), point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
+    else:
+        job.missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
+    job.flops_per_sample = attempt("flops_per_sample", job.missing, trainer.count_flops)
+    record = build_record(point, run, env, outcome, ranks, job)
     path = record.write(point_dir)
+    attempt("tensorboard", {}, lambda: close_metrics(trainer, point, record))
     ev = outcome.evaluation
-    trainer.metrics.hparams(hparams_of(point), {
-        "final/samples_per_s": record.throughput_samples_per_s or 0.0, "final/train_loss": outcome.final_train_loss,
-        **({f"final/test_{ev.metric}": ev.value} if ev else {})})
-    trainer.metrics.close()
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
              record.throughput_samples_per_s or 0.0, path)
+
+
+def attempt(name: str, missing: dict[str, str], make):
+    """`make()`, or None when it fails after training: logged, and noted in `missing` (the record's)."""
+    try:
+        return make()
+    except Exception as e:
+        log.warning("%s could not be produced after training: %s: %s", name, type(e).__name__, e)
+        missing[name] = f"{type(e).__name__}: {e}"[:500]
+        return None
+
+
+def close_metrics(trainer: Trainer, point: Point, record) -> None:
+    """TensorBoard's HParams view: the run's overrides beside its final figures."""
+    ev = record.evaluation
+    trainer.metrics.hparams(hparams_of(point), {
+        "final/samples_per_s": record.throughput_samples_per_s or 0.0,
+        **({"final/train_loss": record.final_train_loss} if record.final_train_loss is not None else {}),
+        **({f"final/test_{ev.metric}": ev.value} if ev else {})})
+    trainer.metrics.close()
 
 
 def release_process_group(trainer: weakref.ref | None) -> None:

@@ -46,7 +46,7 @@ class StepTimer:
         self._marks: list[tuple] = []  # steps not read yet
         self._read: list[np.ndarray] = []  # (steps, 4) intervals between a step's 5 marks, in seconds
         self._start = self._data = self._grads = self._backward = None
-        self._params = self._pending = 0
+        self._params = self._expected = self._pending = self._fired = 0
         self.on_grads_ready = None
 
     def _now(self):
@@ -64,8 +64,10 @@ class StepTimer:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._accumulated)
                 self._params += 1
+        self._expected = self._params
 
     def _accumulated(self, param: torch.Tensor) -> None:
+        self._fired += 1
         self._pending -= 1
         if self._pending == 0:
             self.grads_ready()
@@ -81,7 +83,7 @@ class StepTimer:
 
     def data_ready(self) -> None:
         self._data = self._now()
-        self._grads, self._pending = None, self._params
+        self._grads, self._pending, self._fired = None, self._expected, 0
 
     def backward_done(self) -> None:
         self._backward = self._now()
@@ -91,6 +93,9 @@ class StepTimer:
         grads = self._grads if self._grads is not None else self._backward  # no hook ran: no communication
         self._marks.append((self._start, self._data, grads, self._backward, end))
         self._start = end
+        # parameters the loss did not use get no gradient (ddp.find_unused_parameters): the next step's last
+        # gradient is the last of those that had one in this step
+        self._expected = self._fired or self._params
         if len(self._marks) >= 2 * self.READ_EVERY:
             self._read_marks(self.READ_EVERY)
 

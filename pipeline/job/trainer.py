@@ -1,45 +1,75 @@
-"""The DDP training loop: one rank's view. It times every step and evaluates the model on the held-out split at
-the end (accuracy for a classifier, perplexity for a language model)."""
+"""The DDP training loop: one rank's view. It times every step, stops the run when a loss is not finite (all
+ranks together), and evaluates the model on the held-out split at the end (accuracy for a classifier,
+perplexity for a language model). Training returns a typed outcome (`TrainOutcome`) that the record is built
+from."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import DistributedSampler
 
 from pipeline.config import RunConfig
-from pipeline.job.build import build_optimizer, build_scheduler
+from pipeline.job.build import Workload, build_optimizer, build_scheduler, optimizer_info
 from pipeline.job.checkpoint import Checkpoints, segment
-from pipeline.job.data import InMemoryBatches, LoaderBatches, holds_on_device, loader_info
+from pipeline.job.data import Batch, InMemoryBatches, LoaderBatches, collate, holds_on_device, loader_info, to_device
 from pipeline.job.env import DistEnv
+from pipeline.job.model_io import ModelIO
 from pipeline.job.observe import Phases, make_logger, make_profiler, write_progress
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.timing import StepTimer
-from pipeline.rundir import Evaluation, FastPath, target_of
+from pipeline.rundir import Evaluation, FastPath, LoaderInfo, ModelIOInfo, OptimizerInfo, Segment, target_of
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
+IGNORE_INDEX = -100  # torch's cross_entropy and Hugging Face's losses skip targets of this value
 
 
 @dataclass
 class TrainOutcome:
-    steps: int
+    """What one rank's training produced, for the record (pipeline.job.record)."""
+
+    steps: int  # steps done: the planned total, or fewer when the run diverged
     start_step: int  # > 0 when this run resumed from a checkpoint
     steps_per_epoch: int
     phases: np.ndarray  # (steps - start_step, 4) seconds: step, data, compute, comm
-    final_train_loss: float
-    evaluation: Evaluation | None  # None when the dataset holds nothing out
+    final_train_loss: float | None  # None when it was not finite
+    evaluation: Evaluation | None  # None when the dataset holds nothing out, or it failed (see missing)
+    segments: list[Segment]  # rank 0's throughput in the stretches before a restart (raw timings below)
+    fast_path: FastPath
+    loader: LoaderInfo
+    io: ModelIOInfo
+    optimizer: OptimizerInfo
+    model_parameters: int
+    gradient_bytes: int
+    parameters_sha256: str
+    tokens_per_sample: int | None
+    first_step_at: float | None  # unix time this process finished its first step
+    diverged_at_step: int | None = None
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+class Diverged(Exception):
+    """A loss that was not finite, seen by every rank at the same check."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the loss was not finite (NaN or infinite) at step {step}: the run diverged")
+        self.step = step
+
+
+class EvaluationFailed(Exception):
+    pass
 
 
 def dropout_seed(seed: int, rank: int, step: int, world_size: int) -> int:
@@ -57,42 +87,84 @@ def buffer_sync(every_forward: bool) -> dict:
     return {"broadcast_buffers": False}
 
 
+def parameters_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes: equal on all ranks when DDP kept them in sync."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """What DDP all-reduces every step: one gradient per parameter, in the parameter's dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class FiniteCheck:
+    """Every `every` steps the ranks agree (one all-reduce of a few flags) whether any step's loss was not finite,
+    and at which step first. Between checks the flags stay on the device, so no step waits for the GPU."""
+
+    def __init__(self, every: int, device: torch.device, world_size: int):
+        self.every, self.world_size = every, world_size
+        self.flags = torch.zeros(every, device=device)
+        self.first = None  # the step of the window's first slot
+
+    def note(self, step: int, loss: torch.Tensor) -> None:
+        if self.first is None:
+            self.first = step
+        self.flags[step - self.first] = (~torch.isfinite(loss.detach())).float()
+
+    def due(self, done: int, last: int) -> bool:
+        return self.first is not None and (done - self.first == self.every or done == last)
+
+    def check(self) -> int | None:
+        """The first step with a loss that was not finite on any rank since the last check, or None."""
+        flags = self.flags.clone()
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = [i for i, f in enumerate(flags.tolist()) if f]
+        first, self.first = self.first, None
+        self.flags.zero_()
+        return first + bad[0] if bad else None
+
+
 class Trainer:
     """One rank's training: built in named steps (steps to take, batches, model, optimizer, resume, observers),
-    then `fit` takes `train_step` until the last step and evaluates."""
+    then `fit` takes `train_step` until the last step, evaluates, and returns a TrainOutcome."""
 
-    def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, model: torch.nn.Module, train_set: Any,
-                 test_set: Any | None, loss_fn: Callable, point_dir: Path, checkpoints: Checkpoints,
-                 tensorboard_dir: Path | None = None):
-        self.run, self.env, self.device, self.point_dir = run, env, device, point_dir
-        self.checkpoints = checkpoints
+    def __init__(self, run: RunConfig, env: DistEnv, device: torch.device, workload: Workload,
+                 checkpoints: Checkpoints, folders: tuple[Path, Path]):
+        """`folders`: (the point's folder, its TensorBoard folder)."""
+        self.run, self.env, self.device, self.work = run, env, device, workload
+        self.point_dir, self.checkpoints = folders[0], checkpoints
         self.batch = run.per_rank_batch
         cuda = device.type == "cuda"
         self.precision = run.trainer.precision if run.trainer.precision != "auto" else ("bf16" if cuda else "fp32")
-        self.train_set, self.test_set, self.loss_fn = train_set, test_set, loss_fn
+        self.io = ModelIO(run.io, workload.loss_fn, workload.batch_kind)
         self._plan_steps()
-        self.fast_path = self._make_batches(model)
+        self.fast_path = self._make_batches(workload.model)
         self.timer = StepTimer(device)
-        self.raw_model, self.model = self._wrap_model(model)
-        self.optimizer = build_optimizer(run, self.model, env.rank)
+        self.raw_model, self.model = self._wrap_model(workload.model)
+        self.optimizer = build_optimizer(run, self.raw_model, env.rank, device)
         self.scheduler = build_scheduler(run, self.optimizer, self.total_steps, env.rank)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         # the generator dropout draws from; reseeding it alone costs ~1 us, torch.manual_seed ~190 us
         self.dropout_rng = torch.cuda.default_generators[device.index] if cuda else torch.default_generator
         self.start_step, self.segments = self._resume(checkpoints.load())
-        self.first_step_at: float | None = None  # unix time this process finished its first step
-        self._make_observers(tensorboard_dir or point_dir / "tensorboard")
+        self.first_step_at: float | None = None
+        self.finite = FiniteCheck(run.trainer.finite_check_every, device, env.world_size)
+        self._make_observers(folders[1])
 
     # ------------------------------------------------------------------------------------------ set-up steps
     def _plan_steps(self) -> None:
         """The sampler (its order a function of seed and epoch), steps per epoch and the steps to take."""
         t, env = self.run.trainer, self.env
-        self.sampler = DistributedSampler(range(len(self.train_set)), num_replicas=env.world_size, rank=env.rank,
-                                          shuffle=True, seed=t.seed, drop_last=True)
+        self.sampler = DistributedSampler(range(len(self.work.train_set)), num_replicas=env.world_size,
+                                          rank=env.rank, shuffle=True, seed=t.seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // self.batch
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"the train split has {len(self.train_set)} samples: {len(self.sampler)} per rank over "
+                f"the train split has {len(self.work.train_set)} samples: {len(self.sampler)} per rank over "
                 f"{env.world_size} ranks, fewer than one per-rank batch of {self.batch}. Lower trainer.batch_size "
                 f"(weak scaling) or trainer.global_batch_size (strong scaling), or use fewer ranks."
             )
@@ -102,32 +174,35 @@ class Trainer:
     def _make_batches(self, model: torch.nn.Module) -> FastPath:
         """The batch source: the split in memory (on the GPU when it fits) when the dataset offers its arrays and
         loader.kind allows, else torch's DataLoader. Returns the fast-path choices made."""
-        t, loader, cuda = self.run.trainer, self.run.loader, self.device.type == "cuda"
-        has_arrays = callable(getattr(self.train_set, "arrays", None))
+        t, loader, cuda, train = self.run.trainer, self.run.loader, self.device.type == "cuda", self.work.train_set
+        has_arrays = callable(getattr(train, "arrays", None))
         if loader.kind == "memory" and not has_arrays:
             raise ValueError(f"rank {self.env.rank}: loader.kind=memory needs a dataset that offers its split as "
                              f"arrays (an arrays() method, as the built-in datasets have), and dataset._target_="
                              f"{target_of(self.run.dataset)} does not; use loader.kind=dataloader or auto")
-        in_memory = has_arrays and loader.kind != "dataloader"
+        self.in_memory = has_arrays and loader.kind != "dataloader"
         # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
-        images = np.ndim(self.train_set[0][0]) == 3
+        images = np.ndim(self.work.items.split(train[0]).inputs) == 3
         channels_last = images and (t.channels_last if t.channels_last is not None else
                                     cuda and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
-        if in_memory:
-            held = [a for d in (self.train_set, self.test_set) if d is not None and hasattr(d, "arrays")
+        if self.in_memory:
+            held = [a for d in (train, self.work.test_set) if d is not None and hasattr(d, "arrays")
                     for a in d.arrays()]
-            on_device = holds_on_device(t.data_on_device, sum(np.asarray(a).nbytes for a in held),
-                                        torch.cuda.mem_get_info(self.device)[0] if cuda else 0)
-            self.batches = InMemoryBatches(self.train_set, self.sampler, self.batch, self.device, on_device,
-                                           channels_last)
-            pinned = self.batches.pinned
+            self.on_device = holds_on_device(t.data_on_device, sum(np.asarray(a).nbytes for a in held),
+                                             torch.cuda.mem_get_info(self.device)[0] if cuda else 0)
+            self.batches = InMemoryBatches(train, self.batch, self.device, self.on_device, channels_last)
+            self.pinned = self.batches.pinned
         else:
-            on_device, pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
-            self.batches = LoaderBatches(self.train_set, self.sampler, self.batch, self.device, loader, pinned,
-                                         channels_last, t.seed, self.env.rank)
-        self.loader_info = loader_info("memory" if in_memory else "dataloader", loader, pinned)
-        return FastPath(data_on_device=on_device, channels_last=channels_last, compile=t.compile,
-                        pinned_memory=pinned)
+            self.on_device, self.pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
+            self.batches = self._loader_batches(train, channels_last, persistent=loader.persistent_workers)
+        self.loader_info = loader_info("memory" if self.in_memory else "dataloader", loader, self.pinned)
+        return FastPath(data_on_device=self.on_device, channels_last=channels_last, compile=t.compile,
+                        pinned_memory=self.pinned)
+
+    def _loader_batches(self, dataset, channels_last: bool, persistent: bool) -> LoaderBatches:
+        loader = replace(self.run.loader, persistent_workers=persistent)
+        return LoaderBatches(dataset, self.batch, self.device, loader, self.pinned, channels_last, self.work.items,
+                             self.work.collate_fn, self.run.trainer.seed, self.env.rank)
 
     def _wrap_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, DistributedDataParallel]:
         """The model on its device (NHWC if chosen), compiled if asked, inside DDP; the timer watches its
@@ -140,7 +215,7 @@ class Trainer:
             torch.compile(raw) if self.fast_path.compile else raw,
             device_ids=[self.device.index] if self.device.type == "cuda" else None, bucket_cap_mb=d.bucket_cap_mb,
             gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph,
-            **buffer_sync(d.broadcast_buffers))
+            find_unused_parameters=d.find_unused_parameters, **buffer_sync(d.broadcast_buffers))
         if self.env.world_size > 1:  # one rank communicates with nobody: no comm phase to mark (StepTimer.watch)
             self.timer.watch(raw)
         return raw, ddp
@@ -168,14 +243,51 @@ class Trainer:
         if self.phases.profiling or self.phases.nvtx:
             self.timer.on_grads_ready = self.phases.begin_wait
 
-    def sample_batch(self, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `n` training samples as a batch on the device (for counting FLOPs and checking that the
-        model's output fits the loss before training)."""
-        x, y = default_collate([self.train_set[i] for i in range(min(n, len(self.train_set)))])
-        x = x.to(self.device)
-        if self.fast_path.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(self.device)
+    # ------------------------------------------------------------------------------------ before and after
+    def sample_batch(self, n: int = 2) -> Batch:
+        """The first `n` training samples as a batch on the device, collated as the DataLoader would."""
+        items = [self.work.train_set[i] for i in range(min(n, len(self.work.train_set)))]
+        memory_format = torch.channels_last if self.fast_path.channels_last else torch.preserve_format
+        return to_device(collate(items, self.work.items, self.work.collate_fn), self.device, False, memory_format)
+
+    def check_on_samples(self) -> None:
+        """The model and the loss on two training samples, before training: the first time they meet the data, so
+        a misfit is reported here, naming them (and where the logits are is found: the record's io)."""
+        batch = self.sample_batch(2)
+        try:
+            with torch.no_grad(), self.autocast:
+                self.io.loss_and_logits(self.raw_model, batch)
+        except Exception as e:
+            x, y = batch.inputs, batch.targets
+            extra = f", and {', '.join(batch.extra)} as keywords" if batch.extra else ""
+            hint = ""
+            if self.io.own_loss and isinstance(e, TypeError) and "argument" in str(e):
+                given = self.work.loss_fn.targets_as
+                hint = (f" (loss=model passes the targets as the keyword loss.targets_as={given}: set it to the "
+                        "name the model's forward takes, or null to pass them positionally)" if given else
+                        " (loss=model passes the targets positionally after the input, loss.targets_as=null)")
+            raise RuntimeError(f"rank {self.env.rank}: model._target_={target_of(self.run.model)} and loss._target_="
+                               f"{target_of(self.run.loss)} could not train on a batch of dataset._target_="
+                               f"{target_of(self.run.dataset)} (inputs {tuple(x.shape)} {x.dtype}, targets "
+                               f"{tuple(y.shape)} {y.dtype}{extra}): {type(e).__name__}: {e}{hint}") from e
+
+    def count_flops(self) -> float:
+        """FLOPs per training sample (forward and backward, torch's flop counter), on two samples."""
+        from pipeline.job.flops import flops_per_sample
+
+        batch = self.sample_batch(2)
+        return flops_per_sample(self.raw_model, lambda: self.io.loss_and_logits(self.raw_model, batch)[0],
+                                len(batch.inputs), self.autocast)
+
+    def weights(self) -> dict:
+        """The trained model's state_dict on the CPU: it loads with a plain torch.load on any machine (a login
+        node, a laptop), not only where there is a GPU."""
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
+    def tokens_per_sample(self) -> int | None:
+        """A token model's tokens per sample: the input's length when inputs are integer token ids."""
+        x = torch.as_tensor(self.work.items.split(self.work.train_set[0]).inputs)
+        return None if x.is_floating_point() or x.dim() != 1 else int(x.numel())
 
     # ------------------------------------------------------------------------------------------ training
     def save_checkpoint(self, step: int) -> None:
@@ -184,7 +296,8 @@ class Trainer:
 
     def fit(self, stop: StopSignal | None = None) -> TrainOutcome:
         """Train from the start (or resumed) step to the last; raises Interrupted on rank 0 at the first step
-        boundary after `stop` caught its signal."""
+        boundary after `stop` caught its signal. A loss that is not finite ends training on every rank at the next
+        finite check: the outcome then says where it diverged."""
         self._announce()
         self.model.train()
         p = self.run.profiler
@@ -193,20 +306,32 @@ class Trainer:
         loss = torch.zeros((), device=self.device)
         self._window = (time.perf_counter(), self.start_step)  # where the next logged rate is measured from
         self._progress_at = -PROGRESS_EVERY_S
-        batches = self._batches()
+        batches, done = self._batches(), self.start_step
         self.timer.start()
-        with profiler or contextlib.nullcontext():
-            while True:
-                with self.phases.range("data"):
-                    step_batch = next(batches, None)
-                if step_batch is None:
-                    break
-                step, epoch, x, y = step_batch
-                loss = self.train_step(step, x, y)
-                if profiler is not None:
-                    profiler.step()
-                self._after_step(step + 1, epoch, loss, stop)
-        return self._finish(self.total_steps, loss)
+        try:
+            with profiler or contextlib.nullcontext():
+                while True:
+                    with self.phases.range("data"):
+                        step_batch = next(batches, None)
+                    if step_batch is None:
+                        break
+                    step, epoch, batch = step_batch
+                    loss = self.train_step(step, batch)
+                    if profiler is not None:
+                        profiler.step()
+                    done = step + 1
+                    self._after_step(done, epoch, loss, stop)
+        except Diverged as e:
+            log.error("%s", e)
+            return self._finish(done, None, diverged_at=e.step)
+        except RuntimeError as e:
+            if "find_unused_parameters=True" in str(e) and not self.run.ddp.find_unused_parameters:
+                raise RuntimeError(f"rank {self.env.rank}: some parameters of model._target_="
+                                   f"{target_of(self.run.model)} got no gradient in step {done}: set "
+                                   "ddp.find_unused_parameters=true (DDP then looks for them every step), or make "
+                                   f"the loss use them. DDP said: {e}") from e
+            raise
+        return self._finish(done, loss)
 
     def _announce(self) -> None:
         if self.env.rank == 0:
@@ -215,24 +340,25 @@ class Trainer:
                      "the DataLoader" if self.loader_info.kind == "dataloader" else "memory")
 
     def _batches(self):
-        """(step, epoch, inputs, targets) for every step still to take, on the device. The order is the sampler's
-        for (seed, epoch), so a run resumed at any step takes the batches an uninterrupted one would."""
+        """(step, epoch, batch) for every step still to take, on the device. The order is the sampler's for
+        (seed, epoch), so a run resumed at any step takes the batches an uninterrupted one would."""
         step = self.start_step
         while step < self.total_steps:
             epoch, first = divmod(step, self.steps_per_epoch)
-            for x, y in self.batches.epoch(epoch, first):
-                yield step, epoch, x, y
+            self.sampler.set_epoch(epoch)
+            for batch in self.batches.batches(list(self.sampler)[first * self.batch:], drop_last=True):
+                yield step, epoch, batch
                 step += 1
                 if step == self.total_steps:
                     return
 
-    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, step: int, batch: Batch) -> torch.Tensor:
         """One optimizer step on a batch; the timer marks its phases. Returns the loss."""
         phase = self.phases.range
         self.dropout_rng.manual_seed(dropout_seed(self.run.trainer.seed, self.env.rank, step, self.env.world_size))
         self.timer.data_ready()
         with phase("forward"), self.autocast:
-            loss = self.loss_fn(self.model(x), y)
+            loss, _ = self.io.loss_and_logits(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         with phase("backward"):  # DDP waits for the gradient all-reduce before backward() returns
             loss.backward()
@@ -243,12 +369,18 @@ class Trainer:
             if self.scheduler is not None:
                 self.scheduler.step()
         self.timer.step_done()
+        self.finite.note(step, loss)
         return loss
 
     def _after_step(self, done: int, epoch: int, loss: torch.Tensor, stop: StopSignal | None) -> None:
-        """After `done` steps: note the first step's time; on rank 0, stop if asked, checkpoint, report."""
+        """After `done` steps: note the first step's time; every rank: stop if a loss was not finite; rank 0: stop
+        if asked, checkpoint, report."""
         if self.first_step_at is None:
             self.first_step_at = time.time()
+        if self.finite.due(done, self.total_steps):
+            bad = self.finite.check()
+            if bad is not None:
+                raise Diverged(bad)
         if self.env.rank != 0:
             return
         t = self.run.trainer
@@ -259,16 +391,49 @@ class Trainer:
         if done % t.log_every == 0 or done == self.total_steps:
             self._report(done, epoch, loss)
 
-    def _finish(self, steps: int, loss: torch.Tensor) -> TrainOutcome:
-        """The last step's loss averaged over ranks, the evaluation, and the step timings."""
-        final_loss = loss.detach().float().clone()
-        dist.all_reduce(final_loss)
-        evaluation = self.evaluate()
+    def _finish(self, steps: int, loss: torch.Tensor | None, diverged_at: int | None = None) -> TrainOutcome:
+        """The last step's loss averaged over ranks, the evaluation (not of a diverged model), and what the record
+        needs of this rank's training."""
+        missing, final_loss, evaluation = {}, None, None
+        if loss is not None:
+            summed = loss.detach().float().clone()
+            dist.all_reduce(summed)
+            final_loss = summed.item() / self.env.world_size
+        if diverged_at is not None:
+            missing["evaluation"] = f"not evaluated: the run diverged at step {diverged_at}"
+        else:
+            evaluation = self._evaluation(steps, missing)
+        return TrainOutcome(
+            steps=steps, start_step=self.start_step, steps_per_epoch=self.steps_per_epoch, phases=self.timer.phases(),
+            final_train_loss=final_loss if final_loss is not None and math.isfinite(final_loss) else None,
+            evaluation=evaluation, segments=self._earlier_segments(), fast_path=self.fast_path,
+            loader=self.loader_info, io=self.io.info(), optimizer=optimizer_info(self.optimizer),
+            model_parameters=sum(p.numel() for p in self.raw_model.parameters()),
+            gradient_bytes=gradient_bytes(self.raw_model), parameters_sha256=parameters_digest(self.raw_model),
+            tokens_per_sample=self.tokens_per_sample(), first_step_at=self.first_step_at,
+            diverged_at_step=diverged_at, missing=missing)
+
+    def _earlier_segments(self) -> list[Segment]:
+        """Rank 0's throughput in each stretch before a restart (each after its own warm-up)."""
+        out, warmup, global_batch = [], self.run.trainer.warmup_steps, self.run.global_batch
+        for seg in self.segments:
+            phases = seg["phases"].numpy()
+            timed = phases[warmup:, 0]
+            out.append(Segment(start_step=seg["start_step"], steps=len(phases), timed_steps=len(timed),
+                               throughput_samples_per_s=float(global_batch * len(timed) / timed.sum()) if len(timed)
+                               else None))
+        return out
+
+    def _evaluation(self, steps: int, missing: dict[str, str]) -> Evaluation | None:
+        """The evaluation, logged to TensorBoard; a failure is recorded as missing (the record is still written)."""
+        try:
+            evaluation = self.evaluate()
+        except EvaluationFailed as e:
+            missing["evaluation"] = str(e)
+            return None
         if evaluation is not None:
             self.metrics.log({f"test/{evaluation.metric}": evaluation.value, "test/loss": evaluation.loss}, steps)
-        return TrainOutcome(steps=steps, start_step=self.start_step, steps_per_epoch=self.steps_per_epoch,
-                            phases=self.timer.phases(), final_train_loss=final_loss.item() / self.env.world_size,
-                            evaluation=evaluation)
+        return evaluation
 
     def _report(self, step: int, epoch: int, loss: torch.Tensor) -> None:
         """Rank 0, every `log_every` steps: a log line, TensorBoard scalars, the progress file."""
@@ -287,7 +452,7 @@ class Trainer:
         # fast step notices, benchmarks/step_costs.py)
         if now - self._progress_at >= PROGRESS_EVERY_S or step == self.total_steps:
             write_progress(self.point_dir, step=step, total=self.total_steps, samples_per_s=rate, eta_s=eta,
-                           loss=value)
+                           loss=value if math.isfinite(value) else None)
             self._progress_at = now
         self._window = (now, step)
 
@@ -300,48 +465,63 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Evaluation | None:
         """The held-out split (its first trainer.eval_samples samples, if set), every world_size-th sample on each
-        rank; the sums are reduced over ranks. Accuracy for a classifier's (batch, classes) output and integer
-        labels, perplexity = exp(mean token loss) for a dataset with a vocabulary, else the loss alone."""
-        if self.test_set is None:
+        rank, through the training's batching code; the sums are reduced over ranks. Accuracy when the logits
+        score classes per sample (or per position) against integer labels, perplexity = exp(mean token loss) when
+        they score a dataset's vocabulary at every position (a language model), else the loss alone. Targets of
+        -100 are skipped, as torch's and Hugging Face's losses skip them. A failure on any rank is raised on every
+        rank as EvaluationFailed (none waits for another in a collective)."""
+        test = self.work.test_set
+        if test is None:
             return None
         self.model.eval()
-        n = len(self.test_set)
-        n = min(n, self.run.trainer.eval_samples) if self.run.trainer.eval_samples else n
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss x elements, elements, correct, scored
-        classifier = True
-        for x, y in self._eval_batches(range(self.env.rank, n, self.env.world_size)):
-            with self.autocast:
-                out = self.raw_model(x)
-                loss = self.loss_fn(out, y)
-            sums[0] += loss.double() * y.numel()
-            sums[1] += y.numel()
-            classifier = classifier and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
-            if classifier:
-                sums[2] += (out.argmax(dim=1) == y).sum()
-                sums[3] += len(y)
+        n = min(len(test), self.run.trainer.eval_samples) if self.run.trainer.eval_samples else len(test)
+        # loss x targets, targets, correct, scored (classifier), scored (language model), failed
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        error = ""
+        try:
+            for batch in self._eval_source().batches(range(self.env.rank, n, self.env.world_size), drop_last=False):
+                with self.autocast:
+                    loss, logits = self.io.loss_and_logits(self.raw_model, batch)
+                self._score(sums, loss, logits, batch.targets, getattr(test, "vocab_size", None))
+        except Exception as e:
+            log.error("rank %d: evaluation failed: %s: %s", self.env.rank, type(e).__name__, e)
+            error = f"evaluation failed on rank {self.env.rank}: {type(e).__name__}: {e}"[:500]
+            sums.zero_()
+            sums[5] = 1
         dist.all_reduce(sums)
-        mean_loss = (sums[0] / sums[1]).item()
-        if getattr(self.test_set, "vocab_size", None) is not None:
-            metric, value = "perplexity", math.exp(mean_loss)
-        elif classifier:
+        if sums[5] > 0:
+            raise EvaluationFailed(error or f"evaluation failed on {int(sums[5])} other rank(s) (their logs say why)")
+        mean_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else math.nan
+        if sums[4] > 0 and sums[3] == 0:
+            metric, value = "perplexity", math.exp(mean_loss) if mean_loss < 700 else math.inf
+        elif sums[3] > 0 and sums[4] == 0:
             metric, value = "accuracy", (sums[2] / sums[3]).item()
         else:
             metric, value = "loss", mean_loss
+        if not (math.isfinite(mean_loss) and math.isfinite(value)):
+            raise EvaluationFailed(f"the evaluation's {metric} is not finite ({value})")
         return Evaluation(split="test", samples=n, loss=mean_loss, metric=metric, value=value)
 
-    def _eval_batches(self, shard: range):
-        """This rank's share of the held-out split, in batches of the per-rank batch size, on the device."""
-        if callable(getattr(self.test_set, "arrays", None)) and self.loader_info.kind == "memory":
-            x, y = (torch.as_tensor(np.asarray(a)) for a in self.test_set.arrays())
-            idx = torch.as_tensor(shard) % len(x)  # a cycled pool: sample i is row i % rows
-            for start in range(0, len(idx), self.batch):
-                part = idx[start:start + self.batch]
-                xb = x[part].to(self.device)
-                if self.fast_path.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                yield xb, y[part].to(self.device)
+    @staticmethod
+    def _score(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,
+               vocab: int | None) -> None:
+        """Add one batch to the evaluation's sums (see evaluate)."""
+        valid = y != IGNORE_INDEX if not y.is_floating_point() else torch.ones_like(y, dtype=torch.bool)
+        count = valid.sum()
+        sums[0] += loss.double() * count
+        sums[1] += count
+        if logits is None or y.is_floating_point() or logits.dim() != y.dim() + 1 or logits.shape[:-1] != y.shape:
             return
-        loader = DataLoader(self.test_set, batch_size=self.batch, sampler=list(shard),
-                            num_workers=self.run.loader.num_workers, pin_memory=self.loader_info.pin_memory)
-        for xb, yb in loader:
-            yield xb.to(self.device, non_blocking=self.loader_info.pin_memory), yb.to(self.device)
+        if vocab is not None and y.dim() >= 2 and logits.shape[-1] >= vocab:
+            sums[4] += count
+        else:
+            sums[2] += ((logits.argmax(dim=-1) == y) & valid).sum()
+            sums[3] += count
+
+    def _eval_source(self) -> InMemoryBatches | LoaderBatches:
+        """The held-out split's batches, made as the training's are (in memory when the training's are, on the
+        device when they are)."""
+        test = self.work.test_set
+        if self.in_memory and callable(getattr(test, "arrays", None)):
+            return InMemoryBatches(test, self.batch, self.device, self.on_device, self.fast_path.channels_last)
+        return self._loader_batches(test, self.fast_path.channels_last, persistent=False)
