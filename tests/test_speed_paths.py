@@ -24,21 +24,42 @@ def test_mlp_flops_are_counted_exactly():
     assert got == forward + backward
 
 
-@pytest.mark.parametrize("name, precision, peak", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H200", "fp32", 66.9),
-    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA L40S", "bf16", 362.1), ("NVIDIA L4", "fp32", 30.3),
-    ("Tesla V100-SXM2-32GB", "bf16", None), ("x86_64 CPU", "fp32", None),
-    # the whole model name: an L40 is not an L4, an A100 not an A10
-    ("NVIDIA L40", "fp32", None), ("NVIDIA A10", "bf16", 125.0), ("NVIDIA A100 80GB PCIe", "fp32", 19.5),
+def test_attention_on_a_cpu_goes_uncounted_as_the_definition_says():
+    """torch's flop counter has no formula for the CPU attention kernel (timing.DEFINITIONS["flops_per_sample"]
+    says so); a torch that counts it fails here, and the definition is to be changed with it."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 4, 16, 8)
+    with FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert counter.get_total_flops() == 0
+
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    # the names torch.cuda.get_device_name gives
+    ("NVIDIA H100 80GB HBM3", 989.5, 67.0),    # H100 SXM5
+    ("NVIDIA H100 PCIe", 756.5, 51.0), ("NVIDIA H100 NVL", 835.5, 60.0),
+    ("NVIDIA H200", 989.5, 67.0), ("NVIDIA H200 NVL", 835.5, 60.0),  # the NVL is not the SXM H200
+    ("NVIDIA GH200 480GB", 989.5, 67.0), ("NVIDIA GH200 120GB", 989.5, 67.0),
+    ("NVIDIA H800", 989.5, 67.0), ("NVIDIA H800 80GB HBM3", 989.5, 67.0), ("NVIDIA H800 PCIe", 756.5, 51.0),
+    # A100 SXM and PCIe have the same dense peaks; so has the A800
+    ("NVIDIA A100-SXM4-80GB", 312.0, 19.5), ("NVIDIA A100-SXM4-40GB", 312.0, 19.5),
+    ("NVIDIA A100-PCIE-40GB", 312.0, 19.5), ("NVIDIA A100 80GB PCIe", 312.0, 19.5),
+    ("NVIDIA A800-SXM4-80GB", 312.0, 19.5), ("NVIDIA A800 80GB PCIe", 312.0, 19.5),
+    # the whole model name: an L40 is neither an L40S nor an L4, an A10 not an A100
+    ("NVIDIA L40S", 362.05, 91.6), ("NVIDIA L40", 181.05, 90.5), ("NVIDIA L4", 121.0, 30.3),
+    ("NVIDIA A10", 125.0, 31.2),
+    ("Tesla V100-SXM2-32GB", None, 15.7), ("Tesla V100-PCIE-16GB", None, 14.0), ("x86_64 CPU", None, None),
 ])
-def test_peak_table(name, precision, peak):
-    assert peak_tflops(name, precision) == peak
+def test_peak_table(name, bf16, fp32):
+    assert (peak_tflops(name, "bf16"), peak_tflops(name, "fp32")) == (bf16, fp32)
 
 
 def test_utilisation_arithmetic():
     u = utilisation(1e9, throughput=8e5, world_size=8, device_name="NVIDIA H100 80GB HBM3", precision="bf16")
     assert u["achieved_tflops_per_device"] == pytest.approx(1e9 * 8e5 / 8 / 1e12)
-    assert u["mfu"] == pytest.approx(100 / 989.4)
+    assert u["mfu"] == pytest.approx(100 / 989.5)
     assert utilisation(1e9, 8e5, 8, "x86_64 CPU", "fp32")["mfu"] is None
 
 
@@ -92,6 +113,20 @@ def test_defaults_on_cpu_take_the_plain_path(tmp_path):
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="needs an NVIDIA GPU (CUDA); this machine has none")
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_causal_attention_is_counted_in_full_on_cuda_as_the_definition_says():
+    """QK^T and the weights times V, each 2 b h s^2 d, the masked half included (timing.DEFINITIONS)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, h, s, d = 2, 4, 128, 64
+    q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+    with FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert counter.get_total_flops() == 2 * (2 * b * h * s * s * d)
 
 
 @pytest.mark.gpu
