@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,18 @@ def test_batches_from_host_memory_are_gathered_into_a_buffer_that_keeps_channels
     # to another device ("meta" stands in for a GPU here; pinning needs CUDA): the copy keeps NHWC strides
     batch = gather_batch(images, idx, torch.device("meta"), pinned=False)
     assert batch.shape == (3, 3, 4, 4) and batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_pool_smaller_than_the_batch_is_gathered_into_a_whole_batch_that_keeps_channels_last():
+    # 4 distinct images cycled through a batch of 8 (datasets.InMemory's pool), the split in host memory
+    pool = torch.rand(4, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # index_select resizing its output warns (and drops the layout)
+        batch = gather_batch(pool, idx, torch.device("meta"), pinned=False)
+    assert batch.shape == (8, 3, 4, 4) and batch.is_contiguous(memory_format=torch.channels_last)
+    labels = gather_batch(torch.arange(4), idx, torch.device("meta"), pinned=False)
+    assert labels.shape == (8,) and labels.dtype == torch.int64
 
 
 @pytest.mark.slow
@@ -165,6 +178,17 @@ def test_local_ranks_each_get_a_gpu_or_all_take_the_cpu(tmp_path):
         assert (devices, rec["backend"]) == (["cuda:0", "cuda:1"], "nccl")
     else:  # two ranks would share the one GPU, which NCCL refuses
         assert (devices, rec["backend"]) == (["cpu", "cpu"], "gloo")
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_gpu_batches_from_a_small_host_pool_come_through_pinned_memory_whole():
+    pool = torch.rand(4, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = gather_batch(pool, idx, torch.device("cuda"), pinned=True)
+    assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch.cpu(), pool[idx])
 
 
 @pytest.mark.parametrize("setting, split_bytes, free, expected", [
