@@ -3,14 +3,17 @@ models worth scaling (ResNet-50 on 224x224 images, GPT-2 small on 1024-token seq
 loop against the pipeline with the same settings, with MFU.
 
     python benchmarks/gpu_throughput.py [--steps 300] [--batch 512] [--models mlp cnn] [--large resnet50 gpt2_small]
-    python benchmarks/gpu_throughput.py --device cpu --steps 22 --models cnn --large resnet50 gpt2_small \
-        --large-batch 2 --image-size 32 --context 32 --no-compile    # a smoke run of the same code on a CPU
+        [--large-steps 120] [--warmup 20]
+    python benchmarks/gpu_throughput.py --device cpu --steps 22 --large-steps 22 --models cnn --large resnet50 \
+        gpt2_small --large-batch 2 --image-size 32 --context 32 --no-compile    # a smoke run of the same code on a CPU
+
+benchmarks/gpu_check.sh runs the essential rows of it, sized for a short lease of a GPU machine.
 
 naive: the usual hand-written loop, a DataLoader over a TensorDataset in host memory (shuffled, per-sample
 collation), fp32, batches copied to the GPU every step. The other rows run the pipeline itself (one rank,
 local debug mode) and read throughput from its record; each row adds one option to the row above. Throughput
-excludes the first 20 steps (warm-up, and compilation for torch.compile). Prints a table with each row's ratio
-to the naive loop, the device name and the date.
+excludes the first `--warmup` steps (20: warm-up, and compilation for torch.compile). Prints a table with each
+row's ratio to the naive loop, the device name and the date.
 
 Large rows: both sides hold a pool of synthetic samples on the GPU (256 images, or token sequences), train in
 bf16 autocast with torch.compile (unless --no-compile), and run `--large-steps` steps; the hand-written loop is
@@ -28,7 +31,10 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WARMUP = 20
+# This checkout's pipeline, installed or not: imported from REPO here, run with REPO as the working folder and
+# with REPO's conf/ as the primary config (installed, conf/ is the package pipeline.conf that launch.py names)
+sys.path.insert(0, str(REPO))
+LAUNCH = [sys.executable, "-m", "pipeline.launch", f"--config-path={REPO / 'conf'}"]
 SHAPES = {"mlp": (1, 28, 28), "cnn": (3, 32, 32)}
 # cumulative: each row adds its overrides to the previous row's
 ROWS = [
@@ -42,7 +48,7 @@ ROWS = [
 ]
 
 
-def naive(model_name: str, steps: int, batch: int, device: str, train_size: int) -> float:
+def naive(model_name: str, steps: int, warmup: int, batch: int, device: str, train_size: int) -> float:
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
@@ -59,7 +65,7 @@ def naive(model_name: str, steps: int, batch: int, device: str, train_size: int)
     step = 0
     while step < steps:
         for xb, yb in loader:
-            if step == WARMUP:
+            if step == warmup:
                 sync(device)
                 start = time.perf_counter()
             loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
@@ -70,7 +76,7 @@ def naive(model_name: str, steps: int, batch: int, device: str, train_size: int)
             if step == steps:
                 break
     sync(device)
-    return batch * (steps - WARMUP) / (time.perf_counter() - start)
+    return batch * (steps - warmup) / (time.perf_counter() - start)
 
 
 def sync(device: str) -> None:
@@ -80,12 +86,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def pipeline_run(model: str, overrides: list[str], steps: int, batch: int, device: str, train_size: int,
-                 out: Path) -> float:
+def pipeline_run(model: str, overrides: list[str], steps: int, warmup: int, batch: int, device: str,
+                 train_size: int, out: Path) -> float:
     shape = "[1,28,28]" if model == "mlp" else "[3,32,32]"
-    subprocess.run([sys.executable, "-m", "pipeline.launch", f"model={model}", f"dataset.image_shape={shape}",
+    subprocess.run([*LAUNCH, f"model={model}", f"dataset.image_shape={shape}",
                     f"dataset.train_size={train_size}", f"trainer.batch_size={batch}", f"trainer.max_steps={steps}",
-                    "trainer.epochs=1000", f"trainer.warmup_steps={WARMUP}", "trainer.log_every=100000",
+                    "trainer.epochs=1000", f"trainer.warmup_steps={warmup}", "trainer.log_every=100000",
                     f"trainer.device={device}", *overrides, f"hydra.run.dir={out}"],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "result.json").read_text())["throughput_samples_per_s"]
@@ -99,7 +105,7 @@ LARGE = {
 }
 
 
-def large_hand_written(name: str, steps: int, batch: int, device: str, image_size: int, context: int,
+def large_hand_written(name: str, steps: int, warmup: int, batch: int, device: str, image_size: int, context: int,
                        compile_: bool) -> tuple[float, float]:
     """(samples/s, FLOPs per sample) of the usual bf16 loop: data on the device, autocast, compiled model."""
     import torch
@@ -135,21 +141,21 @@ def large_hand_written(name: str, steps: int, batch: int, device: str, image_siz
     flops = counter.get_total_flops() / 2
     run = torch.compile(model) if compile_ else model
     for i in range(steps):
-        if i == WARMUP:
+        if i == warmup:
             sync(device)
             start = time.perf_counter()
         idx = torch.randint(0, len(x), (batch,), device=device)
         step(x[idx], y[idx])
     sync(device)
-    return batch * (steps - WARMUP) / (time.perf_counter() - start), flops
+    return batch * (steps - warmup) / (time.perf_counter() - start), flops
 
 
-def large_pipeline(name: str, steps: int, batch: int, device: str, image_size: int, context: int, compile_: bool,
-                   out: Path) -> dict:
+def large_pipeline(name: str, steps: int, warmup: int, batch: int, device: str, image_size: int, context: int,
+                   compile_: bool, out: Path) -> dict:
     size = [f"dataset.image_shape=[3,{image_size},{image_size}]"] if name == "resnet50" else \
         [f"model.context_length={context}", f"dataset.seq_len={context}"]
-    subprocess.run([sys.executable, "-m", "pipeline.launch", *LARGE[name], *size, f"trainer.batch_size={batch}",
-                    f"trainer.max_steps={steps}", "trainer.epochs=1000", f"trainer.warmup_steps={WARMUP}",
+    subprocess.run([*LAUNCH, *LARGE[name], *size, f"trainer.batch_size={batch}",
+                    f"trainer.max_steps={steps}", "trainer.epochs=1000", f"trainer.warmup_steps={warmup}",
                     "trainer.log_every=100000", "trainer.eval_samples=16", f"trainer.device={device}",
                     f"trainer.compile={str(compile_).lower()}", "trainer.precision=" + ("bf16" if device == "cuda"
                                                                                        else "fp32"),
@@ -172,16 +178,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--large", nargs="*", default=list(LARGE), choices=list(LARGE))
     parser.add_argument("--large-steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=20, help="steps left out of every row's throughput")
     parser.add_argument("--large-batch", type=int, default=None, help="default: 128 images, 8 sequences")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
-    print(f"{device_name(args.device)}, {date.today()}, per-step batch {args.batch}, {args.steps} steps "
-          f"({WARMUP} warm-up excluded)")
+    steps, large_steps = (max(n, args.warmup + 2) for n in (args.steps, args.large_steps))
+    print(f"{device_name(args.device)}, {date.today()}, per-step batch {args.batch}, {steps} steps "
+          f"({args.warmup} warm-up excluded)")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            base = naive(model, args.steps, args.batch, args.device, args.train_size)
+            base = naive(model, steps, args.warmup, args.batch, args.device, args.train_size)
             print(f"\n{model}\n  {'loop':48} {'images/s':>12} {'x naive':>8}")
             print(f"  {'naive: DataLoader from host memory, fp32':48} {base:12.0f} {1.0:8.2f}")
             overrides: list[str] = []
@@ -189,16 +197,15 @@ def main() -> None:
                 if name == "+ channels_last" and model == "mlp":
                     continue
                 overrides += extra
-                rate = pipeline_run(model, overrides, args.steps, args.batch, args.device, args.train_size,
-                                    Path(tmp) / f"{model}{i}")
+                rate = pipeline_run(model, overrides, steps, args.warmup, args.batch, args.device,
+                                    args.train_size, Path(tmp) / f"{model}{i}")
                 print(f"  {name:48} {rate:12.0f} {rate / base:8.2f}")
         for name in args.large:
             batch = args.large_batch or (128 if name == "resnet50" else 8)
-            steps = max(args.large_steps if args.steps == 300 else args.steps, WARMUP + 2)
-            hand, flops = large_hand_written(name, steps, batch, args.device, args.image_size, args.context,
-                                             not args.no_compile)
-            rec = large_pipeline(name, steps, batch, args.device, args.image_size, args.context, not args.no_compile,
-                                 Path(tmp) / name)
+            hand, flops = large_hand_written(name, large_steps, args.warmup, batch, args.device, args.image_size,
+                                             args.context, not args.no_compile)
+            rec = large_pipeline(name, large_steps, args.warmup, batch, args.device, args.image_size, args.context,
+                                 not args.no_compile, Path(tmp) / name)
             print_large(name, batch, hand, flops, rec, args.device, args.context)
 
 

@@ -1,6 +1,7 @@
 """Every benchmark runs, on tiny sizes, and prints its figures (smoke runs: the figures themselves are measured by
 running the benchmarks as README's Performance section says, never asserted here)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -46,12 +47,35 @@ def test_collect_speed():
     assert "process start to exit" in out, out
 
 
-def test_gpu_throughput_runs_its_rows_on_a_cpu():
-    """The seed rows, and the large-model rows on ResNet-50 at 32 px (gpt2_small takes the same path with another
-    model, at a minute a run on this CPU, so it is left to the GPU run)."""
-    out = bench("benchmarks/gpu_throughput.py", "--device", "cpu", "--models", "cnn", "--steps", "22",
-                "--batch", "32", "--train-size", "1024", "--large", "resnet50", "--large-batch", "2",
-                "--image-size", "32", "--no-compile")
-    rows = re.findall(r"^  (\S.*?)\s{2,}(\d+)\s+(\d+\.\d\d)$", out, flags=re.M)
+SEED_ROW = re.compile(r"^  (\S.*?)\s{2,}(\d+)\s+(\d+\.\d\d)$", flags=re.M)
+
+
+def test_gpu_throughput_runs_the_convolutional_seed_rows_on_a_cpu():
+    """The CNN's seed rows, channels_last among them (gpu_check.sh's smoke run, below, takes the MLP's and the large
+    models')."""
+    out = bench("benchmarks/gpu_throughput.py", "--device", "cpu", "--models", "cnn", "--steps", "4", "--warmup", "2",
+                "--batch", "32", "--train-size", "1024", "--large")
+    rows = SEED_ROW.findall(out)
     assert len(rows) == 7 and all(int(rate) > 0 for _, rate, _ in rows), out  # naive + 6 cumulative options
-    assert re.search(r"^  pipeline / hand-written: \d+\.\d{3}$", out, flags=re.M), out
+    assert [name for name, _, _ in rows][4] == "+ channels_last", out
+
+
+def test_the_gpu_check_runs_every_step_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.sh's smoke mode, its own steps, with this Python (the project installed) in place of
+    the venv it would make and fill; the GPU tests skip, saying why (no GPU is visible, on a GPU machine too)."""
+    out = tmp_path / "results" / "check.txt"
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--out", str(out)], cwd=REPO,
+                       env={**os.environ, "GPU_CHECK_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
+                       text=True, capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    assert re.match(r"pipeline GPU check, \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit \w+, --device cpu\n", text), text
+    assert re.findall(r"^-- (\S+): (\w+)", text, flags=re.M) == [("device", "ok"), ("gpu-tests", "ok"),
+                                                                  ("throughput", "ok")], text
+    assert "device: no CUDA device" in text and re.search(r"^\d+ skipped, \d+ deselected", text, flags=re.M), text
+    rows = SEED_ROW.findall(text.split("\nmlp\n")[1].split("\nresnet50")[0])
+    assert len(rows) == 6 and all(int(rate) > 0 for _, rate, _ in rows), text  # naive + 5 (no channels_last)
+    for model, unit in (("resnet50", "images/s"), ("gpt2_small", "tokens/s")):  # MFU: none without a GPU
+        assert re.search(rf"^{model}, batch 2, fp32, .*\n  loop +{unit} +MFU\n  hand-written +\d+ +-\n"
+                         rf"  pipeline +\d+ +-\n  pipeline / hand-written: \d+\.\d{{3}}$", text, flags=re.M), text
+    assert re.search(r"\ngpu check: every step ok, \d+ s in all\n$", text), text

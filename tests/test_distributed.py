@@ -14,7 +14,8 @@ SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST
 @pytest.fixture
 def environ(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-                "SUBMITIT_EXECUTOR", *SLURM):
+                "SUBMITIT_EXECUTOR", "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_TASK",
+                "SLURM_NTASKS_PER_NODE", *SLURM):
         monkeypatch.delenv(key, raising=False)
 
     def _set(values):
@@ -73,25 +74,69 @@ def test_simulated_nodes_look_like_a_slurm_step(environ):
     assert [e.local_rank for e in ranks] == [0, 1, 2] * 2
 
 
-@pytest.mark.parametrize("choice, slot, sharing, gpus, local, expected", [
-    ("auto", 3, 4, 0, False, None),      # no GPU: the CPU
-    ("cpu", 0, 1, 8, False, None),       # asked for the CPU
-    ("auto", 3, 4, 8, False, 3),         # a cluster node: LOCAL_RANK picks the GPU
-    ("auto", 3, 4, 4, True, 3),          # local debug mode: the global rank does (every rank is on this machine)
-    ("auto", 1, 4, 1, False, 0),         # a rank bound to its own GPU by srun sees just that one
-    ("auto", 1, 2, 1, True, None),       # local debug mode, 2 ranks, 1 GPU: they would share it; the CPU
-])
-def test_gpu_per_rank(choice, slot, sharing, gpus, local, expected):
-    assert gpu_index(choice, slot, sharing, gpus, same_gpus_for_all=local) == expected
+def slurm_task(local: int, tasks_per_node: int, **gpu_vars: str) -> dict:
+    """A Slurm task's variables on node 0 of 2, as srun sets them, with the GPU ones given."""
+    return {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[1-2]",
+            "SLURM_NTASKS": str(2 * tasks_per_node), "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+            "SLURM_NODEID": "0", "SLURM_PROCID": str(local), "SLURM_LOCALID": str(local), "SLURMD_NODENAME": "gpu1",
+            **gpu_vars}
 
 
-@pytest.mark.parametrize("choice, sharing, gpus, local, names", [
-    ("cuda", 1, 0, False, ["trainer.device=cuda", "no CUDA device"]),
-    ("cuda", 2, 1, True, ["all 2 ranks", "1 GPU(s)", "trainer.device=cpu"]),
-    ("auto", 4, 2, False, ["4 ranks (cluster.tasks_per_node)", "2 GPU(s)", "one GPU per rank"]),
+@pytest.mark.parametrize("task, gpus, expected", [
+    # srun --gpus-per-task=1 (or --gpu-bind=single:1): each of 4 tasks sees its own GPU, the step has 4 here
+    (slurm_task(2, 4, SLURM_GPUS_ON_NODE="4", SLURM_GPUS_PER_TASK="1", CUDA_VISIBLE_DEVICES="2"), 1, 0),
+    # srun --gpus-per-task=2: 4 tasks with 2 GPUs each on an 8-GPU node; a task trains on the first of its own
+    (slurm_task(3, 4, SLURM_GPUS_ON_NODE="8", SLURM_GPUS_PER_TASK="a100:2", CUDA_VISIBLE_DEVICES="6,7"), 2, 0),
+    (slurm_task(1, 2, SLURM_GPUS_ON_NODE="4", CUDA_VISIBLE_DEVICES="2,3"), 2, 0),  # --gpu-bind=map_gpu:0,2
+    # an older Slurm without SLURM_GPUS_ON_NODE: --gpus-per-task x the node's tasks is the step's share
+    (slurm_task(3, 4, SLURM_GPUS_PER_TASK="1", CUDA_VISIBLE_DEVICES="3"), 1, 0),
+    # no binding: every task sees the node's 4 GPUs, SLURM_LOCALID picks one
+    (slurm_task(3, 4, SLURM_GPUS_ON_NODE="4", CUDA_VISIBLE_DEVICES="0,1,2,3"), 4, 3),
+    (slurm_task(1, 2, SLURM_GPUS_ON_NODE="8", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"), 8, 1),
+    (slurm_task(1, 4, SLURM_GPUS_ON_NODE="4"), 0, None),  # no CUDA device seen: the CPU
 ])
-def test_gpu_sharing_is_refused_with_a_reason(choice, sharing, gpus, local, names):
+def test_a_slurm_task_takes_its_own_gpu_or_its_local_ones(environ, task, gpus, expected):
+    environ(task)
+    assert gpu_index("auto", DistEnv.detect(), gpus, local_mode=False) == expected
+    assert gpu_index("cpu", DistEnv.detect(), gpus, local_mode=False) is None
+
+
+def test_torchrun_ranks_share_their_agents_gpus_even_in_a_bound_slurm_task(environ):
+    # one Slurm task per node bound to 2 of the node's 8 GPUs, running torchrun with 2 ranks
+    environ({**slurm_task(0, 1, SLURM_GPUS_ON_NODE="8", CUDA_VISIBLE_DEVICES="0,1"), "RANK": "1", "WORLD_SIZE": "4",
+             "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert gpu_index("auto", DistEnv.detect(), 2, local_mode=False) == 1
+
+
+@pytest.mark.parametrize("nodes, tasks, gpus, expected", [
+    (2, 2, 4, [0, 1, 2, 3]),       # the global rank picks: all 4 ranks are on this machine
+    (2, 2, 2, [None] * 4),         # 4 ranks, 2 GPUs: they would share; the CPU under trainer.device=auto
+    (1, 2, 1, [None, None]),
+    (1, 1, 1, [0]),
+])
+def test_local_debug_mode_gives_each_rank_a_gpu_or_all_the_cpu(environ, nodes, tasks, gpus, expected):
+    got = []
+    for rank in range(nodes * tasks):
+        environ({**simulated_slurm_env("local-1", nodes, tasks, rank // tasks, rank % tasks),
+                 "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))})
+        got.append(gpu_index("auto", DistEnv.detect(), gpus, local_mode=True))
+    assert got == expected
+
+
+@pytest.mark.parametrize("choice, task, gpus, local, names", [
+    ("cuda", slurm_task(0, 1), 0, False, ["trainer.device=cuda", "no CUDA device"]),
+    ("cuda", simulated_slurm_env("local-1", 1, 2, 0, 1), 1, True,
+     ["all 2 ranks", "1 GPU(s) (CUDA_VISIBLE_DEVICES=unset)", "trainer.device=cpu"]),
+    # no binding, 4 tasks seeing the same 2 GPUs: refused on a cluster even under auto
+    ("auto", slurm_task(3, 4, SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="0,1"), 2, False,
+     ["4 ranks (cluster.tasks_per_node)", "2 GPU(s) (CUDA_VISIBLE_DEVICES=0,1)", "one GPU per rank"]),
+    # srun --ntasks-per-gpu=2: each task is bound to one GPU, but two tasks to each
+    ("auto", slurm_task(1, 4, SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="0"), 1, False,
+     ["4 ranks (cluster.tasks_per_node)", "gave the step 2 GPU(s)", "share a GPU", "trainer.device=cpu"]),
+])
+def test_gpu_sharing_is_refused_with_a_reason(environ, choice, task, gpus, local, names):
+    environ(task)
     with pytest.raises(RuntimeError) as e:
-        gpu_index(choice, 0, sharing, gpus, same_gpus_for_all=local)
+        gpu_index(choice, DistEnv.detect(), gpus, local_mode=local)
     for name in names:
         assert name in str(e.value)

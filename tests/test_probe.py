@@ -43,22 +43,100 @@ def test_a_fit_that_would_give_a_negative_latency_clamps_it_to_zero():
     assert latency == 0.0 and bandwidth == pytest.approx(sum(a * a for a in x) / sum(a * b for a, b in zip(x, t)))
 
 
-NCCL_IB = """node1:123:456 [0] NCCL INFO NET/IB : Using [0]mlx5_0:1/IB ; OOB eth0:10.0.0.1<0>
-node1:123:456 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via P2P/NVL
-node1:123:456 [0] NCCL INFO Channel 00/0 : 3[3] -> 4[0] [send] via NET/IB/0
+# NCCL 2.2x INFO logs, one rank's each, as NCCL writes them (the job logs subsystems INIT and NET; GRAPH where said)
+H100_SXM_NODE = """\
+gpu1:2301:2301 [0] NCCL INFO Bootstrap : Using ib0:10.1.0.11<0>
+gpu1:2301:2301 [0] NCCL INFO NCCL version 2.21.5+cuda12.4
+gpu1:2301:2412 [0] NCCL INFO NET/IB : Using [0]mlx5_0:1/IB [1]mlx5_1:1/IB ; OOB ib0:10.1.0.11<0>
+gpu1:2301:2412 [0] NCCL INFO Using network IB
+gpu1:2301:2412 [0] NCCL INFO ncclCommInitRank comm 0x55d0c8a3e2b0 rank 0 nranks 8 cudaDev 0 nvmlDev 0 busId 18000 \
+commId 0x8e1c3b5a2f7d4e61 - Init START
+gpu1:2301:2412 [0] NCCL INFO NVLS multicast support is available on dev 0
+gpu1:2301:2412 [0] NCCL INFO comm 0x55d0c8a3e2b0 rank 0 nRanks 8 nNodes 1 localRanks 8 localRank 0 MNNVL 0
+gpu1:2301:2412 [0] NCCL INFO Channel 00/24 :    0   1   2   3   4   5   6   7
+gpu1:2301:2412 [0] NCCL INFO Trees [0] 1/-1/-1->0->-1 [1] 1/-1/-1->0->-1
+gpu1:2301:2412 [0] NCCL INFO P2P Chunksize set to 524288
+gpu1:2301:2412 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM
+gpu1:2301:2412 [0] NCCL INFO Channel 01/0 : 0[0] -> 1[1] via P2P/CUMEM
+gpu1:2301:2412 [0] NCCL INFO Connected all rings
+gpu1:2301:2412 [0] NCCL INFO NVLS comm 0x55d0c8a3e2b0 headRank 0 nHeads 8 buffSize 1048576 memSize 2097152 \
+nvlsPerRankSize 201326592 nvlsTotalSize 1610612736
+gpu1:2301:2412 [0] NCCL INFO 24 coll channels, 24 collnet channels, 16 nvls channels, 32 p2p channels, 32 p2p \
+channels per peer
 """
-NCCL_SOCKETS = """node1:1:2 [0] NCCL INFO NET/Socket : Using [0]eth0:10.0.0.1<0>
+# two H100 NVL joined by an NVLink bridge, no NVSwitch: only the graph lines (GRAPH) say NVLink
+H100_NVL_PAIR_GRAPH = """\
+pcie3:811:902 [1] NCCL INFO NVLS multicast support is not available on dev 1
+pcie3:811:902 [1] NCCL INFO Pattern 4, crossNic 0, nChannels 4, bw 80.000000/80.000000, type NVL/PIX, sameChannels 1
+pcie3:811:902 [1] NCCL INFO  0 : GPU/0-1000 GPU/0-2000
+pcie3:811:902 [1] NCCL INFO Pattern 1, crossNic 0, nChannels 4, bw 80.000000/80.000000, type NVL/PIX, sameChannels 1
+pcie3:811:902 [1] NCCL INFO Channel 00/0 : 1[1] -> 0[0] via P2P/CUMEM/CE
+"""
+# four L40S on PCIe under one host bridge, with the graph lines: P2P over PCIe
+L40S_PCIE_GRAPH = """\
+l40s1:77:90 [2] NCCL INFO NVLS multicast support is not available on dev 2
+l40s1:77:90 [2] NCCL INFO Pattern 4, crossNic 0, nChannels 2, bw 24.000000/24.000000, type PHB/PIX, sameChannels 1
+l40s1:77:90 [2] NCCL INFO Pattern 3, crossNic 0, nChannels 2, bw 24.000000/24.000000, type PHB/PIX, sameChannels 1
+l40s1:77:90 [2] NCCL INFO Channel 00/0 : 2[2] -> 3[3] via P2P/CUMEM
+l40s1:77:90 [2] NCCL INFO Channel 01/0 : 2[2] -> 3[3] via P2P/IPC
+"""
+# the same node with P2P disabled between its GPUs (NCCL_P2P_DISABLE, or a container): shared memory
+L40S_SHM = """\
+l40s1:77:90 [2] NCCL INFO Channel 00 : 2[2] -> 3[3] via SHM/direct/direct
+l40s1:77:90 [2] NCCL INFO Channel 01 : 2[2] -> 3[3] via SHM/direct/direct
+"""
+# two A100 SXM nodes: P2P read within a node (NVLink between Ampere GPUs), InfiniBand with GPUDirect between
+A100_TWO_NODES = """\
+a100-07:4410:4521 [3] NCCL INFO NVLS multicast support is not available on dev 3
+a100-07:4410:4521 [3] NCCL INFO Channel 00/0 : 3[3] -> 4[4] via P2P/CUMEM/read
+a100-07:4410:4521 [3] NCCL INFO Channel 00/0 : 7[7] -> 8[0] [send] via NET/IB/3/GDRDMA
+a100-07:4410:4521 [3] NCCL INFO Channel 00/0 : 15[7] -> 0[0] [receive] via NET/IB/0/GDRDMA
+a100-07:4410:4521 [3] NCCL INFO Channel 01/0 : 3[3] -> 11[3] [send] via NET/IB/1(2)/GDRDMA
+"""
+# one GPU per node, no InfiniBand: TCP sockets (the graph's intra path is LOC: no hop within a node)
+SOCKETS = """\
+node1:1:2 [0] NCCL INFO NET/Socket : Using [0]eth0:10.0.0.1<0>
+node1:1:2 [0] NCCL INFO Using network Socket
+node1:1:2 [0] NCCL INFO Pattern 4, crossNic 0, nChannels 2, bw 12.000000/1.200000, type LOC/NET, sameChannels 1
 node1:1:2 [0] NCCL INFO Channel 00/0 : 1[0] -> 0[0] [receive] via NET/Socket/0
+node1:1:2 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[0] [send] via NET/Socket/0
+"""
+# AWS EFA through its plugin; SHARP through the IB plugin with CollNet; a GB200 NVL72 rack (multi-node NVLink)
+EFA = "ip-10-0-1-5:9:9 [0] NCCL INFO Channel 00/0 : 0[0] -> 8[0] [send] via NET/AWS Libfabric/0/GDRDMA/Shared\n"
+SHARP = """\
+ib4:31:40 [0] NCCL INFO Channel 00/0 : 0[0] -> 8[0] [send] via NET/IBext_v8/0/GDRDMA
+ib4:31:40 [0] NCCL INFO CollNet 00/0 : 0 [send] via COLLNET/IBext_v8/0/GDRDMA
+ib4:31:40 [0] NCCL INFO CollNet 00/0 : 0 [receive] via COLLNET/IBext_v8/0/GDRDMA
+"""
+MNNVL = """\
+nvl72-1:5:6 [0] NCCL INFO comm 0x7f00 rank 0 nRanks 8 nNodes 2 localRanks 4 localRank 0 MNNVL 1
+nvl72-1:5:6 [0] NCCL INFO Channel 00/0 : 3[3] -> 4[0] via P2P/MNNVL
 """
 
 
-def test_the_transport_is_read_from_ncclS_own_log(tmp_path):
-    (tmp_path / "a.log").write_text(NCCL_IB)
-    (tmp_path / "b.log").write_text(NCCL_SOCKETS)
-    (tmp_path / "c.log").write_text("NCCL INFO Channel 00/0 : 0[0] -> 1[1] via SHM/direct/direct\n")
-    assert nccl_transport([tmp_path / "a.log"]) == "infiniband+nvlink"
-    assert nccl_transport([tmp_path / "b.log"]) == "sockets" and nccl_transport([tmp_path / "c.log"]) == "shm"
-    assert nccl_transport([tmp_path / "missing.log"]) is None
+@pytest.mark.parametrize("logs, transport", [
+    ([H100_SXM_NODE], "nvlink"),          # NVSwitch (NVLS available): its P2P is NVLink
+    ([H100_NVL_PAIR_GRAPH], "nvlink"),
+    ([L40S_PCIE_GRAPH], "p2p"),
+    ([L40S_SHM], "shm"),
+    ([A100_TWO_NODES], "infiniband+nvlink"),
+    ([SOCKETS], "sockets"),
+    ([EFA], "aws-libfabric"),
+    ([SHARP], "collnet+infiniband"),
+    ([MNNVL], "nvlink"),
+    ([SOCKETS, L40S_PCIE_GRAPH], "p2p+sockets"),  # every rank's log counts
+    (["gpu1:1:1 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM\n"], "p2p"),  # no word on the link
+    (["NCCL INFO Init COMPLETE\n"], None),
+])
+def test_the_transport_is_read_from_ncclS_own_log(tmp_path, logs, transport):
+    paths = [tmp_path / f"nccl-{i}.log" for i in range(len(logs))]
+    for path, text in zip(paths, logs):
+        path.write_text(text)
+    assert nccl_transport(paths) == transport
+    assert nccl_transport([*paths, tmp_path / "missing.log"]) == transport
+
+
+def test_a_multi_node_job_on_sockets_is_flagged():
     fabric = probe.Fabric(backend="nccl", world_size=8, points=[], seconds=1.0, latency_us=None, bandwidth_gb_s=None,
                           transport="sockets")
     assert fell_back_to_sockets(fabric, nodes=2) and not fell_back_to_sockets(fabric, nodes=1)

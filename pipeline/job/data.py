@@ -39,9 +39,18 @@ def gather_batch(source: torch.Tensor, idx: torch.Tensor, device: torch.device, 
     read it has finished."""
     if source.device == device:
         return source[idx]
-    batch = torch.empty_like(source[:len(idx)], pin_memory=pinned)
+    batch = _batch_buffer(source, len(idx), pinned)
     torch.index_select(source, 0, idx, out=batch)  # into the buffer's strides (channels_last stays)
     return batch.to(device, non_blocking=True)
+
+
+def _batch_buffer(source: torch.Tensor, rows: int, pinned: bool) -> torch.Tensor:
+    """Room for `rows` rows of `source` in its memory format: a cycled pool may have fewer rows than the batch
+    (one shaped on source[:rows] would be resized by index_select, which drops channels_last)."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(source.dim())
+    layout = channels_last if channels_last and source.is_contiguous(memory_format=channels_last) else \
+        torch.contiguous_format
+    return torch.empty((rows, *source.shape[1:]), dtype=source.dtype, memory_format=layout, pin_memory=pinned)
 
 
 class Batch(NamedTuple):

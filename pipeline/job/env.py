@@ -41,6 +41,12 @@ class DistEnv:
     # torchrun's agent hosts the rendezvous store on master_addr:master_port and every rank is its client;
     # otherwise rank 0 hosts it
     agent_store: bool = False
+    visible_gpus: Optional[str] = None  # CUDA_VISIBLE_DEVICES as this process got it (unset: every GPU)
+    # A Slurm task's step GPUs on its node: SLURM_GPUS_ON_NODE, else --gpus-per-task x the node's tasks. When
+    # srun binds each task to its own GPUs (--gpus-per-task, --gpu-bind, --ntasks-per-gpu), CUDA_VISIBLE_DEVICES
+    # (and SLURM_STEP_GPUS) list the task's GPUs alone, while SLURM_GPUS_ON_NODE still counts the step's
+    # (Slurm's gres_common_gpu_set_env), so a task that sees fewer GPUs than this has them to itself.
+    step_gpus_on_node: Optional[int] = None
 
     @classmethod
     def detect(cls) -> "DistEnv":
@@ -51,7 +57,7 @@ class DistEnv:
             return cls._from_slurm(environ)
         return cls(source="single", rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
                    num_nodes=1, master_addr="127.0.0.1", master_port=_int(environ, "MASTER_PORT", 0),
-                   node_name=socket.gethostname())
+                   node_name=socket.gethostname(), visible_gpus=environ.get("CUDA_VISIBLE_DEVICES"))
 
     @classmethod
     def _from_torchrun(cls, environ: Mapping[str, str]) -> "DistEnv":
@@ -63,7 +69,8 @@ class DistEnv:
                    num_nodes=max(1, world // local_world), master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
                    master_port=_int(environ, "MASTER_PORT", 29500), node_name=socket.gethostname(),
                    job_id=environ.get("SLURM_JOB_ID"), nodelist=environ.get("SLURM_JOB_NODELIST"),
-                   agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+                   agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+                   visible_gpus=environ.get("CUDA_VISIBLE_DEVICES"))
 
     @classmethod
     def _from_slurm(cls, environ: Mapping[str, str]) -> "DistEnv":
@@ -72,13 +79,18 @@ class DistEnv:
         # An explicitly exported MASTER_ADDR wins (local debug mode exports one); otherwise the allocation's
         # first node, never a silent fallback to localhost.
         master = environ.get("MASTER_ADDR") or hostnames[0]
+        local_world = slurm.num_tasks // slurm.num_nodes
+        per_task = _gpu_count(environ.get("SLURM_GPUS_PER_TASK"))
         return cls(source="slurm", rank=slurm.global_rank, world_size=slurm.num_tasks,
-                   local_rank=slurm.local_rank, local_world_size=slurm.num_tasks // slurm.num_nodes,
+                   local_rank=slurm.local_rank, local_world_size=local_world,
                    node_rank=slurm.node, num_nodes=slurm.num_nodes, master_addr=master,
                    master_port=_int(environ, "MASTER_PORT", port_for_job(slurm.job_id)),
                    node_name=environ.get("SLURMD_NODENAME", socket.gethostname()),
                    job_id=slurm.job_id, nodelist=environ.get("SLURM_JOB_NODELIST"),
-                   restart_count=_int(environ, "SLURM_RESTART_COUNT", 0))
+                   restart_count=_int(environ, "SLURM_RESTART_COUNT", 0),
+                   visible_gpus=environ.get("CUDA_VISIBLE_DEVICES"),
+                   step_gpus_on_node=_gpu_count(environ.get("SLURM_GPUS_ON_NODE"))
+                   or (per_task * local_world if per_task else None))
 
     def check_world(self, nodes: int, tasks_per_node: int) -> None:
         """Fail fast when the launcher gave a different world than the config asks for."""
@@ -90,6 +102,13 @@ class DistEnv:
                 f"HINT: run the worker with `srun --nodes={nodes} --ntasks-per-node={tasks_per_node}` "
                 f"(or set nodes / cluster.tasks_per_node to match the allocation)."
             )
+
+
+def _gpu_count(value: Optional[str]) -> Optional[int]:
+    """A Slurm GPU count: "4", or "[type:]count" as --gpus-per-task gives it ("a100:2"); None if unset or not a
+    count."""
+    count = (value or "").rsplit(":", 1)[-1]
+    return int(count) if count.isdigit() else None
 
 
 def _int(environ: Mapping[str, str], key: str, default: int) -> int:

@@ -4,8 +4,11 @@
     MFU = achieved TFLOP/s per device / the device's dense peak for the run's precision
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward and backward pass (matmuls and
-convolutions; elementwise work is not counted, as is usual for MFU). Peaks are the vendors' datasheet figures
-for dense math, per device, looked up by the name CUDA reports; fp32 means plain FP32 (no TF32).
+convolutions; elementwise work is not counted, as is usual for MFU). Attention through
+scaled_dot_product_attention is counted on CUDA, in full: torch's formulas ignore is_causal, so the masked half of
+causal attention is counted too (the usual convention for MFU); torch has no formula for the CPU attention kernel,
+whose FLOPs go uncounted. Peaks are the vendors' datasheet figures for dense math, per device, looked up by the
+name CUDA reports; fp32 means plain FP32 (no TF32).
 """
 
 from __future__ import annotations
@@ -16,23 +19,33 @@ from typing import Callable
 import torch
 
 # (device model as CUDA names it, {precision: dense TFLOP/s}); the first whose words all appear, in order and
-# whole, in the device's name wins ("NVIDIA H100 80GB HBM3" is an H100 SXM5; "L4" is not "NVIDIA L40"), so the
-# more specific names come first. Sources: NVIDIA H200, H100, A100, L40S, L4, A10, V100 datasheets.
+# whole (any case), in the device's name wins ("NVIDIA H100 80GB HBM3" is an H100 SXM5; "L4" is not "NVIDIA L40",
+# "H200" not "NVIDIA GH200 480GB"), so the more specific names come first. Source: NVIDIA's datasheet of each
+# (H200 and H200 NVL, H100 SXM / PCIe / NVL, GH200, H800, A100, A800, L40S, L40, L4, A10, V100): FP32 is the plain
+# (non-tensor) figure; BF16 the tensor core figure, dense: where a datasheet gives it with sparsity (Hopper, Ada),
+# half of that. The H800 and A800 compute as the H100 and A100 (their NVLink is slower).
 PEAK_TFLOPS = (
-    ("H200", {"bf16": 989.4, "fp32": 66.9}),
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
-    ("H100 NVL", {"bf16": 835.5, "fp32": 59.8}),
-    ("H100", {"bf16": 989.4, "fp32": 66.9}),
+    ("H200 NVL", {"bf16": 835.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.5, "fp32": 67.0}),
+    ("GH200", {"bf16": 989.5, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.5, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.5, "fp32": 67.0}),
+    ("H800 PCIe", {"bf16": 756.5, "fp32": 51.0}),
+    ("H800", {"bf16": 989.5, "fp32": 67.0}),
     ("A100", {"bf16": 312.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.1, "fp32": 91.6}),
+    ("A800", {"bf16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.05, "fp32": 91.6}),
+    ("L40", {"bf16": 181.05, "fp32": 90.5}),
     ("L4", {"bf16": 121.0, "fp32": 30.3}),
     ("A10", {"bf16": 125.0, "fp32": 31.2}),
+    ("V100 PCIe", {"fp32": 14.0}),
     ("V100", {"fp32": 15.7}),
 )
 
 
 def _words(name: str) -> list[str]:
-    return re.split(r"[\s\-_]+", name.strip())  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB
+    return re.split(r"[\s\-_]+", name.strip().casefold())  # "NVIDIA A100-SXM4-80GB" -> nvidia, a100, sxm4, 80gb
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:

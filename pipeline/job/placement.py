@@ -16,34 +16,51 @@ from pipeline.rundir import TF32, DeviceInfo
 log = logging.getLogger(__name__)
 
 
-def gpu_index(choice: str, slot: int, sharing: int, gpus: int, same_gpus_for_all: bool) -> int | None:
-    """The CUDA device this rank trains on, or None for the CPU.
+def gpu_index(choice: str, env: DistEnv, gpus: int, local_mode: bool) -> int | None:
+    """The CUDA device this rank trains on (an index among the `gpus` it sees), or None for the CPU.
 
-    `slot` is the rank's place among the `sharing` ranks on its machine, `gpus` how many devices it sees. NCCL
-    needs a GPU per rank. In local debug mode every rank sees the same devices (`same_gpus_for_all`), so more
-    ranks than GPUs means sharing; trainer.device=auto then trains on the CPU. On a cluster a rank that sees a
-    single GPU may have been bound to its own (srun --gpus-per-task, --gpu-bind), so that one is taken.
+    NCCL needs a GPU per rank. Two layouts:
+    - Slurm bound each task to GPUs of its own (srun --gpus-per-task, --gpu-bind, --ntasks-per-gpu): the task sees
+      fewer GPUs than the step has on its node (DistEnv.step_gpus_on_node), and takes the first it sees. With more
+      tasks on the node than the step's GPUs some would share one, which is refused.
+    - Every rank on the machine sees the same GPUs (Slurm without binding, torchrun, local debug mode): rank k of
+      the machine takes GPU k; LOCAL_RANK orders a node's ranks, the global rank all of local debug mode's ranks
+      (its simulated nodes share this machine). With more ranks than GPUs, local debug mode trains on the CPU
+      under trainer.device=auto; elsewhere that is refused.
+    torchrun's ranks share their agent's GPUs even when Slurm bound that one task, so only a Slurm task (one rank)
+    is ever taken to own what it sees.
     """
     if choice == "cpu" or (choice == "auto" and gpus == 0):
         return None
     if gpus == 0:
         raise RuntimeError("trainer.device=cuda but this node has no CUDA device; use trainer.device=cpu or auto")
-    if sharing <= gpus or (gpus == 1 and not same_gpus_for_all):
-        return slot % gpus
+    seen = f"{gpus} GPU(s) (CUDA_VISIBLE_DEVICES={env.visible_gpus or 'unset'})"
+    node_gpus = env.step_gpus_on_node
+    if not local_mode and env.source == "slurm" and node_gpus and gpus < node_gpus:
+        if env.local_world_size > node_gpus:
+            raise RuntimeError(
+                f"{env.local_world_size} ranks (cluster.tasks_per_node) run on this node and Slurm gave the step "
+                f"{node_gpus} GPU(s) there, so srun's binding makes some share a GPU, and NCCL needs one GPU per "
+                f"rank. Use at most {node_gpus} tasks per node, or trainer.device=cpu.")
+        if gpus > 1:
+            log.warning("rank %d sees %s of its own and trains on the first (DDP uses one GPU per rank; the others "
+                        "stay idle)", env.rank, seen)
+        return 0
+    slot, sharing = (env.rank, env.world_size) if local_mode else (env.local_rank, env.local_world_size)
+    if sharing <= gpus:
+        return slot
     where = (f"local debug mode runs all {sharing} ranks (nodes x cluster.tasks_per_node) on this machine"
-             if same_gpus_for_all else f"{sharing} ranks (cluster.tasks_per_node) run on this node")
-    if choice == "auto" and same_gpus_for_all:
-        log.warning("%s, which has %d GPU(s): NCCL needs one per rank, so this point trains on the CPU with gloo "
-                    "(trainer.device=auto)", where, gpus)
+             if local_mode else f"{sharing} ranks (cluster.tasks_per_node) run on this node")
+    if choice == "auto" and local_mode:
+        log.warning("%s, which has %s: NCCL needs one per rank, so this point trains on the CPU with gloo "
+                    "(trainer.device=auto)", where, seen)
         return None
-    raise RuntimeError(f"{where}, which has {gpus} GPU(s), and NCCL needs one GPU per rank. Use at most {gpus} "
+    raise RuntimeError(f"{where}, and each sees the same {seen}; NCCL needs one GPU per rank. Use at most {gpus} "
                        f"ranks per machine, or trainer.device=cpu.")
 
 
 def pick_device(choice: str, env: DistEnv, local_mode: bool) -> torch.device:
-    slot, sharing = (env.rank, env.world_size) if local_mode else (env.local_rank, env.local_world_size)
-    index = gpu_index(choice, slot, sharing, torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                      same_gpus_for_all=local_mode)
+    index = gpu_index(choice, env, torch.cuda.device_count() if torch.cuda.is_available() else 0, local_mode)
     if index is None:
         return torch.device("cpu")
     torch.cuda.set_device(index)

@@ -94,24 +94,63 @@ def run_probe(gradient_bytes: int, device: torch.device, backend: str, world: in
                   transport=nccl_transport(nccl_logs) if backend == "nccl" else "tcp")
 
 
-# NCCL's INFO lines name each channel's transport, e.g. "Channel 00/0 : 0[0] -> 1[1] via NET/IB/0",
-# "via P2P/CUMEM/read", "via P2P/NVL" (NVLink), "via SHM/direct/direct", "via NET/Socket/0".
-_VIA = re.compile(r"via (NET/IB|NET/Socket|P2P/NVL|NVLS|P2P|SHM|NET/[A-Za-z]+)")
-TRANSPORTS = {"NET/IB": "infiniband", "NET/Socket": "sockets", "P2P/NVL": "nvlink", "NVLS": "nvlink", "P2P": "p2p",
-              "SHM": "shm"}
+# The transport comes from the INFO lines NCCL writes while it connects a communicator (formats of NCCL 2.19 to
+# 2.28; the file of NCCL's src/ that writes each). One line per channel and peer names a connection's transport
+# (subsystem INIT, which the job logs, with NET):
+#   transport/net.cc       Channel 00/0 : 0[0] -> 8[0] [send] via NET/IB/0/GDRDMA; NET/Socket/0; a plugin's name:
+#                          NET/IBext_v8/1, NET/AWS Libfabric/0/GDRDMA; NET/IB/0(1)/GDRDMA through a PXN proxy
+#   transport/p2p.cc       Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM/read; P2P/IPC; P2P/direct pointer;
+#                          P2P/MNNVL (multi-node NVLink); P2P/indirect/2[2]; /CE when copy engines move the data
+#   transport/shm.cc       Channel 00 : 0[0] -> 1[1] via SHM/direct/direct
+#   transport/coll_net.cc  CollNet 00/0 : 0 [send] via COLLNET/IBext_v8/0/GDRDMA (in-network reduction: SHARP)
+# P2P moves data between GPUs directly, over NVLink or PCIe alike, and its lines do not say which (there is no
+# "P2P/NVL"). Two of them do name NVLink: /read (graph/paths.cc turns P2P read on only between Ampere GPUs joined
+# by NVLink) and P2P/MNNVL. For the others, the link between a node's GPUs is read from, in this order:
+#   graph/search.cc        Pattern 4, crossNic 0, nChannels 16, bw 40.000000/40.000000, type NVL/PIX, sameChannels 1
+#                          (subsystem GRAPH, when it is logged): per graph NCCL built (rings, trees, NVLS, CollNet)
+#                          the worst path its channels take within a node, then between nodes. NVL (NVLink, through
+#                          an NVSwitch too) and NVB (NVLink through another GPU) are NVLink; PIX, PXB, P2C, PXN,
+#                          PHB and SYS are PCIe and the CPUs' links; C2C a Grace CPU's; LOC one GPU per node.
+#   transport/nvls.cc      NVLS multicast support is available on dev 0 (INIT): NVLink SHARP, which needs an
+#                          NVSwitch joining the node's GPUs by NVLink.
+_NET = re.compile(r"\bvia NET/([^/\n]+)/\d")
+_P2P = re.compile(r"\bvia P2P/([^\n]*)")
+_SHM = re.compile(r"\bvia SHM/")
+_COLLNET = re.compile(r"\bvia COLLNET/")
+_GRAPH = re.compile(r"\bPattern \d+, crossNic \d+, nChannels (\d+), bw [\d.]+/[\d.]+, type ([A-Z0-9]+)/[A-Z0-9]+")
+_NVLS = re.compile(r"\bNVLS multicast support is available\b")
+NVLINK_PATHS = {"NVL", "NVB"}
 
 
 def nccl_transport(logs: list[Path]) -> str | None:
-    """The transports NCCL chose, from its INFO logs: across nodes the network one (infiniband, sockets, or
-    another NET plugin), else what ranks on one node use (nvlink, p2p, shm); joined with '+' when several."""
-    found = set()
+    """The transports NCCL chose, from its INFO logs (every rank's): between nodes the network (infiniband,
+    sockets, another NET plugin's name; collnet), within a node nvlink, p2p (over PCIe) or shm; joined with '+'
+    when several."""
+    found, paths, nvls, p2p = set(), set(), False, []
     for path in logs:
         try:
             text = path.read_text(errors="replace")
-            found |= {TRANSPORTS.get(m, m.split("/")[-1].lower()) for m in _VIA.findall(text)}
         except OSError:
             continue
+        found.update(_network(name) for name in _NET.findall(text))
+        if _SHM.search(text):
+            found.add("shm")
+        if _COLLNET.search(text):
+            found.add("collnet")
+        paths.update(kind for channels, kind in _GRAPH.findall(text) if int(channels) > 0 and kind != "LOC")
+        nvls = nvls or bool(_NVLS.search(text))
+        p2p += _P2P.findall(text)
+    on_nvlink = paths <= NVLINK_PATHS if paths else nvls
+    found.update("nvlink" if on_nvlink or way.startswith("MNNVL") or "/read" in way else "p2p" for way in p2p)
     return "+".join(sorted(found)) or None
+
+
+def _network(plugin: str) -> str:
+    """NCCL's network names, as the record spells them: IB (and the IB plugins, IBext...) infiniband, Socket
+    sockets, any other plugin by its own name ("AWS Libfabric": aws-libfabric)."""
+    if plugin.startswith("IB"):
+        return "infiniband"
+    return "sockets" if plugin == "Socket" else plugin.strip().lower().replace(" ", "-")
 
 
 def fell_back_to_sockets(fabric: Fabric, nodes: int) -> bool:

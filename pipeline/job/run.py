@@ -156,11 +156,12 @@ def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.TCPStore:
 
 def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore, timeout: timedelta,
                        point_dir: Path) -> None:
-    """NCCL on GPUs, gloo on CPUs. NCCL's INFO log (its choice of transport, which the fabric probe reports) goes
-    to POINT_DIR/logs/nccl-<host>-<pid>.log, unless the user set NCCL_DEBUG."""
+    """NCCL on GPUs, gloo on CPUs. NCCL's INFO log (its choice of transport, and from the GRAPH lines whether the
+    GPUs of a node are joined by NVLink, which the fabric probe reports) goes to POINT_DIR/logs/nccl-<host>-<pid>.log,
+    unless the user set NCCL_DEBUG."""
     if device.type == "cuda" and "NCCL_DEBUG" not in os.environ:
         (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
-        os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET",
+        os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET,GRAPH",
                           NCCL_DEBUG_FILE=str(point_dir / LOG_DIR / "nccl-%h-%p.log"))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=env.rank,
                             world_size=env.world_size, timeout=timeout)

@@ -181,9 +181,12 @@ DEFINITIONS = {
                 "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "
                 "resumed_from_step is the checkpoint's step, restart_count Slurm's SLURM_RESTART_COUNT",
     "flops_per_sample": "forward + backward FLOPs of one sample, counted by torch.utils.flop_counter."
-                        "FlopCounterMode (matmuls and convolutions)",
+                        "FlopCounterMode (matmuls, convolutions and, on CUDA, scaled_dot_product_attention); it "
+                        "counts causal attention in full, the masked half included (the usual convention), and has "
+                        "no formula for the CPU attention kernel, so on a CPU attention is not counted",
     "achieved_tflops_per_device": "flops_per_sample x throughput_samples_per_s / world_size / 1e12",
-    "mfu": "achieved_tflops_per_device / the device's dense datasheet peak for the run's precision (GPUs only); "
+    "mfu": "achieved_tflops_per_device / the device's dense datasheet peak for the run's precision (GPUs only; "
+           "a causal language model's masked attention half is in the FLOPs, see flops_per_sample); "
            "fp32 runs are compared with the plain-FP32 peak, though convolutions run as TF32 where device.tf32.cudnn "
            "is true (torch's default), so a convolutional fp32 run's MFU reads high",
     "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
