@@ -377,6 +377,8 @@ class TrainerConfig:
     data_on_device: Optional[bool] = None  # hold an in-memory dataset on the device and batch it there
     channels_last: Optional[bool] = None  # NHWC memory format (null: with CUDA, for convolutional models)
     compile: bool = False  # torch.compile the model
+    cudnn_benchmark: Optional[bool] = None  # cuDNN times its algorithms per shape (null: with CUDA, for convolutions)
+    prefetch: Optional[bool] = None  # the next batch's copy on a side stream (null: with CUDA, data on the host)
     seed: int = 0
     warmup_steps: int = 5  # the first steps, excluded from every timing figure
     log_every: int = 50

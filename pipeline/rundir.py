@@ -358,6 +358,8 @@ class FastPath:
     channels_last: bool
     compile: bool
     pinned_memory: bool
+    cudnn_benchmark: bool = False  # added since schema 1 began
+    prefetch: bool = False  # the next batch copied to the GPU on a side stream while this one trains
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,9 @@
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -95,8 +98,9 @@ def test_fast_path_options_run_and_keep_replicas_identical(tmp_path):
                "ddp.static_graph=true", "ddp.bucket_cap_mb=0.1", *FAST, f"hydra.run.dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "result.json").read_text())
+    # cuDNN's benchmark and the side-stream prefetch are GPU options: off on a CPU whatever is asked
     assert rec["fast_path"] == {"data_on_device": True, "channels_last": True, "compile": False,
-                                "pinned_memory": False}
+                                "pinned_memory": False, "cudnn_benchmark": False, "prefetch": False}
     assert rec["precision"] == "bf16" and len({x["parameters_sha256"] for x in rec["ranks"]}) == 1
     assert rec["flops_per_sample"] > 0 and rec["achieved_tflops_per_device"] > 0 and rec["mfu"] is None
 
@@ -152,9 +156,16 @@ def test_gpu_fast_path_defaults(tmp_path):
     rec = json.loads((tmp_path / "run/result.json").read_text())
     assert (rec["backend"], rec["device"]["type"], rec["precision"]) == ("nccl", "cuda", "bf16")
     assert rec["fast_path"]["data_on_device"] and rec["fast_path"]["channels_last"]
+    # a convolutional model's fixed shapes: cuDNN times its algorithms; the data on the GPU: nothing to prefetch
+    assert rec["fast_path"]["cudnn_benchmark"] and not rec["fast_path"]["prefetch"]
     assert rec["device"]["nccl"] and rec["achieved_tflops_per_device"] > 0
     assert set(rec["device"]["tf32"]) == {"matmul", "cudnn"}
     assert rec["mfu"] is None or 0 < rec["mfu"] < 1
+    # the weights load with a plain torch.load where there is no GPU (a login node, a laptop)
+    r = subprocess.run([sys.executable, "-c", "import sys, torch; w = torch.load(sys.argv[1]); "
+                        "print(sorted({t.device.type for t in w.values()}))", str(tmp_path / "run/model.pt")],
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "['cpu']", r.stderr
 
 
 @pytest.mark.gpu
@@ -165,7 +176,7 @@ def test_gpu_with_data_on_the_host_and_compile(tmp_path):
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "run/result.json").read_text())
     assert rec["fast_path"] == {"data_on_device": False, "channels_last": True, "compile": True,
-                                "pinned_memory": True}
+                                "pinned_memory": True, "cudnn_benchmark": True, "prefetch": True}
 
 
 @pytest.mark.gpu
@@ -190,6 +201,38 @@ def test_gpu_batches_from_a_small_host_pool_come_through_pinned_memory_whole():
         warnings.simplefilter("error")
         batch = gather_batch(pool, idx, torch.device("cuda"), pinned=True)
     assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch.cpu(), pool[idx])
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_prefetched_batches_are_the_batches():
+    from pipeline.job.data import Batch, prefetched
+
+    host = [Batch(torch.randn(8, 3).pin_memory(), torch.arange(8).pin_memory(), {}) for _ in range(5)]
+    device = torch.device("cuda")
+    copies = (Batch(b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True), {}) for b in host)
+    got = [(b.inputs.sum().item(), b.targets.tolist()) for b in prefetched(copies, device)]
+    assert got == [(b.inputs.sum().item(), b.targets.tolist()) for b in host]
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_the_timer_records_the_same_cuda_events_again():
+    from pipeline.job.timing import StepTimer
+
+    timer, made = StepTimer(torch.device("cuda")), []
+    real = torch.cuda.Event
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "Event", lambda **kw: made.append(real(**kw)) or made[-1])
+        timer.start()
+        for _ in range(3 * StepTimer.READ_EVERY):
+            timer.data_ready()
+            timer.backward_done()
+            timer.step_done()
+        phases = timer.phases()
+    assert phases.shape == (3 * StepTimer.READ_EVERY, 4) and (phases >= 0).all()
+    # at most the marks of the steps waiting to be read are in hand: 2 x READ_EVERY steps of 3 new marks each
+    assert len(made) <= 3 * 2 * StepTimer.READ_EVERY + 2
 
 
 @pytest.mark.parametrize("setting, split_bytes, free, expected", [

@@ -126,6 +126,28 @@ def to_device(batch: Batch, device: torch.device, non_blocking: bool, memory_for
     return Batch(inputs, batch.targets.to(device, non_blocking=non_blocking), extra)
 
 
+def prefetched(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """`batches` one ahead, for data that stays in host memory: the next batch's copy to the GPU is issued on a
+    side stream while this one trains, and the compute stream waits only for the copy of the batch it takes. Each
+    tensor is marked as used by the compute stream, so the caching allocator does not hand its memory to the side
+    stream's next copy before the compute that reads it is done."""
+    side = torch.cuda.Stream(device)
+
+    def load() -> Batch | None:
+        with torch.cuda.stream(side):
+            return next(batches, None)
+
+    ahead = load()
+    while ahead is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(side)
+        for tensor in (ahead.inputs, ahead.targets, *ahead.extra.values()):
+            if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                tensor.record_stream(compute)
+        batch, ahead = ahead, load()
+        yield batch
+
+
 def collate(items: list, fmt: ItemFormat, collate_fn: Callable | None) -> Batch:
     """A list of items as one batch, by the user's collate_fn when given (loader.collate_fn), else torch's."""
     return fmt.split((collate_fn or default_collate)(items))

@@ -48,10 +48,11 @@ class StepTimer:
         self._start = self._data = self._grads = self._backward = None
         self._params = self._expected = self._pending = self._fired = 0
         self.on_grads_ready = None
+        self._spare: list = []  # CUDA events already read, recorded again rather than made anew every step
 
     def _now(self):
         if self._cuda:
-            event = torch.cuda.Event(enable_timing=True)
+            event = self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()
@@ -106,6 +107,10 @@ class StepTimer:
         if self._cuda:
             marks[-1][-1].synchronize()
             self._read.append(np.array([[a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in marks]))
+            # every event read is free again but the last one, the end of the last step read, which is the start
+            # of the next (grads and backward may be one event: each is returned once)
+            last = marks[-1][-1]
+            self._spare += [e for e in {id(e): e for m in marks for e in m}.values() if e is not last]
         else:
             self._read.append(np.diff(np.array(marks, dtype=np.float64), axis=1))
 

@@ -23,7 +23,8 @@ from torch.utils.data import DistributedSampler
 from pipeline.config import RunConfig
 from pipeline.job.build import Workload, build_optimizer, build_scheduler, optimizer_info
 from pipeline.job.checkpoint import Checkpoints, segment
-from pipeline.job.data import Batch, InMemoryBatches, LoaderBatches, collate, holds_on_device, loader_info, to_device
+from pipeline.job.data import (Batch, InMemoryBatches, LoaderBatches, collate, holds_on_device, loader_info,
+                               prefetched, to_device)
 from pipeline.job.env import DistEnv
 from pipeline.job.model_io import ModelIO
 from pipeline.job.observe import Phases, make_logger, make_profiler, write_progress
@@ -183,8 +184,11 @@ class Trainer:
         self.in_memory = has_arrays and loader.kind != "dataloader"
         # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
         images = np.ndim(self.work.items.split(train[0]).inputs) == 3
-        channels_last = images and (t.channels_last if t.channels_last is not None else
-                                    cuda and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
+        convolutional = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+        channels_last = images and (t.channels_last if t.channels_last is not None else cuda and convolutional)
+        # the batch shape is fixed (drop_last), so cuDNN's timing of its algorithms, once per shape, pays off
+        cudnn_benchmark = cuda and (t.cudnn_benchmark if t.cudnn_benchmark is not None else convolutional)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         if self.in_memory:
             held = [a for d in (train, self.work.test_set) if d is not None and hasattr(d, "arrays")
                     for a in d.arrays()]
@@ -196,8 +200,9 @@ class Trainer:
             self.on_device, self.pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
             self.batches = self._loader_batches(train, channels_last, persistent=loader.persistent_workers)
         self.loader_info = loader_info("memory" if self.in_memory else "dataloader", loader, self.pinned)
+        prefetch = cuda and not self.on_device and (t.prefetch if t.prefetch is not None else True)
         return FastPath(data_on_device=self.on_device, channels_last=channels_last, compile=t.compile,
-                        pinned_memory=self.pinned)
+                        pinned_memory=self.pinned, cudnn_benchmark=cudnn_benchmark, prefetch=prefetch)
 
     def _loader_batches(self, dataset, channels_last: bool, persistent: bool) -> LoaderBatches:
         loader = replace(self.run.loader, persistent_workers=persistent)
@@ -346,11 +351,15 @@ class Trainer:
         while step < self.total_steps:
             epoch, first = divmod(step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch)
-            for batch in self.batches.batches(list(self.sampler)[first * self.batch:], drop_last=True):
+            for batch in self._ahead(self.batches.batches(list(self.sampler)[first * self.batch:], drop_last=True)):
                 yield step, epoch, batch
                 step += 1
                 if step == self.total_steps:
                     return
+
+    def _ahead(self, batches):
+        """The batches, the next one's copy to the GPU on a side stream while this one trains (fast_path.prefetch)."""
+        return prefetched(batches, self.device) if self.fast_path.prefetch else batches
 
     def train_step(self, step: int, batch: Batch) -> torch.Tensor:
         """One optimizer step on a batch; the timer marks its phases. Returns the loss."""
@@ -479,7 +488,8 @@ class Trainer:
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         error = ""
         try:
-            for batch in self._eval_source().batches(range(self.env.rank, n, self.env.world_size), drop_last=False):
+            shard = range(self.env.rank, n, self.env.world_size)
+            for batch in self._ahead(self._eval_source().batches(shard, drop_last=False)):
                 with self.autocast:
                     loss, logits = self.io.loss_and_logits(self.raw_model, batch)
                 self._score(sums, loss, logits, batch.targets, getattr(test, "vocab_size", None))
