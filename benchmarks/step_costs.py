@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
-from pipeline.job.data import InMemoryBatches  # noqa: E402
+from pipeline.job.data import BatchSpec, InMemoryBatches, ItemFormat  # noqa: E402
 from pipeline.job.observe import Phases, make_logger, write_progress  # noqa: E402
 from pipeline.job.timing import StepTimer  # noqa: E402
 from pipeline.job.trainer import dropout_seed  # noqa: E402
@@ -55,7 +55,8 @@ def run(row: int, workload: str, steps: int, folder: Path) -> float:
     timer = StepTimer(torch.device("cpu"))
     if row >= 5:
         timer.watch(raw)
-    source = InMemoryBatches(dataset, batch, torch.device("cpu"), False, False)
+    source = InMemoryBatches(dataset, BatchSpec(size=batch, device=torch.device("cpu"), items=ItemFormat("x", "y")),
+                             on_device=False)
     phase = Phases(profiling=False, nvtx=False, cuda=False).range
     metrics = make_logger(True, True, folder) if row >= 7 else None
 

@@ -17,21 +17,19 @@ Imports no torch: the launcher and the collector run on login nodes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
 import tempfile
-import types
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-# Version 1 is every record written since the project began; a reader for the old layout stays when it changes.
-SCHEMA_VERSION = 1
+from pipeline.typed import SCHEMA_VERSION, decoder, encode, flat
+
 
 POINT_NAME = "point.json"
 PROGRESS_NAME = "progress.json"
@@ -125,30 +123,18 @@ def write_json(path: Path, data: Any, durable: bool = True) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- reading
-class SchemaError(ValueError):
-    """A file that does not match its dataclass; the message names the field."""
-
-    def __init__(self, problem: str, path: list | None = None):
-        self.problem, self.path = problem, path or []
-        super().__init__(problem)
-
-    def __str__(self) -> str:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path).lstrip(".")
-        return f"{where}: {self.problem}" if where else self.problem
-
-
 class JsonFile:
     """Base of the files above: `to_json` / `from_json`, and `write` / `read` under the class's FILE name."""
 
     FILE: ClassVar[str]
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return encode(self)
 
     @classmethod
     def from_json(cls, data: Any):
         """The dataclass, with every field's type checked; SchemaError names a missing or mistyped field."""
-        return _decoder(cls)(data)
+        return decoder(cls)(data)
 
     def write(self, folder: Path, durable: bool = True) -> Path:
         path = Path(folder) / self.FILE
@@ -162,131 +148,6 @@ class JsonFile:
     def read(cls, folder: Path):
         """Raises OSError when the file is missing, ValueError (SchemaError among them) when it is not usable."""
         return cls.from_json(json.loads((Path(folder) / cls.FILE).read_text()))
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _exact(tp: type, name: str) -> Callable[[Any], Any]:
-    def decode(value):
-        if type(value) is not tp:
-            raise SchemaError(f"expected {name}, got {_kind(value)}")
-        return value
-    return decode
-
-
-def _number(value: Any) -> float:
-    if type(value) is float:
-        return value
-    if type(value) is int:
-        return float(value)
-    raise SchemaError(f"expected a number, got {_kind(value)}")
-
-
-def _numbers(value: Any) -> list:
-    """A list of numbers, checked in C: records carry thousands of step times, and the collector reads 10,000
-    records in under 2 s. fsum raises TypeError on anything that is not a number (bools pass, as 0 and 1)."""
-    if type(value) is not list:
-        raise SchemaError(f"expected a list of numbers, got {_kind(value)}")
-    try:
-        math.fsum(value)
-    except TypeError:
-        bad = next(i for i, v in enumerate(value) if type(v) not in (int, float))
-        raise SchemaError(f"expected a number, got {_kind(value[bad])}", [bad]) from None
-    return value
-
-
-def _in_field(path_part: Any, decode: Callable[[Any], Any], value: Any) -> Any:
-    try:
-        return decode(value)
-    except SchemaError as e:
-        e.path.insert(0, path_part)
-        raise
-
-
-@functools.cache
-def _decoder(tp: Any) -> Callable[[Any], Any]:
-    """A function that checks a JSON value against the type `tp` and converts it; built once per type."""
-    if tp is Any:
-        return lambda value: value
-    if tp is float:
-        return _number
-    if tp in (int, str, bool):
-        return _exact(tp, {int: "an integer", str: "a string", bool: "true or false"}[tp])
-    if dataclasses.is_dataclass(tp):
-        return _dataclass_decoder(tp)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        decode_inner = _decoder(inner)
-        return lambda value: None if value is None else decode_inner(value)
-    if origin is list:
-        if args[0] is float:
-            return _numbers
-        item = _decoder(args[0])
-
-        def decode_list(value):
-            if type(value) is not list:
-                raise SchemaError(f"expected a list, got {_kind(value)}")
-            try:
-                return [item(v) for v in value]
-            except SchemaError:
-                for i, v in enumerate(value):  # again, item by item, to name the one that failed
-                    _in_field(i, item, v)
-                raise
-        return decode_list
-    if origin is dict:
-        key_type, item = args[0], _decoder(args[1])
-
-        def decode_dict(value):
-            if type(value) is not dict:
-                raise SchemaError(f"expected an object, got {_kind(value)}")
-            try:
-                if key_type is int:  # JSON keys are strings; an int-keyed dict is written with str(key)
-                    return {int(k): item(v) for k, v in value.items()}
-                return {k: item(v) for k, v in value.items()}
-            except SchemaError:
-                for k, v in value.items():  # again, item by item, to name the one that failed
-                    _in_field(k, item, v)
-                raise
-            except ValueError:  # int(k)
-                raise SchemaError(f"expected integer keys, got {list(value)}") from None
-        return decode_dict
-    raise TypeError(f"no JSON decoder for {tp!r}")
-
-
-def _dataclass_decoder(cls: type) -> Callable[[Any], Any]:
-    hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    decoders = [(f.name, _decoder(hints[f.name])) for f in fields]
-    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    factories = [(f.name, f.default_factory) for f in fields if f.default_factory is not dataclasses.MISSING]
-    versioned = "schema_version" in defaults
-
-    def decode(value):
-        if type(value) is not dict:
-            raise SchemaError(f"expected an object, got {_kind(value)}")
-        if versioned and value.get("schema_version") != SCHEMA_VERSION:
-            raise SchemaError(f"schema_version {value.get('schema_version')!r}, this reader reads {SCHEMA_VERSION}")
-        missing = [name for name in required if name not in value]
-        if missing:
-            raise SchemaError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-        try:
-            values = {name: decode_field(value[name]) for name, decode_field in decoders if name in value}
-        except SchemaError:
-            for name, decode_field in decoders:  # again, field by field, to name the one that failed
-                if name in value:
-                    _in_field(name, decode_field, value[name])
-            raise
-        # The fields are checked, and these classes have no __post_init__: fill the instance directly, since a
-        # frozen dataclass's __init__ sets each field through object.__setattr__, which is most of the cost of
-        # reading 10,000 records.
-        obj = object.__new__(cls)
-        obj.__dict__.update({**defaults, **{name: make() for name, make in factories}, **values})
-        return obj
-    return decode
 
 
 # -------------------------------------------------------------------------------------------- the files
@@ -451,24 +312,61 @@ class PhaseSplit:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HostShare:
+    """A rank's share of its host (pipeline.job.placement)."""
+
+    hostname: str
+    processes_on_host: int
+    host_cores: int
+    threads: int
+    oversubscribed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankTiming:
+    """One rank's step timings over its timed steps (pipeline.job.timing); None when no step was timed."""
+
+    step_times_s: list[float]  # every timed step
+    step_time_median_s: Optional[float]
+    busy_time_median_s: Optional[float]
+    data_mean_s: Optional[float]
+    compute_mean_s: Optional[float]
+    comm_mean_s: Optional[float]
+
+
+@dataclass(frozen=True, kw_only=True)
 class RankResult:
     rank: int
     local_rank: int
     node_rank: int
     node_name: str  # the scheduler's name for the node (SLURMD_NODENAME), else the hostname
     device: str
-    hostname: str
-    processes_on_host: int
-    host_cores: int
-    threads: int
-    oversubscribed: bool
+    host: HostShare = flat()
     parameters_sha256: str  # of the final parameters: equal on every rank when DDP kept them in sync
-    step_times_s: list[float]  # every timed step
-    step_time_median_s: Optional[float]  # the timing figures are None when no step was timed
-    busy_time_median_s: Optional[float]
-    data_mean_s: Optional[float]
-    compute_mean_s: Optional[float]
-    comm_mean_s: Optional[float]
+    timing: RankTiming = flat()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunTiming:
+    """The job-wide timing figures, from every rank's (pipeline.job.timing); None when no step was timed."""
+
+    timed_steps: int
+    timed_wall_s: Optional[float] = None
+    throughput_samples_per_s: Optional[float]
+    throughput_per_rank_samples_per_s: Optional[float] = None
+    step_time_s: Optional[StepTime]
+    breakdown_s: Optional[PhaseSplit]
+    breakdown_share: Optional[PhaseSplit]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Utilisation:
+    """FLOPs and model FLOPs utilisation (pipeline.job.flops)."""
+
+    flops_per_sample: Optional[float]  # None when counting failed (see missing)
+    achieved_tflops_per_device: Optional[float]
+    peak_tflops_per_device: Optional[float]
+    mfu: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -522,18 +420,8 @@ class Result(JsonFile):
     resumed_from_step: int
     restart_count: int
     earlier_segments: list[Segment]
-    timed_steps: int
-    # the timing figures are None when no step was timed
-    timed_wall_s: Optional[float] = None
-    throughput_samples_per_s: Optional[float]
-    throughput_per_rank_samples_per_s: Optional[float] = None
-    step_time_s: Optional[StepTime]
-    breakdown_s: Optional[PhaseSplit]
-    breakdown_share: Optional[PhaseSplit]
-    flops_per_sample: Optional[float]  # None when counting failed (see missing)
-    achieved_tflops_per_device: Optional[float]
-    peak_tflops_per_device: Optional[float]
-    mfu: Optional[float]
+    timing: RunTiming = flat()
+    utilisation: Utilisation = flat()
     comm_measurement: str
     final_train_loss: Optional[float]  # None when it was not finite (status diverged)
     test_accuracy: Optional[float]  # a classifier's; None for other tasks (see evaluation)
@@ -580,7 +468,7 @@ class Failure:
         found = []
         for path in (Path(point_dir) / LOG_DIR).glob("rank*.failed.json"):
             try:
-                found.append(_decoder(Failure)(json.loads(path.read_text())))
+                found.append(decoder(Failure)(json.loads(path.read_text())))
             except (OSError, ValueError):
                 continue
         return sorted(found, key=lambda f: f.at_unix)

@@ -4,11 +4,8 @@
 import uuid
 from pathlib import Path
 
-from pipeline.rundir import (DeviceInfo, Fabric, FastPath, GitInfo, PhaseSplit, ProbePoint, Provenance, RankResult,
-                             Result, StepTime, write_json)
-
-PHASES = ("data", "compute", "comm")
-
+from pipeline.rundir import (DeviceInfo, Fabric, FastPath, GitInfo, HostShare, PhaseSplit, ProbePoint, Provenance,
+                             RankResult, RankTiming, Result, RunTiming, StepTime, Utilisation, write_json)
 
 def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003), tasks_per_node: int = 1,
                 busy=None, node_names=None, scaling: str = "weak", per_rank_batch: int = 64, global_batch=None,
@@ -24,11 +21,14 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
     busy = busy or [breakdown[0] + breakdown[1]] * world
     names = node_names or [f"node{r // tasks_per_node + 1}" for r in range(world)]
     step = sum(breakdown)
+    host = HostShare(hostname="h", processes_on_host=tasks_per_node, host_cores=8, threads=1,
+                     oversubscribed=oversubscribed)
+    data, compute, comm = breakdown
     ranks = [RankResult(rank=r, local_rank=r % tasks_per_node, node_rank=r // tasks_per_node, node_name=names[r],
-                        device="cpu", hostname="h", processes_on_host=tasks_per_node, host_cores=8, threads=1,
-                        oversubscribed=oversubscribed, parameters_sha256="0" * 64, step_times_s=[step] * steps,
-                        step_time_median_s=step, busy_time_median_s=busy[r],
-                        **{f"{p}_mean_s": v for p, v in zip(PHASES, breakdown)}) for r in range(world)]
+                        device="cpu", host=host, parameters_sha256="0" * 64,
+                        timing=RankTiming(step_times_s=[step] * steps, step_time_median_s=step,
+                                          busy_time_median_s=busy[r], data_mean_s=data, compute_mean_s=compute,
+                                          comm_mean_s=comm)) for r in range(world)]
     return Result(
         run_id=run_id or uuid.uuid4().hex, sweep_id="s", point=0, overrides=[],
         config={"model": {"_target_": f"pipeline.workloads.models.{model.upper()}", "hidden": 128},
@@ -41,11 +41,13 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
         fast_path=FastPath(data_on_device=False, channels_last=False, compile=False, pinned_memory=False),
         scaling=scaling, per_rank_batch=per_rank_batch, global_batch=global_batch, steps=steps + 5,
         steps_per_epoch=steps_per_epoch, warmup_steps=5, resumed_from_step=0, restart_count=0, earlier_segments=[],
-        timed_steps=steps, timed_wall_s=step * steps, throughput_samples_per_s=throughput,
-        throughput_per_rank_samples_per_s=throughput / world,
-        step_time_s=StepTime(mean=step, median=step, p95=step), breakdown_s=PhaseSplit(**dict(zip(PHASES, breakdown))),
-        breakdown_share=PhaseSplit(**{p: v / step for p, v in zip(PHASES, breakdown)}),
-        flops_per_sample=1e6, achieved_tflops_per_device=None, peak_tflops_per_device=None, mfu=None,
+        timing=RunTiming(timed_steps=steps, timed_wall_s=step * steps, throughput_samples_per_s=throughput,
+                         throughput_per_rank_samples_per_s=throughput / world,
+                         step_time_s=StepTime(mean=step, median=step, p95=step),
+                         breakdown_s=PhaseSplit(data=data, compute=compute, comm=comm),
+                         breakdown_share=PhaseSplit(data=data / step, compute=compute / step, comm=comm / step)),
+        utilisation=Utilisation(flops_per_sample=1e6, achieved_tflops_per_device=None, peak_tflops_per_device=None,
+                                mfu=None),
         comm_measurement="", final_train_loss=0.1, test_accuracy=0.9, wall_time_s=1.0, oversubscribed=oversubscribed,
         weights="model.pt", ranks=ranks,
         provenance=Provenance(git=GitInfo(sha=sha, dirty=False), hostnames=["h"], versions={}, slurm=None,

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.collector.forecast import fit_alpha_beta
+from pipeline.allreduce import fit
 from pipeline.collector.records import load_runs
 from pipeline.collector.scaling import aggregate, regressions, t975
 from tests.conftest import GOLDEN, launch
@@ -101,13 +101,13 @@ def comm_model(p):
 
 def test_alpha_beta_parameters_are_recovered():
     ranks = np.array([2, 4, 8, 16, 2, 4], dtype=float)
-    alpha, beta = fit_alpha_beta(ranks, np.array([comm_model(p) for p in ranks]), NBYTES)
+    alpha, beta = fit(ranks, NBYTES, np.array([comm_model(p) for p in ranks]))
     assert alpha == pytest.approx(ALPHA, rel=1e-6) and 1 / beta == pytest.approx(BANDWIDTH, rel=1e-6)
     # comm falling from 2 to 4 ranks: the unconstrained fit has alpha = -6.7e-4 s. Clamped, the better of the
     # one-parameter fits wins: alpha alone, (2x0.002 + 6x0.001) / (2^2 + 6^2) = 2.5e-4 s, leaves squared residuals
     # 2.5e-6; beta alone, over the columns 2(P-1)/P x bytes = 4e6 and 6e6, (4e6x0.002 + 6e6x0.001) / (4e6^2 +
     # 6e6^2) = 14000 / 52e12 s/byte, leaves 1.23e-6. So alpha = 0 and beta = 14000 / 52e12.
-    alpha, beta = fit_alpha_beta(np.array([2.0, 4.0]), np.array([0.002, 0.001]), NBYTES)
+    alpha, beta = fit(np.array([2.0, 4.0]), NBYTES, np.array([0.002, 0.001]))
     assert alpha == 0.0 and beta == pytest.approx(14000 / 52e12, rel=1e-9)
 
 

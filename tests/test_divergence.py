@@ -29,7 +29,7 @@ def test_a_diverging_run_stops_within_the_check_interval_and_says_where(tmp_path
     assert rec.status == "diverged" and rec.diverged_at_step is not None, r.stderr + logs
     # stopped at the first check after the first non-finite loss, on both ranks: both ranks' timings end there
     assert rec.steps == 8 * math.ceil((rec.diverged_at_step + 1) / 8) < 60
-    assert {len(x.step_times_s) for x in rec.ranks} == {rec.steps - rec.warmup_steps}
+    assert {len(x.timing.step_times_s) for x in rec.ranks} == {rec.steps - rec.warmup_steps}
     assert rec.final_train_loss is None and rec.evaluation is None and rec.weights is None
     assert f"the run diverged at step {rec.diverged_at_step}" in rec.missing["evaluation"]
     assert f"at step {rec.diverged_at_step}: the run diverged" in logs

@@ -214,7 +214,7 @@ def test_hugging_face_causal_lm(user_folder, own_loss):
     rec = record(user_folder, name)
     assert rec.status == "completed" and rec.world_size == 2 and len({x.parameters_sha256 for x in rec.ranks}) == 1
     assert rec.model_label == "GPT2LMHeadModel 2x64" and rec.tokens_per_sample == 64
-    assert rec.io.logits == "attribute logits" and rec.flops_per_sample > 0 and rec.missing == {}
+    assert rec.io.logits == "attribute logits" and rec.utilisation.flops_per_sample > 0 and rec.missing == {}
     # learned something of the bigram language: an untrained model's perplexity is the vocabulary's, 256
     assert rec.evaluation.metric == "perplexity" and rec.evaluation.value < LEARNED and rec.test_accuracy is None
     if not own_loss:
@@ -290,7 +290,7 @@ def test_a_loss_of_the_whole_output_and_an_unused_parameter_under_static_graph(u
     assert r.returncode == 0, r.stderr + logs
     rec = record(user_folder, "dict-static")
     assert rec.io.logits == "key logits" and rec.io.loss == "loss._target_ on the whole output and the targets"
-    assert rec.evaluation.metric == "accuracy" and rec.flops_per_sample > 0 and rec.missing == {}
+    assert rec.evaluation.metric == "accuracy" and rec.utilisation.flops_per_sample > 0 and rec.missing == {}
     # the same model under find_unused_parameters, which DDP's own error message asks for
     r, logs = run(user_folder, "dict-unused", [*args[:-4], "ddp.find_unused_parameters=true", "nodes=2",
                                                "dataset.train_size=1024", "dataset.test_size=256"])
@@ -307,7 +307,7 @@ def test_an_evaluation_that_fails_leaves_a_record_that_says_why(user_folder):
     rec = record(user_folder, "eval-fails")
     assert rec.evaluation is None and rec.test_accuracy is None and rec.status == "completed"
     assert "this model cannot be evaluated" in rec.missing["evaluation"]
-    assert rec.throughput_samples_per_s > 0 and rec.weights == "model.pt"
+    assert rec.timing.throughput_samples_per_s > 0 and rec.weights == "model.pt"
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from pipeline.rundir import (SCHEMA_VERSION, Failure, Manifest, ManifestPoint, Point, Progress, Result, SchemaError,
+from pipeline.typed import SchemaError
+from pipeline.rundir import (SCHEMA_VERSION, Failure, Manifest, ManifestPoint, Point, Progress, Result,
                              Submission, write_atomic, write_json)
 from tests.conftest import GOLDEN
 from tests.records_factory import make_record
@@ -21,7 +22,7 @@ def through_json_text(obj):
 def test_the_golden_files_of_a_real_run_read():
     result, point = Result.read(RUN), Point.read(RUN)
     assert (result.schema_version, result.world_size, result.backend) == (SCHEMA_VERSION, 2, "gloo")
-    assert [r.node_name for r in result.ranks] == ["local1", "local2"] and len(result.ranks[1].step_times_s) == 8
+    assert [r.node_name for r in result.ranks] == ["local1", "local2"] and len(result.ranks[1].timing.step_times_s) == 8
     assert result.device.name == "x86_64 CPU" and result.device.tf32 is None  # absent on CPUs: defaults
     assert result.provenance.slurm.simulated and result.run_id == point.run_id
     assert point.config == result.config and point.git.sha == result.provenance.git.sha

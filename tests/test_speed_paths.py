@@ -30,7 +30,7 @@ def test_mlp_flops_are_counted_exactly():
 
 
 def test_attention_on_a_cpu_goes_uncounted_as_the_definition_says():
-    """torch's flop counter has no formula for the CPU attention kernel (timing.DEFINITIONS["flops_per_sample"]
+    """torch's flop counter has no formula for the CPU attention kernel (pipeline.definitions.RECORD["flops_per_sample"]
     says so); a torch that counts it fails here, and the definition is to be changed with it."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
@@ -63,9 +63,9 @@ def test_peak_table(name, bf16, fp32):
 
 def test_utilisation_arithmetic():
     u = utilisation(1e9, throughput=8e5, world_size=8, device_name="NVIDIA H100 80GB HBM3", precision="bf16")
-    assert u["achieved_tflops_per_device"] == pytest.approx(1e9 * 8e5 / 8 / 1e12)
-    assert u["mfu"] == pytest.approx(100 / 989.5)
-    assert utilisation(1e9, 8e5, 8, "x86_64 CPU", "fp32")["mfu"] is None
+    assert u.achieved_tflops_per_device == pytest.approx(1e9 * 8e5 / 8 / 1e12)
+    assert u.mfu == pytest.approx(100 / 989.5)
+    assert utilisation(1e9, 8e5, 8, "x86_64 CPU", "fp32").mfu is None
 
 
 def test_batches_from_host_memory_are_gathered_into_a_buffer_that_keeps_channels_last():
@@ -136,7 +136,7 @@ NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.gpu
 @NEEDS_GPU
 def test_causal_attention_is_counted_in_full_on_cuda_as_the_definition_says():
-    """QK^T and the weights times V, each 2 b h s^2 d, the masked half included (timing.DEFINITIONS)."""
+    """QK^T and the weights times V, each 2 b h s^2 d, the masked half included (pipeline.definitions.RECORD)."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 

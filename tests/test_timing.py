@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from types import SimpleNamespace
-
 from pipeline.job.timing import StepTimer, rank_timing, summarize
 
 
@@ -26,22 +24,22 @@ def test_summary_uses_the_slowest_rank():
     # two ranks, three steps after warm-up
     r0 = rank_timing(np.array([[9.0, 9, 0, 0], [1.0, 0.1, 0.7, 0.2], [1.0, 0.1, 0.7, 0.2], [2.0, 0.2, 1.4, 0.4]]), 1)
     r1 = rank_timing(np.array([[9.0, 9, 0, 0], [1.5, 0.1, 1.3, 0.1], [1.0, 0.1, 0.8, 0.1], [1.0, 0.1, 0.8, 0.1]]), 1)
-    s = summarize([SimpleNamespace(**r0), SimpleNamespace(**r1)], global_batch=64)
-    assert s["timed_steps"] == 3
-    assert s["timed_wall_s"] == pytest.approx(4.0)             # rank 0: 1 + 1 + 2
-    assert s["throughput_samples_per_s"] == pytest.approx(64 * 3 / 4.0)
-    assert s["throughput_per_rank_samples_per_s"] == pytest.approx(24.0)
-    assert s["step_time_s"].mean == pytest.approx((1.5 + 1.0 + 2.0) / 3)   # per-step max over ranks
-    assert s["step_time_s"].median == pytest.approx(1.5)
-    assert s["breakdown_s"].compute == pytest.approx((0.7 + 0.7 + 1.4) / 3 / 2 + (1.3 + 0.8 + 0.8) / 3 / 2)
-    share = s["breakdown_share"]
+    s = summarize([r0, r1], global_batch=64)
+    assert s.timed_steps == 3
+    assert s.timed_wall_s == pytest.approx(4.0)             # rank 0: 1 + 1 + 2
+    assert s.throughput_samples_per_s == pytest.approx(64 * 3 / 4.0)
+    assert s.throughput_per_rank_samples_per_s == pytest.approx(24.0)
+    assert s.step_time_s.mean == pytest.approx((1.5 + 1.0 + 2.0) / 3)   # per-step max over ranks
+    assert s.step_time_s.median == pytest.approx(1.5)
+    assert s.breakdown_s.compute == pytest.approx((0.7 + 0.7 + 1.4) / 3 / 2 + (1.3 + 0.8 + 0.8) / 3 / 2)
+    share = s.breakdown_share
     assert share.data + share.compute + share.comm == pytest.approx(1.0)
 
 
 def test_no_timed_steps_gives_no_figures():
     r = rank_timing(np.ones((3, 4)), warmup=3)
-    assert r["step_time_median_s"] is None
-    assert summarize([SimpleNamespace(**r)], 8)["throughput_samples_per_s"] is None
+    assert r.step_time_median_s is None
+    assert summarize([r], 8).throughput_samples_per_s is None
 
 
 def test_marks_are_read_in_chunks_and_none_are_lost():

@@ -166,7 +166,7 @@ def test_the_tiny_gpt_learns_a_synthetic_language(tmp_path):
     assert rec.evaluation.metric == "perplexity" and rec.evaluation.loss < 2.0, rec.evaluation
     assert rec.evaluation.value == pytest.approx(np.exp(rec.evaluation.loss))
     assert (rec.test_accuracy, rec.tokens_per_sample, rec.model) == (None, 64, "gpt")
-    assert rec.flops_per_sample > 6 * 64 * (2 * 4 * 128 * 128 * 3)  # at least 6 x tokens x block weights
+    assert rec.utilisation.flops_per_sample > 6 * 64 * (2 * 4 * 128 * 128 * 3)  # at least 6 x tokens x block weights
 
 
 def test_torchrun_trains_from_overrides_with_no_launch(tmp_path):
@@ -180,7 +180,7 @@ def test_torchrun_trains_from_overrides_with_no_launch(tmp_path):
     assert t.returncode == 0, t.stderr[-3000:]
     rec = Result.read(out)
     assert (rec.world_size, rec.steps, rec.launch_mode, rec.provenance.slurm) == (2, 6, "torchrun", None)
-    assert [x.threads for x in rec.ranks] == [2, 2] and len({x.parameters_sha256 for x in rec.ranks}) == 1
+    assert [x.host.threads for x in rec.ranks] == [2, 2] and len({x.parameters_sha256 for x in rec.ranks}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # one folder, no Hydra folders of the ranks'
     assert Point.read(out).overrides[:2] == ["nodes=1", "cluster.tasks_per_node=2"]
     bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "pipeline.worker",

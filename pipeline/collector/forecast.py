@@ -9,8 +9,9 @@ counts (the validation) and at 8, 16 and 64 nodes, by two models of the gradient
   training times they are judged against). comm(P) is the whole all-reduce, none of it hidden behind backward,
   so the predicted step is an upper bound and the efficiency a lower bound for a model whose all-reduce DDP
   overlaps with backward. A prediction at N nodes uses the probes of the largest measured node count <= N.
-- "fit": latency and bandwidth fitted to the measured comm phase (the all-reduce not hidden behind backward) of
-  the group's multi-rank runs: it reproduces what it was fitted to, so it validates nothing by itself.
+- "fit": latency and bandwidth fitted (pipeline.allreduce, non-negative least squares) to the measured comm phase
+  (the all-reduce not hidden behind backward) of the group's multi-rank runs: it reproduces what it was fitted
+  to, so it validates nothing by itself.
 
 Every prediction carries a 95% interval: for the probe model, over the predictions of each probe (t-interval),
 widened by the baseline throughput's interval (quadrature) and cut at 0 (no efficiency is negative); for the
@@ -28,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline import allreduce
 from pipeline.collector.records import Run
 
 PREDICT_AT = (8, 16, 64)
@@ -86,7 +88,7 @@ def efficiency(base: Baseline, work: float, nodes: int, comm: Callable[[int], fl
 
 
 def ring(latency_s: float, seconds_per_byte: float, nbytes: int) -> Callable[[int], float]:
-    return lambda p: latency_s * 2 * (p - 1) + seconds_per_byte * 2 * (p - 1) / p * nbytes
+    return lambda p: allreduce.ring_time(latency_s, seconds_per_byte, p, nbytes)
 
 
 def targets(measured: dict[int, float]) -> list[int]:
@@ -140,22 +142,6 @@ def from_probes(label: str, base: Baseline, members: list[Run], measured: dict[i
     return forecast
 
 
-def fit_alpha_beta(ranks: np.ndarray, comm_s: np.ndarray, nbytes: np.ndarray | float) -> tuple[float, float]:
-    """Non-negative least squares for comm = alpha x 2(P-1) + beta x 2(P-1)/P x bytes. Returns (alpha, beta)."""
-    x = np.stack([2 * (ranks - 1), 2 * (ranks - 1) / ranks * nbytes], axis=1)
-    solution, *_ = np.linalg.lstsq(x, comm_s, rcond=None)
-    if (solution >= 0).all():
-        return float(solution[0]), float(solution[1])
-    # one coefficient would be negative: the best fit has it at zero; fit the other alone
-    fits = []
-    for j in (0, 1):
-        col = x[:, j]
-        coef = max(0.0, float(col @ comm_s / (col @ col)))
-        fits.append((float(np.sum((comm_s - coef * col) ** 2)), j, coef))
-    _, j, coef = min(fits)
-    return (coef, 0.0) if j == 0 else (0.0, coef)
-
-
 def from_fit(label: str, base: Baseline, members: list[Run], measured: dict[int, float]) -> Forecast:
     forecast = Forecast(label, "fit", gradient_bytes=base.gradient_bytes)
     multi = [r for r in members if r.world_size > 1]
@@ -169,8 +155,7 @@ def from_fit(label: str, base: Baseline, members: list[Run], measured: dict[int,
         return forecast
 
     def fit(runs: list[Run]) -> tuple[float, float]:
-        return fit_alpha_beta(np.array([r.world_size for r in runs], dtype=float),
-                              np.array([r.breakdown[2] for r in runs]), base.gradient_bytes)
+        return allreduce.fit([r.world_size for r in runs], base.gradient_bytes, [r.breakdown[2] for r in runs])
 
     alpha, beta = fit(multi)
     forecast.latency_us, forecast.bandwidth_gb_s = alpha * 1e6, (1 / beta / 1e9) if beta > 0 else None

@@ -98,12 +98,12 @@ def group_key(rec: Result) -> GroupKey:
 
 def _reduce(path: str, rec: Result) -> Run:
     ranks = rec.ranks
-    busy = [r.busy_time_median_s for r in ranks]
+    busy = [r.timing.busy_time_median_s for r in ranks]
     slowest = max(range(len(busy)), key=busy.__getitem__)
     median = sorted(busy)[(len(busy) - 1) // 2]  # the lower median: a rank's own value
-    b = rec.breakdown_s
+    b = rec.timing.breakdown_s
     return Run(path=path, run_id=rec.run_id, group=group_key(rec), nodes=rec.nodes, world_size=rec.world_size,
-               global_batch=rec.global_batch, throughput=rec.throughput_samples_per_s,
+               global_batch=rec.global_batch, throughput=rec.timing.throughput_samples_per_s,
                breakdown=(b.data, b.compute, b.comm), skew=busy[slowest] / median if median > 0 else 1.0,
                slowest_rank=ranks[slowest].rank, slowest_host=ranks[slowest].node_name,
                oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes,
@@ -131,7 +131,7 @@ def read_one(path: str) -> Run | Problem:
         rec = Result.from_json(data)  # SchemaError names a missing or mistyped field (or the wrong schema_version)
     except ValueError as e:
         return Problem(path, str(e))
-    if rec.throughput_samples_per_s is None or rec.breakdown_s is None:
+    if rec.timing.throughput_samples_per_s is None or rec.timing.breakdown_s is None:
         return Problem(path, "no timed steps (the run had no steps after warm-up)")
     try:
         return _reduce(path, rec)

@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.collector.cost import COST_FRACTION, CostView, cost_view
 from pipeline.collector.forecast import Baseline, Forecast, from_fit, from_probes, t975
 from pipeline.collector.records import GroupKey, Run
+from pipeline.definitions import FABRIC
 
 SLOW_FABRIC = 0.5  # a probe whose bus bandwidth is below this fraction of the median at its world size is flagged
 
@@ -38,11 +39,8 @@ DEFINITIONS = {
     "straggler skew": "per run, the slowest rank's median busy time (data + compute per step, i.e. the step "
                       "without waiting for communication, which DDP's all-reduce evens out) over the median "
                       "rank's; the host is that rank's Slurm node; averaged over repeats, host of the worst run",
-    "fabric": "each multi-rank job's all-reduce, probed before training on its own allocation and backend: "
-              "algbw = bytes / time, busbw = algbw x 2(n-1)/n (nccl-tests' definitions), time the slowest rank's "
-              "median; latency and bandwidth fitted to time = 2(n-1) latency + 2(n-1)/n bytes / bandwidth. "
-              f"Flagged: a multi-node NCCL job on TCP sockets; a busbw below {SLOW_FABRIC:.0%} of the median of "
-              "the collection's probes at the same world size",
+    "fabric": FABRIC + f". Flagged: a multi-node NCCL job on TCP sockets; a busbw below {SLOW_FABRIC:.0%} of the "
+              "median of the collection's probes at the same world size",
     "forecast": "step(P) = (data + compute)_base x (P_base/P in strong scaling) + comm(P), comm(P) = 2(P-1) "
                 "latency + 2(P-1)/P gradient_bytes / bandwidth; efficiency as above from the predicted throughputs. "
                 "'probes': latency and bandwidth from the fabric probes (of the largest measured node count <= N), "

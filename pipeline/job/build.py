@@ -27,7 +27,7 @@ import torch
 from hydra.utils import get_object, instantiate
 
 from pipeline.config import FROM_DATASET, ParamGroupsConfig, RunConfig, find_module, from_dataset_name
-from pipeline.job.data import ItemFormat
+from pipeline.job.data import ItemFormat, check_datasets
 from pipeline.rundir import OptimizerInfo, ParamGroupInfo, target_of
 from pipeline.workloads.losses import ModelLoss
 from pipeline.workloads.schedules import run_length, takes
@@ -124,15 +124,18 @@ def partial_of(key: str, node: Any, rank: int, facts: dict | None = None) -> Cal
     return _reported(key, node, rank, lambda: instantiate(node, _partial_=True, _convert_="all"))
 
 
-def build(key: str, node: Any, rank: int, *args, partial: bool = False, facts: dict | None = None,
-          **kwargs) -> Any:
-    """instantiate(node) with `kwargs` (a `partial` target is called with `args` and `kwargs`); a failure, in
-    importing the target's module or in its constructor, is reported as the config key's, on this rank."""
-    if partial:
-        made = partial_of(key, node, rank, facts)
-        return _reported(key, node, rank, lambda: made(*args, **kwargs))
+def build(key: str, node: Any, rank: int, facts: dict | None = None, **kwargs) -> Any:
+    """instantiate(node) with `kwargs`; a failure, in importing the target's module or in its constructor, is
+    reported as the config key's, on this rank. `facts`: the dataset's values for `${from_dataset:...}`."""
     node = _prepared(key, node, rank, facts)
     return _reported(key, node, rank, lambda: instantiate(node, _convert_="all", **kwargs))
+
+
+def call(key: str, node: Any, rank: int, *args, **kwargs) -> Any:
+    """The target as a partial (whatever its config says of `_partial_`), called with `args` and `kwargs` (an
+    optimizer with the parameters, a groups function with the model)."""
+    made = partial_of(key, node, rank)
+    return _reported(key, node, rank, lambda: made(*args, **kwargs))
 
 
 def _cause(e: BaseException) -> str:
@@ -265,8 +268,8 @@ def build_optimizer(run: RunConfig, model: torch.nn.Module, rank: int,
             return made
         groups = made
     elif pg.function is not None:
-        groups = build("param_groups.function", pg.function, rank, model, partial=True)
-    return build("optimizer", run.optimizer, rank, groups, partial=True)
+        groups = call("param_groups.function", pg.function, rank, model)
+    return call("optimizer", run.optimizer, rank, groups)
 
 
 def optimizer_info(optimizer: torch.optim.Optimizer) -> OptimizerInfo:
@@ -298,6 +301,24 @@ class Workload:
     collate_fn: Callable | None
     items: ItemFormat
     batch_kind: str  # what the items are, in words (the record's io.batch)
+    label: str  # the model as people name it (model_label)
+
+
+def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None]) -> Workload:
+    """The datasets (their items checked), the model, the loss and the collate_fn, from their `_target_`s, with
+    the same initial weights on every rank; `mark(name)` notes the moment each part is done (the start-up
+    breakdown)."""
+    torch.manual_seed(run.trainer.seed)
+    train_set, test_set = build_datasets(run, rank)
+    items = ItemFormat(run.io.input_key, run.io.target_key)
+    kind = check_datasets(train_set, test_set, target_of(run.dataset), rank, items)
+    mark("datasets")
+    model = build_model(run, train_set, rank)
+    mark("model")
+    facts = dataset_facts(train_set)
+    return Workload(model=model, train_set=train_set, test_set=test_set, loss_fn=build_loss(run, rank, facts),
+                    collate_fn=build_collate(run, rank, facts), items=items, batch_kind=kind,
+                    label=model_label(run, model))
 
 
 def _targets(node: Any, depth: int = 0) -> list[tuple[int, str]]:

@@ -153,29 +153,45 @@ def collate(items: list, fmt: ItemFormat, collate_fn: Callable | None) -> Batch:
     return fmt.split((collate_fn or default_collate)(items))
 
 
-class InMemoryBatches:
-    """The split as two tensors, on the device when it fits there, else in host memory; a batch is gathered from
-    the rows it is asked for."""
+@dataclass(frozen=True)
+class BatchSpec:
+    """How one rank's batches are made: their size, where they go and in what layout, whether they come through
+    pinned host memory (copied without blocking), how items are read and how they are collated."""
 
-    def __init__(self, dataset: Any, batch: int, device: torch.device, on_device: bool, channels_last: bool):
+    size: int
+    device: torch.device
+    items: ItemFormat
+    channels_last: bool = False
+    pinned: bool = False
+    collate_fn: Callable | None = None  # None: torch's default_collate
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.preserve_format
+
+
+class InMemoryBatches:
+    """The split as two tensors, on the device when it fits there (`on_device`), else in host memory; a batch is
+    gathered from the rows it is asked for."""
+
+    def __init__(self, dataset: Any, spec: BatchSpec, on_device: bool):
         x, y = (torch.as_tensor(np.asarray(a)) for a in dataset.arrays())
         if len(x) != len(y):
             raise ValueError(f"dataset.arrays() gave {len(x)} inputs and {len(y)} targets")
-        if channels_last:
+        if spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        self.x, self.y = (x.to(device), y.to(device)) if on_device else (x, y)
-        self.batch, self.device = batch, device
-        self.pinned = device.type == "cuda" and not on_device
+        self.x, self.y = (x.to(spec.device), y.to(spec.device)) if on_device else (x, y)
+        self.spec = spec
 
     def batches(self, indices: Sequence[int], drop_last: bool) -> Iterator[Batch]:
         """The samples `indices` in batches (the last one short unless `drop_last`)."""
         # sample i is row i % rows: a dataset may hold a pool smaller than its length (datasets.InMemory)
         order = torch.as_tensor(indices, dtype=torch.int64, device=self.x.device) % len(self.x)
-        stop = len(order) - len(order) % self.batch if drop_last else len(order)
-        for start in range(0, stop, self.batch):
-            idx = order[start:start + self.batch]
-            yield Batch(gather_batch(self.x, idx, self.device, self.pinned),
-                        gather_batch(self.y, idx, self.device, self.pinned), {})
+        size, device, pinned = self.spec.size, self.spec.device, self.spec.pinned
+        stop = len(order) - len(order) % size if drop_last else len(order)
+        for start in range(0, stop, size):
+            idx = order[start:start + size]
+            yield Batch(gather_batch(self.x, idx, device, pinned), gather_batch(self.y, idx, device, pinned), {})
 
 
 class IndexBatches(Sampler):
@@ -198,18 +214,16 @@ class IndexBatches(Sampler):
 
 class LoaderBatches:
     """torch's DataLoader over the dataset, for the indices it is asked for; batches copied to the device (without
-    blocking, from pinned memory, when pin_memory is on)."""
+    blocking, from pinned memory, when pin_memory is on). `worker_seed` seeds the workers' random streams
+    (augmentation): they differ by rank and repeat by seed."""
 
-    def __init__(self, dataset: Any, batch: int, device: torch.device, loader: LoaderConfig, pin: bool,
-                 channels_last: bool, items: ItemFormat, collate_fn: Callable | None, seed: int, rank: int):
-        self.order = IndexBatches(batch)
+    def __init__(self, dataset: Any, spec: BatchSpec, loader: LoaderConfig, worker_seed: int):
+        self.order, self.spec = IndexBatches(spec.size), spec
         extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
-        self.loader = DataLoader(dataset, batch_sampler=self.order, num_workers=loader.num_workers, pin_memory=pin,
-                                 persistent_workers=loader.persistent_workers, collate_fn=collate_fn,
-                                 # workers' random streams (augmentation) differ by rank, and repeat by seed
-                                 generator=torch.Generator().manual_seed(seed * 1000 + rank), **extra)
-        self.device, self.pin, self.items = device, pin, items
-        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.loader = DataLoader(dataset, batch_sampler=self.order, num_workers=loader.num_workers,
+                                 pin_memory=spec.pinned, persistent_workers=loader.persistent_workers,
+                                 collate_fn=spec.collate_fn, generator=torch.Generator().manual_seed(worker_seed),
+                                 **extra)
 
     def close(self) -> None:
         iterator = getattr(self.loader, "_iterator", None)  # a persistent-workers DataLoader keeps its iterator
@@ -218,8 +232,9 @@ class LoaderBatches:
 
     def batches(self, indices: Sequence[int], drop_last: bool) -> Iterator[Batch]:
         self.order.set(indices, drop_last)
+        spec = self.spec
         for batch in self.loader:
-            yield to_device(self.items.split(batch), self.device, self.pin, self.memory_format)
+            yield to_device(spec.items.split(batch), spec.device, spec.pinned, spec.memory_format)
 
 
 def check_workers(loader: LoaderConfig, cpus: int, env: DistEnv) -> None:

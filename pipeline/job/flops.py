@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from pipeline.rundir import Utilisation
+
 # (device model as CUDA names it, {precision: dense TFLOP/s}); the first whose words all appear, in order and
 # whole (any case), in the device's name wins ("NVIDIA H100 80GB HBM3" is an H100 SXM5; "L4" is not "NVIDIA L40",
 # "H200" not "NVIDIA GH200 480GB"), so the more specific names come first. Source: NVIDIA's datasheet of each
@@ -71,8 +73,8 @@ def flops_per_sample(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]
 
 
 def utilisation(flops_sample: float | None, throughput: float | None, world_size: int, device_name: str,
-                precision: str) -> dict:
+                precision: str) -> Utilisation:
     achieved = flops_sample * throughput / world_size / 1e12 if throughput and flops_sample else None
     peak = peak_tflops(device_name, precision)
-    return {"flops_per_sample": flops_sample, "achieved_tflops_per_device": achieved,
-            "peak_tflops_per_device": peak, "mfu": achieved / peak if achieved is not None and peak else None}
+    return Utilisation(flops_per_sample=flops_sample, achieved_tflops_per_device=achieved, peak_tflops_per_device=peak,
+                       mfu=achieved / peak if achieved is not None and peak else None)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from pipeline.job.env import DistEnv
-from pipeline.rundir import TF32, DeviceInfo
+from pipeline.rundir import TF32, DeviceInfo, HostShare
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +73,6 @@ def device_info(device: torch.device) -> DeviceInfo:
                       nccl=".".join(map(str, torch.cuda.nccl.version())),
                       # torch's defaults let cuDNN convolutions, not matmuls, run fp32 math as TF32
                       tf32=TF32(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32))
-
-
-@dataclass(frozen=True)
-class HostShare:
-    hostname: str
-    processes_on_host: int
-    host_cores: int
-    threads: int
-    oversubscribed: bool
 
 
 def place_threads(env: DistEnv) -> HostShare:

@@ -4,7 +4,8 @@ backend, over message sizes from a few bytes up to at least the model's gradient
     algbw = bytes / time                      (time: the slowest rank's median over the timed iterations)
     busbw = algbw x 2(n-1)/n                  (n ranks: what each link carries in a ring all-reduce)
 
-and fits the ring all-reduce model the collector predicts with, to these independent measurements:
+and fits the ring all-reduce model the collector predicts with (pipeline.allreduce), to these independent
+measurements:
 
     time(bytes) = 2(n-1) x latency + 2(n-1)/n x bytes / bandwidth
 
@@ -21,10 +22,10 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import allreduce
 from pipeline.rundir import Fabric, ProbePoint
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,10 @@ def time_all_reduce(nbytes: int, device: torch.device) -> float:
 
 
 def fit_ring(points: list[ProbePoint], world: int) -> tuple[float | None, float | None]:
-    """(latency per ring step in s, bus bandwidth in bytes/s) from time = 2(n-1) lat + 2(n-1)/n bytes / bw, by
-    non-negative least squares."""
-    sizes = np.array([p.bytes for p in points], dtype=float)
-    t = np.array([p.time_s for p in points])
-    x = np.stack([np.full_like(sizes, 2 * (world - 1)), 2 * (world - 1) / world * sizes], axis=1)
-    coef, *_ = np.linalg.lstsq(x, t, rcond=None)
-    if coef[0] < 0:  # the best non-negative fit has no latency term
-        coef = np.array([0.0, float(x[:, 1] @ t / (x[:, 1] @ x[:, 1]))])
-    if coef[1] <= 0:
-        return float(max(coef[0], 0.0)), None
-    return float(coef[0]), float(1 / coef[1])
+    """(latency per ring step in s, bus bandwidth in bytes/s) of the ring model (pipeline.allreduce) fitted to the
+    probe's sizes; the bandwidth is None when no bandwidth term could be fitted."""
+    latency, seconds_per_byte = allreduce.fit(world, [p.bytes for p in points], [p.time_s for p in points])
+    return latency, (1 / seconds_per_byte if seconds_per_byte > 0 else None)
 
 
 def run_probe(gradient_bytes: int, device: torch.device, backend: str, world: int, nccl_logs: list[Path]) -> Fabric:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.job.env import DistEnv
 from pipeline.job.flops import utilisation
-from pipeline.job.placement import HostShare, device_info
-from pipeline.job.timing import COMM_MEASUREMENT, DEFINITIONS, rank_timing, summarize
+from pipeline.job.placement import device_info
+from pipeline.definitions import COMM_MEASUREMENT, RECORD
+from pipeline.job.timing import rank_timing, summarize
 from pipeline.job.trainer import TrainOutcome
-from pipeline.rundir import Fabric, Point, Provenance, RankResult, Result, SlurmInfo, target_name, utc_now
+from pipeline.rundir import (Fabric, HostShare, Point, Provenance, RankResult, Result, SlurmInfo, target_name,
+                             utc_now)
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "submitit", "numpy")
 
@@ -34,21 +37,21 @@ def warmup_of(run: RunConfig, outcome: TrainOutcome) -> int:
     return min(run.trainer.warmup_steps, outcome.steps - outcome.start_step)
 
 
-def rank_result(env: DistEnv, device: torch.device, share: HostShare, run: RunConfig,
+def rank_result(env: DistEnv, device: torch.device, host: HostShare, run: RunConfig,
                 outcome: TrainOutcome) -> RankResult:
     """This rank's entry in the record: where it ran, its final parameters' digest, its step timings."""
     return RankResult(rank=env.rank, local_rank=env.local_rank, node_rank=env.node_rank, node_name=env.node_name,
-                      device=str(device), **asdict(share), parameters_sha256=outcome.parameters_sha256,
-                      **rank_timing(outcome.phases, warmup_of(run, outcome)))
+                      device=str(device), host=host, parameters_sha256=outcome.parameters_sha256,
+                      timing=rank_timing(outcome.phases, warmup_of(run, outcome)))
 
 
 @dataclass
 class JobFacts:
     """What the job knows beyond the training's outcome, gathered as it goes (pipeline.job.run)."""
 
+    point_dir: Path
     backend: str
     device: torch.device
-    precision: str
     started_at: str
     wall_s: float
     startup: dict[str, float]
@@ -65,7 +68,7 @@ def provenance(point: Point, env: DistEnv, outcome: TrainOutcome, ranks: list[Ra
     slurm = None
     if env.source == "slurm":  # in local debug mode these are the simulated job's values
         slurm = SlurmInfo(job_id=env.job_id, nodelist=env.nodelist, simulated=point.launch_mode == "local")
-    return Provenance(git=point.git, hostnames=sorted({r.hostname for r in ranks}), versions=package_versions(),
+    return Provenance(git=point.git, hostnames=sorted({r.host.hostname for r in ranks}), versions=package_versions(),
                       slurm=slurm, launched_at=point.launched_at, started_at=started_at,
                       first_step_at_unix=outcome.first_step_at, ended_at=utc_now())
 
@@ -73,25 +76,25 @@ def provenance(point: Point, env: DistEnv, outcome: TrainOutcome, ranks: list[Ra
 def build_record(point: Point, run: RunConfig, env: DistEnv, outcome: TrainOutcome, ranks: list[RankResult],
                  job: JobFacts) -> Result:
     device, ev = device_info(job.device), outcome.evaluation
-    timing = summarize(ranks, run.global_batch)
+    timing = summarize([r.timing for r in ranks], run.global_batch)
     return Result(
         run_id=point.run_id, sweep_id=point.sweep_id, point=point.point, overrides=point.overrides,
         config=point.config, launch_mode=point.launch_mode,
         model=target_name(run.model), dataset=target_name(run.dataset), model_label=job.model_label,
         nodes=env.num_nodes, tasks_per_node=env.local_world_size, world_size=env.world_size,
         model_parameters=outcome.model_parameters, gradient_bytes=outcome.gradient_bytes,
-        device=device, backend=job.backend, precision=job.precision, fast_path=outcome.fast_path,
+        device=device, backend=job.backend, precision=outcome.precision, fast_path=outcome.fast_path,
         scaling=run.trainer.scaling, per_rank_batch=run.per_rank_batch, global_batch=run.global_batch,
         steps=outcome.steps, steps_per_epoch=outcome.steps_per_epoch, warmup_steps=warmup_of(run, outcome),
         resumed_from_step=outcome.start_step, restart_count=env.restart_count, earlier_segments=outcome.segments,
-        **timing,
-        **utilisation(job.flops_per_sample, timing["throughput_samples_per_s"], env.world_size, device.name,
-                      job.precision),
+        timing=timing,
+        utilisation=utilisation(job.flops_per_sample, timing.throughput_samples_per_s, env.world_size, device.name,
+                                outcome.precision),
         comm_measurement=COMM_MEASUREMENT, final_train_loss=outcome.final_train_loss,
         test_accuracy=ev.value if ev is not None and ev.metric == "accuracy" else None, evaluation=ev,
         loader=outcome.loader, tokens_per_sample=outcome.tokens_per_sample, wall_time_s=job.wall_s,
-        oversubscribed=any(r.oversubscribed for r in ranks), weights=job.weights, ranks=ranks,
-        provenance=provenance(point, env, outcome, ranks, job.started_at), definitions=DEFINITIONS,
+        oversubscribed=any(r.host.oversubscribed for r in ranks), weights=job.weights, ranks=ranks,
+        provenance=provenance(point, env, outcome, ranks, job.started_at), definitions=RECORD,
         fabric=job.fabric, startup=job.startup, io=outcome.io, optimizer=outcome.optimizer,
         status="diverged" if outcome.diverged_at_step is not None else "completed",
         diverged_at_step=outcome.diverged_at_step, missing={**outcome.missing, **job.missing})

@@ -22,10 +22,8 @@ import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_run_config
-from pipeline.job.build import (Workload, build_collate, build_datasets, build_loss, build_model, dataset_facts,
-                                model_label)
+from pipeline.job.build import build_workload
 from pipeline.job.checkpoint import Checkpoints, save
-from pipeline.job.data import ItemFormat, check_datasets, check_workers
 from pipeline.job.env import DistEnv
 from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import pick_device, place_threads
@@ -33,8 +31,7 @@ from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.probe import describe, fell_back_to_sockets, run_probe
 from pipeline.job.record import JobFacts, build_record, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome, gradient_bytes
-from pipeline.rundir import (LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure, Point, failure_path, target_of,
-                             utc_now)
+from pipeline.rundir import LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure, Point, Result, failure_path, utc_now
 
 log = logging.getLogger("pipeline.worker")
 
@@ -111,18 +108,20 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         store = store or rendezvous_store(env, timeout)
         join_process_group(env, device, store, timeout, point_dir)
         clock.mark("rendezvous")
-        share = place_threads(env)
-        trainer, label = build_trainer(run, env, device, point, point_dir, clock)
-        if trainer.loader_info.kind == "dataloader":
-            check_workers(run.loader, share.threads, env)
-        fabric = probe_fabric(run, env, trainer, point_dir)
+        host = place_threads(env)
+        workload = build_workload(run, env.rank, clock.mark)
+        trainer = Trainer(run, env, device, workload, Checkpoints(point_dir, point.run_id, point.config),
+                          (point_dir, tensorboard_dir(point, point_dir)))
+        clock.mark("trainer")
+        trainer.check_on_samples()
+        fabric = probe_fabric(run, env, gradient_bytes(workload.model), device, point_dir)
         clock.mark("probe")
         outcome = train(trainer, env, on_slurm=point.launch_mode == "slurm")
         if outcome.first_step_at is not None:
             clock.marks["first_step"] = outcome.first_step_at - clock.origin
-        job = JobFacts(backend=dist.get_backend(), device=device, precision=trainer.precision, started_at=started_at,
-                       wall_s=time.perf_counter() - t0, startup=clock.marks, model_label=label, fabric=fabric,
-                       host=share)
+        job = JobFacts(point_dir=point_dir, backend=dist.get_backend(), device=device, started_at=started_at,
+                       wall_s=time.perf_counter() - t0, startup=clock.marks, model_label=workload.label, host=host,
+                       fabric=fabric)
         write_result(point, run, env, trainer, outcome, job)
         trainer.close()
         dist.barrier()  # no rank tears the process group down while another still uses it
@@ -167,13 +166,13 @@ def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore,
                             world_size=env.world_size, timeout=timeout)
 
 
-def probe_fabric(run: RunConfig, env: DistEnv, trainer: Trainer, point_dir: Path) -> Fabric | None:
-    """A multi-rank job's all-reduce, timed before training (probe.enabled); a multi-node NCCL job on TCP sockets
-    is warned about in the log."""
+def probe_fabric(run: RunConfig, env: DistEnv, nbytes: int, device: torch.device, point_dir: Path) -> Fabric | None:
+    """A multi-rank job's all-reduce, timed before training up to the gradient's `nbytes` (probe.enabled); a
+    multi-node NCCL job on TCP sockets is warned about in the log."""
     if env.world_size == 1 or not run.probe.enabled:
         return None
-    fabric = run_probe(gradient_bytes(trainer.raw_model), trainer.device, dist.get_backend(), env.world_size,
-                       sorted((point_dir / LOG_DIR).glob("nccl-*.log")))
+    logs = sorted((point_dir / LOG_DIR).glob("nccl-*.log"))
+    fabric = run_probe(nbytes, device, dist.get_backend(), env.world_size, logs)
     if env.rank == 0:
         log.info(describe(fabric))
         if fell_back_to_sockets(fabric, env.num_nodes):
@@ -182,37 +181,13 @@ def probe_fabric(run: RunConfig, env: DistEnv, trainer: Trainer, point_dir: Path
     return fabric
 
 
-def build_trainer(run: RunConfig, env: DistEnv, device: torch.device, point: Point, point_dir: Path,
-                  clock: Stopwatch) -> tuple[Trainer, str]:
-    """The datasets, the model, the loss and the collate_fn from their `_target_`s, and the trainer (resumed from a
-    checkpoint if there is one); the model and the loss are then run on two training samples: the first time they
-    meet the data, so a misfit is reported here, naming them. Returns the trainer and the model's label."""
-    torch.manual_seed(run.trainer.seed)  # the same initial weights on every rank
-    train_set, test_set = build_datasets(run, env.rank)
-    items = ItemFormat(run.io.input_key, run.io.target_key)
-    kind = check_datasets(train_set, test_set, target_of(run.dataset), env.rank, items)
-    clock.mark("datasets")
-    model = build_model(run, train_set, env.rank)
-    clock.mark("model")
-    facts = dataset_facts(train_set)
-    workload = Workload(model=model, train_set=train_set, test_set=test_set,
-                        loss_fn=build_loss(run, env.rank, facts), collate_fn=build_collate(run, env.rank, facts),
-                        items=items, batch_kind=kind)
-    trainer = Trainer(run, env, device, workload, Checkpoints(point_dir, point.run_id, point.config),
-                      (point_dir, tensorboard_dir(point, point_dir)))
-    clock.mark("trainer")
-    trainer.check_on_samples()
-    return trainer, model_label(run, model)
-
-
 def train(trainer: Trainer, env: DistEnv, on_slurm: bool) -> TrainOutcome:
     """Fit; on the preemption / time-limit signal rank 0 checkpoints at a step boundary and the job is requeued."""
     stop = StopSignal(env.rank)
     try:
         return trainer.fit(stop)
     except Interrupted as e:
-        trainer.save_checkpoint(e.step)
-        log.warning("%s; checkpoint %s", e, trainer.checkpoints.path)
+        log.warning("%s; checkpoint %s", e, trainer.save_checkpoint(e.step))
         stop.hand_over(env, on_slurm)  # does not return
 
 
@@ -227,7 +202,7 @@ def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, o
     dist.gather_object(mine, ranks, dst=0)
     if env.rank != 0:
         return
-    point_dir = trainer.point_dir
+    point_dir = job.point_dir
     if outcome.diverged_at_step is None:
         job.weights = attempt("weights", job.missing,
                               lambda: save(trainer.weights(), point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
@@ -236,10 +211,10 @@ def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, o
     job.flops_per_sample = attempt("flops_per_sample", job.missing, trainer.count_flops)
     record = build_record(point, run, env, outcome, ranks, job)
     path = record.write(point_dir)
-    attempt("tensorboard", {}, lambda: close_metrics(trainer, point, record))
+    attempt("tensorboard", {}, lambda: trainer.close_metrics(hparams_of(point), final_figures(record)))
     ev = outcome.evaluation
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
-             record.throughput_samples_per_s or 0.0, path)
+             record.timing.throughput_samples_per_s or 0.0, path)
 
 
 def attempt(name: str, missing: dict[str, str], make):
@@ -252,14 +227,12 @@ def attempt(name: str, missing: dict[str, str], make):
         return None
 
 
-def close_metrics(trainer: Trainer, point: Point, record) -> None:
-    """TensorBoard's HParams view: the run's overrides beside its final figures."""
-    ev = record.evaluation
-    trainer.metrics.hparams(hparams_of(point), {
-        "final/samples_per_s": record.throughput_samples_per_s or 0.0,
-        **({"final/train_loss": record.final_train_loss} if record.final_train_loss is not None else {}),
-        **({f"final/test_{ev.metric}": ev.value} if ev else {})})
-    trainer.metrics.close()
+def final_figures(record: Result) -> dict[str, float]:
+    """The run's final figures, for TensorBoard's HParams view beside its overrides."""
+    ev, loss = record.evaluation, record.final_train_loss
+    return {"final/samples_per_s": record.timing.throughput_samples_per_s or 0.0,
+            **({"final/train_loss": loss} if loss is not None else {}),
+            **({f"final/test_{ev.metric}": ev.value} if ev else {})}
 
 
 def release_process_group(trainer: weakref.ref | None) -> None:

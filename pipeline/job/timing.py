@@ -26,13 +26,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.rundir import PhaseSplit, RankResult, StepTime
+from pipeline.rundir import PhaseSplit, RankTiming, RunTiming, StepTime
 
-COMM_MEASUREMENT = (
-    "comm = time from the last parameter gradient being accumulated (which completes DDP's last bucket and "
-    "launches its all-reduce; counted by post-accumulate-grad hooks) to backward() returning, which waits for "
-    "every bucket: the all-reduce time not overlapped with backward compute"
-)
 PHASES = ("data", "compute", "comm")
 
 
@@ -126,82 +121,36 @@ class StepTimer:
         return np.stack([data + fwd_bwd + comm + opt, data, fwd_bwd + opt, comm], axis=1)
 
 
-def rank_timing(phases: np.ndarray, warmup: int) -> dict:
-    """One rank's figures over its timed (post-warm-up) steps: RankResult's timing fields."""
+def rank_timing(phases: np.ndarray, warmup: int) -> RankTiming:
+    """One rank's figures over its timed (post-warm-up) steps."""
     timed = phases[warmup:]
     if not len(timed):
-        return {"step_times_s": [], "step_time_median_s": None, "busy_time_median_s": None,
-                **{f"{p}_mean_s": None for p in PHASES}}
-    return {
-        "step_times_s": timed[:, 0].tolist(),
-        "step_time_median_s": float(np.median(timed[:, 0])),
-        # a step's time not spent waiting on communication; DDP's all-reduce evens out whole step times,
-        # so this is where a slow rank shows
-        "busy_time_median_s": float(np.median(timed[:, 1] + timed[:, 2])),
-        **{f"{p}_mean_s": float(timed[:, i + 1].mean()) for i, p in enumerate(PHASES)},
-    }
+        return RankTiming(step_times_s=[], step_time_median_s=None, busy_time_median_s=None, data_mean_s=None,
+                          compute_mean_s=None, comm_mean_s=None)
+    data, compute, comm = (float(timed[:, i].mean()) for i in (1, 2, 3))
+    return RankTiming(step_times_s=timed[:, 0].tolist(), step_time_median_s=float(np.median(timed[:, 0])),
+                      # a step's time not spent waiting on communication; DDP's all-reduce evens out whole step
+                      # times, so this is where a slow rank shows
+                      busy_time_median_s=float(np.median(timed[:, 1] + timed[:, 2])),
+                      data_mean_s=data, compute_mean_s=compute, comm_mean_s=comm)
 
 
-def summarize(ranks: list[RankResult], global_batch: int) -> dict:
-    """Job-wide figures from every rank's timing: Result's timing fields (their definitions are in DEFINITIONS)."""
+def summarize(ranks: list[RankTiming], global_batch: int) -> RunTiming:
+    """Job-wide figures from every rank's timing (their definitions: pipeline.definitions)."""
     steps = np.array([r.step_times_s for r in ranks])  # (ranks, timed steps)
     if steps.shape[1] == 0:
-        return {"timed_steps": 0, "throughput_samples_per_s": None, "step_time_s": None, "breakdown_s": None,
-                "breakdown_share": None}
+        return RunTiming(timed_steps=0, throughput_samples_per_s=None, step_time_s=None, breakdown_s=None,
+                         breakdown_share=None)
     slowest_step = steps.max(axis=0)
     timed_wall = steps.sum(axis=1).max()
     throughput = global_batch * steps.shape[1] / timed_wall
-    means = {p: float(np.mean([getattr(r, f"{p}_mean_s") for r in ranks])) for p in PHASES}
-    total = sum(means.values())
-    return {
-        "timed_steps": int(steps.shape[1]),
-        "timed_wall_s": float(timed_wall),
-        "throughput_samples_per_s": float(throughput),
-        "throughput_per_rank_samples_per_s": float(throughput / len(ranks)),
-        "step_time_s": StepTime(mean=float(slowest_step.mean()), median=float(np.median(slowest_step)),
-                                p95=float(np.percentile(slowest_step, 95))),
-        "breakdown_s": PhaseSplit(**means),
-        "breakdown_share": PhaseSplit(**{p: v / total for p, v in means.items()}) if total > 0 else None,
-    }
-
-
-DEFINITIONS = {
-    "timed steps": "all steps but the first `warmup_steps`, which include allocation, bucket rebuilding and caches",
-    "timed_wall_s": "the largest over ranks of the summed durations of its timed steps",
-    "throughput_samples_per_s": "global_batch x timed_steps / timed_wall_s",
-    "throughput_per_rank_samples_per_s": "throughput_samples_per_s / world_size",
-    "step_time_s": "per timed step, the slowest rank's duration (a DDP step ends with its slowest rank); "
-                   "mean, median and 95th percentile over steps",
-    "breakdown_s": "mean seconds per timed step in each phase, averaged over ranks; data + compute + comm = step",
-    "data": "from the end of the previous step to the batch being on the device (indexing, copy, logging)",
-    "compute": "forward and backward compute up to the last parameter gradient's accumulation (when DDP's last "
-               "bucket's all-reduce is launched), plus the optimizer step",
-    "comm": COMM_MEASUREMENT + "; 0 in a run of one rank, which communicates with nobody (that interval is counted "
-            "as compute there)",
-    "fabric": "multi-rank jobs only, measured before training: all-reduce time over message sizes from 8 bytes up to "
-              "at least the gradient (the slowest rank's median of 5 timed iterations), algbw = bytes / time, busbw = "
-              "algbw x 2(n-1)/n (nccl-tests' definitions), latency and bandwidth fitted to time = 2(n-1) latency + "
-              "2(n-1)/n bytes / bandwidth; transport: NCCL's choice read from its INFO log, tcp for gloo",
-    "restarts": "after a restart (preemption or time limit), the timing figures cover the last uninterrupted "
-                "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "
-                "resumed_from_step is the checkpoint's step, restart_count Slurm's SLURM_RESTART_COUNT",
-    "flops_per_sample": "forward + backward FLOPs of one sample, counted by torch.utils.flop_counter."
-                        "FlopCounterMode (matmuls, convolutions and, on CUDA, scaled_dot_product_attention); it "
-                        "counts causal attention in full, the masked half included (the usual convention), and has "
-                        "no formula for the CPU attention kernel, so on a CPU attention is not counted",
-    "achieved_tflops_per_device": "flops_per_sample x throughput_samples_per_s / world_size / 1e12",
-    "mfu": "achieved_tflops_per_device / the device's dense datasheet peak for the run's precision (GPUs only; "
-           "a causal language model's masked attention half is in the FLOPs, see flops_per_sample); "
-           "fp32 runs are compared with the plain-FP32 peak, though convolutions run as TF32 where device.tf32.cudnn "
-           "is true (torch's default), so a convolutional fp32 run's MFU reads high",
-    "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
-    "test_accuracy": "a classifier's share of the test split classified correctly after training (the split "
-                     "sharded over ranks); null for other tasks",
-    "evaluation": "the trained model on the held-out split (its first trainer.eval_samples samples, if set): loss = "
-                  "the configured loss averaged over target elements; metric = accuracy for a classifier, perplexity "
-                  "= exp(loss) for a language model (loss in nats per token), else the loss",
-    "tokens_per_sample": "a language model's tokens per training sequence; tokens/s = tokens_per_sample x "
-                         "throughput_samples_per_s",
-    "loader": "where batches came from: memory (the split held in memory, indexed) or dataloader (torch's "
-              "DataLoader, with these settings); a data-bound run shows as a large data phase",
-}
+    means = PhaseSplit(**{p: float(np.mean([getattr(r, f"{p}_mean_s") for r in ranks])) for p in PHASES})
+    total = means.data + means.compute + means.comm
+    return RunTiming(
+        timed_steps=int(steps.shape[1]), timed_wall_s=float(timed_wall), throughput_samples_per_s=float(throughput),
+        throughput_per_rank_samples_per_s=float(throughput / len(ranks)),
+        step_time_s=StepTime(mean=float(slowest_step.mean()), median=float(np.median(slowest_step)),
+                             p95=float(np.percentile(slowest_step, 95))),
+        breakdown_s=means,
+        breakdown_share=PhaseSplit(data=means.data / total, compute=means.compute / total,
+                                   comm=means.comm / total) if total > 0 else None)

@@ -23,8 +23,8 @@ from torch.utils.data import DistributedSampler
 from pipeline.config import RunConfig
 from pipeline.job.build import Workload, build_optimizer, build_scheduler, optimizer_info
 from pipeline.job.checkpoint import Checkpoints, segment
-from pipeline.job.data import (Batch, InMemoryBatches, LoaderBatches, collate, holds_on_device, loader_info,
-                               prefetched, to_device)
+from pipeline.job.data import (Batch, BatchSpec, InMemoryBatches, LoaderBatches, check_workers, collate,
+                               holds_on_device, loader_info, prefetched, to_device)
 from pipeline.job.env import DistEnv
 from pipeline.job.model_io import ModelIO
 from pipeline.job.observe import Phases, make_logger, make_profiler, write_progress
@@ -48,6 +48,7 @@ class TrainOutcome:
     final_train_loss: float | None  # None when it was not finite
     evaluation: Evaluation | None  # None when the dataset holds nothing out, or it failed (see missing)
     segments: list[Segment]  # rank 0's throughput in the stretches before a restart (raw timings below)
+    precision: str  # what the steps ran in: fp32 or bf16
     fast_path: FastPath
     loader: LoaderInfo
     io: ModelIOInfo
@@ -194,20 +195,26 @@ class Trainer:
                     for a in d.arrays()]
             self.on_device = holds_on_device(t.data_on_device, sum(np.asarray(a).nbytes for a in held),
                                              torch.cuda.mem_get_info(self.device)[0] if cuda else 0)
-            self.batches = InMemoryBatches(train, self.batch, self.device, self.on_device, channels_last)
-            self.pinned = self.batches.pinned
+            pinned = cuda and not self.on_device
         else:
-            self.on_device, self.pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
-            self.batches = self._loader_batches(train, channels_last, persistent=loader.persistent_workers)
-        self.loader_info = loader_info("memory" if self.in_memory else "dataloader", loader, self.pinned)
+            self.on_device, pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
+        self.spec = BatchSpec(size=self.batch, device=self.device, items=self.work.items, channels_last=channels_last,
+                              pinned=pinned, collate_fn=self.work.collate_fn)
+        self.batches = self._source(train, persistent=loader.persistent_workers)
+        if not self.in_memory:
+            check_workers(loader, torch.get_num_threads(), self.env)
+        self.loader_info = loader_info("memory" if self.in_memory else "dataloader", loader, pinned)
         prefetch = cuda and not self.on_device and (t.prefetch if t.prefetch is not None else True)
         return FastPath(data_on_device=self.on_device, channels_last=channels_last, compile=t.compile,
-                        pinned_memory=self.pinned, cudnn_benchmark=cudnn_benchmark, prefetch=prefetch)
+                        pinned_memory=pinned, cudnn_benchmark=cudnn_benchmark, prefetch=prefetch)
 
-    def _loader_batches(self, dataset, channels_last: bool, persistent: bool) -> LoaderBatches:
+    def _source(self, dataset, persistent: bool) -> InMemoryBatches | LoaderBatches:
+        """A split's batches: in memory when the training's are and the split offers its arrays, else through the
+        DataLoader (its workers kept between passes when `persistent`)."""
+        if self.in_memory and callable(getattr(dataset, "arrays", None)):
+            return InMemoryBatches(dataset, self.spec, self.on_device)
         loader = replace(self.run.loader, persistent_workers=persistent)
-        return LoaderBatches(dataset, self.batch, self.device, loader, self.pinned, channels_last, self.work.items,
-                             self.work.collate_fn, self.run.trainer.seed, self.env.rank)
+        return LoaderBatches(dataset, self.spec, loader, worker_seed=self.run.trainer.seed * 1000 + self.env.rank)
 
     def _wrap_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, DistributedDataParallel]:
         """The model on its device (NHWC if chosen), compiled if asked, inside DDP; the timer watches its
@@ -252,8 +259,8 @@ class Trainer:
     def sample_batch(self, n: int = 2) -> Batch:
         """The first `n` training samples as a batch on the device, collated as the DataLoader would."""
         items = [self.work.train_set[i] for i in range(min(n, len(self.work.train_set)))]
-        memory_format = torch.channels_last if self.fast_path.channels_last else torch.preserve_format
-        return to_device(collate(items, self.work.items, self.work.collate_fn), self.device, False, memory_format)
+        spec = self.spec
+        return to_device(collate(items, spec.items, spec.collate_fn), spec.device, False, spec.memory_format)
 
     def check_on_samples(self) -> None:
         """The model and the loss on two training samples, before training: the first time they meet the data, so
@@ -295,9 +302,11 @@ class Trainer:
         return None if x.is_floating_point() or x.dim() != 1 else int(x.numel())
 
     # ------------------------------------------------------------------------------------------ training
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int) -> Path:
+        """Rank 0's checkpoint at a step boundary; returns its path."""
         self.checkpoints.save(model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
                               segments=[*self.segments, segment(self.start_step, self.timer.phases())])
+        return self.checkpoints.path
 
     def fit(self, stop: StopSignal | None = None) -> TrainOutcome:
         """Train from the start (or resumed) step to the last; raises Interrupted on rank 0 at the first step
@@ -415,8 +424,9 @@ class Trainer:
         return TrainOutcome(
             steps=steps, start_step=self.start_step, steps_per_epoch=self.steps_per_epoch, phases=self.timer.phases(),
             final_train_loss=final_loss if final_loss is not None and math.isfinite(final_loss) else None,
-            evaluation=evaluation, segments=self._earlier_segments(), fast_path=self.fast_path,
-            loader=self.loader_info, io=self.io.info(), optimizer=optimizer_info(self.optimizer),
+            evaluation=evaluation, segments=self._earlier_segments(), precision=self.precision,
+            fast_path=self.fast_path, loader=self.loader_info, io=self.io.info(),
+            optimizer=optimizer_info(self.optimizer),
             model_parameters=sum(p.numel() for p in self.raw_model.parameters()),
             gradient_bytes=gradient_bytes(self.raw_model), parameters_sha256=parameters_digest(self.raw_model),
             tokens_per_sample=self.tokens_per_sample(), first_step_at=self.first_step_at,
@@ -465,6 +475,11 @@ class Trainer:
             self._progress_at = now
         self._window = (now, step)
 
+    def close_metrics(self, hparams: dict, figures: dict[str, float]) -> None:
+        """TensorBoard's HParams view (the run's overrides beside its final figures), then the writer closed."""
+        self.metrics.hparams(hparams, figures)
+        self.metrics.close()
+
     def close(self) -> None:
         """Stop what outlives training: DataLoader worker processes (persistent ones wait for the next epoch)."""
         if isinstance(self.batches, LoaderBatches):
@@ -489,7 +504,7 @@ class Trainer:
         error = ""
         try:
             shard = range(self.env.rank, n, self.env.world_size)
-            for batch in self._ahead(self._eval_source().batches(shard, drop_last=False)):
+            for batch in self._ahead(self._source(test, persistent=False).batches(shard, drop_last=False)):
                 with self.autocast:
                     loss, logits = self.io.loss_and_logits(self.raw_model, batch)
                 self._score(sums, loss, logits, batch.targets, getattr(test, "vocab_size", None))
@@ -528,10 +543,3 @@ class Trainer:
             sums[2] += ((logits.argmax(dim=-1) == y) & valid).sum()
             sums[3] += count
 
-    def _eval_source(self) -> InMemoryBatches | LoaderBatches:
-        """The held-out split's batches, made as the training's are (in memory when the training's are, on the
-        device when they are)."""
-        test = self.work.test_set
-        if self.in_memory and callable(getattr(test, "arrays", None)):
-            return InMemoryBatches(test, self.batch, self.device, self.on_device, self.fast_path.channels_last)
-        return self._loader_batches(test, self.fast_path.channels_last, persistent=False)

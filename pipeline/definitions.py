@@ -1,0 +1,64 @@
+"""What every figure of a record is, in words: the record carries these texts (`definitions`), and the collector's
+report reads the ones it shares (the phases, the fabric) from here, so each is written once. Pure data: imported
+by the job (which writes the record) and by the collector (on login nodes, without torch).
+"""
+
+COMM_MEASUREMENT = (
+    "comm = time from the last parameter gradient being accumulated (which completes DDP's last bucket and "
+    "launches its all-reduce; counted by post-accumulate-grad hooks) to backward() returning, which waits for "
+    "every bucket: the all-reduce time not overlapped with backward compute"
+)
+FABRIC = ("multi-rank jobs only, measured before training on the job's own allocation and backend: all-reduce time "
+          "over message sizes from 8 bytes up to at least the gradient (the slowest rank's median of 5 timed "
+          "iterations), algbw = bytes / time, busbw = algbw x 2(n-1)/n (nccl-tests' definitions), latency and "
+          "bandwidth fitted to time = 2(n-1) latency + 2(n-1)/n bytes / bandwidth (pipeline.allreduce); transport: "
+          "NCCL's choice read from its INFO log, tcp for gloo")
+
+RECORD = {
+    "timed steps": "all steps but the first `warmup_steps`, which include allocation, bucket rebuilding and caches",
+    "timed_wall_s": "the largest over ranks of the summed durations of its timed steps",
+    "throughput_samples_per_s": "global_batch x timed_steps / timed_wall_s",
+    "throughput_per_rank_samples_per_s": "throughput_samples_per_s / world_size",
+    "step_time_s": "per timed step, the slowest rank's duration (a DDP step ends with its slowest rank); "
+                   "mean, median and 95th percentile over steps",
+    "breakdown_s": "mean seconds per timed step in each phase, averaged over ranks; data + compute + comm = step",
+    "data": "from the end of the previous step to the batch being on the device (indexing, copy, logging)",
+    "compute": "forward and backward compute up to the last parameter gradient's accumulation (when DDP's last "
+               "bucket's all-reduce is launched), plus the optimizer step",
+    "comm": COMM_MEASUREMENT + "; 0 in a run of one rank, which communicates with nobody (that interval is counted "
+            "as compute there)",
+    "fabric": FABRIC,
+    "restarts": "after a restart (preemption or time limit), the timing figures cover the last uninterrupted "
+                "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "
+                "resumed_from_step is the checkpoint's step, restart_count Slurm's SLURM_RESTART_COUNT",
+    "flops_per_sample": "forward + backward FLOPs of one sample, counted by torch.utils.flop_counter."
+                        "FlopCounterMode (matmuls, convolutions and, on CUDA, scaled_dot_product_attention); it "
+                        "counts causal attention in full, the masked half included (the usual convention), and has "
+                        "no formula for the CPU attention kernel, so on a CPU attention is not counted",
+    "achieved_tflops_per_device": "flops_per_sample x throughput_samples_per_s / world_size / 1e12",
+    "mfu": "achieved_tflops_per_device / the device's dense datasheet peak for the run's precision (GPUs only; "
+           "a causal language model's masked attention half is in the FLOPs, see flops_per_sample); "
+           "fp32 runs are compared with the plain-FP32 peak, though convolutions run as TF32 where device.tf32.cudnn "
+           "is true (torch's default), so a convolutional fp32 run's MFU reads high",
+    "final_train_loss": "the loss of the last training step on the global batch (mean over ranks)",
+    "test_accuracy": "a classifier's share of the test split classified correctly after training (the split "
+                     "sharded over ranks); null for other tasks",
+    "evaluation": "the trained model on the held-out split (its first trainer.eval_samples samples, if set): loss = "
+                  "the configured loss (or the model's own) averaged over target elements, targets of -100 skipped; "
+                  "metric = accuracy where the logits score classes per sample or per position against integer "
+                  "labels, perplexity = exp(loss) where they score the dataset's whole vocabulary at every position "
+                  "(a language model; loss in nats per token), else the loss",
+    "tokens_per_sample": "a token model's input length (integer token ids); tokens/s = tokens_per_sample x "
+                         "throughput_samples_per_s",
+    "status": "completed, or diverged: a loss was not finite (NaN, infinite) at diverged_at_step; the ranks agree "
+              "on it every trainer.finite_check_every steps and stop together, and no figure of the record is then "
+              "NaN (null, with the reason in missing)",
+    "missing": "a figure or file the run did not produce after training (the evaluation, flops_per_sample, the "
+               "weights, TensorBoard), and why: the record is written regardless",
+    "io": "how batches met the model: the items (pairs, or mappings and their keys), where the logits were read "
+          "from the model's output, and which loss was back-propagated",
+    "model_label": "the innermost torch.nn.Module class among the model config's _target_s, and its layers x width "
+                   "(from its config) or its parameter count",
+    "loader": "where batches came from: memory (the split held in memory, indexed) or dataloader (torch's "
+              "DataLoader, with these settings); a data-bound run shows as a large data phase",
+}
