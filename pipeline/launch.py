@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.launcher import signals
 from pipeline.launcher.local import prestart
 
 if __name__ == "__main__":  # a single local run's ranks import torch while this process imports Hydra and composes
+    signals.install()
     prestart(sys.argv[1:])
 
 import hydra  # noqa: E402
@@ -42,6 +44,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The `pipeline-launch` command: the same, its ranks started once this module is imported."""
+    signals.install()
     prestart(sys.argv[1:])
     main()
 

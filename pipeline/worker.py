@@ -19,8 +19,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.job.run import run_from_overrides, run_point
-from pipeline.rundir import POINT_NAME
+from pipeline.job.lifeline import follow_launcher
+
+if __name__ == "__main__":  # before importing torch (seconds): a launcher killed meanwhile takes this rank along
+    follow_launcher()
+
+from pipeline.job.run import run_from_overrides, run_point  # noqa: E402
+from pipeline.rundir import POINT_NAME  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

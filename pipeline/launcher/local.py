@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -26,11 +25,11 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.launcher.logs import tail
+from pipeline.launcher.signals import GRACE_S, LAUNCHER_PID_VAR, own, stop_sessions
 from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 5.0
 LEAVE_S = 10.0  # see _wait_all
 RANK_HEADER = "pipeline: rank"  # the first line of each rank's log in local mode: see _copy
 # variables that would make a spawned rank believe it is part of some other job
@@ -85,9 +84,17 @@ def _copy(stream, log_path: Path, echo: bool, header: str) -> None:
 
 
 def _base_env() -> dict:
-    """The launcher's environment, less what would make a rank believe it belongs to another job."""
+    """The launcher's environment, less what would make a rank believe it belongs to another job, plus the
+    launcher's pid (a rank dies with its launcher: pipeline/job/lifeline.py)."""
     return {**{k: v for k, v in os.environ.items() if not (k.startswith("SLURM") or k in _FOREIGN)},
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", LAUNCHER_PID_VAR: str(os.getpid())}
+
+
+def _spawn(args: list[str], stdin, env: dict) -> subprocess.Popen:
+    """A rank process, owned by this launch (stopped on its signals), leading a session of its own that its
+    DataLoader workers share (so they are stopped with it, and a terminal's Ctrl-C reaches the launcher alone)."""
+    return own(subprocess.Popen([sys.executable, "-m", "pipeline.worker", *args], env=env, stdin=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
 
 
 class WarmRanks:
@@ -97,9 +104,7 @@ class WarmRanks:
     command line that can only mean a single local run (see `prestart`)."""
 
     def __init__(self, count: int):
-        self.procs = [subprocess.Popen([sys.executable, "-m", "pipeline.worker", "--warm"], env=_base_env(),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True) for _ in range(count)]
+        self.procs = [_spawn(["--warm"], subprocess.PIPE, _base_env()) for _ in range(count)]
         atexit.register(self.release)
 
     def take(self) -> subprocess.Popen | None:
@@ -147,12 +152,13 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> No
             env = {**master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local)}
             proc = _warm.take()
             if proc is not None:
-                proc.stdin.write(json.dumps({"point_dir": str(point_dir), "env": env}) + "\n")
-                proc.stdin.close()
+                try:
+                    proc.stdin.write(json.dumps({"point_dir": str(point_dir), "env": env}) + "\n")
+                    proc.stdin.close()
+                except BrokenPipeError:  # it died importing: its exit and its output say why
+                    pass
             else:
-                proc = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(point_dir)],
-                                        env={**_base_env(), **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                proc = _spawn([str(point_dir)], subprocess.DEVNULL, {**_base_env(), **env})
             header = f"{RANK_HEADER} {rank} (simulated node {node}) is process {proc.pid}"
             echoes.append(threading.Thread(target=_copy, args=(proc.stdout, path, rank == 0 and not tty, header),
                                            daemon=True))
@@ -223,16 +229,8 @@ def first_failure(first_exit: Rank, ranks: list[Rank], point_dir: Path) -> Rank:
 
 
 def _stop(ranks: list[Rank]) -> None:
-    alive = [r.proc for r in ranks if r.proc.poll() is None]
-    for p in alive:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    for p in alive:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    """Every rank and what it started (DataLoader workers), whether it exited or not."""
+    stop_sessions([r.proc for r in ranks])
 
 
 def _failure_message(rank: Rank, lines: int = 20) -> str:
