@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -448,6 +450,7 @@ class RunConfig:
     dry_run: bool = False
     wait: bool = False
     allow_partial: bool = False
+    overwrite: bool = False  # replace the run a folder holds (its record, weights, checkpoints, logs)
 
     @property
     def world_size(self) -> int:
@@ -631,6 +634,16 @@ def plain_config(cfg: "DictConfig") -> dict:
         return plain
     except Exception as e:
         raise ConfigError(str(e).strip()) from None
+
+
+LAUNCH_OPTIONS = ("dry_run", "wait", "allow_partial", "overwrite")  # how a point is launched, not what it trains
+
+
+def config_hash(config: dict) -> str:
+    """What makes two launches one run: the config as plain data, less its launch options. A checkpoint is stamped
+    with it, and a launch into a folder whose unfinished run has the same one continues that run."""
+    trained = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+    return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
 
 
 def to_plain(run: RunConfig) -> dict:

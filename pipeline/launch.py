@@ -35,9 +35,9 @@ def main(cfg: DictConfig) -> None:
         problem = check_allocations([point], folder).get(point.index)
         if problem:
             raise ConfigError(f"Slurm would reject this job: {problem}")
+        start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
     except ConfigError as e:
         exit_on_config_error(e)
-    start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
     if point.run.cluster.kind == "slurm" and point.run.wait and not point.run.dry_run:
         wait_for_sweep(folder)
 

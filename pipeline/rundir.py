@@ -17,10 +17,12 @@ Imports no torch: the launcher and the collector run on login nodes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import math
 import os
+import stat
 import tempfile
 import types
 import typing
@@ -41,6 +43,7 @@ CHECKPOINT_NAME = "checkpoint.pt"  # on preemption / time limit, and every train
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"  # the one before, kept until the next is whole
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
+RUN_LOCK_NAME = ".run.lock"  # held (flock) by whoever runs the folder's point: one run per folder
 SUBMITIT_DIR = "submitit"  # cluster=slurm: submitit's script, pickles and the batch step's log
 SBATCH_NAME = "job.sbatch"  # dry run: the script that would be submitted
 # one log per rank, named alike in local debug mode and on Slurm: N the node's index in the job, R the global rank
@@ -101,11 +104,50 @@ def write_atomic(path: Path, write: Callable[[typing.BinaryIO], None], durable: 
             os.close(folder)
 
 
+def remove_stray_temporaries(folder: Path) -> list[Path]:
+    """The temporary files of writes that were interrupted (a kill between write_atomic's create and rename: a
+    half checkpoint can be gigabytes), in the folder and its logs; called by the folder's new owner (it holds the
+    folder's lock, so no write of its own is under way). Returns what it removed."""
+    found = [p for d in (Path(folder), Path(folder) / LOG_DIR) for p in d.glob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 def write_json(path: Path, data: Any, durable: bool = True) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode()), durable)
 
 
 # ------------------------------------------------------------------------------------------------- reading
+# The readers (collect, status, the launcher) read whatever anyone left in a run folder: at most this much of a file.
+# A record holds every timed step of every rank: 100,000 steps x 64 ranks is about 130 MB.
+MAX_FILE_BYTES = 256 * 2**20
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_small(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes, at most `limit` of them. Anything else raises OSError saying what it is, without
+    reading it: a FIFO would block the reader forever, a device (a link to /dev/zero) or a huge file would fill
+    its memory."""
+    _check_regular(os.stat(path), path, limit)  # before opening: opening some devices has effects
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # should it have become a FIFO: no wait
+    with os.fdopen(fd, "rb") as f:
+        _check_regular(os.fstat(fd), path, limit)
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew while read
+        raise OSError(errno.EFBIG, f"larger than the {limit} bytes a reader takes", str(path))
+    return data
+
+
+def _check_regular(st: os.stat_result, path: Path, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"not a regular file but {_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}",
+                      str(path))
+    if st.st_size > limit:
+        raise OSError(errno.EFBIG, f"{st.st_size} bytes, larger than the {limit} a reader takes", str(path))
+
+
 class SchemaError(ValueError):
     """A file that does not match its dataclass; the message names the field."""
 
@@ -138,8 +180,9 @@ class JsonFile:
 
     @classmethod
     def read(cls, folder: Path):
-        """Raises OSError when the file is missing, ValueError (SchemaError among them) when it is not usable."""
-        return cls.from_json(json.loads((Path(folder) / cls.FILE).read_text()))
+        """Raises OSError when the file is missing or no regular file of a sane size (read_small), ValueError
+        (SchemaError among them) when it is not usable."""
+        return cls.from_json(json.loads(read_small(Path(folder) / cls.FILE)))
 
 
 def _kind(value: Any) -> str:
@@ -527,7 +570,7 @@ class Failure:
         found = []
         for path in (Path(point_dir) / LOG_DIR).glob("rank*.failed.json"):
             try:
-                found.append(_decoder(Failure)(json.loads(path.read_text())))
+                found.append(_decoder(Failure)(json.loads(read_small(path))))
             except (OSError, ValueError):
                 continue
         return sorted(found, key=lambda f: f.at_unix)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from pipeline.launcher.rundir_lock import RunLock
 from tests.conftest import live_in_group, start_launch, wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,7 @@ def test_a_stop_signal_stops_every_rank_with_one_line_and_128_plus_signal(tmp_pa
     assert f"{sig.name} received: stopped the 2 rank process(es)" in line and all(str(p) in line for p in pids)
     assert_nothing_left(pids, within_s=1)  # the launcher waited for them before it exited
     assert not (run / "result.json").exists()
+    RunLock(run).release()  # and nothing holds the folder: no writer of it is left
 
 
 def test_ranks_and_their_dataloader_workers_stop_when_the_launcher_is_killed(tmp_path):
@@ -46,3 +48,4 @@ def test_ranks_and_their_dataloader_workers_stop_when_the_launcher_is_killed(tmp
     launcher.kill()
     launcher.communicate(timeout=30)
     assert_nothing_left(pids, within_s=15)  # torch's worker watchdog looks every 5 s
+    RunLock(sweep / "0").release()

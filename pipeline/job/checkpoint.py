@@ -14,8 +14,6 @@ run's weights.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.config import config_hash
 from pipeline.rundir import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, write_atomic
 
 log = logging.getLogger(__name__)
@@ -31,10 +30,6 @@ log = logging.getLogger(__name__)
 def save(obj, path: Path, previous: Path | None = None) -> None:
     """torch.save through the run folder's atomic writer: a kill mid-write leaves the previous file whole."""
     write_atomic(path, lambda f: torch.save(obj, f), previous=previous)
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 class Checkpoints:

@@ -8,10 +8,12 @@ resubmits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import platform
+import resource
 import subprocess
 import sys
 import uuid
@@ -29,6 +31,7 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError, RunConfig, abspath_dataset_root, parse_run_config, register_configs, to_plain
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
 from pipeline.launcher.manifest import add_submissions
+from pipeline.launcher.rundir_lock import Claim, claim, keep_until_exit
 from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, check_script_text, check_slurm_values,
                                      group_by_allocation, max_array_size, preflight, submit, write_dry_run)
 from pipeline.rundir import RECORD_NAME, GitInfo, Point, rank_log_path, utc_now
@@ -102,9 +105,10 @@ def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
     return GitInfo(sha=sha, dirty=bool(status) if status is not None else None)
 
 
-def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str) -> Point:
-    """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads."""
-    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
+def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str, run_id: str | None = None) -> Point:
+    """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads; the run id is
+    new unless this point continues an earlier launch's run (`run_id`)."""
+    point = Point(run_id=run_id or uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
                   launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
                   git=git_info(), config=to_plain(p.run), sweep_dir=str(sweep_dir))
     p.point_dir.mkdir(parents=True, exist_ok=True)
@@ -113,21 +117,64 @@ def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str) -> Point:
 
 
 def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
-    """Freeze every point, submit the Slurm ones (one job array per distinct allocation), then run the local
-    ones here, one after another. A local point that fails does not stop the next; the first failure is raised
-    once all have run."""
-    frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind) for p in points]
-    submit_points([p for p in points if p.run.cluster.kind == "slurm"], sweep_dir)
-    local = [(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"]
-    failures = []
-    for n, (p, point) in enumerate(local, start=1):
-        try:
-            run_here(p, point, position=f"point {n} of {len(local)}")
-        except RunFailed as e:
-            log.error("point %d failed: %s", p.index, e)
-            failures.append(e)
+    """Claim every point's folder (locked and checked before anything is written: ConfigError if one cannot be
+    used), freeze every point, submit the Slurm ones (one job array per distinct allocation; their jobs take
+    their folders' locks), then run the local ones here, one after another, each folder locked until its ranks
+    have ended. A local point that fails does not stop the next; the first failure is raised once all have run."""
+    with contextlib.ExitStack() as held:
+        claims = claim_folders(points, sweep_dir, held)
+        frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind, claims[p.index].resumes) for p in points]
+        slurm = [p for p in points if p.run.cluster.kind == "slurm"]
+        submit_points(slurm, sweep_dir)
+        for p in slurm:
+            claims[p.index].lock.release()
+        local = [(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"]
+        failures = []
+        for n, (p, point) in enumerate(local, start=1):
+            try:
+                run_here(p, point, position=f"point {n} of {len(local)}")
+            except RunFailed as e:
+                log.error("point %d failed: %s", p.index, e)
+                failures.append(e)
+            finally:
+                claims[p.index].lock.release()
     if failures:
         raise failures[0]
+
+
+def claim_folders(points: list[PlannedPoint], sweep_dir: Path, held: contextlib.ExitStack) -> dict[int, Claim]:
+    """Every point's folder claimed (rundir_lock.claim) and held until `held` closes, then prepared for its run.
+    If any is refused, ConfigError names every refusal, and no folder was changed."""
+    allow_open_files(len(points))
+    claims, refused, seen = {}, [], {}
+    for p in points:
+        key = "hydra.run.dir" if p.point_dir == sweep_dir else "hydra.sweep.dir"
+        if p.point_dir in seen:
+            refused.append(f"points #{seen[p.point_dir]} and #{p.index} would share the folder {p.point_dir}; "
+                           "give each point its own (hydra.sweep.subdir)")
+            continue
+        seen[p.point_dir] = p.index
+        try:
+            claims[p.index] = claim(p.point_dir, to_plain(p.run), p.run.overwrite, key)
+        except ConfigError as e:
+            refused.append(str(e) if len(points) == 1 else f"point #{p.index}: {e}")
+            continue
+        held.callback(claims[p.index].lock.release)
+    if refused:
+        raise ConfigError("\n".join(refused))
+    for c in claims.values():
+        c.prepare()
+    return claims
+
+
+def allow_open_files(locks: int) -> None:
+    """A sweep holds a lock file open per point while it starts them: raise the soft limit on open files (often
+    1,024) as far as the hard limit allows, for sweeps of thousands of points."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = locks + 256  # and what the launch itself opens
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
 
 
 def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int, str]]:
@@ -208,6 +255,9 @@ def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
     HydraConfig.instance().set_config(cfg)
     run = prepare_run(cfg)
     point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
+    folder = claim(point_dir, to_plain(run), run.overwrite, "hydra.run.dir")
+    folder.prepare()
+    keep_until_exit(folder.lock)  # this process (rank 0) runs the point: the folder is its until it exits
     freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir,
-                 launch_mode=launch_mode)
+                 launch_mode=launch_mode, run_id=folder.resumes)
     return point_dir

@@ -67,7 +67,10 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
     runnable = refuse_or_skip(points, sweep_dir)
     log.info("%d point(s): %s", len(runnable), ", ".join(
         f"{n} {kind}" for kind, n in _count(p.run.cluster.kind for p in runnable).items()))
-    start([p.planned() for p in runnable], sweep_dir)
+    try:
+        start([p.planned() for p in runnable], sweep_dir)
+    except ConfigError as e:  # a folder that cannot be used: nothing was started
+        exit_on_config_error(e)
     submitted = [p for p in runnable if p.run.cluster.kind == "slurm" and not p.run.dry_run]
     if submitted:
         log.info("%d point(s) submitted; sweep folder %s; follow with: python -m pipeline.status %s",
