@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
+import orjson
+
 # Version 1 is every record written since the project began; a reader for the old layout stays when it changes.
 SCHEMA_VERSION = 1
 
@@ -182,7 +184,7 @@ class JsonFile:
     def read(cls, folder: Path):
         """Raises OSError when the file is missing or no regular file of a sane size (read_small), ValueError
         (SchemaError among them) when it is not usable."""
-        return cls.from_json(json.loads(read_small(Path(folder) / cls.FILE)))
+        return cls.from_json(parse_json(read_small(Path(folder) / cls.FILE)))
 
 
 def _kind(value: Any) -> str:
@@ -308,6 +310,48 @@ def _dataclass_decoder(cls: type) -> Callable[[Any], Any]:
         obj.__dict__.update({**defaults, **{name: make() for name, make in factories}, **values})
         return obj
     return decode
+
+
+def parse_json(raw: bytes) -> Any:
+    """A run file's JSON, finite numbers only: a NaN, an Infinity or a number beyond a double's range raises
+    SchemaError naming where it is; other bad JSON, orjson's ValueError. (orjson: ~10x the standard library's
+    speed on records' long lists of step times.)"""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            data = json.loads(raw)  # which reads NaN, Infinity and 1e999 (as inf): only to say where they are
+        except ValueError:
+            data = None
+        found = _non_finite(data, [])
+        if found is None:
+            raise
+        path, value = found
+        raise SchemaError(f"{json.dumps(value)} is not a finite number, which every number in a run file is",
+                          path) from None
+
+
+def _non_finite(value: Any, path: list) -> tuple[list, float] | None:
+    if type(value) is float and not math.isfinite(value):
+        return path, value
+    items = value.items() if type(value) is dict else enumerate(value) if type(value) is list else ()
+    for key, item in items:
+        found = _non_finite(item, [*path, key])
+        if found is not None:
+            return found
+    return None
+
+
+RECORD_STATUSES = ("completed", "diverged")
+
+
+def record_status(data: Any) -> str:
+    """A record's `status`, read from its raw JSON before it is typed (a diverged run's record may lack figures
+    a completed one has): "completed" or "diverged"; records from before the field existed are completed ones."""
+    status = data.get("status", "completed") if type(data) is dict else "completed"
+    if status not in RECORD_STATUSES:
+        raise SchemaError(f"expected one of {', '.join(RECORD_STATUSES)}, got {status!r}", ["status"])
+    return status
 
 
 # -------------------------------------------------------------------------------------------- the files
@@ -570,7 +614,7 @@ class Failure:
         found = []
         for path in (Path(point_dir) / LOG_DIR).glob("rank*.failed.json"):
             try:
-                found.append(_decoder(Failure)(json.loads(read_small(path))))
+                found.append(_decoder(Failure)(parse_json(read_small(path))))
             except (OSError, ValueError):
                 continue
         return sorted(found, key=lambda f: f.at_unix)
