@@ -45,6 +45,11 @@ def check_at_least(key: str, value: float, minimum: float) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
 
 
+def check_at_most(key: str, value: float, maximum: float, why: str) -> None:
+    if value > maximum:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be <= {maximum} ({why})")
+
+
 def check_positive(key: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{key}={value!r} is not allowed; it must be a positive number")
@@ -283,6 +288,22 @@ class AdamWConfig(AdamConfig):
     weight_decay: float = 0.01
 
 
+# ------------------------------------------------------------------------------------------- schedules
+@dataclass
+class CosineConfig:
+    """torch's cosine decay of the learning rate to `eta_min`, over `T_max` steps (null: the run's steps)."""
+
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    _partial_: bool = True
+    eta_min: float = 0.0
+    T_max: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_at_least("scheduler.eta_min", self.eta_min, 0.0)
+        if self.T_max is not None:
+            check_at_least("scheduler.T_max", self.T_max, 1)
+
+
 # --------------------------------------------------------------------------------------------- cluster
 @dataclass
 class LocalClusterConfig:
@@ -293,6 +314,11 @@ class LocalClusterConfig:
     gpus_per_node: int = 0
     # seconds a rank waits for the others at rendezvous and in each collective before failing
     timeout_s: int = 300
+
+
+# torch's store and gloo count the timeout in milliseconds, in places as a 32-bit int: 2**31 - 1 ms is ~24.8 days
+# (a larger one overflows there, or in datetime.timedelta, on every rank; 2147483 s is tested to work)
+MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
 
 @dataclass
@@ -424,10 +450,11 @@ MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig, ResNetConfig, GPT
 DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config, SyntheticTokensConfig,
                                            TokenFileConfig, ByteTextConfig)}
 OPTIMIZER_SCHEMAS = {c._target_: c for c in (SGDConfig, AdamConfig, AdamWConfig)}
+SCHEDULER_SCHEMAS = {c._target_: c for c in (CosineConfig,)}
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
 # the groups whose `_target_` may be any importable class, and the schemas of their built-in targets
 TARGET_GROUPS = {"model": MODEL_SCHEMAS, "dataset": DATASET_SCHEMAS, "optimizer": OPTIMIZER_SCHEMAS,
-                 "scheduler": {}, "loss": {}}
+                 "scheduler": SCHEDULER_SCHEMAS, "loss": {}}
 
 
 @dataclass
@@ -471,6 +498,8 @@ class RunConfig:
         check_at_least("cluster.tasks_per_node", self.cluster.tasks_per_node, 1)
         check_at_least("cluster.gpus_per_node", self.cluster.gpus_per_node, 0)
         check_at_least("cluster.timeout_s", self.cluster.timeout_s, 1)
+        check_at_most("cluster.timeout_s", self.cluster.timeout_s, MAX_TIMEOUT_S,
+                      "about 24.8 days, the longest torch's store and gloo can wait")
         t, c = self.trainer, self.cluster
         if 0 < c.gpus_per_node < c.tasks_per_node and t.device != "cpu":
             raise ConfigError(
@@ -489,6 +518,38 @@ class RunConfig:
                 f"{self.world_size} ranks in strong scaling; choose a multiple of {self.world_size}"
             )
         self._check_builtin_pairing()
+        self._check_steps()
+        self._check_profiled_ranks()
+
+    def _check_steps(self) -> None:
+        """What the launch knows of the run's steps (trainer.max_steps; steps per epoch where a built-in dataset
+        says its size: as the trainer's sampler makes them, floor(train_size / ranks) // per-rank batch) leaves a
+        batch per rank, and a step to time after the warm-up."""
+        t, size = self.trainer, getattr(self.dataset, "train_size", None)
+        bounds = {f"trainer.max_steps={t.max_steps}": t.max_steps} if t.max_steps else {}
+        if isinstance(size, int):
+            per_epoch = size // self.world_size // self.per_rank_batch
+            if per_epoch == 0:
+                raise ConfigError(
+                    f"dataset.train_size={size} gives {size // self.world_size} samples to each of {self.world_size} "
+                    f"ranks, fewer than one per-rank batch of {self.per_rank_batch}: lower trainer.batch_size (weak "
+                    "scaling) or trainer.global_batch_size (strong scaling), use fewer ranks, or raise "
+                    "dataset.train_size")
+            bounds[f"trainer.epochs={t.epochs} x {per_epoch} steps per epoch"] = t.epochs * per_epoch
+        if bounds:
+            why, steps = min(bounds.items(), key=lambda kv: kv[1])
+            if t.warmup_steps >= steps:
+                raise ConfigError(f"trainer.warmup_steps={t.warmup_steps} leaves no step to time: the run takes "
+                                  f"{steps} step(s) ({why}); make trainer.warmup_steps < {steps}, or train longer")
+
+    def _check_profiled_ranks(self) -> None:
+        p = self.profiler
+        if not p.enabled or p.ranks is None:
+            return
+        if not p.ranks or max(p.ranks) >= self.world_size:
+            raise ConfigError(f"profiler.ranks={list(p.ranks)} is not allowed: this run has ranks 0 to "
+                              f"{self.world_size - 1} (nodes({self.nodes}) x cluster.tasks_per_node("
+                              f"{self.cluster.tasks_per_node})); give some of those, or null for every rank")
 
     def _check_builtin_pairing(self) -> None:
         """A built-in model on a built-in dataset: the kinds match, and a language model covers its data."""
@@ -602,6 +663,8 @@ def _typed_value(tp: Any, value: Any, key: str) -> Any:
     if origin is dict and isinstance(value, dict):
         return {k: _typed_value(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is float and type(value) in (int, float):
+        if not math.isfinite(value):  # Hydra reads `inf` and `nan` as floats; no built-in setting takes one
+            raise ConfigError(f"{key}={value!r} is not allowed; it must be a finite number")
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
@@ -657,12 +720,31 @@ def abspath_dataset_root(run: RunConfig) -> None:
         run.dataset.root = os.path.abspath(run.dataset.root)
 
 
+def known_keys() -> list[str]:
+    """Every key the built-in schemas have, dotted (to name the one a mistyped key meant)."""
+    keys = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in _fields_of(cls).items():
+            inner = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+            if dataclasses.is_dataclass(inner):
+                walk(inner, f"{prefix}{name}.")
+            else:
+                keys.add(f"{prefix}{name}")
+
+    walk(RunConfig, "")
+    for group, schemas in {**TARGET_GROUPS, "cluster": CLUSTER_SCHEMAS}.items():
+        for schema in schemas.values():
+            walk(schema, f"{group}.")
+    return sorted(keys)
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),
-                           ("cluster", CLUSTER_SCHEMAS)):
+                           ("scheduler", SCHEDULER_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
         for schema in schemas.values():
             cs.store(group=group, name=f"{schema.__name__.removesuffix('Config').lower()}_schema", node=schema)

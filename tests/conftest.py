@@ -66,7 +66,8 @@ def start_launch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_for_step(point_dir: Path, step: int, launcher: subprocess.Popen, ranks: int, timeout: float = 120) -> list[int]:
+def wait_for_step(point_dir: Path, step: int, launcher: subprocess.Popen, ranks: int,
+                  timeout: float = 120) -> list[int]:
     """Wait until rank 0 has reported `step` (progress.json) and every rank's pid is known; returns the pids."""
     import json
     import time

@@ -137,8 +137,8 @@ def test_sweep_submits_one_job_per_point_and_returns(slurm_cluster, tmp_path):
 def test_each_point_takes_its_own_launch_options(slurm_cluster, tmp_path):
     """-m cluster=local,slurm: point 0 trains here, point 1 is submitted, and wait=true waits for that job."""
     sweep = tmp_path / "sweep"
-    r = launch("-m", "cluster=local,slurm", "wait=true", "trainer.max_steps=5", *FAST, f"hydra.sweep.dir={sweep}",
-               cwd=tmp_path)
+    r = launch("-m", "cluster=local,slurm", "wait=true", "trainer.max_steps=5", "trainer.warmup_steps=1", *FAST,
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     local, slurm = record(sweep / "0"), record(sweep / "1")
     assert (local["launch_mode"], slurm["launch_mode"]) == ("local", "slurm")
@@ -225,16 +225,17 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
 @pytest.mark.slurm
 def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    # a per-rank batch larger than the train split passes the launch checks and fails in the job
-    r = launch("-m", "cluster=slurm", "trainer.batch_size=64,4096", "trainer.max_steps=5", *FAST,
-               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # a loss setting the loss's own code refuses passes the launch checks (the loss is any _target_) and fails in
+    # the job
+    r = launch("-m", "cluster=slurm", "loss.label_smoothing=0.0,5.0", "trainer.max_steps=5", "trainer.warmup_steps=1",
+               *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = wait(sweep)
     lines = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
     assert "completed" in lines["0"] and "failed" in lines["1"]
     assert "points without a record: 1" in out
     # status points to the rank that failed first and shows its last lines
-    assert "point 1: first failed rank's log" in out and "fewer than one per-rank batch" in out
+    assert "point 1: first failed rank's log" in out and "label_smoothing must be between 0.0 and 1.0" in out
     r = status(sweep, "--resubmit-failed")
     assert r.returncode == 0 and re.search(r"point 1: resubmitted as job \d+", r.stdout)
     assert "point 0: resubmitted" not in r.stdout
@@ -252,8 +253,8 @@ def test_rejected_allocation_submits_nothing(slurm_cluster, tmp_path):
     assert "point #1 (cluster=slurm nodes=8)" in r.stderr and "nothing was launched" in r.stderr
     assert jobs_in_queue() == before and not (sweep / "manifest.json").exists()
     # allow_partial=true: the point Slurm accepts goes, the other is reported and kept in the manifest
-    r = launch("-m", "cluster=slurm", "nodes=1,8", "allow_partial=true", "trainer.max_steps=5", *FAST,
-               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    r = launch("-m", "cluster=slurm", "nodes=1,8", "allow_partial=true", "trainer.max_steps=5",
+               "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "skipping point #1" in r.stdout + r.stderr
     out = wait(sweep)

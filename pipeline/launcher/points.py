@@ -19,7 +19,6 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
@@ -83,12 +82,6 @@ def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, 
     return problems
 
 
-def exit_on_config_error(error: ConfigError) -> NoReturn:
-    """Bad input ends the launch with the message alone (no traceback) and exit code 2."""
-    print(f"pipeline.launch: configuration error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 @functools.cache
 def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
     """The commit the pipeline's code is at, and whether its work tree has changes (None outside git); asked
@@ -134,12 +127,16 @@ def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
             try:
                 run_here(p, point, position=f"point {n} of {len(local)}")
             except RunFailed as e:
-                log.error("point %d failed: %s", p.index, e)
-                failures.append(e)
+                if len(local) > 1:  # said as it happens, the sweep going on; a point alone says it once, at the end
+                    log.error("point %d failed: %s", p.index, e)
+                failures.append((p.index, e))
             finally:
                 claims[p.index].lock.release()
+    if len(local) == 1 and failures:
+        raise failures[0][1]
     if failures:
-        raise failures[0]
+        raise RunFailed(f"{len(failures)} of {len(local)} points failed: "
+                        f"{', '.join(f'point {i}' for i, _ in failures)} (each one's message is above)")
 
 
 def claim_folders(points: list[PlannedPoint], sweep_dir: Path, held: contextlib.ExitStack) -> dict[int, Claim]:

@@ -30,7 +30,8 @@ from pipeline.rundir import (CHECKPOINT_NAME, LOG_DIR, PREVIOUS_CHECKPOINT_NAME,
 
 log = logging.getLogger(__name__)
 JOB_WAIT_S = 60.0  # a Slurm job may start while its launcher still holds the lock, submitting
-OUTPUTS = (RECORD_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, PROGRESS_NAME)  # what overwrite removes
+# what overwrite removes of an earlier run (and its logs and traces)
+OUTPUTS = (RECORD_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, PROGRESS_NAME)
 
 
 class FolderInUse(ConfigError):
