@@ -24,6 +24,7 @@ import math
 import os
 import stat
 import tempfile
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -603,6 +604,16 @@ class Failure:
     at_unix: float
     error: str  # the exception's type and message
 
+    @classmethod
+    def of(cls, error: BaseException, rank: int, node_rank: int) -> "Failure":
+        """A rank's failure now. A full disk is said first: what it raises can hide it (torch.save's
+        "[enforce fail at inline_container.cc] unexpected pos"), with the OSError down its chain."""
+        said = f"{type(error).__name__}: {error}"
+        full = next((e for e in causes(error) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+        if full is not None:
+            said = f"No space left on device{f' ({full.filename})' if full.filename else ''}: {said}"
+        return cls(rank=rank, node_rank=node_rank, at_unix=time.time(), error=said[:2000])
+
     def write(self, point_dir: Path) -> None:
         path = failure_path(point_dir, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)  # torchrun and plain srun runs have no log folder of ours
@@ -618,6 +629,15 @@ class Failure:
             except (OSError, ValueError):
                 continue
         return sorted(found, key=lambda f: f.at_unix)
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """An exception and the ones behind it (raised from, or during the handling of), each once."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
     except Exception as e:
         # written down before the teardown below, which makes the other ranks fail too: the launcher and status
         # tell the rank that failed first by it
-        Failure(rank=env.rank, node_rank=env.node_rank, at_unix=time.time(),
-                error=f"{type(e).__name__}: {e}"[:2000]).write(point_dir)
+        Failure.of(e, rank=env.rank, node_rank=env.node_rank).write(point_dir)
         raise
     finally:
         held, trainer = weakref.ref(trainer) if trainer else None, None
