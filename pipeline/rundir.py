@@ -605,13 +605,17 @@ class Failure:
     error: str  # the exception's type and message
 
     @classmethod
-    def of(cls, error: BaseException, rank: int, node_rank: int) -> "Failure":
-        """A rank's failure now. A full disk is said first: what it raises can hide it (torch.save's
-        "[enforce fail at inline_container.cc] unexpected pos"), with the OSError down its chain."""
+    def of(cls, error: BaseException, rank: int, node_rank: int, silent: list[int] = ()) -> "Failure":
+        """A rank's failure now. What is behind it is said first: a full disk, which what it raises can hide
+        (torch.save's "[enforce fail at inline_container.cc] unexpected pos", with the OSError down its chain);
+        the `silent` ranks, which stopped answering while this one waited for them (pipeline.job.heartbeat)."""
         said = f"{type(error).__name__}: {error}"
         full = next((e for e in causes(error) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
         if full is not None:
             said = f"No space left on device{f' ({full.filename})' if full.filename else ''}: {said}"
+        if silent:
+            said = (f"rank(s) {', '.join(map(str, silent))} stopped answering (no heartbeat): it did not arrive, "
+                    f"and this rank timed out waiting: {said}")
         return cls(rank=rank, node_rank=node_rank, at_unix=time.time(), error=said[:2000])
 
     def write(self, point_dir: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.launcher.logs import tail
 from pipeline.launcher.status import format_table, resubmit_failed, sweep_status, wait_for_sweep
-from pipeline.rundir import MANIFEST_NAME
+from pipeline.rundir import MANIFEST_NAME, Failure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"points without a record: {', '.join(map(str, missing)) if missing else 'none'}")
     for s in statuses:
         if s.failed_log is not None:
-            print(f"\npoint {s.point}: first failed rank's log {s.failed_log}, last lines:\n{tail(s.failed_log)}")
+            first = next(iter(Failure.read_all(s.dir)), None)  # in its own words (a full disk, a silent rank, ...)
+            said = f" (rank {first.rank}: {first.error.splitlines()[0]})" if first else ""
+            print(f"\npoint {s.point}: first failed rank's log {s.failed_log}{said}, last lines:\n{tail(s.failed_log)}")
     if args.resubmit_failed:
         for point, job in resubmit_failed(args.sweep_dir, statuses, args.include_diverged):
             print(f"point {point}: resubmitted as job {job}")

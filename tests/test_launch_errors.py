@@ -144,6 +144,8 @@ def test_a_stopped_rank_is_named_as_the_one_that_did_not_arrive(tmp_path):
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 1 and "Traceback" not in err.split("--- its last")[0]
     assert f"rank 1 (simulated node 1, pid {pids[1]}) is stopped (SIGSTOP or Ctrl-Z): it did not arrive" in err
+    # and rank 0 said it too, from the heartbeats it saw in the store (as it would on Slurm)
+    assert "rank 0 (simulated node 0) failed first: exit code 1 (rank(s) 1 stopped answering (no heartbeat)" in err
     assert not any(live_in_group(pid) for pid in pids)  # the stopped one too
 
 

@@ -3,6 +3,7 @@ submitit's own tests fake them. Job arrays by allocation, the preflight once per
 squeue and one sacct call, resubmission per task with the launch's checks, the manifest under a lock, and the
 sbatch scripts against golden files. The same paths through a real Slurm are in test_slurm.py."""
 
+import errno
 import json
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ from pipeline.launcher.manifest import add_submissions, read_manifest
 from pipeline.launcher.points import PlannedPoint
 from pipeline.launcher.slurm import check_slurm_values, render_sbatch
 from pipeline.launcher.status import expand_job_ids
+from pipeline.rundir import Failure
 from tests.conftest import GOLDEN, REPO
 from tests.fake_slurm.fake_slurm import calls, install, set_state
 from tests.records_factory import make_record, write_record
@@ -205,6 +207,22 @@ def test_collect_and_status_survive_every_kind_of_broken_record(slurm, tmp_path)
     s = slurm.status(str(sweep), "--resubmit-failed", "--include-diverged")
     assert [x for x in s.stdout.splitlines() if "resubmitted" in x] == [
         f"point {len(kinds) - 1}: resubmitted as job {job_ids(sweep)[len(kinds) - 1][-1]}"]
+
+
+def test_status_says_why_the_first_failed_rank_failed_in_its_own_words(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    assert slurm.run("-m", "trainer.seed=0,1", "cluster=slurm", f"hydra.sweep.dir={sweep}").returncode == 0
+    set_state(job_ids(sweep)[1][0], "RUNNING", "FAILED")
+    try:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from OSError(
+            errno.ENOSPC, "No space left on device")
+    except RuntimeError as e:
+        Failure.of(e, rank=1, node_rank=1).write(sweep / "1")
+    (sweep / "1/logs/node1-rank1.log").write_text("Traceback (most recent call last):\nRuntimeError: unexpected pos\n")
+    s = slurm.status(str(sweep))
+    assert s.returncode == 0, s.stderr
+    assert (f"point 1: first failed rank's log {sweep / '1/logs/node1-rank1.log'} (rank 1: No space left on device: "
+            "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos), last lines:") in s.stdout
 
 
 @pytest.mark.parametrize("manifest", ["truncated", "random bytes", "fifo", "wrong type"])

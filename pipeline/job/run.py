@@ -27,6 +27,7 @@ from pipeline.job.checkpoint import Checkpoints, save
 from pipeline.job.data import check_datasets, check_workers
 from pipeline.job.env import DistEnv
 from pipeline.job.flops import flops_per_sample
+from pipeline.job.heartbeat import silent_ranks, start_heartbeat
 from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import HostShare, pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
@@ -110,6 +111,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         timeout = timedelta(seconds=run.cluster.timeout_s)
         store = store or rendezvous_store(env, timeout)
         join_process_group(env, device, store, timeout, point_dir)
+        start_heartbeat(store, env.rank)
         clock.mark("rendezvous")
         share = place_threads(env)
         trainer = build_trainer(run, env, device, point_dir, Checkpoints(point_dir, point.run_id, point.config),
@@ -129,7 +131,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
     except Exception as e:
         # written down before the teardown below, which makes the other ranks fail too: the launcher and status
         # tell the rank that failed first by it
-        Failure.of(e, rank=env.rank, node_rank=env.node_rank).write(point_dir)
+        Failure.of(e, rank=env.rank, node_rank=env.node_rank, silent=silent_ranks(store, env, e)).write(point_dir)
         raise
     finally:
         held, trainer = weakref.ref(trainer) if trainer else None, None
