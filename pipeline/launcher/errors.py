@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import os
 import re
 import sys
@@ -45,7 +46,7 @@ def reported():
     except OSError as e:
         if e.filename is None:
             raise
-        exit_on_config_error(_unwritable(e))
+        exit_on_config_error(_file_error(e))
 
 
 def run_reporting(entry: Callable[[], None]) -> None:
@@ -75,6 +76,8 @@ def one_line(e: BaseException) -> str | None:
     from omegaconf.errors import OmegaConfBaseException
     from yaml import MarkedYAMLError
 
+    if not isinstance(e, (HydraException, OmegaConfBaseException, MarkedYAMLError, ConfigError, OSError, ValueError)):
+        return None  # a bug, whatever it happened to be handling: its traceback is the report
     chain = causes(e)
     found = {kind: next((x for x in chain if isinstance(x, kind)), None)
              for kind in (MarkedYAMLError, OSError, MissingConfigException, OverrideParseException, ConfigError)}
@@ -88,7 +91,7 @@ def one_line(e: BaseException) -> str | None:
     if found[ConfigError] is not None:
         return str(found[ConfigError])
     if found[OSError] is not None and found[OSError].filename is not None:
-        return _unwritable(found[OSError])
+        return _file_error(found[OSError])
     if isinstance(e, (HydraException, OmegaConfBaseException)):
         return _hydra(e)
     return None
@@ -141,6 +144,11 @@ def _yaml(e) -> str:
     return f"{where}: not valid YAML ({what})"
 
 
-def _unwritable(e: OSError) -> str:
-    return (f"{e.filename} cannot be written ({e.strerror}): choose a folder this launch can write "
-            "(hydra.run.dir, or hydra.sweep.dir for -m)")
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _file_error(e: OSError) -> str:
+    if e.errno in UNWRITABLE:
+        return (f"{e.filename} cannot be written ({e.strerror}): choose a folder this launch can write "
+                "(hydra.run.dir, or hydra.sweep.dir for -m)")
+    return f"{e.filename}: {e.strerror}"

@@ -130,9 +130,7 @@ class WarmRanks:
 
     def release(self) -> None:
         """Stop those not needed (they have done nothing but import)."""
-        for proc in self.procs:
-            proc.kill()
-            proc.wait()
+        stop_sessions(self.procs)
         self.procs = []
 
 

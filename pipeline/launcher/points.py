@@ -111,32 +111,36 @@ def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str, run_id: str
 
 def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
     """Claim every point's folder (locked and checked before anything is written: ConfigError if one cannot be
-    used), freeze every point, submit the Slurm ones (one job array per distinct allocation; their jobs take
-    their folders' locks), then run the local ones here, one after another, each folder locked until its ranks
-    have ended. A local point that fails does not stop the next; the first failure is raised once all have run."""
+    used), freeze every point, submit the Slurm ones (one job array per distinct allocation), then run the local
+    ones here (run_local_points)."""
     with contextlib.ExitStack() as held:
         claims = claim_folders(points, sweep_dir, held)
         frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind, claims[p.index].resumes) for p in points]
         slurm = [p for p in points if p.run.cluster.kind == "slurm"]
         submit_points(slurm, sweep_dir)
         for p in slurm:
+            claims[p.index].lock.release()  # the job's rank 0 takes it when the job starts (rundir_lock.lock_for_job)
+        run_local_points([(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"], claims)
+
+
+def run_local_points(local: list[tuple[PlannedPoint, Point]], claims: dict[int, Claim]) -> None:
+    """Run local points one after another, each folder's lock released once its ranks have ended. A point that
+    fails does not stop the next: a point alone raises its RunFailed; of several, each failure is logged as it
+    happens and one RunFailed names them at the end (each message said once)."""
+    failed = []
+    for n, (p, point) in enumerate(local, start=1):
+        try:
+            run_here(p, point, position=f"point {n} of {len(local)}")
+        except RunFailed as e:
+            if len(local) == 1:
+                raise
+            log.error("point %d failed: %s", p.index, e)
+            failed.append(p.index)
+        finally:
             claims[p.index].lock.release()
-        local = [(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"]
-        failures = []
-        for n, (p, point) in enumerate(local, start=1):
-            try:
-                run_here(p, point, position=f"point {n} of {len(local)}")
-            except RunFailed as e:
-                if len(local) > 1:  # said as it happens, the sweep going on; a point alone says it once, at the end
-                    log.error("point %d failed: %s", p.index, e)
-                failures.append((p.index, e))
-            finally:
-                claims[p.index].lock.release()
-    if len(local) == 1 and failures:
-        raise failures[0][1]
-    if failures:
-        raise RunFailed(f"{len(failures)} of {len(local)} points failed: "
-                        f"{', '.join(f'point {i}' for i, _ in failures)} (each one's message is above)")
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(local)} points failed: {', '.join(f'point {i}' for i in failed)} "
+                        "(each one's message is above)")
 
 
 def claim_folders(points: list[PlannedPoint], sweep_dir: Path, held: contextlib.ExitStack) -> dict[int, Claim]:

@@ -53,6 +53,8 @@ def stop_sessions(procs: list[subprocess.Popen], grace_s: float = GRACE_S) -> No
     """Stop each process and its session: SIGTERM (and SIGCONT, so that a stopped one takes it), then SIGKILL to
     whatever is left after `grace_s`. Returns once nothing of them is left (or, for a process the kernel cannot
     kill at once, one that waits in the kernel on a dead file server, `grace_s` after the SIGKILL)."""
+    if not procs:
+        return
     for sig in (signal.SIGTERM, signal.SIGCONT):
         _signal_all(procs, sig)
     if not _wait_gone(procs, grace_s):
