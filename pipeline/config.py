@@ -166,6 +166,7 @@ class SyntheticConfig:
         check_at_least("dataset.train_size", self.train_size, 1)
         check_at_least("dataset.test_size", self.test_size, 1)
         check_at_least("dataset.separation", self.separation, 0.0)
+        check_at_least("dataset.seed", self.seed, 0)  # numpy's generators take no negative seed
 
 
 @dataclass
@@ -208,6 +209,7 @@ class SyntheticTokensConfig:
         if not 1 <= self.branching <= self.vocab_size:
             raise ConfigError(f"dataset.branching={self.branching} is not allowed; it must be in [1, "
                               f"dataset.vocab_size={self.vocab_size}]")
+        check_at_least("dataset.seed", self.seed, 0)
 
 
 @dataclass
@@ -304,6 +306,19 @@ class CosineConfig:
             check_at_least("scheduler.T_max", self.T_max, 1)
 
 
+# ----------------------------------------------------------------------------------------------- losses
+@dataclass
+class CrossEntropyConfig:
+    """Cross-entropy over the output's last dimension, with torch's label smoothing."""
+
+    _target_: str = "pipeline.workloads.losses.CrossEntropy"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ConfigError(f"loss.label_smoothing={self.label_smoothing!r} is not allowed; it must be in [0, 1]")
+
+
 # --------------------------------------------------------------------------------------------- cluster
 @dataclass
 class LocalClusterConfig:
@@ -377,6 +392,7 @@ class TrainerConfig:
         check_choice("trainer.precision", self.precision, PRECISIONS)
         check_choice("trainer.device", self.device, DEVICES)
         check_at_least("trainer.warmup_steps", self.warmup_steps, 0)
+        check_at_least("trainer.seed", self.seed, 0)
         check_at_least("trainer.log_every", self.log_every, 1)
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         check_at_least("trainer.eval_samples", self.eval_samples, 0)
@@ -451,10 +467,11 @@ DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10
                                            TokenFileConfig, ByteTextConfig)}
 OPTIMIZER_SCHEMAS = {c._target_: c for c in (SGDConfig, AdamConfig, AdamWConfig)}
 SCHEDULER_SCHEMAS = {c._target_: c for c in (CosineConfig,)}
+LOSS_SCHEMAS = {c._target_: c for c in (CrossEntropyConfig,)}
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
 # the groups whose `_target_` may be any importable class, and the schemas of their built-in targets
 TARGET_GROUPS = {"model": MODEL_SCHEMAS, "dataset": DATASET_SCHEMAS, "optimizer": OPTIMIZER_SCHEMAS,
-                 "scheduler": SCHEDULER_SCHEMAS, "loss": {}}
+                 "scheduler": SCHEDULER_SCHEMAS, "loss": LOSS_SCHEMAS}
 
 
 @dataclass
@@ -745,6 +762,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),
-                           ("scheduler", SCHEDULER_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
+                           ("scheduler", SCHEDULER_SCHEMAS), ("loss", LOSS_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
         for schema in schemas.values():
             cs.store(group=group, name=f"{schema.__name__.removesuffix('Config').lower()}_schema", node=schema)

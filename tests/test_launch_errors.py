@@ -42,6 +42,8 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["optimizer.momentum=nan"], "optimizer.momentum=nan is not allowed; it must be a finite number"),
     (["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf is not allowed; it must be a finite number"),
     (["scheduler=cosine", "scheduler.eta_min=-1"], "scheduler.eta_min=-1.0 is not allowed; it must be >= 0.0"),
+    (["loss.label_smoothing=5"], "loss.label_smoothing=5.0 is not allowed; it must be in [0, 1]"),
+    (["dataset=mnist", "dataset.train_size=10"], "dataset.train_size is not a key of the dataset chosen here"),
 ])
 def test_bad_input_is_one_line_naming_the_key_and_exit_2(tmp_path, overrides, said):
     r = launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
@@ -97,16 +99,16 @@ def test_an_unwritable_run_folder_is_a_configuration_error(tmp_path, unwritable,
 
 @pytest.mark.slow
 def test_a_failed_run_is_one_message_and_exit_1(tmp_path):
-    """A rank that fails (a constructor that raises in the job): its message once, no Hydra "Error executing
-    job", no traceback of the launcher's."""
-    r = launch("loss.label_smoothing=5.0", "trainer.max_steps=10", *SMALL, f"hydra.run.dir={tmp_path / 'run'}",
-               cwd=tmp_path)
+    """A rank that fails (an optimizer class its module lacks, which the launch cannot see without importing torch):
+    its message once, no Hydra "Error executing job", no traceback of the launcher's."""
+    r = launch("optimizer._target_=torch.optim.NoSuchOptimizer", "trainer.max_steps=10", *SMALL,
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 1
     err = r.stderr
     assert "Error executing job" not in err + r.stdout and err.count("failed first") == 1
     launcher_lines = [x for x in err.splitlines() if x.startswith("pipeline.launch:")]
     assert len(launcher_lines) == 1 and "rank 0 (simulated node 0) failed first: exit code 1" in launcher_lines[0]
-    assert "label_smoothing" in launcher_lines[0]  # the rank's error, as its failure record says it
+    assert "optimizer._target_=torch.optim.NoSuchOptimizer could not be built on rank 0" in launcher_lines[0]
 
 
 @pytest.fixture

@@ -225,17 +225,17 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
 @pytest.mark.slurm
 def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    # a loss setting the loss's own code refuses passes the launch checks (the loss is any _target_) and fails in
-    # the job
-    r = launch("-m", "cluster=slurm", "loss.label_smoothing=0.0,5.0", "trainer.max_steps=5", "trainer.warmup_steps=1",
-               *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # an optimizer class its module lacks passes the launch checks (which find the module without importing torch)
+    # and fails in the job
+    r = launch("-m", "cluster=slurm", "optimizer._target_=torch.optim.SGD,torch.optim.NoSuchOptimizer",
+               "trainer.max_steps=5", "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = wait(sweep)
     lines = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
     assert "completed" in lines["0"] and "failed" in lines["1"]
     assert "points without a record: 1" in out
     # status points to the rank that failed first and shows its last lines
-    assert "point 1: first failed rank's log" in out and "label_smoothing must be between 0.0 and 1.0" in out
+    assert "point 1: first failed rank's log" in out and "torch.optim.NoSuchOptimizer could not be built" in out
     r = status(sweep, "--resubmit-failed")
     assert r.returncode == 0 and re.search(r"point 1: resubmitted as job \d+", r.stdout)
     assert "point 0: resubmitted" not in r.stdout

@@ -122,7 +122,10 @@ def _hydra(e: BaseException) -> str:
 
 
 def _unknown_key(key: str) -> str:
-    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.75)
+    known = known_keys()
+    if key in known:  # a key of another option of its group
+        return f"{key} is not a key of the {key.split('.')[0]} chosen here (other options of it have one)"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     hint = f"did you mean {close[0]}? " if close else ""
     return f"{key} is not a key of the config; {hint}(to add a key of your own, prefix it with +)"
 
