@@ -22,7 +22,7 @@ def test_a_second_launch_into_a_folder_in_use_is_refused_and_the_first_keeps_its
                          cwd=tmp_path)
     wait_for_step(run, 10, first, ranks=2)
     mine = json.loads((run / "point.json").read_text())
-    second = launch("trainer.seed=1", "trainer.max_steps=5", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
+    second = launch("trainer.seed=1", "trainer.max_steps=20", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
     assert first.poll() is None, "the first run ended before the second launch was refused: the test saw nothing"
     assert second.returncode == 2, second.stderr
     assert f"hydra.run.dir={run} is in use by pid {first.pid} on " in second.stderr
@@ -33,22 +33,10 @@ def test_a_second_launch_into_a_folder_in_use_is_refused_and_the_first_keeps_its
     assert record["run_id"] == mine["run_id"] and "trainer.seed=1" not in record["overrides"]
 
 
-def test_a_finished_run_is_replaced_only_with_overwrite(tmp_path):
-    run = tmp_path / "run"
-    args = ["trainer.max_steps=8", "trainer.warmup_steps=2", *SMALL, f"hydra.run.dir={run}"]
-    assert launch(*args, cwd=tmp_path).returncode == 0
-    before = (run / "result.json").read_bytes()
-    refused = launch(*args, cwd=tmp_path)
-    assert refused.returncode == 2 and "holds a finished run's record" in refused.stderr
-    assert "overwrite=true" in refused.stderr and (run / "result.json").read_bytes() == before
-    replaced = launch(*args, "overwrite=true", cwd=tmp_path)
-    assert replaced.returncode == 0, replaced.stderr
-    old, new, point = (json.loads(x) for x in (before, (run / "result.json").read_text(),
-                                               (run / "point.json").read_text()))
-    assert new["run_id"] == point["run_id"] != old["run_id"]
-
-
-def test_a_relaunch_after_a_kill_continues_from_the_checkpoint_to_the_same_weights(tmp_path):
+def test_a_relaunch_after_a_kill_continues_to_the_same_weights_and_a_finished_run_is_kept(tmp_path):
+    """Killed mid-run, the same command again continues the run from its checkpoint to the weights of a run never
+    interrupted; then the folder holds a finished run, which a launch replaces only with overwrite=true (a dry
+    run here: replacing is the launch's part, training nothing)."""
     common = ["nodes=2", "trainer.epochs=40", "trainer.max_steps=300", "trainer.checkpoint_every=40",
               "model.dropout=0.1", *SMALL]
     assert launch(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path).returncode == 0
@@ -69,3 +57,11 @@ def test_a_relaunch_after_a_kill_continues_from_the_checkpoint_to_the_same_weigh
     straight, resumed = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "straight", run))
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    finished = (run / "result.json").read_bytes()
+    refused = launch(*common, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert refused.returncode == 2 and f"hydra.run.dir={run} holds a finished run's record" in refused.stderr
+    assert "overwrite=true" in refused.stderr and (run / "result.json").read_bytes() == finished
+    replaced = launch(*common, "overwrite=true", "dry_run=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert not any((run / name).exists() for name in ("result.json", "model.pt", "checkpoint.pt", "checkpoint.prev.pt"))
+    assert json.loads((run / "point.json").read_text())["run_id"] != json.loads(finished)["run_id"]
