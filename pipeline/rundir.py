@@ -136,10 +136,11 @@ def read_small(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
     _check_regular(os.stat(path), path, limit)  # before opening: opening some devices has effects
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # should it have become a FIFO: no wait
     with os.fdopen(fd, "rb") as f:
-        _check_regular(os.fstat(fd), path, limit)
-        data = f.read(limit + 1)
-    if len(data) > limit:  # it grew while read
-        raise OSError(errno.EFBIG, f"larger than the {limit} bytes a reader takes", str(path))
+        st = os.fstat(fd)
+        _check_regular(st, path, limit)
+        data = f.read(st.st_size + 1)  # not `limit`: a read allocates what it is asked for
+    if len(data) > st.st_size:
+        raise OSError(errno.EAGAIN, "it grew while it was read", str(path))
     return data
 
 
