@@ -4,6 +4,7 @@
     rank 0   -> launcher    POINT_DIR/progress.json  Progress  latest step, samples/s and ETA (status, progress bar)
     rank 0   -> collector   POINT_DIR/result.json    Result    the result record, with a RankResult per rank
     launcher -> status      SWEEP_DIR/manifest.json  Manifest  each point's folder and its Slurm jobs
+    holder   -> launches    POINT_DIR/.run.lock      LockHolder  who runs the point now (the file is flocked)
     a rank   -> launcher    POINT_DIR/logs/rank{R}.failed.json  Failure  a rank that raised, and when
 
 Each file is a frozen dataclass with `to_json` (a JSON-ready dict) and `from_json` (which checks every field's
@@ -674,3 +675,17 @@ class Manifest(JsonFile):
     FILE: ClassVar[str] = MANIFEST_NAME
     schema_version: int = SCHEMA_VERSION
     points: dict[int, ManifestPoint] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LockHolder(JsonFile):
+    """Who holds a point folder's lock (POINT_DIR/.run.lock, flocked by its holder: pipeline/launcher/rundir_lock):
+    written by the holder into the file it locks, read to say who is in the way."""
+
+    FILE: ClassVar[str] = RUN_LOCK_NAME
+    pid: int
+    host: str
+    since: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host} since {self.since}"

@@ -13,6 +13,7 @@ config that left a checkpoint is not replaced unless `overwrite=true`.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import platform
@@ -25,8 +26,8 @@ from pathlib import Path
 from pipeline.config import ConfigError, config_hash
 from pipeline.launcher.signals import LAUNCHER_PID_VAR
 from pipeline.rundir import (CHECKPOINT_NAME, LOG_DIR, PREVIOUS_CHECKPOINT_NAME, PROFILE_DIR, PROGRESS_NAME,
-                             RECORD_NAME, RUN_LOCK_NAME, WEIGHTS_NAME, Point, read_small,
-                             remove_stray_temporaries, utc_now)
+                             RECORD_NAME, RUN_LOCK_NAME, WEIGHTS_NAME, LockHolder, Point, remove_stray_temporaries,
+                             utc_now)
 
 log = logging.getLogger(__name__)
 JOB_WAIT_S = 60.0  # a Slurm job may start while its launcher still holds the lock, submitting
@@ -52,8 +53,10 @@ class RunLock:
                 raise FolderInUse(f"{point_dir} is in use by {holder(self.path)}: one run per folder; wait for it "
                                   "to end (or stop it), or choose another folder")
             time.sleep(0.2)
+        # into the locked file itself (a rename would replace what is locked), so its holder alone writes it
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {platform.node()} since {utc_now()}\n".encode(), 0)
+        me = LockHolder(pid=os.getpid(), host=platform.node(), since=utc_now())
+        os.pwrite(self._fd, json.dumps(me.to_json()).encode(), 0)
 
     def _try_lock(self) -> bool:
         try:
@@ -75,10 +78,11 @@ class RunLock:
 
 
 def holder(lock_file: Path) -> str:
-    """Who holds a lock, as its holder wrote it ("pid 123 on host since ..."), or as much as can be said."""
+    """Who holds a lock, as its holder wrote it ("pid 123 on host since ..."), or as much as can be said (it may
+    be between taking the lock and writing its name)."""
     try:
-        return read_small(lock_file, 4096).decode(errors="replace").strip() or "another process"
-    except OSError:
+        return str(LockHolder.read(lock_file.parent))
+    except (OSError, ValueError):
         return "another process"
 
 
