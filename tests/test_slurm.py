@@ -77,7 +77,8 @@ def test_sbatch_parameters_come_from_the_config(compose_cfg):
         "cluster=slurm", "nodes=4", "cluster.tasks_per_node=8", "cluster.gpus_per_node=8", "cluster.partition=gpu",
         "cluster.account=proj", "cluster.qos=high", "cluster.time=120", "cluster.cpus_per_task=6",
         "cluster.mem=400G", "cluster.constraint='a100&ib'", "cluster.exclusive=true",
-        "cluster.setup=['module load cuda']", "+cluster.sbatch_extra.mail-type=END"))
+        "cluster.setup=['module load cuda']", "+cluster.sbatch_extra.mail-type=END",
+        "trainer.warmup_steps=1"))  # 32 ranks take the default data in 4 steps
     p = sbatch_parameters(run, "job", Path("/x"))
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == (4, 8, 8, 6)
     assert (p["partition"], p["account"], p["qos"], p["time"], p["mem"]) == ("gpu", "proj", "high", 120, "400G")
