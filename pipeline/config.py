@@ -23,6 +23,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Union
 
+from pipeline.rundir import dotted, non_finite
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -680,8 +682,6 @@ def _typed_value(tp: Any, value: Any, key: str) -> Any:
     if origin is dict and isinstance(value, dict):
         return {k: _typed_value(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is float and type(value) in (int, float):
-        if not math.isfinite(value):  # Hydra reads `inf` and `nan` as floats; no built-in setting takes one
-            raise ConfigError(f"{key}={value!r} is not allowed; it must be a finite number")
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
@@ -694,10 +694,21 @@ def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     ConfigError naming the key on bad input."""
     if not isinstance(cfg, dict):
         cfg = plain_config(cfg)
+    check_finite(cfg)
     groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
               for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
     groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
     return build_typed(RunConfig, {**{k: v for k, v in cfg.items() if k not in groups}, **groups})
+
+
+def check_finite(cfg: dict) -> None:
+    """Every number of the config is finite, a user's `_target_`'s too. Hydra reads `inf` and `nan` as floats; no
+    built-in setting takes one, and the config is frozen into point.json, whose numbers are finite (as every run
+    file's)."""
+    found = non_finite(cfg)
+    if found is not None:
+        path, value = found
+        raise ConfigError(f"{dotted(path)}={value!r} is not allowed; it must be a finite number")
 
 
 def plain_config(cfg: "DictConfig") -> dict:

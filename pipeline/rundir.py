@@ -161,8 +161,13 @@ class SchemaError(ValueError):
         super().__init__(problem)
 
     def __str__(self) -> str:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path).lstrip(".")
+        where = dotted(self.path)
         return f"{where}: {self.problem}" if where else self.problem
+
+
+def dotted(path: list) -> str:
+    """Where a value is, as a key: ["ranks", 1, "step_times_s"] -> ranks[1].step_times_s."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 class JsonFile:
@@ -326,7 +331,7 @@ def parse_json(raw: bytes) -> Any:
             data = json.loads(raw)  # which reads NaN, Infinity and 1e999 (as inf): only to say where they are
         except ValueError:
             data = None
-        found = _non_finite(data, [])
+        found = non_finite(data)
         if found is None:
             raise
         path, value = found
@@ -334,12 +339,14 @@ def parse_json(raw: bytes) -> Any:
                           path) from None
 
 
-def _non_finite(value: Any, path: list) -> tuple[list, float] | None:
+def non_finite(value: Any, path: list | None = None) -> tuple[list, float] | None:
+    """(where, the value) of the first NaN or Infinity in plain data, or None."""
+    path = path or []
     if type(value) is float and not math.isfinite(value):
         return path, value
     items = value.items() if type(value) is dict else enumerate(value) if type(value) is list else ()
     for key, item in items:
-        found = _non_finite(item, [*path, key])
+        found = non_finite(item, [*path, key])
         if found is not None:
             return found
     return None
@@ -607,7 +614,7 @@ class Failure:
     error: str  # the exception's type and message
 
     @classmethod
-    def of(cls, error: BaseException, rank: int, node_rank: int, silent: list[int] = ()) -> "Failure":
+    def of(cls, error: BaseException, rank: int, node_rank: int, silent: typing.Sequence[int] = ()) -> "Failure":
         """A rank's failure now. What is behind it is said first: a full disk, which what it raises can hide
         (torch.save's "[enforce fail at inline_container.cc] unexpected pos", with the OSError down its chain);
         the `silent` ranks, which stopped answering while this one waited for them (pipeline.job.heartbeat)."""
