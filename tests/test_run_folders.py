@@ -3,6 +3,7 @@ relaunch of the same command after a kill continues the run from its checkpoint 
 never interrupted. Real launches, real signals."""
 
 import json
+import os
 import signal
 
 import pytest
@@ -18,12 +19,15 @@ SMALL = ["trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=2
 
 def test_a_second_launch_into_a_folder_in_use_is_refused_and_the_first_keeps_its_run(tmp_path):
     run = tmp_path / "run"
-    first = start_launch("nodes=2", "trainer.epochs=200", "trainer.max_steps=2000", *SMALL, f"hydra.run.dir={run}",
+    first = start_launch("nodes=2", "trainer.epochs=20", "trainer.max_steps=200", *SMALL, f"hydra.run.dir={run}",
                          cwd=tmp_path)
-    wait_for_step(run, 10, first, ranks=2)
+    pids = wait_for_step(run, 10, first, ranks=2)
+    for pid in pids:  # held mid-run, however fast this machine trains, while the second launch tries
+        os.kill(pid, signal.SIGSTOP)
     mine = json.loads((run / "point.json").read_text())
     second = launch("trainer.seed=1", "trainer.max_steps=20", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
-    assert first.poll() is None, "the first run ended before the second launch was refused: the test saw nothing"
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     assert f"hydra.run.dir={run} is in use by pid {first.pid} on " in second.stderr
     assert "Traceback" not in second.stderr and json.loads((run / "point.json").read_text()) == mine
