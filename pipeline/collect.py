@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.collector.records import load_runs
+from pipeline.collector.records import Diverged, load_runs
 from pipeline.collector.report import load_baseline, terminal_table, write_report
 from pipeline.collector.scaling import aggregate, regressions
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs, problems = load_runs(args.paths)
     for p in problems:
-        print(f"skipped {p.path}: {p.reason}", file=sys.stderr)
+        print(f"{'diverged' if isinstance(p, Diverged) else 'skipped'} {p.path}: {p.reason}", file=sys.stderr)
     if not runs:
         print(f"no usable result records under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     found = regressions(rows, load_baseline(args.baseline), args.tolerance) if args.baseline else []
     report = write_report(args.out, rows, models, problems, found, with_plots=not args.no_plots)
     print(terminal_table(rows))
-    print(f"\n{len(runs)} runs in {len({r.group for r in rows})} groups, {len(problems)} records skipped; "
-          f"report: {report}")
+    diverged = sum(isinstance(p, Diverged) for p in problems)
+    print(f"\n{len(runs)} runs in {len({r.group for r in rows})} groups, {diverged} diverged, "
+          f"{len(problems) - diverged} records skipped; report: {report}")
     for line in found:
         print(f"REGRESSION {line}", file=sys.stderr)
     return 1 if found else 0

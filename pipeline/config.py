@@ -12,15 +12,19 @@ or on PYTHONPATH) is kept as given, its module looked up at launch without being
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Union
 
-from pipeline.typed import SchemaError, decoder
+from pipeline.rundir import non_finite
+from pipeline.typed import SchemaError, decoder, dotted
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -42,6 +46,11 @@ def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def check_at_least(key: str, value: float, minimum: float) -> None:
     if value < minimum:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
+
+
+def check_at_most(key: str, value: float, maximum: float, why: str) -> None:
+    if value > maximum:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be <= {maximum} ({why})")
 
 
 def check_positive(key: str, value: float) -> None:
@@ -181,6 +190,7 @@ class SyntheticConfig:
         check_at_least("dataset.train_size", self.train_size, 1)
         check_at_least("dataset.test_size", self.test_size, 1)
         check_at_least("dataset.separation", self.separation, 0.0)
+        check_at_least("dataset.seed", self.seed, 0)  # numpy's generators take no negative seed
 
 
 @dataclass
@@ -223,6 +233,7 @@ class SyntheticTokensConfig:
         if not 1 <= self.branching <= self.vocab_size:
             raise ConfigError(f"dataset.branching={self.branching} is not allowed; it must be in [1, "
                               f"dataset.vocab_size={self.vocab_size}]")
+        check_at_least("dataset.seed", self.seed, 0)
 
 
 @dataclass
@@ -303,7 +314,35 @@ class AdamWConfig(AdamConfig):
     weight_decay: float = 0.01
 
 
+# ------------------------------------------------------------------------------------------- schedules
+@dataclass
+class CosineConfig:
+    """torch's cosine decay of the learning rate to `eta_min`, over `T_max` steps (null: the run's steps)."""
+
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    _partial_: bool = True
+    eta_min: float = 0.0
+    T_max: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_at_least("scheduler.eta_min", self.eta_min, 0.0)
+        if self.T_max is not None:
+            check_at_least("scheduler.T_max", self.T_max, 1)
+
+
 # ------------------------------------------------------------------------------------------------ losses
+@dataclass
+class CrossEntropyConfig:
+    """Cross-entropy over the output's last dimension, with torch's label smoothing."""
+
+    _target_: str = "pipeline.workloads.losses.CrossEntropy"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ConfigError(f"loss.label_smoothing={self.label_smoothing!r} is not allowed; it must be in [0, 1]")
+
+
 TARGETS_FROM = ("targets", "inputs")
 
 
@@ -335,6 +374,11 @@ class LocalClusterConfig:
     gpus_per_node: int = 0
     # seconds a rank waits for the others at rendezvous and in each collective before failing
     timeout_s: int = 300
+
+
+# torch's store and gloo count the timeout in milliseconds, in places as a 32-bit int: 2**31 - 1 ms is ~24.8 days
+# (a larger one overflows there, or in datetime.timedelta, on every rank; 2147483 s is tested to work)
+MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
 
 @dataclass
@@ -398,6 +442,7 @@ class TrainerConfig:
         check_choice("trainer.precision", self.precision, PRECISIONS)
         check_choice("trainer.device", self.device, DEVICES)
         check_at_least("trainer.warmup_steps", self.warmup_steps, 0)
+        check_at_least("trainer.seed", self.seed, 0)
         check_at_least("trainer.log_every", self.log_every, 1)
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         check_at_least("trainer.eval_samples", self.eval_samples, 0)
@@ -527,11 +572,12 @@ MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig, ResNetConfig, GPT
 DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config, SyntheticTokensConfig,
                                            TokenFileConfig, ByteTextConfig)}
 OPTIMIZER_SCHEMAS = {c._target_: c for c in (SGDConfig, AdamConfig, AdamWConfig)}
-LOSS_SCHEMAS = {c._target_: c for c in (ModelLossConfig,)}
+SCHEDULER_SCHEMAS = {c._target_: c for c in (CosineConfig,)}
+LOSS_SCHEMAS = {c._target_: c for c in (CrossEntropyConfig, ModelLossConfig)}
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
 # the groups whose `_target_` may be any importable class, and the schemas of their built-in targets
 TARGET_GROUPS = {"model": MODEL_SCHEMAS, "dataset": DATASET_SCHEMAS, "optimizer": OPTIMIZER_SCHEMAS,
-                 "scheduler": {}, "loss": LOSS_SCHEMAS}
+                 "scheduler": SCHEDULER_SCHEMAS, "loss": LOSS_SCHEMAS}
 
 
 @dataclass
@@ -556,6 +602,7 @@ class RunConfig:
     dry_run: bool = False
     wait: bool = False
     allow_partial: bool = False
+    overwrite: bool = False  # replace the run a folder holds (its record, weights, checkpoints, logs)
 
     @property
     def world_size(self) -> int:
@@ -576,6 +623,8 @@ class RunConfig:
         check_at_least("cluster.tasks_per_node", self.cluster.tasks_per_node, 1)
         check_at_least("cluster.gpus_per_node", self.cluster.gpus_per_node, 0)
         check_at_least("cluster.timeout_s", self.cluster.timeout_s, 1)
+        check_at_most("cluster.timeout_s", self.cluster.timeout_s, MAX_TIMEOUT_S,
+                      "about 24.8 days, the longest torch's store and gloo can wait")
         t, c = self.trainer, self.cluster
         if 0 < c.gpus_per_node < c.tasks_per_node and t.device != "cpu":
             raise ConfigError(
@@ -594,6 +643,38 @@ class RunConfig:
                 f"{self.world_size} ranks in strong scaling; choose a multiple of {self.world_size}"
             )
         self._check_builtin_pairing()
+        self._check_steps()
+        self._check_profiled_ranks()
+
+    def _check_steps(self) -> None:
+        """What the launch knows of the run's steps (trainer.max_steps; steps per epoch where a built-in dataset
+        says its size: as the trainer's sampler makes them, floor(train_size / ranks) // per-rank batch) leaves a
+        batch per rank, and a step to time after the warm-up."""
+        t, size = self.trainer, getattr(self.dataset, "train_size", None)
+        bounds = {f"trainer.max_steps={t.max_steps}": t.max_steps} if t.max_steps else {}
+        if isinstance(size, int):
+            per_epoch = size // self.world_size // self.per_rank_batch
+            if per_epoch == 0:
+                raise ConfigError(
+                    f"dataset.train_size={size} gives {size // self.world_size} samples to each of {self.world_size} "
+                    f"ranks, fewer than one per-rank batch of {self.per_rank_batch}: lower trainer.batch_size (weak "
+                    "scaling) or trainer.global_batch_size (strong scaling), use fewer ranks, or raise "
+                    "dataset.train_size")
+            bounds[f"trainer.epochs={t.epochs} x {per_epoch} steps per epoch"] = t.epochs * per_epoch
+        if bounds:
+            why, steps = min(bounds.items(), key=lambda kv: kv[1])
+            if t.warmup_steps >= steps:
+                raise ConfigError(f"trainer.warmup_steps={t.warmup_steps} leaves no step to time: the run takes "
+                                  f"{steps} step(s) ({why}); make trainer.warmup_steps < {steps}, or train longer")
+
+    def _check_profiled_ranks(self) -> None:
+        p = self.profiler
+        if not p.enabled or p.ranks is None:
+            return
+        if not p.ranks or max(p.ranks) >= self.world_size:
+            raise ConfigError(f"profiler.ranks={list(p.ranks)} is not allowed: this run has ranks 0 to "
+                              f"{self.world_size - 1} (nodes({self.nodes}) x cluster.tasks_per_node("
+                              f"{self.cluster.tasks_per_node})); give some of those, or null for every rank")
 
     def _check_builtin_pairing(self) -> None:
         """A built-in model on a built-in dataset: the kinds match, and a language model covers its data."""
@@ -700,10 +781,21 @@ def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     ConfigError naming the key on bad input."""
     if not isinstance(cfg, dict):
         cfg = plain_config(cfg)
+    check_finite(cfg)
     groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
               for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
     groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
     return build_typed(RunConfig, {**{k: v for k, v in cfg.items() if k not in groups}, **groups})
+
+
+def check_finite(cfg: dict) -> None:
+    """Every number of the config is finite, a user's `_target_`'s too. Hydra reads `inf` and `nan` as floats; no
+    built-in setting takes one, and the config is frozen into point.json, whose numbers are finite (as every run
+    file's)."""
+    found = non_finite(cfg)
+    if found is not None:
+        path, value = found
+        raise ConfigError(f"{dotted(path)}={value!r} is not allowed; it must be a finite number")
 
 
 def plain_config(cfg: "DictConfig") -> dict:
@@ -720,6 +812,16 @@ def plain_config(cfg: "DictConfig") -> dict:
         return plain
     except Exception as e:
         raise ConfigError(str(e).strip()) from None
+
+
+LAUNCH_OPTIONS = ("dry_run", "wait", "allow_partial", "overwrite")  # how a point is launched, not what it trains
+
+
+def config_hash(config: dict) -> str:
+    """What makes two launches one run: the config as plain data, less its launch options. A checkpoint is stamped
+    with it, and a launch into a folder whose unfinished run has the same one continues that run."""
+    trained = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+    return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
 
 
 def to_plain(run: RunConfig) -> dict:
@@ -751,6 +853,27 @@ def from_dataset_name(value: Any) -> str | None:
     return match.group(1) if match else None
 
 
+def known_keys() -> list[str]:
+    """Every key the built-in schemas have, dotted (to name the one a mistyped key meant)."""
+    keys = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in typing.get_type_hints(cls).items():
+            if name not in {f.name for f in dataclasses.fields(cls) if f.init}:
+                continue
+            inner = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+            if dataclasses.is_dataclass(inner):
+                walk(inner, f"{prefix}{name}.")
+            else:
+                keys.add(f"{prefix}{name}")
+
+    walk(RunConfig, "")
+    for group, schemas in {**TARGET_GROUPS, "cluster": CLUSTER_SCHEMAS}.items():
+        for schema in schemas.values():
+            walk(schema, f"{group}.")
+    return sorted(keys)
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -759,6 +882,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),
-                           ("loss", LOSS_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
+                           ("scheduler", SCHEDULER_SCHEMAS), ("loss", LOSS_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
         for schema in schemas.values():
             cs.store(group=group, name=f"{schema.__name__.removesuffix('Config').lower()}_schema", node=schema)

@@ -11,40 +11,42 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.launcher import signals
 from pipeline.launcher.local import prestart
 
 if __name__ == "__main__":  # a single local run's ranks import torch while this process imports Hydra and composes
+    signals.install()
     prestart(sys.argv[1:])
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.config import ConfigError, register_configs  # noqa: E402
-from pipeline.launcher.points import check_allocations, exit_on_config_error, plan_from_hydra, prepare_run, start
-from pipeline.launcher.status import wait_for_sweep
+from pipeline.launcher.errors import reported, run_reporting  # noqa: E402
+from pipeline.launcher.points import check_allocations, plan_from_hydra, prepare_run, start  # noqa: E402
+from pipeline.launcher.status import wait_for_sweep  # noqa: E402
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
+    with reported():
         point, folder = plan_from_hydra(prepare_run(cfg))
         problem = check_allocations([point], folder).get(point.index)
         if problem:
             raise ConfigError(f"Slurm would reject this job: {problem}")
-    except ConfigError as e:
-        exit_on_config_error(e)
-    start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
+        start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
     if point.run.cluster.kind == "slurm" and point.run.wait and not point.run.dry_run:
         wait_for_sweep(folder)
 
 
 def cli() -> None:
     """The `pipeline-launch` command: the same, its ranks started once this module is imported."""
+    signals.install()
     prestart(sys.argv[1:])
-    main()
+    run_reporting(main)
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting(main)

@@ -4,6 +4,7 @@
     rank 0   -> launcher    POINT_DIR/progress.json  Progress  latest step, samples/s and ETA (status, progress bar)
     rank 0   -> collector   POINT_DIR/result.json    Result    the result record, with a RankResult per rank
     launcher -> status      SWEEP_DIR/manifest.json  Manifest  each point's folder and its Slurm jobs
+    holder   -> launches    POINT_DIR/.run.lock      LockHolder  who runs the point now (the file is flocked)
     a rank   -> launcher    POINT_DIR/logs/rank{R}.failed.json  Failure  a rank that raised, and when
 
 Each file is a frozen dataclass with `to_json` (a JSON-ready dict) and `from_json` (which checks every field's
@@ -17,18 +18,23 @@ Imports no torch: the launcher and the collector run on login nodes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import stat
 import tempfile
+import time
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from pipeline.typed import SCHEMA_VERSION, decoder, encode, flat
+import orjson
+
+from pipeline.typed import SCHEMA_VERSION, SchemaError, decoder, dotted, encode, flat
 
 
 POINT_NAME = "point.json"
@@ -40,6 +46,7 @@ CHECKPOINT_NAME = "checkpoint.pt"  # on preemption / time limit, and every train
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"  # the one before, kept until the next is whole
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
+RUN_LOCK_NAME = ".run.lock"  # held (flock) by whoever runs the folder's point: one run per folder
 SUBMITIT_DIR = "submitit"  # cluster=slurm: submitit's script, pickles and the batch step's log
 SBATCH_NAME = "job.sbatch"  # dry run: the script that would be submitted
 # one log per rank, named alike in local debug mode and on Slurm: N the node's index in the job, R the global rank
@@ -100,18 +107,25 @@ def write_atomic(path: Path, write: Callable[[typing.BinaryIO], None], durable: 
             os.close(folder)
 
 
-def finite(data: Any, where: str = "") -> tuple[Any, list[str]]:
+def finite(data: Any, path: list | None = None) -> tuple[Any, list[tuple[list, float]]]:
     """`data` with every NaN or infinite float replaced by None (JSON has no such numbers: a reader that follows
-    the standard rejects `NaN`), and where each was."""
+    the standard rejects `NaN`), and (where, the value) of each."""
+    path = path or []
     if isinstance(data, float):
-        return (data, []) if math.isfinite(data) else (None, [where or "(the value)"])
+        return (data, []) if math.isfinite(data) else (None, [(path, data)])
     if isinstance(data, dict):
-        pairs = [(k, finite(v, f"{where}.{k}" if where else str(k))) for k, v in data.items()]
-        return {k: v for k, (v, _) in pairs}, [p for _, (_, found) in pairs for p in found]
+        pairs = [(k, finite(v, [*path, k])) for k, v in data.items()]
+        return {k: v for k, (v, _) in pairs}, [f for _, (_, found) in pairs for f in found]
     if isinstance(data, (list, tuple)):
-        items = [finite(v, f"{where}[{i}]") for i, v in enumerate(data)]
-        return [v for v, _ in items], [p for _, found in items for p in found]
+        items = [finite(v, [*path, i]) for i, v in enumerate(data)]
+        return [v for v, _ in items], [f for _, found in items for f in found]
     return data, []
+
+
+def non_finite(data: Any) -> tuple[list, float] | None:
+    """(where, the value) of the first NaN or Infinity in plain data, or None."""
+    found = finite(data)[1]
+    return found[0] if found else None
 
 
 def write_json(path: Path, data: Any, durable: bool = True) -> list[str]:
@@ -119,10 +133,50 @@ def write_json(path: Path, data: Any, durable: bool = True) -> list[str]:
     for the writer to say so."""
     data, replaced = finite(data)
     write_atomic(path, lambda f: f.write(json.dumps(data, indent=1, allow_nan=False).encode()), durable)
-    return replaced
+    return [dotted(where) for where, _ in replaced]
+
+
+def remove_stray_temporaries(folder: Path) -> list[Path]:
+    """The temporary files of writes that were interrupted (a kill between write_atomic's create and rename: a
+    half checkpoint can be gigabytes), in the folder and its logs; called by the folder's new owner (it holds the
+    folder's lock, so no write of its own is under way). Returns what it removed."""
+    found = [p for d in (Path(folder), Path(folder) / LOG_DIR) for p in d.glob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------- reading
+# The readers (collect, status, the launcher) read whatever anyone left in a run folder: at most this much of a file.
+# A record holds every timed step of every rank: 100,000 steps x 64 ranks is about 130 MB.
+MAX_FILE_BYTES = 256 * 2**20
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_small(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes, at most `limit` of them. Anything else raises OSError saying what it is, without
+    reading it: a FIFO would block the reader forever, a device (a link to /dev/zero) or a huge file would fill
+    its memory."""
+    _check_regular(os.stat(path), path, limit)  # before opening: opening some devices has effects
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # should it have become a FIFO: no wait
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        _check_regular(st, path, limit)
+        data = f.read(st.st_size + 1)  # not `limit`: a read allocates what it is asked for
+    if len(data) > st.st_size:
+        raise OSError(errno.EAGAIN, "it grew while it was read", str(path))
+    return data
+
+
+def _check_regular(st: os.stat_result, path: Path, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"not a regular file but {_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}",
+                      str(path))
+    if st.st_size > limit:
+        raise OSError(errno.EFBIG, f"{st.st_size} bytes, larger than the {limit} a reader takes", str(path))
+
+
 class JsonFile:
     """Base of the files above: `to_json` / `from_json`, and `write` / `read` under the class's FILE name."""
 
@@ -146,8 +200,49 @@ class JsonFile:
 
     @classmethod
     def read(cls, folder: Path):
-        """Raises OSError when the file is missing, ValueError (SchemaError among them) when it is not usable."""
-        return cls.from_json(json.loads((Path(folder) / cls.FILE).read_text()))
+        """Raises OSError when the file is missing or no regular file of a sane size (read_small), ValueError
+        (SchemaError among them) when it is not usable."""
+        return cls.from_json(parse_json(read_small(Path(folder) / cls.FILE)))
+
+
+def parse_json(raw: bytes) -> Any:
+    """A run file's JSON, finite numbers only: a NaN, an Infinity or a number beyond a double's range raises
+    SchemaError naming where it is; other bad JSON, orjson's ValueError. (orjson: ~10x the standard library's
+    speed on records' long lists of step times.)"""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            data = json.loads(raw)  # which reads NaN, Infinity and 1e999 (as inf): only to say where they are
+        except ValueError:
+            data = None
+        found = non_finite(data)
+        if found is None:
+            raise
+        path, value = found
+        raise SchemaError(f"{json.dumps(value)} is not a finite number, which every number in a run file is",
+                          path) from None
+
+
+RECORD_STATUSES = ("completed", "diverged")
+
+
+def record_status(data: Any) -> str:
+    """A record's `status`, read from its raw JSON before it is typed (a diverged run's record may lack figures
+    a completed one has): "completed" or "diverged"; records from before the field existed are completed ones."""
+    status = data.get("status", "completed") if type(data) is dict else "completed"
+    if status not in RECORD_STATUSES:
+        raise SchemaError(f"expected one of {', '.join(RECORD_STATUSES)}, got {status!r}", ["status"])
+    return status
+
+
+def diverged_at(point_dir: Path) -> int | None:
+    """The step a point's run diverged at, when its record says it did; None otherwise (or without a record)."""
+    try:
+        data = parse_json(read_small(Path(point_dir) / RECORD_NAME))
+        return data.get("diverged_at_step", -1) if record_status(data) == "diverged" else None
+    except (OSError, ValueError):
+        return None
 
 
 # -------------------------------------------------------------------------------------------- the files
@@ -457,6 +552,20 @@ class Failure:
     at_unix: float
     error: str  # the exception's type and message
 
+    @classmethod
+    def of(cls, error: BaseException, rank: int, node_rank: int, silent: typing.Sequence[int] = ()) -> "Failure":
+        """A rank's failure now. What is behind it is said first: a full disk, which what it raises can hide
+        (torch.save's "[enforce fail at inline_container.cc] unexpected pos", with the OSError down its chain);
+        the `silent` ranks, which stopped answering while this one waited for them (pipeline.job.heartbeat)."""
+        said = f"{type(error).__name__}: {error}"
+        full = next((e for e in causes(error) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+        if full is not None:
+            said = f"No space left on device{f' ({full.filename})' if full.filename else ''}: {said}"
+        if silent:
+            said = (f"rank(s) {', '.join(map(str, silent))} stopped answering (no heartbeat): it did not arrive, "
+                    f"and this rank timed out waiting: {said}")
+        return cls(rank=rank, node_rank=node_rank, at_unix=time.time(), error=said[:2000])
+
     def write(self, point_dir: Path) -> None:
         path = failure_path(point_dir, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)  # torchrun and plain srun runs have no log folder of ours
@@ -468,10 +577,19 @@ class Failure:
         found = []
         for path in (Path(point_dir) / LOG_DIR).glob("rank*.failed.json"):
             try:
-                found.append(decoder(Failure)(json.loads(path.read_text())))
+                found.append(decoder(Failure)(parse_json(read_small(path))))
             except (OSError, ValueError):
                 continue
         return sorted(found, key=lambda f: f.at_unix)
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """An exception and the ones behind it (raised from, or during the handling of), each once."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 @dataclass(frozen=True)
@@ -503,3 +621,17 @@ class Manifest(JsonFile):
     FILE: ClassVar[str] = MANIFEST_NAME
     schema_version: int = SCHEMA_VERSION
     points: dict[int, ManifestPoint] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LockHolder(JsonFile):
+    """Who holds a point folder's lock (POINT_DIR/.run.lock, flocked by its holder: pipeline/launcher/rundir_lock):
+    written by the holder into the file it locks, read to say who is in the way."""
+
+    FILE: ClassVar[str] = RUN_LOCK_NAME
+    pid: int
+    host: str
+    since: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host} since {self.since}"

@@ -1,7 +1,7 @@
 """Where a sweep stands:  python -m pipeline.status SWEEP_DIR [--resubmit-failed] [--wait]
 
 Reconciles the sweep's manifest with Slurm and the result records, prints a line per point, points to the first
-failed rank's log of each point that ended without a record, and resubmits those points if asked.
+failed rank's log of each point that ended without a usable record, and resubmits those points if asked.
 Imports no torch: it runs on login nodes.
 """
 
@@ -13,14 +13,17 @@ from pathlib import Path
 
 from pipeline.launcher.logs import tail
 from pipeline.launcher.status import format_table, resubmit_failed, sweep_status, wait_for_sweep
+from pipeline.rundir import MANIFEST_NAME, Failure
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--resubmit-failed", action="store_true",
-                        help="resubmit the points that failed, timed out, were preempted or cancelled, "
-                             "or never started")
+                        help="resubmit the points that failed, timed out, were preempted or cancelled, never "
+                             "started, or left a record that cannot be used")
+    parser.add_argument("--include-diverged", action="store_true",
+                        help="with --resubmit-failed: the points whose training diverged too")
     parser.add_argument("--wait", action="store_true", help="block until every point has ended")
     args = parser.parse_args(argv)
     try:
@@ -28,14 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"pipeline.status: {e}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:  # a manifest that is no regular file, truncated, corrupt, mistyped
+        print(f"pipeline.status: {args.sweep_dir / MANIFEST_NAME} cannot be read: {e}", file=sys.stderr)
+        return 2
     print(format_table(statuses))
     missing = [s.point for s in statuses if not s.has_record]
     print(f"points without a record: {', '.join(map(str, missing)) if missing else 'none'}")
     for s in statuses:
         if s.failed_log is not None:
-            print(f"\npoint {s.point}: first failed rank's log {s.failed_log}, last lines:\n{tail(s.failed_log)}")
+            first = next(iter(Failure.read_all(s.dir)), None)  # in its own words (a full disk, a silent rank, ...)
+            said = f" (rank {first.rank}: {first.error.splitlines()[0]})" if first else ""
+            print(f"\npoint {s.point}: first failed rank's log {s.failed_log}{said}, last lines:\n{tail(s.failed_log)}")
     if args.resubmit_failed:
-        for point, job in resubmit_failed(args.sweep_dir, statuses):
+        for point, job in resubmit_failed(args.sweep_dir, statuses, args.include_diverged):
             print(f"point {point}: resubmitted as job {job}")
     return 0
 

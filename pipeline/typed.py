@@ -37,10 +37,15 @@ class SchemaError(ValueError):
 
     @property
     def where(self) -> str:
-        return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path).lstrip(".")
+        return dotted(self.path)
 
     def __str__(self) -> str:
         return f"{self.where}: {self.problem}" if self.where else self.problem
+
+
+def dotted(path: list) -> str:
+    """Where a value is, as a key: ["ranks", 1, "step_times_s"] -> ranks[1].step_times_s."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def flat(**kwargs) -> Any:

@@ -19,8 +19,15 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.job.run import run_from_overrides, run_point
-from pipeline.rundir import POINT_NAME
+from pipeline.job.lifeline import follow_launcher
+
+if __name__ == "__main__":  # before importing torch (seconds): a launcher killed meanwhile takes this rank along
+    follow_launcher()
+
+from pipeline.job.env import DistEnv  # noqa: E402
+from pipeline.job.run import run_from_overrides, run_point  # noqa: E402
+from pipeline.launcher.rundir_lock import lock_for_job  # noqa: E402
+from pipeline.rundir import POINT_NAME  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -32,9 +39,10 @@ def main(argv: list[str]) -> None:
         os.environ.update(order["env"])
         argv = [order["point_dir"]]
     if len(argv) == 1 and (Path(argv[0]) / POINT_NAME).is_file():
-        run_point(argv[0])
+        with lock_for_job(Path(argv[0]), DistEnv.detect().rank):
+            run_point(argv[0])
     else:
-        run_from_overrides(argv)
+        run_from_overrides(argv)  # rank 0 claims the folder it freezes the point into
 
 
 def exit_now(code: int) -> None:

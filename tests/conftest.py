@@ -57,3 +57,44 @@ def rank_pid(point_dir: Path, rank: int) -> int | None:
 
 def _is_worker(proc: Path) -> bool:
     return b"pipeline.worker" in (proc / "cmdline").read_bytes()
+
+
+def start_launch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`python -m pipeline.launch ARGS` as a process of its own, to signal it mid-run (output on its pipes)."""
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith(("SLURM", "MASTER_"))}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.launch", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_step(point_dir: Path, step: int, launcher: subprocess.Popen, ranks: int,
+                  timeout: float = 120) -> list[int]:
+    """Wait until rank 0 has reported `step` (progress.json) and every rank's pid is known; returns the pids."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    progress = Path(point_dir) / "progress.json"
+    while True:
+        pids = [rank_pid(point_dir, r) for r in range(ranks)]
+        if all(pids) and progress.is_file():
+            try:
+                if json.loads(progress.read_text())["step"] >= step:
+                    return pids
+            except ValueError:  # rewritten as we read it
+                pass
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline, f"step {step} not reached in {timeout} s"
+        time.sleep(0.05)
+
+
+def live_in_group(pgid: int) -> list[int]:
+    """The processes of process group `pgid` that still run (zombies, which run nothing, left out), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(group) == pgid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found

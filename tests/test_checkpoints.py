@@ -1,6 +1,7 @@
 """Checkpoints that survive faults: whole before they are renamed in, the one before kept, a truncated or corrupt
-one reported and passed over (never a loop), another run's refused; and a run resumed from the one before its
-truncated last checkpoint still ends with the weights of an uninterrupted run."""
+one (bytes overwritten inside a tensor, which torch.load would take) reported and passed over (never a loop),
+another run's refused, the file loaded named; and a run resumed from the one before its truncated last
+checkpoint still ends with the weights of an uninterrupted run."""
 
 import json
 import os
@@ -19,8 +20,8 @@ from pipeline.rundir import Point, Result
 from tests.conftest import launch, rank_pid
 
 
-def saved(folder, step, run_id="run-a", config=None):
-    model = torch.nn.Linear(2, 2)
+def saved(folder, step, run_id="run-a", config=None, width=2):
+    model = torch.nn.Linear(width, width)
     optimizer = torch.optim.SGD(model.parameters(), 0.1)
     Checkpoints(folder, run_id, config or {"x": 1}).save(model=model, optimizer=optimizer, scheduler=None, step=step,
                                                          segments=[])
@@ -40,6 +41,25 @@ def test_a_broken_checkpoint_falls_back_to_the_one_before_then_to_none(tmp_path,
     assert mine.load() is None and "starts over from step 0" in caplog.text
     for _ in range(3):  # asked again (a requeue after a requeue): the same answer, no loop
         assert mine.load() is None
+
+
+@pytest.mark.parametrize("damage", ["random 4 KiB in the middle", "one bit flipped"])
+def test_a_corrupt_checkpoint_that_torch_would_load_is_refused_and_the_one_before_used(tmp_path, caplog, damage):
+    saved(tmp_path, 10, width=64)
+    saved(tmp_path, 20, width=64)
+    path = tmp_path / "checkpoint.pt"
+    data = bytearray(path.read_bytes())  # 33 KB, most of it the weight and its momentum
+    assert torch.load(path, weights_only=True)["step"] == 20  # as written, torch reads it past its checksum
+    middle = len(data) // 2
+    if damage.startswith("random"):
+        data[middle:middle + 4096] = os.urandom(4096)
+    else:
+        data[middle] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["step"] == 20  # torch alone would resume from it, on garbage
+    mine = Checkpoints(tmp_path, "run-a", {"x": 1})
+    assert mine.load()["step"] == 10 and mine.loaded == tmp_path / "checkpoint.prev.pt"
+    assert f"checkpoint {path} cannot be read" in caplog.text and "does not match the SHA-256" in caplog.text
 
 
 def test_another_runs_checkpoint_is_refused(tmp_path, caplog):
@@ -75,7 +95,9 @@ def test_a_truncated_last_checkpoint_resumes_from_the_one_before_to_the_same_wei
     (run_dir / "checkpoint.pt").write_bytes(data[:1000])
     run_local(run_dir, parse_run_config(Point.read(run_dir).config), job_id="local-again", position="again")
     rec = Result.read(run_dir)
-    assert rec.resumed_from_step == before and "cannot be read" in (run_dir / "logs/node0-rank0.log").read_text()
+    rank0 = (run_dir / "logs/node0-rank0.log").read_text()
+    assert rec.resumed_from_step == before and "cannot be read" in rank0
+    assert f"resumed from {run_dir / 'checkpoint.prev.pt'} at step {before}" in rank0
     straight, resumed = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "straight", run_dir))
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name

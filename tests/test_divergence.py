@@ -7,6 +7,7 @@ import math
 import pytest
 
 from pipeline.rundir import Result, finite, write_json
+from pipeline.typed import dotted
 from tests.conftest import launch
 
 FAST = ["trainer.log_every=2", "dataset.train_size=2048", "dataset.test_size=256", "trainer.tensorboard=false"]
@@ -27,6 +28,9 @@ def test_a_diverging_run_stops_within_the_check_interval_and_says_where(tmp_path
     logs = "".join(p.read_text() for p in (out / "logs").glob("node*-rank*.log"))
     rec = Result.read(out)
     assert rec.status == "diverged" and rec.diverged_at_step is not None, r.stderr + logs
+    # the launch fails, saying so once, with no traceback
+    assert r.returncode == 1 and r.stderr.count(f"its loss was not finite at step {rec.diverged_at_step}") == 1
+    assert "Traceback" not in r.stderr
     # stopped at the first check after the first non-finite loss, on both ranks: both ranks' timings end there
     assert rec.steps == 8 * math.ceil((rec.diverged_at_step + 1) / 8) < 60
     assert {len(x.timing.step_times_s) for x in rec.ranks} == {rec.steps - rec.warmup_steps}
@@ -43,6 +47,8 @@ def test_a_diverging_run_stops_within_the_check_interval_and_says_where(tmp_path
 
 def test_files_hold_no_non_finite_numbers(tmp_path):
     data = {"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "NaN", "e": 2}
-    assert finite(data) == ({"a": None, "b": [1.0, None, {"c": None}], "d": "NaN", "e": 2}, ["a", "b[1]", "b[2].c"])
+    clean, found = finite(data)
+    assert clean == {"a": None, "b": [1.0, None, {"c": None}], "d": "NaN", "e": 2}
+    assert [(dotted(path), str(value)) for path, value in found] == [("a", "nan"), ("b[1]", "inf"), ("b[2].c", "-inf")]
     replaced = write_json(tmp_path / "x.json", data)
     assert replaced == ["a", "b[1]", "b[2].c"] and strict_json(tmp_path / "x.json")["b"] == [1.0, None, {"c": None}]

@@ -34,8 +34,8 @@ def test_entry_points_and_every_login_side_module_import_neither_torch_nor_the_j
 @pytest.mark.slow
 def test_a_real_launch_imports_neither_torch_nor_the_job_side(tmp_path):
     """The launcher process itself, through a whole local run (its ranks, other processes, do import torch)."""
-    code = (f"import runpy\nsys.argv = ['pipeline.launch', 'trainer.max_steps=3', 'dataset.train_size=512', "
-            f"'dataset.test_size=64', 'hydra.run.dir={tmp_path / 'run'}']\n"
+    code = (f"import runpy\nsys.argv = ['pipeline.launch', 'trainer.max_steps=3', 'trainer.warmup_steps=1', "
+            f"'dataset.train_size=512', 'dataset.test_size=64', 'hydra.run.dir={tmp_path / 'run'}']\n"
             "runpy.run_module('pipeline.launch', run_name='__main__')")
     assert loaded_after(code) == "[]"
     assert (tmp_path / "run/result.json").is_file()

@@ -77,7 +77,8 @@ def test_sbatch_parameters_come_from_the_config(compose_cfg):
         "cluster=slurm", "nodes=4", "cluster.tasks_per_node=8", "cluster.gpus_per_node=8", "cluster.partition=gpu",
         "cluster.account=proj", "cluster.qos=high", "cluster.time=120", "cluster.cpus_per_task=6",
         "cluster.mem=400G", "cluster.constraint='a100&ib'", "cluster.exclusive=true",
-        "cluster.setup=['module load cuda']", "+cluster.sbatch_extra.mail-type=END"))
+        "cluster.setup=['module load cuda']", "+cluster.sbatch_extra.mail-type=END",
+        "trainer.warmup_steps=1"))  # 32 ranks take the default data in 4 steps
     p = sbatch_parameters(run, "job", Path("/x"))
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == (4, 8, 8, 6)
     assert (p["partition"], p["account"], p["qos"], p["time"], p["mem"]) == ("gpu", "proj", "high", 120, "400G")
@@ -137,8 +138,8 @@ def test_sweep_submits_one_job_per_point_and_returns(slurm_cluster, tmp_path):
 def test_each_point_takes_its_own_launch_options(slurm_cluster, tmp_path):
     """-m cluster=local,slurm: point 0 trains here, point 1 is submitted, and wait=true waits for that job."""
     sweep = tmp_path / "sweep"
-    r = launch("-m", "cluster=local,slurm", "wait=true", "trainer.max_steps=5", *FAST, f"hydra.sweep.dir={sweep}",
-               cwd=tmp_path)
+    r = launch("-m", "cluster=local,slurm", "wait=true", "trainer.max_steps=5", "trainer.warmup_steps=1", *FAST,
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     local, slurm = record(sweep / "0"), record(sweep / "1")
     assert (local["launch_mode"], slurm["launch_mode"]) == ("local", "slurm")
@@ -225,16 +226,17 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
 @pytest.mark.slurm
 def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    # a per-rank batch larger than the train split passes the launch checks and fails in the job
-    r = launch("-m", "cluster=slurm", "trainer.batch_size=64,4096", "trainer.max_steps=5", *FAST,
-               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # an optimizer class its module lacks passes the launch checks (which find the module without importing torch)
+    # and fails in the job
+    r = launch("-m", "cluster=slurm", "optimizer._target_=torch.optim.SGD,torch.optim.NoSuchOptimizer",
+               "trainer.max_steps=5", "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = wait(sweep)
     lines = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
     assert "completed" in lines["0"] and "failed" in lines["1"]
     assert "points without a record: 1" in out
     # status points to the rank that failed first and shows its last lines
-    assert "point 1: first failed rank's log" in out and "fewer than one per-rank batch" in out
+    assert "point 1: first failed rank's log" in out and "torch.optim.NoSuchOptimizer could not be built" in out
     r = status(sweep, "--resubmit-failed")
     assert r.returncode == 0 and re.search(r"point 1: resubmitted as job \d+", r.stdout)
     assert "point 0: resubmitted" not in r.stdout
@@ -252,8 +254,8 @@ def test_rejected_allocation_submits_nothing(slurm_cluster, tmp_path):
     assert "point #1 (cluster=slurm nodes=8)" in r.stderr and "nothing was launched" in r.stderr
     assert jobs_in_queue() == before and not (sweep / "manifest.json").exists()
     # allow_partial=true: the point Slurm accepts goes, the other is reported and kept in the manifest
-    r = launch("-m", "cluster=slurm", "nodes=1,8", "allow_partial=true", "trainer.max_steps=5", *FAST,
-               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    r = launch("-m", "cluster=slurm", "nodes=1,8", "allow_partial=true", "trainer.max_steps=5",
+               "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "skipping point #1" in r.stdout + r.stderr
     out = wait(sweep)

@@ -3,6 +3,7 @@ submitit's own tests fake them. Job arrays by allocation, the preflight once per
 squeue and one sacct call, resubmission per task with the launch's checks, the manifest under a lock, and the
 sbatch scripts against golden files. The same paths through a real Slurm are in test_slurm.py."""
 
+import errno
 import json
 import multiprocessing
 import os
@@ -18,8 +19,10 @@ from pipeline.launcher.manifest import add_submissions, read_manifest
 from pipeline.launcher.points import PlannedPoint
 from pipeline.launcher.slurm import check_slurm_values, render_sbatch
 from pipeline.launcher.status import expand_job_ids
+from pipeline.rundir import Failure
 from tests.conftest import GOLDEN, REPO
 from tests.fake_slurm.fake_slurm import calls, install, set_state
+from tests.records_factory import make_record, write_record
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
 
@@ -104,7 +107,7 @@ def test_a_thousand_points_launch_in_two_sbatch_calls_and_show_in_one_table(slur
     ids = job_ids(sweep)
     set_state(ids[3][0], "RUNNING")
     set_state(ids[4][0], "PENDING", "RUNNING", "FAILED")
-    (sweep / "5" / "result.json").write_text("{}")
+    write_record(sweep / "5", make_record(nodes=1, throughput=100))
     before = len(slurm.calls())
     s = slurm.status(str(sweep))
     assert s.returncode == 0, s.stderr
@@ -134,6 +137,111 @@ def test_failed_tasks_are_resubmitted_together_after_the_launch_checks(slurm, tm
     after = job_ids(sweep)
     assert after[0] == ids[0] and after[3] == ids[3]
     assert [len(after[p]) for p in (1, 2)] == [2, 2] and {after[1][1].split("_")[0]} == {after[2][1].split("_")[0]}
+
+
+def _garbage(folder: Path, kind: str) -> None:
+    """FOLDER/result.json as `kind` says: something that no reader may hang on, run out of memory on, or count."""
+    good = make_record(nodes=2, throughput=100).to_json()
+    path = folder / "result.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "huge sparse":
+        with open(path, "wb") as f:
+            f.truncate(1 << 40)  # a terabyte that takes no disk
+    elif kind == "truncated":
+        path.write_text(json.dumps(good)[:300])
+    elif kind == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    else:
+        edits = {"NaN": lambda r: r["ranks"][1]["step_times_s"].__setitem__(3, float("nan")),
+                 "Infinity": lambda r: r["config"]["optimizer"].__setitem__("lr", float("inf")),
+                 "nodes 0": lambda r: r.update(nodes=0), "negative time": lambda r: r.update(wall_time_s=-1.0),
+                 "wrong world size": lambda r: r.update(world_size=3),
+                 "diverged": lambda r: r.update(status="diverged", throughput_samples_per_s=None, steps=40),
+                 "good": lambda r: None}
+        edits[kind](good)
+        path.write_text(json.dumps(good))
+
+
+GARBAGE = {"good": None, "fifo": "not a regular file but a FIFO",
+           "link to /dev/zero": "not a regular file but a character device", "huge sparse": "1099511627776 bytes",
+           "truncated": "not valid JSON", "random bytes": "not valid JSON",
+           "NaN": "ranks[1].step_times_s[3]: NaN is not a finite number",
+           "Infinity": "config.optimizer.lr: Infinity is not a finite number", "nodes 0": "nodes: 0 is impossible",
+           "negative time": "wall_time_s: -1.0 is negative", "wrong world size": "world_size: 3 is not nodes (2) x",
+           "diverged": "training diverged (a non-finite loss) after 40 steps"}
+
+
+def test_collect_and_status_survive_every_kind_of_broken_record(slurm, tmp_path):
+    """One sweep whose points left every kind of broken record: collect and status finish (the subprocess
+    timeouts are the hang guards), name each with its reason, count the good one alone, show the diverged one as
+    diverged; --resubmit-failed resubmits the broken ones, and the diverged one only with --include-diverged."""
+    sweep = tmp_path / "sweep"
+    kinds = list(GARBAGE)
+    assert slurm.run("-m", f"trainer.seed=range({len(kinds)})", "cluster=slurm",
+                     f"hydra.sweep.dir={sweep}").returncode == 0
+    for point, kind in enumerate(kinds):
+        set_state(job_ids(sweep)[point][0], "RUNNING", "COMPLETED")
+        _garbage(sweep / str(point), kind)
+    c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(tmp_path / "out"),
+                        "--no-plots"], capture_output=True, text=True, timeout=60)
+    assert c.returncode == 0 and "Traceback" not in c.stderr, c.stderr
+    assert "1 runs in 1 groups, 1 diverged, 10 records skipped" in c.stdout
+    for point, kind in enumerate(kinds[1:], start=1):
+        (line,) = [x for x in c.stderr.splitlines() if f"/sweep/{point}/result.json" in x]
+        assert GARBAGE[kind] in line, (kind, line)
+    assert "## Diverged runs" in (tmp_path / "out/report.md").read_text()
+    s = slurm.status(str(sweep))
+    assert s.returncode == 0 and "Traceback" not in s.stderr, s.stderr
+    rows = {int(line.split()[0]): line for line in s.stdout.splitlines() if line[:1].isdigit()}
+    for point, kind in enumerate(kinds):
+        state = {"good": "completed", "diverged": "diverged"}.get(kind, "bad record")
+        assert f" {state} " in rows[point] and (GARBAGE[kind] or "") in rows[point], (kind, rows[point])
+    before = len(slurm.submissions())
+    s = slurm.status(str(sweep), "--resubmit-failed")
+    assert s.returncode == 0, s.stderr
+    resubmitted = {int(x.split()[1].rstrip(":")) for x in s.stdout.splitlines() if "resubmitted as job" in x}
+    assert resubmitted == set(range(1, len(kinds) - 1)) and len(slurm.submissions()) == before + 1
+    s = slurm.status(str(sweep), "--resubmit-failed", "--include-diverged")
+    assert [x for x in s.stdout.splitlines() if "resubmitted" in x] == [
+        f"point {len(kinds) - 1}: resubmitted as job {job_ids(sweep)[len(kinds) - 1][-1]}"]
+
+
+def test_status_says_why_the_first_failed_rank_failed_in_its_own_words(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    assert slurm.run("-m", "trainer.seed=0,1", "cluster=slurm", f"hydra.sweep.dir={sweep}").returncode == 0
+    set_state(job_ids(sweep)[1][0], "RUNNING", "FAILED")
+    try:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from OSError(
+            errno.ENOSPC, "No space left on device")
+    except RuntimeError as e:
+        Failure.of(e, rank=1, node_rank=1).write(sweep / "1")
+    (sweep / "1/logs/node1-rank1.log").write_text("Traceback (most recent call last):\nRuntimeError: unexpected pos\n")
+    s = slurm.status(str(sweep))
+    assert s.returncode == 0, s.stderr
+    assert (f"point 1: first failed rank's log {sweep / '1/logs/node1-rank1.log'} (rank 1: No space left on device: "
+            "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos), last lines:") in s.stdout
+
+
+@pytest.mark.parametrize("manifest", ["truncated", "random bytes", "fifo", "wrong type"])
+def test_a_broken_manifest_is_one_line_and_exit_2(slurm, tmp_path, manifest):
+    sweep = tmp_path / "sweep"
+    assert slurm.run("-m", "trainer.seed=0,1", "cluster=slurm", f"hydra.sweep.dir={sweep}").returncode == 0
+    path = sweep / "manifest.json"
+    good = path.read_text()
+    path.unlink()
+    if manifest == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes({"truncated": good[:40].encode(), "random bytes": os.urandom(256),
+                          "wrong type": good.replace('"nodes": 1', '"nodes": "one"').encode()}[manifest])
+    s = subprocess.run([sys.executable, "-m", "pipeline.status", str(sweep)], capture_output=True, text=True,
+                       timeout=60)
+    assert s.returncode == 2 and s.stdout == "" and "Traceback" not in s.stderr
+    (line,) = s.stderr.splitlines()
+    assert line.startswith(f"pipeline.status: {path} cannot be read: "), line
 
 
 def test_a_dry_run_needs_no_slurm_and_a_local_one_trains_nothing(tmp_path):

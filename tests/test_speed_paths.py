@@ -123,7 +123,8 @@ def test_compiled_model_trains_to_the_same_weights_as_eager(tmp_path):
 
 @pytest.mark.slow
 def test_defaults_on_cpu_take_the_plain_path(tmp_path):
-    r = launch("trainer.max_steps=5", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    r = launch("trainer.max_steps=5", "trainer.warmup_steps=1", *FAST, f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "run/result.json").read_text())
     assert rec["precision"] == "fp32" and not any(rec["fast_path"].values())

@@ -144,7 +144,7 @@ def test_dataloader_and_memory_take_the_same_batches_and_resume_exactly(tmp_path
     for rank in (0, 1):  # as Slurm signals every task before preemption
         os.kill(rank_pid(loader, rank), signal.SIGUSR2)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "rank 0 (simulated node 0) failed first, exit code 75" in out, out
+    assert proc.returncode != 0 and "rank 0 (simulated node 0) failed first: exit code 75" in out, out
     checkpoint = torch.load(loader / "checkpoint.pt", weights_only=True)
     assert 100 <= checkpoint["step"] < 600 and not (loader / "result.json").exists()
     # the same point folder started again, as a requeued job is
@@ -222,7 +222,8 @@ def test_bad_input_stops_the_job_naming_the_key_and_the_rank(tmp_path, overrides
     (np.arange(2000) % 300).astype(np.uint16).tofile(tmp_path / "tokens/train.bin")
     (np.arange(200) % 300).astype(np.uint16).tofile(tmp_path / "tokens/val.bin")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
-    r = run_launch([*overrides, "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env)
+    r = run_launch([*overrides, "trainer.max_steps=3", "trainer.warmup_steps=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                   tmp_path, env)
     assert r.returncode != 0
     for text in said:
         assert text in r.stderr, r.stderr[-3000:]
@@ -230,6 +231,6 @@ def test_bad_input_stops_the_job_naming_the_key_and_the_rank(tmp_path, overrides
 
 def test_more_loader_workers_than_cpus_is_warned(tmp_path):
     r = launch("loader.kind=dataloader", f"loader.num_workers={(os.cpu_count() or 1) + 1}", "trainer.max_steps=3",
-               *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+               "trainer.warmup_steps=1", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "is more than the" in (tmp_path / "run/logs/node0-rank0.log").read_text()

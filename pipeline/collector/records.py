@@ -1,6 +1,8 @@
-"""Reading result records for the collector: every `result.json` under the given folders, each reduced at once
-to the few figures the collector uses. A record that cannot be used is listed with the reason, never dropped
-silently."""
+"""Reading result records for the collector (and status): every `result.json` under the given folders, each
+reduced at once to the few figures the collector uses. A record that cannot be used is listed with the reason,
+never dropped silently, and none can stop the reading: only regular files of a sane size are read (a FIFO, a link
+to a device, a huge file are reported), finite numbers only, every field typed, every value one a run can have.
+A diverged run's record is listed apart, with its reason."""
 
 from __future__ import annotations
 
@@ -9,11 +11,10 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
-import orjson
-
-from pipeline.rundir import RECORD_NAME, Result, target_name
+from pipeline.rundir import (RECORD_NAME, Result, SchemaError, parse_json, read_small, record_status,
+                             target_name)
 
 PARALLEL_FROM = 1000  # records; below this, starting worker processes costs more than it saves
 
@@ -79,6 +80,11 @@ class Problem:
     reason: str
 
 
+@dataclass(frozen=True)
+class Diverged(Problem):
+    """The record of a run that diverged: not a scaling measurement, listed apart with its reason."""
+
+
 def optimizer_name(cfg: dict) -> str:
     """The optimizer's name: its `_target_`'s class (sgd, adamw, lars); records written before the optimizer
     became a `_target_` name it as trainer.optimizer."""
@@ -121,16 +127,83 @@ def _probe(rec: Result) -> Probe | None:
                  busbw_gb_s=f.points[-1].busbw_gb_s, transport=f.transport, backend=f.backend)
 
 
-def read_one(path: str) -> Run | Problem:
+def read_record(path: str) -> Result | Diverged | Problem:
+    """One record, typed and checked, or why it cannot be used."""
     try:
-        with open(path, "rb") as f:
-            data = orjson.loads(f.read())  # ~10x the standard library's speed on records' long float lists
-    except (OSError, ValueError) as e:  # unreadable, corrupt or truncated (orjson.JSONDecodeError is a ValueError)
+        data = parse_json(read_small(Path(path)))
+    except OSError as e:  # missing, unreadable, not a regular file, too large
+        return Problem(path, f"not read: {e.strerror or e}")
+    except SchemaError as e:  # a NaN or Infinity, named
+        return Problem(path, str(e))
+    except ValueError as e:  # corrupt or truncated
         return Problem(path, f"not valid JSON ({type(e).__name__}: {e})")
     try:
+        if record_status(data) == "diverged":
+            return Diverged(path, f"training diverged: a non-finite loss at step {data.get('diverged_at_step', '?')}")
         rec = Result.from_json(data)  # SchemaError names a missing or mistyped field (or the wrong schema_version)
     except ValueError as e:
         return Problem(path, str(e))
+    problem = impossible(rec)
+    return Problem(path, problem) if problem else rec
+
+
+def impossible(rec: Result) -> str | None:
+    """The first value no run can have (a record edited, or written by a broken worker), named with its field:
+    the collector would divide by it or report it."""
+    for name, value, least in (("nodes", rec.nodes, 1), ("tasks_per_node", rec.tasks_per_node, 1),
+                               ("per_rank_batch", rec.per_rank_batch, 1), ("global_batch", rec.global_batch, 1),
+                               ("steps_per_epoch", rec.steps_per_epoch, 1), ("steps", rec.steps, 0),
+                               ("timed_steps", rec.timing.timed_steps, 0), ("gradient_bytes", rec.gradient_bytes, 0)):
+        if value < least:
+            return f"{name}: {value} is impossible (at least {least})"
+    if rec.world_size != rec.nodes * rec.tasks_per_node:
+        return (f"world_size: {rec.world_size} is not nodes ({rec.nodes}) x tasks_per_node ({rec.tasks_per_node}) = "
+                f"{rec.nodes * rec.tasks_per_node}")
+    if len(rec.ranks) != rec.world_size:
+        return f"ranks: {len(rec.ranks)} entries for world_size {rec.world_size}"
+    throughput = rec.timing.throughput_samples_per_s
+    if throughput is not None and throughput <= 0:
+        return f"throughput_samples_per_s: {throughput} is impossible (> 0)"
+    if _earliest(rec) >= 0:  # the common case, without naming every field (10,000 records are read in seconds)
+        return None
+    return next(f"{name}: {value} is negative, which no time is" for name, value in _times(rec) if value < 0)
+
+
+def _earliest(rec: Result) -> float:
+    """The smallest of a record's times."""
+    timing = rec.timing
+    times = [rec.wall_time_s, *(vars(timing.step_time_s).values() if timing.step_time_s else ()),
+             *(vars(timing.breakdown_s).values() if timing.breakdown_s else ())]
+    for r in rec.ranks:
+        t = r.timing
+        times += (t.step_time_median_s, t.busy_time_median_s, t.data_mean_s, t.compute_mean_s, t.comm_mean_s)
+        if t.step_times_s:
+            times.append(min(t.step_times_s))
+    return min((t for t in (timing.timed_wall_s, *times) if t is not None), default=0.0)
+
+
+def _times(rec: Result) -> Iterator[tuple[str, float]]:
+    """(field, seconds) of every time in a record, to name the one that is wrong."""
+    yield "wall_time_s", rec.wall_time_s
+    for group in ("step_time_s", "breakdown_s"):
+        if getattr(rec.timing, group) is not None:
+            yield from ((f"{group}.{k}", v) for k, v in vars(getattr(rec.timing, group)).items())
+    if rec.timing.timed_wall_s is not None:
+        yield "timed_wall_s", rec.timing.timed_wall_s
+    for i, r in enumerate(rec.ranks):
+        t = r.timing
+        if t.step_times_s and min(t.step_times_s) < 0:
+            step = next(j for j, v in enumerate(t.step_times_s) if v < 0)
+            yield f"ranks[{i}].step_times_s[{step}]", t.step_times_s[step]
+        for name in ("step_time_median_s", "busy_time_median_s", "data_mean_s", "compute_mean_s", "comm_mean_s"):
+            if getattr(t, name) is not None:
+                yield f"ranks[{i}].{name}", getattr(t, name)
+
+
+def read_one(path: str) -> Run | Problem:
+    rec = read_record(path)
+    if isinstance(rec, Problem):
+        return rec
     if rec.timing.throughput_samples_per_s is None or rec.timing.breakdown_s is None:
         return Problem(path, "no timed steps (the run had no steps after warm-up)")
     try:

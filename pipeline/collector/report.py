@@ -12,7 +12,7 @@ from itertools import groupby
 from pathlib import Path
 
 from pipeline.collector.cost import COST_FRACTION
-from pipeline.collector.records import Problem
+from pipeline.collector.records import Diverged, Problem
 from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
 
@@ -248,8 +248,11 @@ def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Prob
         lines += [f"| {p.nodes} | {p.epoch_s / 60:.3g} min | {(p.gpu_hours if gpu else p.node_hours):.3g} | "
                   f"{_f(p.marginal, '.0%')} |" for p in a.cost.points] + [""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
-    if problems:
-        lines += ["## Records not used", ""] + [f"- `{p.path}`: {p.reason}" for p in problems] + [""]
+    diverged = [p for p in problems if isinstance(p, Diverged)]
+    unusable = [p for p in problems if not isinstance(p, Diverged)]
+    for title, listed in (("Diverged runs", diverged), ("Records not used", unusable)):
+        if listed:
+            lines += [f"## {title}", ""] + [f"- `{p.path}`: {p.reason}" for p in listed] + [""]
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_ru
 from pipeline.job.build import build_workload
 from pipeline.job.checkpoint import Checkpoints, save
 from pipeline.job.env import DistEnv
+from pipeline.job.heartbeat import silent_ranks, start_heartbeat
 from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
@@ -107,6 +108,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         timeout = timedelta(seconds=run.cluster.timeout_s)
         store = store or rendezvous_store(env, timeout)
         join_process_group(env, device, store, timeout, point_dir)
+        start_heartbeat(store, env.rank)
         clock.mark("rendezvous")
         host = place_threads(env)
         workload = build_workload(run, env.rank, clock.mark)
@@ -130,8 +132,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
     except Exception as e:
         # written down before the teardown below, which makes the other ranks fail too: the launcher and status
         # tell the rank that failed first by it
-        Failure(rank=env.rank, node_rank=env.node_rank, at_unix=time.time(),
-                error=f"{type(e).__name__}: {e}"[:2000]).write(point_dir)
+        Failure.of(e, rank=env.rank, node_rank=env.node_rank, silent=silent_ranks(store, env, e)).write(point_dir)
         raise
     finally:
         held, trainer = weakref.ref(trainer) if trainer else None, None

@@ -242,7 +242,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.env.rank == 0:
-            log.info("resumed from %s at step %d", self.checkpoints.path, checkpoint["step"])
+            log.info("resumed from %s at step %d", self.checkpoints.loaded, checkpoint["step"])
         return checkpoint["step"], checkpoint["segments"]
 
     def _make_observers(self, tensorboard_dir: Path) -> None:

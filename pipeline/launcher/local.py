@@ -11,27 +11,28 @@ the point.
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.launcher.logs import tail
+from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, oom_kills, process_state
+from pipeline.launcher.signals import GRACE_S, LAUNCHER_PID_VAR, own, stop_sessions
 from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 5.0
 LEAVE_S = 10.0  # see _wait_all
+TAIL_LINES = 20  # of the failed rank's output, in the failure message
 RANK_HEADER = "pipeline: rank"  # the first line of each rank's log in local mode: see _copy
 # variables that would make a spawned rank believe it is part of some other job
 _FOREIGN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -47,6 +48,8 @@ class Rank:
     node: int
     log_path: Path
     proc: subprocess.Popen
+    # its last lines of output, for the failure message (kept here too: a full disk may have stopped its log)
+    last_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
 
 
 def simulated_slurm_env(job_id: str, nodes: int, tasks_per_node: int, node: int, local: int) -> dict:
@@ -70,24 +73,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _copy(stream, log_path: Path, echo: bool, header: str) -> None:
+def _copy(stream, rank: Rank, echo: bool, header: str) -> None:
     """A rank's output into its log file, after a header line that names its process (to signal it, or to look at
-    it with py-spy); and onto the launcher's stdout, for rank 0 when that is no terminal."""
-    with open(log_path, "w") as f:
+    it with py-spy); and onto the launcher's stdout, for rank 0 when that is no terminal. A log that cannot be
+    written (a full disk) is given up, never the reading: a rank blocked on a full pipe would hang the run."""
+    log_file = _open_log(rank.log_path, header)
+    for line in stream:
+        rank.last_lines.append(line)
+        if log_file is not None:
+            try:
+                log_file.write(line)
+                log_file.flush()
+            except OSError:
+                log_file = None
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
+def _open_log(path: Path, header: str):
+    try:
+        f = open(path, "w")
         f.write(header + "\n")
         f.flush()
-        for line in stream:
-            f.write(line)
-            f.flush()
-            if echo:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+        return f
+    except OSError:
+        return None
 
 
 def _base_env() -> dict:
-    """The launcher's environment, less what would make a rank believe it belongs to another job."""
+    """The launcher's environment, less what would make a rank believe it belongs to another job, plus the
+    launcher's pid (a rank dies with its launcher: pipeline/job/lifeline.py)."""
     return {**{k: v for k, v in os.environ.items() if not (k.startswith("SLURM") or k in _FOREIGN)},
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", LAUNCHER_PID_VAR: str(os.getpid())}
+
+
+def _spawn(args: list[str], stdin, env: dict) -> subprocess.Popen:
+    """A rank process, owned by this launch (stopped on its signals), leading a session of its own that its
+    DataLoader workers share (so they are stopped with it, and a terminal's Ctrl-C reaches the launcher alone)."""
+    return own(subprocess.Popen([sys.executable, "-m", "pipeline.worker", *args], env=env, stdin=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
 
 
 class WarmRanks:
@@ -97,9 +122,7 @@ class WarmRanks:
     command line that can only mean a single local run (see `prestart`)."""
 
     def __init__(self, count: int):
-        self.procs = [subprocess.Popen([sys.executable, "-m", "pipeline.worker", "--warm"], env=_base_env(),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True) for _ in range(count)]
+        self.procs = [_spawn(["--warm"], subprocess.PIPE, _base_env()) for _ in range(count)]
         atexit.register(self.release)
 
     def take(self) -> subprocess.Popen | None:
@@ -107,9 +130,7 @@ class WarmRanks:
 
     def release(self) -> None:
         """Stop those not needed (they have done nothing but import)."""
-        for proc in self.procs:
-            proc.kill()
-            proc.wait()
+        stop_sessions(self.procs)
         self.procs = []
 
 
@@ -147,31 +168,40 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> No
             env = {**master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local)}
             proc = _warm.take()
             if proc is not None:
-                proc.stdin.write(json.dumps({"point_dir": str(point_dir), "env": env}) + "\n")
-                proc.stdin.close()
+                try:
+                    proc.stdin.write(json.dumps({"point_dir": str(point_dir), "env": env}) + "\n")
+                    proc.stdin.close()
+                except BrokenPipeError:  # it died importing: its exit and its output say why
+                    pass
             else:
-                proc = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(point_dir)],
-                                        env={**_base_env(), **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                proc = _spawn([str(point_dir)], subprocess.DEVNULL, {**_base_env(), **env})
             header = f"{RANK_HEADER} {rank} (simulated node {node}) is process {proc.pid}"
-            echoes.append(threading.Thread(target=_copy, args=(proc.stdout, path, rank == 0 and not tty, header),
+            ranks.append(Rank(rank, node, path, proc))
+            echoes.append(threading.Thread(target=_copy, args=(proc.stdout, ranks[-1], rank == 0 and not tty, header),
                                            daemon=True))
             echoes[-1].start()
-            ranks.append(Rank(rank, node, path, proc))
     _warm.release()
     done = threading.Event()
     if tty:
         echoes.append(threading.Thread(target=_progress_bar, args=(point_dir, position, done), daemon=True))
         echoes[-1].start()
+    oom_before, memory = oom_kills(), MemoryWatch([r.proc.pid for r in ranks])
     try:
         failed = _wait_all(ranks)
+        ended_at = time.monotonic()
+        states = [(r, process_state(r.proc.pid)) for r in ranks if r.proc.poll() is None]
+        stopped = [(r, state) for r, state in states if state in STOPPED]
     finally:
+        memory.stop()
         done.set()
         _stop(ranks)
         for t in echoes:
             t.join(timeout=GRACE_S)
     if failed:
-        raise RunFailed(_failure_message(first_failure(failed, ranks, point_dir)))
+        first = first_failure(failed, ranks, point_dir)
+        how = how_it_ended(first.proc.returncode, memory.last.get(first.proc.pid),
+                           oom_kills() not in (None, oom_before), ended_at)
+        raise RunFailed(_failure_message(first, how, point_dir, stopped))
 
 
 def _progress_bar(point_dir: Path, position: str, done: threading.Event, width: int = 30) -> None:
@@ -223,18 +253,17 @@ def first_failure(first_exit: Rank, ranks: list[Rank], point_dir: Path) -> Rank:
 
 
 def _stop(ranks: list[Rank]) -> None:
-    alive = [r.proc for r in ranks if r.proc.poll() is None]
-    for p in alive:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    for p in alive:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    """Every rank and what it started (DataLoader workers), whether it exited or not."""
+    stop_sessions([r.proc for r in ranks])
 
 
-def _failure_message(rank: Rank, lines: int = 20) -> str:
-    return (f"rank {rank.rank} (simulated node {rank.node}) failed first, exit code {rank.proc.returncode}; "
-            f"its log: {rank.log_path}\n--- last {lines} lines ---\n{tail(rank.log_path, lines)}")
+def _failure_message(rank: Rank, how: str, point_dir: Path, stopped: list[tuple[Rank, str]]) -> str:
+    """Which rank failed first and how (its exit, its error as its failure record says it), and its last lines;
+    ahead of that, any rank that was stopped: the one the others waited for until they timed out."""
+    said = next((f.error for f in Failure.read_all(point_dir) if f.rank == rank.rank), None)
+    lines = [f"rank {r.rank} (simulated node {r.node}, pid {r.proc.pid}) is {STOPPED[state]}: it did not arrive, "
+             "and the ranks waiting for it timed out (cluster.timeout_s)" for r, state in stopped]
+    lines.append(f"rank {rank.rank} (simulated node {rank.node}) failed first: {how}"
+                 f"{f' ({said.splitlines()[0]})' if said else ''}; its log: {rank.log_path}")
+    output = "".join(rank.last_lines).rstrip() or "(no output)"
+    return "\n".join(lines) + f"\n--- its last {TAIL_LINES} lines ---\n{output}"

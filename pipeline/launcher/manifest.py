@@ -16,7 +16,8 @@ LOCK_NAME = ".manifest.lock"
 
 
 def read_manifest(sweep_dir: Path) -> Manifest:
-    if not (Path(sweep_dir) / MANIFEST_NAME).is_file():
+    """Raises FileNotFoundError without one, OSError or ValueError (SchemaError) for one that cannot be read."""
+    if not (Path(sweep_dir) / MANIFEST_NAME).exists():
         raise FileNotFoundError(f"{Path(sweep_dir) / MANIFEST_NAME}: no manifest; is {sweep_dir} a sweep folder made "
                                 "by pipeline.launch with cluster=slurm?")
     return Manifest.read(sweep_dir)

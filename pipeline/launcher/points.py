@@ -8,16 +8,17 @@ resubmits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import platform
+import resource
 import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
@@ -29,9 +30,10 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError, RunConfig, abspath_dataset_root, parse_run_config, register_configs, to_plain
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
 from pipeline.launcher.manifest import add_submissions
+from pipeline.launcher.rundir_lock import Claim, claim, keep_until_exit
 from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, check_script_text, check_slurm_values,
                                      group_by_allocation, max_array_size, preflight, submit, write_dry_run)
-from pipeline.rundir import RECORD_NAME, GitInfo, Point, rank_log_path, utc_now
+from pipeline.rundir import RECORD_NAME, GitInfo, Point, diverged_at, rank_log_path, utc_now
 
 log = logging.getLogger("pipeline.launch")
 DRY_RUN_NAME = "dry_run.txt"  # local debug mode's dry run: the processes it would have started
@@ -80,12 +82,6 @@ def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, 
     return problems
 
 
-def exit_on_config_error(error: ConfigError) -> NoReturn:
-    """Bad input ends the launch with the message alone (no traceback) and exit code 2."""
-    print(f"pipeline.launch: configuration error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 @functools.cache
 def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
     """The commit the pipeline's code is at, and whether its work tree has changes (None outside git); asked
@@ -102,9 +98,10 @@ def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
     return GitInfo(sha=sha, dirty=bool(status) if status is not None else None)
 
 
-def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str) -> Point:
-    """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads."""
-    point = Point(run_id=uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
+def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str, run_id: str | None = None) -> Point:
+    """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads; the run id is
+    new unless this point continues an earlier launch's run (`run_id`)."""
+    point = Point(run_id=run_id or uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
                   launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
                   git=git_info(), config=to_plain(p.run), sweep_dir=str(sweep_dir))
     p.point_dir.mkdir(parents=True, exist_ok=True)
@@ -113,21 +110,72 @@ def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str) -> Point:
 
 
 def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
-    """Freeze every point, submit the Slurm ones (one job array per distinct allocation), then run the local
-    ones here, one after another. A local point that fails does not stop the next; the first failure is raised
-    once all have run."""
-    frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind) for p in points]
-    submit_points([p for p in points if p.run.cluster.kind == "slurm"], sweep_dir)
-    local = [(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"]
-    failures = []
+    """Claim every point's folder (locked and checked before anything is written: ConfigError if one cannot be
+    used), freeze every point, submit the Slurm ones (one job array per distinct allocation), then run the local
+    ones here (run_local_points)."""
+    with contextlib.ExitStack() as held:
+        claims = claim_folders(points, sweep_dir, held)
+        frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind, claims[p.index].resumes) for p in points]
+        slurm = [p for p in points if p.run.cluster.kind == "slurm"]
+        submit_points(slurm, sweep_dir)
+        for p in slurm:
+            claims[p.index].lock.release()  # the job's rank 0 takes it when the job starts (rundir_lock.lock_for_job)
+        run_local_points([(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"], claims)
+
+
+def run_local_points(local: list[tuple[PlannedPoint, Point]], claims: dict[int, Claim]) -> None:
+    """Run local points one after another, each folder's lock released once its ranks have ended. A point that
+    fails does not stop the next: a point alone raises its RunFailed; of several, each failure is logged as it
+    happens and one RunFailed names them at the end (each message said once)."""
+    failed = []
     for n, (p, point) in enumerate(local, start=1):
         try:
             run_here(p, point, position=f"point {n} of {len(local)}")
         except RunFailed as e:
+            if len(local) == 1:
+                raise
             log.error("point %d failed: %s", p.index, e)
-            failures.append(e)
-    if failures:
-        raise failures[0]
+            failed.append(p.index)
+        finally:
+            claims[p.index].lock.release()
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(local)} points failed: {', '.join(f'point {i}' for i in failed)} "
+                        "(each one's message is above)")
+
+
+def claim_folders(points: list[PlannedPoint], sweep_dir: Path, held: contextlib.ExitStack) -> dict[int, Claim]:
+    """Every point's folder claimed (rundir_lock.claim) and held until `held` closes, then prepared for its run.
+    If any is refused, ConfigError names every refusal, and no folder was changed."""
+    allow_open_files(len(points))
+    claims, refused, seen = {}, [], {}
+    for p in points:
+        key = "hydra.run.dir" if p.point_dir == sweep_dir else "hydra.sweep.dir"
+        if p.point_dir in seen:
+            refused.append(f"points #{seen[p.point_dir]} and #{p.index} would share the folder {p.point_dir}; "
+                           "give each point its own (hydra.sweep.subdir)")
+            continue
+        seen[p.point_dir] = p.index
+        try:
+            claims[p.index] = claim(p.point_dir, to_plain(p.run), p.run.overwrite, key)
+        except ConfigError as e:
+            refused.append(str(e) if len(points) == 1 else f"point #{p.index}: {e}")
+            continue
+        held.callback(claims[p.index].lock.release)
+    if refused:
+        raise ConfigError("\n".join(refused))
+    for c in claims.values():
+        c.prepare()
+    return claims
+
+
+def allow_open_files(locks: int) -> None:
+    """A sweep holds a lock file open per point while it starts them: raise the soft limit on open files (often
+    1,024) as far as the hard limit allows, for sweeps of thousands of points."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = locks + 256  # and what the launch itself opens
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
 
 
 def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int, str]]:
@@ -171,6 +219,10 @@ def run_here(p: PlannedPoint, point: Point, position: str) -> None:
     log.info("point %s: %d node(s) x %d task(s) in local debug mode, folder %s",
              p.index, run.nodes, run.cluster.tasks_per_node, p.point_dir)
     run_local(p.point_dir, run, job_id=f"local-{point.run_id[:8]}", position=position)
+    step = diverged_at(p.point_dir)
+    if step is not None:  # the ranks stopped together and wrote the record: the run itself failed
+        raise RunFailed(f"point {p.index} diverged: its loss was not finite at step {step}, so training stopped; "
+                        f"the record says so (status diverged): {p.point_dir / RECORD_NAME}")
     log.info("record: %s", p.point_dir / RECORD_NAME)
 
 
@@ -208,6 +260,9 @@ def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
     HydraConfig.instance().set_config(cfg)
     run = prepare_run(cfg)
     point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
+    folder = claim(point_dir, to_plain(run), run.overwrite, "hydra.run.dir")
+    folder.prepare()
+    keep_until_exit(folder.lock)  # this process (rank 0) runs the point: the folder is its until it exits
     freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir,
-                 launch_mode=launch_mode)
+                 launch_mode=launch_mode, run_id=folder.resumes)
     return point_dir

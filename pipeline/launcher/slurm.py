@@ -25,6 +25,7 @@ import submitit
 from submitit.helpers import Checkpointable
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.launcher.rundir_lock import lock_for_job
 from pipeline.rundir import LOG_DIR, SBATCH_NAME, SRUN_LOG_PATTERN, SUBMITIT_DIR
 
 # characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
@@ -209,9 +210,11 @@ class TrainingJob(Checkpointable):
     call) and requeues the job; the requeued run finds the checkpoint and resumes."""
 
     def __call__(self, point_dir: str) -> str:
-        from pipeline.job.run import run_point  # torch is imported on the compute node only
+        from pipeline.job.env import DistEnv  # torch is imported on the compute node only
+        from pipeline.job.run import run_point
 
-        return str(run_point(point_dir))
+        with lock_for_job(Path(point_dir), DistEnv.detect().rank):  # rank 0 holds the folder for the job's life
+            return str(run_point(point_dir))
 
 
 def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> list[str]:

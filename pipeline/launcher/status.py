@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.collector.records import Diverged, Problem, read_record
 from pipeline.launcher.logs import first_failed_log
 from pipeline.launcher.manifest import read_manifest
 from pipeline.rundir import POINT_NAME, RECORD_NAME, Point, Progress
@@ -19,8 +20,10 @@ LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "C
 FINAL = {"FAILED": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed",
          "DEADLINE": "timed out", "TIMEOUT": "timed out", "PREEMPTED": "preempted", "CANCELLED": "cancelled",
          "REQUEUED": "requeued", "COMPLETED": "failed"}  # COMPLETED without a record: the job ran but wrote none
-RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started"}
-ENDED = RESUBMITTABLE | {"completed"}
+# "bad record": a record that cannot be used (unreadable, truncated, impossible values) is no result
+RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started", "bad record"}
+RECORDED = ("completed", "diverged")  # what a usable record says; a diverged run is resubmitted only when asked
+ENDED = RESUBMITTABLE | set(RECORDED)
 
 
 @dataclass
@@ -35,7 +38,8 @@ class PointStatus:
 
     @property
     def has_record(self) -> bool:
-        return self.dir is not None and (self.dir / RECORD_NAME).is_file()
+        """A usable record: the point completed or diverged."""
+        return self.state in RECORDED
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -79,16 +83,33 @@ def expand_job_ids(job: str) -> list[str]:
     return out
 
 
-def classify(job_id: str | None, has_record: bool, live: str | None, history: list[str]) -> tuple[str, str]:
+def record_state(folder: Path) -> tuple[str | None, str]:
+    """What a point's record says, and why: (None, "") without one; "completed", "diverged" (with its reason) or
+    "bad record" (with what is wrong with it)."""
+    path = folder / RECORD_NAME
+    if not (path.exists() or path.is_symlink()):
+        return None, ""
+    rec = read_record(str(path))
+    if isinstance(rec, Diverged):
+        return "diverged", rec.reason
+    if isinstance(rec, Problem):
+        return "bad record", rec.reason
+    return "completed", ""
+
+
+def classify(job_id: str | None, record: str | None, live: str | None, history: list[str]) -> tuple[str, str]:
+    """A point's state from its record's (record_state) and its job's live state and history."""
     requeues = sum(s in ("REQUEUED", "PREEMPTED") for s in history[:-1]) if history else 0
     note = f"requeued {requeues}x" if requeues else ""
-    if has_record:
+    if record == "completed":
         return "completed", note
     if job_id is None:
-        return "never started", ""
-    if live in LIVE:
+        return record or "never started", ""
+    if live in LIVE:  # a job resubmitted for a bad or diverged record: what it does now
         state = "requeued" if live == "PENDING" and requeues else LIVE[live]
         return state, note
+    if record:
+        return record, note
     if history:
         last = history[-1]
         return FINAL.get(last, last.lower()), note or ("ended without a record" if last == "COMPLETED" else "")
@@ -106,8 +127,10 @@ def sweep_status(sweep_dir: Path) -> list[PointStatus]:
     for p, entry in sorted(points.items()):
         folder = sweep_dir / entry.dir if entry.dir else None
         job = job_of[p]
-        has_record = folder is not None and (folder / RECORD_NAME).is_file()
-        state, detail = classify(job, has_record, live.get(job), history.get(job, []))
+        record, why = record_state(folder) if folder is not None else (None, "")
+        state, detail = classify(job, record, live.get(job), history.get(job, []))
+        if state == record:
+            detail = ", ".join(filter(None, [detail, why]))
         if entry.skipped and not job:
             detail = entry.skipped
         failed_log = first_failed_log(folder) if folder and state in RESUBMITTABLE else None
@@ -166,19 +189,26 @@ def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list
         time.sleep(poll_s)
 
 
-def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus]) -> list[tuple[int, str]]:
-    """Resubmit the points that ended without a record, from their frozen point.json, after the checks a launch
-    makes (the config typed and checked, the dataset's files, Slurm asked once per distinct allocation); the
-    ones with identical allocations go as one job array. Returns (point, job id)."""
+def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus], include_diverged: bool = False
+                    ) -> list[tuple[int, str]]:
+    """Resubmit the points that ended without a usable record (and, if asked, those that diverged), from their
+    frozen point.json, after the checks a launch makes (the config typed and checked, the dataset's files, Slurm
+    asked once per distinct allocation); the ones with identical allocations go as one job array. Returns (point,
+    job id)."""
     # imported here: a plain `status` does not pay for importing Hydra and submitit
     from pipeline.config import ConfigError
     from pipeline.launcher.points import PlannedPoint, check_allocations, prepare_run, submit_points
 
+    wanted = RESUBMITTABLE | ({"diverged"} if include_diverged else set())
     planned = []
     for s in statuses:
-        if s.state not in RESUBMITTABLE or s.dir is None or not (s.dir / POINT_NAME).is_file():
+        if s.state not in wanted or s.dir is None or not (s.dir / POINT_NAME).exists():
             continue
-        point = Point.read(s.dir)
+        try:
+            point = Point.read(s.dir)
+        except (OSError, ValueError) as e:
+            print(f"point {s.point}: not resubmitted, its {POINT_NAME} cannot be read: {e}", file=sys.stderr)
+            continue
         try:
             planned.append(PlannedPoint(s.point, point.overrides, prepare_run(point.config), s.dir))
         except ConfigError as e:

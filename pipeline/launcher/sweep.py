@@ -30,9 +30,9 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from pipeline.config import ConfigError, RunConfig, plain_config
+from pipeline.launcher.errors import exit_on_config_error, one_line, reported
 from pipeline.launcher.manifest import add_skipped
-from pipeline.launcher.points import (PlannedPoint, check_allocations, check_folder, exit_on_config_error,
-                                      prepare_run, start)
+from pipeline.launcher.points import PlannedPoint, check_allocations, check_folder, prepare_run, start
 from pipeline.launcher.status import wait_for_sweep
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
     runnable = refuse_or_skip(points, sweep_dir)
     log.info("%d point(s): %s", len(runnable), ", ".join(
         f"{n} {kind}" for kind, n in _count(p.run.cluster.kind for p in runnable).items()))
-    start([p.planned() for p in runnable], sweep_dir)
+    with reported():  # a folder that cannot be used (nothing was started), a point that failed
+        start([p.planned() for p in runnable], sweep_dir)
     submitted = [p for p in runnable if p.run.cluster.kind == "slurm" and not p.run.dry_run]
     if submitted:
         log.info("%d point(s) submitted; sweep folder %s; follow with: python -m pipeline.status %s",
@@ -104,7 +105,7 @@ class Composer:
         except ConfigError as e:
             problem = str(e)
         except Exception as e:  # Hydra's override errors (a missing key, a wrong type) name the key
-            problem = f"{type(e).__name__}: {e}"
+            problem = one_line(e) or f"{type(e).__name__}: {e}"
         allow = run.allow_partial if run else isinstance(cfg, dict) and cfg.get("allow_partial") is True
         return SweepPoint(idx, overrides, point_dir, run, problem, allow)
 

@@ -1,0 +1,188 @@
+"""Every launch error through the real CLI: bad input (Hydra's own errors too) is one line naming the key and
+exit 2, before anything is written; a failed run is one message and exit 1; and the message says what happened
+to a rank: out of disk, stopped, killed by a signal (the OOM killer, in a real memory cgroup)."""
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import launch, live_in_group, start_launch, wait_for_step
+
+SMALL = ["dataset.train_size=2048", "dataset.test_size=256", "trainer.tensorboard=false"]
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout and "Error executing job" not in r.stderr + r.stdout
+    (line,) = [x for x in r.stderr.splitlines() if x.strip()]
+    assert line.startswith("pipeline.launch: configuration error: "), line
+    return line
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["trainer.batch_size=abc"], "trainer.batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["nodes=1.5"], "nodes=1.5: Value '1.5' of type 'float' could not be converted to Integer"),
+    (["model=foo"], "model=foo is not an option of model; choose one of: cnn, gpt2_small, gpt_tiny, mlp, resnet18"),
+    (["+experiment=nope"], "experiment=nope is not an option of experiment; choose one of: cifar10_cnn, gpt_strong"),
+    (["trainer.batchsize=3"], "trainer.batchsize is not a key of the config; did you mean trainer.batch_size?"),
+    (["nodes=[1,2"], "nodes=[1,2: no viable alternative at input"),
+    (["cluster.timeout_s=99999999999999"], "cluster.timeout_s=99999999999999 is not allowed; it must be <= 2147483"),
+    (["trainer.max_steps=5"], "trainer.warmup_steps=5 leaves no step to time: the run takes 5 step(s) "
+                              "(trainer.max_steps=5)"),
+    (["trainer.warmup_steps=40", "dataset.train_size=2048", "nodes=2"],
+     "the run takes 16 step(s) (trainer.epochs=1 x 16 steps per epoch)"),
+    (["nodes=2", "profiler.enabled=true", "profiler.ranks=[7]"], "profiler.ranks=[7] is not allowed: this run has "
+                                                                 "ranks 0 to 1"),
+    (["dataset.separation=inf"], "dataset.separation=inf is not allowed; it must be a finite number"),
+    (["optimizer.momentum=nan"], "optimizer.momentum=nan is not allowed; it must be a finite number"),
+    (["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf is not allowed; it must be a finite number"),
+    (["scheduler=cosine", "scheduler.eta_min=-1"], "scheduler.eta_min=-1.0 is not allowed; it must be >= 0.0"),
+    (["loss.label_smoothing=5"], "loss.label_smoothing=5.0 is not allowed; it must be in [0, 1]"),
+    (["dataset=mnist", "dataset.train_size=10"], "dataset.train_size is not a key of the dataset chosen here"),
+])
+def test_bad_input_is_one_line_naming_the_key_and_exit_2(tmp_path, overrides, said):
+    r = launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert said in one_error_line(r)
+    assert not (tmp_path / "run" / "point.json").exists()  # Hydra may have made the folder: nothing of a run
+
+
+def test_in_a_sweep_every_bad_point_is_named_once(tmp_path):
+    r = launch("-m", "model=mlp,foo", "trainer.batch_size=64,x", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+               cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "3 of 4 sweep points cannot run" in r.stderr
+    assert r.stderr.count("model=foo is not an option of model") == 2
+    assert "point #1 (model=mlp trainer.batch_size=x): trainer.batch_size=x: Value 'x'" in r.stderr
+
+
+def test_a_yaml_error_in_a_users_config_names_its_file_and_line_and_the_trace_is_there_when_asked(tmp_path):
+    (tmp_path / "conf/experiment").mkdir(parents=True)
+    bad = tmp_path / "conf/experiment/bad.yaml"
+    bad.write_text("# @package _global_\ntrainer:\n  epochs: [1\n  max_steps: 3\n")
+    args = ["+experiment=bad", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={tmp_path / 'run'}"]
+    line = one_error_line(launch(*args, cwd=tmp_path))
+    assert f"{bad}, line 4, column 12: not valid YAML (while parsing a flow sequence; expected ',' or ']'" in line
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    full = subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert full.returncode == 2 and "Traceback (most recent call last)" in full.stderr
+    assert full.stderr.rstrip().splitlines()[-1] == line
+
+
+@pytest.fixture(params=["read-only mount", "immutable folder"])
+def unwritable(request, tmp_path):
+    """A folder that even root cannot write: a read-only tmpfs, or one with the immutable attribute."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs or setting the immutable attribute needs root")
+    up, down = ((["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], ["umount", str(folder)])
+                if request.param == "read-only mount" else
+                (["chattr", "+i", str(folder)], ["chattr", "-i", str(folder)]))
+    if subprocess.run(up, capture_output=True).returncode != 0:
+        pytest.skip(f"cannot make a {request.param} here ({' '.join(up)} failed)")
+    yield folder, "Read-only file system" if request.param == "read-only mount" else "Operation not permitted"
+    subprocess.run(down, check=True)
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_an_unwritable_run_folder_is_a_configuration_error(tmp_path, unwritable, sweep):
+    folder, reason = unwritable
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    r = launch(*(["-m"] if sweep else []), "trainer.max_steps=10", f"{key}={folder / 'run'}", cwd=tmp_path)
+    assert f"{folder / 'run'} cannot be written ({reason})" in one_error_line(r)
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_one_message_and_exit_1(tmp_path):
+    """A rank that fails (an optimizer class its module lacks, which the launch cannot see without importing torch):
+    its message once, no Hydra "Error executing job", no traceback of the launcher's."""
+    r = launch("optimizer._target_=torch.optim.NoSuchOptimizer", "trainer.max_steps=10", *SMALL,
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 1
+    err = r.stderr
+    assert "Error executing job" not in err + r.stdout and err.count("failed first") == 1
+    launcher_lines = [x for x in err.splitlines() if x.startswith("pipeline.launch:")]
+    assert len(launcher_lines) == 1 and "rank 0 (simulated node 0) failed first: exit code 1" in launcher_lines[0]
+    assert "optimizer._target_=torch.optim.NoSuchOptimizer could not be built on rank 0" in launcher_lines[0]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_said_as_such(tmp_path, small_tmpfs):
+    """600 KB: the point and the logs fit, the first checkpoint (the weights and their momentum, 820 KB) does not;
+    torch.save says "unexpected pos", the launcher "No space left on device"."""
+    run = small_tmpfs / "run"
+    r = launch("trainer.max_steps=30", "trainer.checkpoint_every=10", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 1
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("pipeline.launch:")]
+    assert "rank 0 (simulated node 0) failed first: exit code 1 (No space left on device" in line, line
+    assert not list(run.glob(".*.tmp"))  # the interrupted write left nothing to block the next run
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_as_the_one_that_did_not_arrive(tmp_path):
+    run = tmp_path / "run"
+    launcher = start_launch("nodes=2", "trainer.epochs=500", "trainer.log_every=10", "cluster.timeout_s=5", *SMALL,
+                            f"hydra.run.dir={run}", cwd=tmp_path)
+    pids = wait_for_step(run, 10, launcher, ranks=2)
+    os.kill(pids[1], signal.SIGSTOP)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1 and "Traceback" not in err.split("--- its last")[0]
+    assert f"rank 1 (simulated node 1, pid {pids[1]}) is stopped (SIGSTOP or Ctrl-Z): it did not arrive" in err
+    # and rank 0 said it too, from the heartbeats it saw in the store (as it would on Slurm)
+    assert "rank 0 (simulated node 0) failed first: exit code 1 (rank(s) 1 stopped answering (no heartbeat)" in err
+    assert not any(live_in_group(pid) for pid in pids)  # the stopped one too
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A memory cgroup of 1.5 GB (v1 or v2) under this process's own, to run a launch in; skipped where none can
+    be made."""
+    if os.geteuid() != 0:
+        pytest.skip("making a memory cgroup needs root")
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [x.split(":", 2)[2] for x in lines if ":memory:" in x]
+    base = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/") if v1 else \
+        Path("/sys/fs/cgroup") / [x.split(":", 2)[2] for x in lines if x.startswith("0::")][0].lstrip("/")
+    group = base / f"pipeline-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+        (group / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(1500 * 2**20))
+        if not v1:
+            (group / "memory.swap.max").write_text("0")
+    except OSError as e:
+        if group.exists():
+            group.rmdir()
+        pytest.skip(f"cannot make a memory cgroup here: {e}")
+    yield group
+    group.rmdir()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_by_the_oom_killer_is_said_to_be(tmp_path, memory_cgroup):
+    """A 159M-parameter MLP (its weights, gradients and momentum: 1.9 GB) in a 1.5 GB cgroup: the kernel's OOM
+    killer kills the rank with SIGKILL, and the launcher says so, with the rank's memory."""
+    args = ["model.hidden=200000", "trainer.max_steps=20", *SMALL, f"hydra.run.dir={tmp_path / 'run'}"]
+    r = subprocess.run(["sh", "-c", f'echo $$ > {memory_cgroup / "cgroup.procs"} && exec "$@"', "sh", sys.executable,
+                        "-m", "pipeline.launch", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("pipeline.launch:")]
+    assert ("rank 0 (simulated node 0) failed first: killed by SIGKILL (out of memory? the kernel's OOM killer ran "
+            "in this launch's cgroup; its memory: ") in line and " GiB at its peak" in line, line

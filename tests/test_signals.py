@@ -1,0 +1,51 @@
+"""The launcher owns its ranks: real signals to a real launcher mid-training leave no process behind (checked by
+pid: each rank and everything in its process group, DataLoader workers included)."""
+
+import signal
+import time
+
+import pytest
+
+from pipeline.launcher.rundir_lock import RunLock
+from tests.conftest import live_in_group, start_launch, wait_for_step
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["nodes=2", "trainer.epochs=500", "trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=256"]
+
+
+def assert_nothing_left(pids: list[int], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while any(live_in_group(pid) for pid in pids):
+        assert time.monotonic() < deadline, {pid: live_in_group(pid) for pid in pids}
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_stops_every_rank_with_one_line_and_128_plus_signal(tmp_path, sig):
+    run = tmp_path / "run"
+    launcher = start_launch(*TRAIN, f"hydra.run.dir={run}", cwd=tmp_path)
+    pids = wait_for_step(run, 10, launcher, ranks=2)
+    launcher.send_signal(sig)
+    out, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 128 + sig, err
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("pipeline.launch:")]
+    assert f"{sig.name} received: stopped the 2 rank process(es)" in line and all(str(p) in line for p in pids)
+    assert_nothing_left(pids, within_s=1)  # the launcher waited for them before it exited
+    assert not (run / "result.json").exists()
+    RunLock(run).release()  # and nothing holds the folder: no writer of it is left
+
+
+def test_ranks_and_their_dataloader_workers_stop_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL cannot be caught: each rank dies by its parent-death signal, its DataLoader worker by torch's
+    watchdog. A sweep's ranks (started cold, not warm) with a loader worker each."""
+    sweep = tmp_path / "sweep"
+    launcher = start_launch("-m", *TRAIN, "loader.kind=dataloader", "loader.num_workers=1",
+                            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    pids = wait_for_step(sweep / "0", 10, launcher, ranks=2)
+    assert all(len(live_in_group(pid)) >= 2 for pid in pids)  # each rank and its loader worker
+    launcher.kill()
+    launcher.communicate(timeout=30)
+    assert_nothing_left(pids, within_s=15)  # torch's worker watchdog looks every 5 s
+    RunLock(sweep / "0").release()
