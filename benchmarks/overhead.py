@@ -48,6 +48,7 @@ def hand_written(workload: str, steps: int, batch: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
 
+    from pipeline.config import GPTConfig, MLPConfig, ResNetConfig, schema_defaults
     from pipeline.workloads.datasets import Synthetic, SyntheticTokens
     from pipeline.workloads.models import GPT, MLP, ResNet
 
@@ -57,12 +58,13 @@ def hand_written(workload: str, steps: int, batch: int) -> None:
     torch.manual_seed(0)
     if workload == "gpt":
         dataset = SyntheticTokens(256, 64, 4096, 16, 4, 0)
-        model = GPT(256, layers=2, heads=4, width=128, context_length=64)
+        model = GPT(256, **schema_defaults(GPTConfig))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     else:
         shape = (3, 32, 32) if workload == "resnet" else (1, 28, 28)
-        dataset = Synthetic(shape, 10, 2048 if workload == "resnet" else 8192, 16, 6.0, 0)
-        model = ResNet(shape, 10, depth=18) if workload == "resnet" else MLP(shape, 10)
+        dataset = Synthetic(shape, 10, 2048 if workload == "resnet" else 8192, 16, 6.0, 0, distinct=0)
+        model = (ResNet(shape, 10, **schema_defaults(ResNetConfig)) if workload == "resnet"
+                 else MLP(shape, 10, **schema_defaults(MLPConfig)))
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model = DistributedDataParallel(model)
     sampler = DistributedSampler(range(len(dataset)), num_replicas=world, rank=rank, shuffle=True, seed=0,

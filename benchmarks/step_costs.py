@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
+from pipeline.config import GPTConfig, MLPConfig, schema_defaults  # noqa: E402
 from pipeline.job.data import BatchSpec, InMemoryBatches, ItemFormat  # noqa: E402
 from pipeline.job.observe import Phases, make_logger, write_progress  # noqa: E402
 from pipeline.job.timing import StepTimer  # noqa: E402
@@ -40,8 +41,9 @@ LOG_EVERY = 50
 def make(workload: str):
     torch.manual_seed(0)
     if workload == "gpt":
-        return SyntheticTokens(256, 64, 4096, 16, 4, 0), GPT(256), 16
-    return Synthetic((1, 28, 28), 10, 8192, 16, 6.0, 0), MLP((1, 28, 28), 10), 64
+        return SyntheticTokens(256, 64, 4096, 16, 4, 0), GPT(256, **schema_defaults(GPTConfig)), 16
+    mlp = MLP((1, 28, 28), 10, **schema_defaults(MLPConfig))
+    return Synthetic((1, 28, 28), 10, 8192, 16, 6.0, 0, distinct=0), mlp, 64
 
 
 def run(row: int, workload: str, steps: int, folder: Path) -> float:

@@ -53,20 +53,20 @@ def test_missing_files_are_listed(tmp_path, cls, name):
 
 
 def test_synthetic_is_deterministic_and_splits_differ():
-    a = Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=7)
+    a = Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=7, distinct=0)
     xa, ya = a.arrays()
-    np.testing.assert_array_equal(xa, Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=7).arrays()[0])
-    test = Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=7, split="test")
+    np.testing.assert_array_equal(xa, Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=7, distinct=0).arrays()[0])
+    test = Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=7, distinct=0, split="test")
     assert xa.shape == (64, 3, 32, 32) and test.arrays()[0].shape == (32, 3, 32, 32)
     assert not np.array_equal(test.arrays()[0][:32], xa[:32])
-    assert not np.array_equal(Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=8).arrays()[0], xa)
+    assert not np.array_equal(Synthetic([3, 32, 32], 10, 64, 32, 6.0, seed=8, distinct=0).arrays()[0], xa)
     x0, y0 = a[5]
     np.testing.assert_array_equal(x0, xa[5])
     assert y0 == ya[5]
 
 
 def test_synthetic_separation_is_the_distance_between_prototypes():
-    ds = Synthetic([1, 28, 28], 10, 8, 8, 6.0, seed=0)
+    ds = Synthetic([1, 28, 28], 10, 8, 8, 6.0, seed=0, distinct=0)
     # upsampled 4x4, so each coarse pixel counts 16 times in the image
     p = ds.coarse_prototypes().repeat(4, axis=2).repeat(4, axis=3).reshape(10, -1)
     distances = [np.linalg.norm(p[i] - p[j]) for i in range(10) for j in range(i)]

@@ -21,7 +21,7 @@ FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=
 
 def test_mlp_flops_are_counted_exactly():
     x, y = torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
-    model = MLP((1, 28, 28), 10)
+    model = MLP((1, 28, 28), 10, hidden=128, dropout=0.2)
     got = flops_per_sample(model, lambda: CrossEntropy()(model(x), y), 2, contextlib.nullcontext())
     forward = 2 * 784 * 128 + 2 * 128 * 10
     # backward: weight gradients of both layers, and the hidden layer's input gradient (not the image's)

@@ -114,7 +114,7 @@ class Synthetic(InMemory):
     """
 
     def __init__(self, image_shape, num_classes: int, train_size: int, test_size: int, separation: float, seed: int,
-                 distinct: int = 0, split: str = "train"):
+                 distinct: int, split: str = "train"):
         self.input_shape = tuple(int(d) for d in image_shape)
         self.num_classes = num_classes
         self.size = (train_size, test_size)[_check_split(split)]

@@ -1,6 +1,8 @@
 """The built-in models: the seed MLP and CNN, a ResNet, and a GPT-style language model. The image models take
 the dataset's `input_shape` and `num_classes`, the language model its `vocab_size` (the pipeline passes what a
-constructor asks for), so any image model runs on any image dataset."""
+constructor asks for), so any image model runs on any image dataset. Their sizes have no defaults here: those are
+the schemas' (pipeline/config.py: MLPConfig, ...), stated once; `schema_defaults` gives them to code that builds
+a model directly."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch import nn
 class MLP(nn.Module):
     """flatten -> hidden ReLU -> dropout -> classes (the MNIST seed: 784-128-dropout 0.2-10)."""
 
-    def __init__(self, input_shape, num_classes: int, hidden: int = 128, dropout: float = 0.2):
+    def __init__(self, input_shape, num_classes: int, hidden: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -31,7 +33,7 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """The CIFAR-10 seed: conv3x3 32, pool, conv3x3 64, pool, conv3x3 64, dense 64, dense classes (no padding)."""
 
-    def __init__(self, input_shape, num_classes: int, channels=(32, 64, 64), hidden: int = 64):
+    def __init__(self, input_shape, num_classes: int, channels, hidden: int):
         super().__init__()
         c_in, h, w = input_shape
         c1, c2, c3 = channels
@@ -106,7 +108,7 @@ class ResNet(nn.Module):
     (7x7 stride 2, then 3x3 max pool stride 2) or the CIFAR one (3x3 stride 1, no pool), four stages of blocks
     (width, 2x, 4x, 8x channels; stride 2 from the second), global average pooling and one dense layer."""
 
-    def __init__(self, input_shape, num_classes: int, depth: int = 18, stem: str = "auto", width: int = 64):
+    def __init__(self, input_shape, num_classes: int, depth: int, stem: str, width: int):
         super().__init__()
         block, counts = RESNET_LAYOUT[depth]
         c_in, h, _ = input_shape
@@ -169,8 +171,7 @@ class GPT(nn.Module):
     layers=12 heads=12 width=768 context_length=1024 vocab_size=50257 (124 M parameters). Returns logits
     (batch, sequence, vocab_size)."""
 
-    def __init__(self, vocab_size: int, layers: int = 2, heads: int = 4, width: int = 128, context_length: int = 64,
-                 dropout: float = 0.0):
+    def __init__(self, vocab_size: int, layers: int, heads: int, width: int, context_length: int, dropout: float):
         super().__init__()
         self.context_length = context_length
         self.tokens = nn.Embedding(vocab_size, width)
