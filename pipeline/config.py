@@ -381,6 +381,60 @@ class LocalClusterConfig:
 MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
 
+# characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
+_SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
+_SAFE_TEXT = "letters, digits and _ . , : @ % + = / - [ ]"
+_SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]&|()*!]+$")
+_MEM = re.compile(r"^[0-9]+[KMGT]?B?$")
+_OPTION = re.compile(r"^[a-z][a-z0-9-]+$")  # a long option's name (single letters are short options' aliases)
+# options the pipeline sets itself from the config; sbatch_extra may not override them
+_OWN = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition", "account", "qos",
+        "constraint", "exclusive", "job-name", "output", "error", "signal", "open-mode", "requeue"}
+# options that would break one folder and one job (or array task) per point, or the ranks' shape
+_BREAKING = {"array", "wrap", "chdir", "ntasks", "ntasks-per-core", "ntasks-per-socket", "ntasks-per-gpu",
+             "gpus-per-task", "export", "export-file", "input", "hold", "test-only", "parsable", "wait"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_slurm_values(c: "SlurmClusterConfig") -> None:
+    """Every cluster value that reaches the sbatch script is a plain token. Raises ConfigError naming the key."""
+    for key, value, pattern, allowed in (("partition", c.partition, _SAFE, _SAFE_TEXT),
+                                         ("account", c.account, _SAFE, _SAFE_TEXT), ("qos", c.qos, _SAFE, _SAFE_TEXT),
+                                         ("constraint", c.constraint, _SAFE_CONSTRAINT, _SAFE_TEXT + " & | ( ) * !")):
+        if value is not None and not pattern.match(value):
+            raise ConfigError(f"cluster.{key}={value!r} is not allowed: use {allowed}")
+    if c.mem is not None and not _MEM.match(c.mem):
+        raise ConfigError(f"cluster.mem={c.mem!r} is not allowed: give a size such as 16G, 4000M or 64000")
+    if c.time < 1:
+        raise ConfigError(f"cluster.time={c.time} is not allowed: minutes, >= 1")
+    if c.cpus_per_task is not None and c.cpus_per_task < 1:
+        raise ConfigError(f"cluster.cpus_per_task={c.cpus_per_task} is not allowed: >= 1 or null")
+    if c.array_parallelism is not None and c.array_parallelism < 1:
+        raise ConfigError(f"cluster.array_parallelism={c.array_parallelism} is not allowed: >= 1 or null")
+    for key, value in c.sbatch_extra.items():
+        if key in _BREAKING:
+            raise ConfigError(f"cluster.sbatch_extra.{key} is not allowed: every point is its own job (or array task) "
+                              "with its own folder and the ranks nodes x cluster.tasks_per_node, which these "
+                              f"options would change: {', '.join(sorted(_BREAKING))}")
+        if not _OPTION.match(str(key)) or key in _OWN:
+            raise ConfigError(f"cluster.sbatch_extra key {key!r} is not allowed: an sbatch long option name "
+                              f"(lowercase, dashes) other than the ones set from the config: {', '.join(sorted(_OWN))}")
+        if value is not True and not _SAFE.match(str(value)):
+            raise ConfigError(f"cluster.sbatch_extra.{key}={value!r} is not allowed: use {_SAFE_TEXT}, "
+                              "or true for a flag")
+    for line in c.setup:
+        if "\n" in line or "\r" in line:
+            raise ConfigError("cluster.setup: give one shell line per list item (no embedded newlines)")
+
+
+def check_script_text(key: str, value: str) -> None:
+    """A value that reaches an sbatch script (a job name, a folder): no newline or other control character,
+    which would end the line it is on."""
+    if _CONTROL.search(value):
+        raise ConfigError(f"{key}={value!r} is not allowed: a newline or other control character in it would end a "
+                          "line of the sbatch script (and of the logs) that it reaches")
+
+
 @dataclass
 class SlurmClusterConfig(LocalClusterConfig):
     """What Slurm users set for an allocation; every point of a sweep becomes its own job."""
@@ -397,6 +451,9 @@ class SlurmClusterConfig(LocalClusterConfig):
     setup: List[str] = field(default_factory=list)  # raw shell lines run before the job's tasks start
     sbatch_extra: Dict[str, Any] = field(default_factory=dict)  # further #SBATCH --key=value pairs
     array_parallelism: Optional[int] = None  # at most this many tasks of a sweep's job array run at once
+
+    def __post_init__(self) -> None:
+        check_slurm_values(self)
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -822,6 +879,15 @@ def config_hash(config: dict) -> str:
     with it, and a launch into a folder whose unfinished run has the same one continues that run."""
     trained = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
     return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
+
+
+def schema_defaults(schema: type) -> dict:
+    """A built-in schema's defaults as its target's keyword arguments (what the dataset gives, and its `_target_`,
+    left out): for code that builds a built-in model or dataset directly, as the benchmarks' hand-written loops
+    do, with the defaults the pipeline's runs have."""
+    values = dataclasses.asdict(schema())
+    return {k: v for k, v in values.items() if k not in ("_target_", "_partial_", "input_shape", "num_classes")
+            and not (k == "vocab_size" and v is None)}
 
 
 def to_plain(run: RunConfig) -> dict:

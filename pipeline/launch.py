@@ -23,7 +23,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.config import ConfigError, register_configs  # noqa: E402
 from pipeline.launcher.errors import reported, run_reporting  # noqa: E402
-from pipeline.launcher.points import check_allocations, plan_from_hydra, prepare_run, start  # noqa: E402
+from pipeline.launcher.points import check_allocations, plan_from_hydra, start  # noqa: E402
+from pipeline.point import prepare_run  # noqa: E402
 from pipeline.launcher.status import wait_for_sweep  # noqa: E402
 
 register_configs()

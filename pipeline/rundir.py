@@ -52,6 +52,12 @@ SBATCH_NAME = "job.sbatch"  # dry run: the script that would be submitted
 # one log per rank, named alike in local debug mode and on Slurm: N the node's index in the job, R the global rank
 LOG_DIR = "logs"
 SRUN_LOG_PATTERN = "node%n-rank%t.log"  # srun's spelling of rank_log_path's name
+# in every local-mode rank's environment: the launcher whose death the rank follows (pipeline.job.lifeline)
+LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"
+# torchrun without a launch: rank 0 tells the others, through the rendezvous store, where it froze the point (or
+# the configuration error it found, after ERROR_PREFIX)
+POINT_STORE_KEY = "pipeline/point_dir"
+ERROR_PREFIX = "error:"
 
 
 def rank_log_path(point_dir: Path, node: int, rank: int) -> Path:
@@ -593,6 +599,25 @@ def causes(error: BaseException) -> list[BaseException]:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """Local debug mode's head start: the launcher starts a rank before it has composed the config (the rank imports
+    torch meanwhile), then sends it its point and its variables, one JSON line on the rank's stdin."""
+
+    point_dir: str
+    env: dict[str, str]
+
+    def send(self, stream: typing.TextIO) -> None:
+        stream.write(json.dumps(encode(self)) + "\n")
+        stream.close()
+
+    @classmethod
+    def receive(cls, stream: typing.TextIO) -> Optional["WarmStart"]:
+        """The launcher's message, or None when it closed the stream unsent (it did not need this rank)."""
+        line = stream.readline()
+        return decoder(cls)(json.loads(line)) if line else None
+
+
+@dataclass(frozen=True)
 class Submission:
     job_id: str  # what squeue and sacct call it: "123", or "123_4" for task 4 of job array 123
     submitted_at: str
@@ -625,7 +650,7 @@ class Manifest(JsonFile):
 
 @dataclass(frozen=True, kw_only=True)
 class LockHolder(JsonFile):
-    """Who holds a point folder's lock (POINT_DIR/.run.lock, flocked by its holder: pipeline/launcher/rundir_lock):
+    """Who holds a point folder's lock (POINT_DIR/.run.lock, flocked by its holder: pipeline/runlock):
     written by the holder into the file it locks, read to say who is in the way."""
 
     FILE: ClassVar[str] = RUN_LOCK_NAME

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.launcher.logs import tail
-from pipeline.launcher.status import format_table, resubmit_failed, sweep_status, wait_for_sweep
+from pipeline.launcher.status import format_table, sweep_status, wait_for_sweep
 from pipeline.rundir import MANIFEST_NAME, Failure
 
 
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             said = f" (rank {first.rank}: {first.error.splitlines()[0]})" if first else ""
             print(f"\npoint {s.point}: first failed rank's log {s.failed_log}{said}, last lines:\n{tail(s.failed_log)}")
     if args.resubmit_failed:
+        from pipeline.launcher.points import resubmit_failed  # Hydra and submitit: imported only to resubmit
+
         for point, job in resubmit_failed(args.sweep_dir, statuses, args.include_diverged):
             print(f"point {point}: resubmitted as job {job}")
     return 0

@@ -12,37 +12,49 @@
 Rank 0 writes POINT_DIR/result.json. Once a rank has left the process group it exits at once (exit_now).
 """
 
-import json
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from pipeline.job.lifeline import follow_launcher
+from submitit.helpers import Checkpointable
 
-if __name__ == "__main__":  # before importing torch (seconds): a launcher killed meanwhile takes this rank along
-    follow_launcher()
+from pipeline.rundir import POINT_NAME, WarmStart
+from pipeline.runlock import lock_for_job
 
-from pipeline.job.env import DistEnv  # noqa: E402
-from pipeline.job.run import run_from_overrides, run_point  # noqa: E402
-from pipeline.launcher.rundir_lock import lock_for_job  # noqa: E402
-from pipeline.rundir import POINT_NAME  # noqa: E402
+# This module imports no torch itself: the launcher imports TrainingJob (below) to submit it. The job side is
+# imported where a rank runs (main, TrainingJob.__call__).
 
 
 def main(argv: list[str]) -> None:
+    from pipeline.job.env import DistEnv  # torch: seconds, which a warm rank spends before its point arrives
+    from pipeline.job.run import run_from_overrides, run_point
+
     if argv == ["--warm"]:
-        order = sys.stdin.readline()
-        if not order:  # the launcher did not need this rank after all
+        start = WarmStart.receive(sys.stdin)
+        if start is None:  # the launcher did not need this rank after all
             return
-        order = json.loads(order)
-        os.environ.update(order["env"])
-        argv = [order["point_dir"]]
+        os.environ.update(start.env)
+        argv = [start.point_dir]
     if len(argv) == 1 and (Path(argv[0]) / POINT_NAME).is_file():
         with lock_for_job(Path(argv[0]), DistEnv.detect().rank):
             run_point(argv[0])
     else:
         run_from_overrides(argv)  # rank 0 claims the folder it freezes the point into
+
+
+class TrainingJob(Checkpointable):
+    """What submitit runs on every task. On the preemption / time-limit signal the worker saves a checkpoint at
+    a step boundary and then calls submitit's handler, which calls `checkpoint` (inherited: resubmit this same
+    call) and requeues the job; the requeued run finds the checkpoint and resumes."""
+
+    def __call__(self, point_dir: str) -> str:
+        from pipeline.job.env import DistEnv  # torch is imported on the compute node only
+        from pipeline.job.run import run_point
+
+        with lock_for_job(Path(point_dir), DistEnv.detect().rank):  # rank 0 holds the folder for the job's life
+            return str(run_point(point_dir))
 
 
 def exit_now(code: int) -> None:
@@ -55,6 +67,9 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    from pipeline.job.lifeline import follow_launcher  # torch-free
+
+    follow_launcher()  # before importing torch (seconds): a launcher killed meanwhile takes this rank along
     try:
         main(sys.argv[1:])
     except SystemExit as e:  # as the interpreter would: a message goes to stderr with status 1

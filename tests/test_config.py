@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from pipeline.config import ConfigError, parse_run_config, to_plain
-from pipeline.launcher.points import prepare_run
+from pipeline.point import prepare_run
 from tests.conftest import CONF
 
 

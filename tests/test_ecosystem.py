@@ -425,7 +425,7 @@ def test_no_decay_groups_cover_biases_norms_and_embeddings_once():
     from pipeline.job.build import no_decay_groups
     from pipeline.workloads.models import GPT, ResNet
 
-    gpt = GPT(vocab_size=50, layers=2, heads=2, width=16, context_length=8)
+    gpt = GPT(vocab_size=50, layers=2, heads=2, width=16, context_length=8, dropout=0.0)
     decay, no_decay = no_decay_groups(gpt)
     # tied output weight: the token embedding, once, in no_decay
     assert sum(p is gpt.tokens.weight for p in no_decay["params"]) == 1
@@ -433,14 +433,14 @@ def test_no_decay_groups_cover_biases_norms_and_embeddings_once():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(gpt.parameters()))
     assert {id(p) for p in decay["params"]} == {id(m.weight) for m in gpt.modules() if isinstance(m, torch.nn.Linear)
                                                 and m.weight is not gpt.tokens.weight}
-    resnet = ResNet((3, 32, 32), 10)
+    resnet = ResNet((3, 32, 32), 10, depth=18, stem="auto", width=64)
     decay, no_decay = no_decay_groups(resnet)
     norms = [p for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
     assert {id(p) for p in norms} <= {id(p) for p in no_decay["params"]}
 
 
 def test_dataset_values_reach_any_config_node():
-    from pipeline.job.build import BuildError, dataset_facts, with_dataset_values
+    from pipeline.targets import BuildError, dataset_facts, with_dataset_values
 
     class Data:
         num_classes, input_shape = 7, (3, 8, 8)

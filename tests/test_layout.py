@@ -1,6 +1,7 @@
 """The layout keeps its promise: the login-node programs (launch, status, collect) import neither torch nor the
 job side, in any of their modules and in a real launch."""
 
+import ast
 import pkgutil
 import subprocess
 import sys
@@ -24,7 +25,9 @@ def loaded_after(code: str) -> str:
 
 def test_entry_points_and_every_login_side_module_import_neither_torch_nor_the_job_side():
     modules = ["pipeline.launch", "pipeline.status", "pipeline.collect", "pipeline.config", "pipeline.rundir",
-               "pipeline.workloads.datasets", "hydra_plugins.pipeline_launcher.pipeline_launcher"]
+               "pipeline.typed", "pipeline.point", "pipeline.runlock", "pipeline.targets", "pipeline.allreduce",
+               "pipeline.definitions", "pipeline.worker", "pipeline.workloads.datasets",
+               "hydra_plugins.pipeline_launcher.pipeline_launcher"]
     for package in (pipeline.launcher, pipeline.collector):
         modules += [m.name for m in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + ".")]
     assert len(modules) > 12
@@ -39,3 +42,27 @@ def test_a_real_launch_imports_neither_torch_nor_the_job_side(tmp_path):
             "runpy.run_module('pipeline.launch', run_name='__main__')")
     assert loaded_after(code) == "[]"
     assert (tmp_path / "run/result.json").is_file()
+
+
+def imported_modules(path) -> set[str]:
+    """Every module a source file imports, at module level or inside a function (relative imports resolved)."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            found.add(".".join(filter(None, [base, node.module])))
+    return found
+
+
+@pytest.mark.parametrize("side, other", [("launcher", "job"), ("job", "launcher")])
+def test_the_launch_side_and_the_job_side_never_import_each_other(side, other):
+    """Both talk through the run folder's files and the torch-free modules they share (pipeline.point, runlock,
+    config, rundir, ...): neither imports the other, anywhere in its code."""
+    files = sorted((REPO / "pipeline" / side).rglob("*.py"))
+    assert len(files) > 5
+    crossing = {f"{f.relative_to(REPO)} imports {m}" for f in files for m in imported_modules(f)
+                if m == f"pipeline.{other}" or m.startswith(f"pipeline.{other}.")}
+    assert not crossing

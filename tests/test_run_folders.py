@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from pipeline.launcher.rundir_lock import RunLock
+from pipeline.runlock import RunLock
 from tests.conftest import launch, start_launch, wait_for_step
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipeline.launcher.rundir_lock import RunLock
+from pipeline.runlock import RunLock
 from tests.conftest import live_in_group, start_launch, wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,10 @@ def test_ranks_and_their_dataloader_workers_stop_when_the_launcher_is_killed(tmp
     """SIGKILL cannot be caught: each rank dies by its parent-death signal, its DataLoader worker by torch's
     watchdog. A sweep's ranks (started cold, not warm) with a loader worker each."""
     sweep = tmp_path / "sweep"
+    # persistent workers: a worker lives across epochs (others are made anew each epoch, and for an instant a rank
+    # would have none)
     launcher = start_launch("-m", *TRAIN, "loader.kind=dataloader", "loader.num_workers=1",
-                            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                            "loader.persistent_workers=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     pids = wait_for_step(sweep / "0", 10, launcher, ranks=2)
     assert all(len(live_in_group(pid)) >= 2 for pid in pids)  # each rank and its loader worker
     launcher.kill()

@@ -16,8 +16,8 @@ import pytest
 
 from pipeline.config import ConfigError, parse_run_config
 from pipeline.launcher.manifest import add_submissions, read_manifest
-from pipeline.launcher.points import PlannedPoint
-from pipeline.launcher.slurm import check_slurm_values, render_sbatch
+from pipeline.point import PlannedPoint
+from pipeline.launcher.slurm import render_sbatch
 from pipeline.launcher.status import expand_job_ids
 from pipeline.rundir import Failure
 from tests.conftest import GOLDEN, REPO
@@ -159,7 +159,8 @@ def _garbage(folder: Path, kind: str) -> None:
                  "Infinity": lambda r: r["config"]["optimizer"].__setitem__("lr", float("inf")),
                  "nodes 0": lambda r: r.update(nodes=0), "negative time": lambda r: r.update(wall_time_s=-1.0),
                  "wrong world size": lambda r: r.update(world_size=3),
-                 "diverged": lambda r: r.update(status="diverged", throughput_samples_per_s=None, steps=40),
+                 "diverged": lambda r: r.update(status="diverged", diverged_at_step=37, throughput_samples_per_s=None,
+                                                steps=40),
                  "good": lambda r: None}
         edits[kind](good)
         path.write_text(json.dumps(good))
@@ -171,7 +172,7 @@ GARBAGE = {"good": None, "fifo": "not a regular file but a FIFO",
            "NaN": "ranks[1].step_times_s[3]: NaN is not a finite number",
            "Infinity": "config.optimizer.lr: Infinity is not a finite number", "nodes 0": "nodes: 0 is impossible",
            "negative time": "wall_time_s: -1.0 is negative", "wrong world size": "world_size: 3 is not nodes (2) x",
-           "diverged": "training diverged (a non-finite loss) after 40 steps"}
+           "diverged": "training diverged: a non-finite loss at step 37"}
 
 
 def test_collect_and_status_survive_every_kind_of_broken_record(slurm, tmp_path):
@@ -273,7 +274,7 @@ def test_sbatch_extra_cannot_break_one_folder_per_point(compose_cfg, key):
     cfg = compose_cfg("cluster=slurm")
     cfg.cluster.sbatch_extra = {key: "1"}
     with pytest.raises(ConfigError, match="cluster.sbatch_extra"):
-        check_slurm_values(parse_run_config(cfg))
+        parse_run_config(cfg)  # the cluster schema checks what reaches the sbatch script
 
 
 @pytest.mark.parametrize("override", ["hydra.run.dir='out\nrm -rf x'", "hydra.run.dir='out\tx'"])

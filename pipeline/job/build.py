@@ -17,20 +17,20 @@ key, the target and the rank.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 
-from pipeline.config import FROM_DATASET, ParamGroupsConfig, RunConfig, find_module, from_dataset_name
+from pipeline.config import ParamGroupsConfig, RunConfig
 from pipeline.job.data import ItemFormat, check_datasets
 from pipeline.rundir import OptimizerInfo, ParamGroupInfo, target_of
+from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, partial_of,
+                              reported, takes, takes_any_keyword)
 from pipeline.workloads.losses import ModelLoss
-from pipeline.workloads.schedules import run_length, takes
+from pipeline.workloads.schedules import run_length
 
 log = logging.getLogger(__name__)
 MODEL_GETS = ("input_shape", "num_classes", "vocab_size")
@@ -38,126 +38,9 @@ NO_DECAY_MODULES = (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm, 
                     torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
 
 
-class BuildError(RuntimeError):
-    """A `_target_` that could not be built; the message names the key, the target and the rank."""
-
-
-def _given(node: Any, name: str) -> bool:
-    value = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
-    return value is not None
-
-
-def _located(key: str, node: Any, rank: int) -> Any:
-    """The class or function a `_target_` names, imported: its longest prefix that is a module (found as the
-    launch found it, pipeline.config.find_module), then attributes. An error in that module (its own imports, a
-    syntax error) or a missing attribute is the key's."""
-    target = target_of(node)
-    parts = target.split(".")
-    depth = next((n for n in range(len(parts) - 1, 0, -1) if find_module(".".join(parts[:n]))), 0)
-    try:
-        if not depth:
-            raise ModuleNotFoundError(f"no module of {target} can be found")
-        obj = importlib.import_module(".".join(parts[:depth]))
-        for attribute in parts[depth:]:
-            obj = getattr(obj, attribute)
-        return obj
-    except Exception as e:
-        raise BuildError(f"{key}._target_={target} could not be imported on rank {rank}: {type(e).__name__}: "
-                         f"{e}") from e
-
-
-def _asks_for(key: str, node: Any, rank: int, names: tuple[str, ...]) -> set[str]:
-    """Which of `names` the target's constructor takes by name (its signature; none if it has no readable one)."""
-    return takes(_located(key, node, rank)) & set(names)
-
-
-def _takes_any_keyword(key: str, node: Any, rank: int) -> bool:
-    try:
-        parameters = inspect.signature(_located(key, node, rank)).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def with_dataset_values(key: str, node: Any, facts: dict[str, Any]) -> Any:
-    """`node` with every `${from_dataset:NAME}` replaced by the train dataset's NAME (`facts`); a name the dataset
-    does not have is an error naming the key."""
-    if isinstance(node, dict):
-        return {k: with_dataset_values(f"{key}.{k}", v, facts) for k, v in node.items()}
-    if isinstance(node, list):
-        return [with_dataset_values(f"{key}[{i}]", v, facts) for i, v in enumerate(node)]
-    name = from_dataset_name(node)
-    if name is None:
-        return node
-    if facts.get(name) is None:
-        have = [n for n in FROM_DATASET if facts.get(n) is not None]
-        raise BuildError(f"{key}=${{from_dataset:{name}}}: the train dataset has no {name} (it has: "
-                         f"{', '.join(have) or 'none of ' + ', '.join(FROM_DATASET)}); set {key} to a value")
-    return facts[name]
-
-
-def dataset_facts(dataset: Any) -> dict[str, Any]:
-    """What a dataset says of itself that configs may use: its FROM_DATASET attributes (tuples as lists)."""
-    facts = {name: getattr(dataset, name, None) for name in FROM_DATASET}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in facts.items()}
-
-
-def _reported(key: str, node: Any, rank: int, make: Callable[[], Any]) -> Any:
-    try:
-        return make()
-    except Exception as e:
-        raise BuildError(f"{key}._target_={target_of(node)} could not be built on rank {rank}: "
-                         f"{type(e).__name__}: {_cause(e)}") from e
-
-
-def _prepared(key: str, node: Any, rank: int, facts: dict | None) -> Any:
-    """The node with `${from_dataset:...}` filled in, its target importable."""
-    node = with_dataset_values(key, node, facts or {})
-    _located(key, node, rank)
-    return node
-
-
-def partial_of(key: str, node: Any, rank: int, facts: dict | None = None) -> Callable:
-    """The `_target_` as a partial (its config's arguments bound), not yet called, whatever its config says of
-    `_partial_`."""
-    node = _prepared(key, node, rank, facts)
-    return _reported(key, node, rank, lambda: instantiate(node, _partial_=True, _convert_="all"))
-
-
-def build(key: str, node: Any, rank: int, facts: dict | None = None, **kwargs) -> Any:
-    """instantiate(node) with `kwargs`; a failure, in importing the target's module or in its constructor, is
-    reported as the config key's, on this rank. `facts`: the dataset's values for `${from_dataset:...}`."""
-    node = _prepared(key, node, rank, facts)
-    return _reported(key, node, rank, lambda: instantiate(node, _convert_="all", **kwargs))
-
-
-def call(key: str, node: Any, rank: int, *args, **kwargs) -> Any:
-    """The target as a partial (whatever its config says of `_partial_`), called with `args` and `kwargs` (an
-    optimizer with the parameters, a groups function with the model)."""
-    made = partial_of(key, node, rank)
-    return _reported(key, node, rank, lambda: made(*args, **kwargs))
-
-
-def _cause(e: BaseException) -> str:
-    """Hydra wraps a constructor's exception in its own; the constructor's message is the one to show."""
-    while e.__cause__ is not None and type(e).__name__ == "InstantiationException":
-        e = e.__cause__
-    return str(e)
-
-
-def build_datasets(run: RunConfig, rank: int) -> tuple[Any, Any | None]:
-    """(train split, test split), or (the dataset, None) when its constructor takes no split."""
-    asks = _asks_for("dataset", run.dataset, rank, ("split", "train"))
-    if "split" in asks:
-        return build("dataset", run.dataset, rank, split="train"), build("dataset", run.dataset, rank, split="test")
-    if "train" in asks:
-        return build("dataset", run.dataset, rank, train=True), build("dataset", run.dataset, rank, train=False)
-    return build("dataset", run.dataset, rank), None
-
-
 def build_model(run: RunConfig, dataset: Any, rank: int) -> torch.nn.Module:
     target, facts = target_of(run.model), dataset_facts(dataset)
-    wanted = [name for name in _asks_for("model", run.model, rank, MODEL_GETS) if not _given(run.model, name)]
+    wanted = [name for name in asks_for("model", run.model, rank, MODEL_GETS) if not given(run.model, name)]
     offered = {name: facts[name] for name in wanted if facts.get(name) is not None}
     _say_what_was_passed(run, rank, offered, facts)
     try:
@@ -182,10 +65,10 @@ def _say_what_was_passed(run: RunConfig, rank: int, offered: dict, facts: dict) 
         return
     target, has = target_of(run.model), [n for n in MODEL_GETS if facts.get(n) is not None]
     passed = ", ".join(f"{k}={v}" for k, v in offered.items()) or "nothing"
-    withheld = [n for n in has if n not in offered and not _given(run.model, n)]
+    withheld = [n for n in has if n not in offered and not given(run.model, n)]
     log.info("model._target_=%s given %s from the dataset%s", target, passed,
              f"; not given: {', '.join(withheld)}" if withheld else "")
-    if _takes_any_keyword("model", run.model, rank) and "num_classes" in withheld:
+    if takes_any_keyword("model", run.model, rank) and "num_classes" in withheld:
         log.warning("model._target_=%s takes **kwargs, so it was not given the dataset's num_classes=%s: it builds "
                     "its own default head unless you set model.num_classes (or model.num_classes="
                     "${from_dataset:num_classes})", target, facts["num_classes"])
@@ -285,7 +168,7 @@ def build_scheduler(run: RunConfig, optimizer: torch.optim.Optimizer, total_step
     if run.scheduler is None:
         return None
     schedule = partial_of("scheduler", run.scheduler, rank)
-    return _reported("scheduler", run.scheduler, rank,
+    return reported("scheduler", run.scheduler, rank,
                      lambda: schedule(optimizer, **run_length(schedule, total_steps)))
 
 

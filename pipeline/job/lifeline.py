@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from pipeline.launcher.signals import LAUNCHER_PID_VAR
+from pipeline.rundir import LAUNCHER_PID_VAR
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

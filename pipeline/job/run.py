@@ -32,12 +32,12 @@ from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.probe import describe, fell_back_to_sockets, run_probe
 from pipeline.job.record import JobFacts, build_record, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome, gradient_bytes
-from pipeline.rundir import LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure, Point, Result, failure_path, utc_now
+from pipeline.rundir import (ERROR_PREFIX, LOG_DIR, POINT_STORE_KEY, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure,
+                             Point, Result, failure_path, utc_now)
 
 log = logging.getLogger("pipeline.worker")
 
 
-POINT_KEY = "pipeline/point_dir"
 
 
 class Stopwatch:
@@ -68,7 +68,7 @@ def run_from_overrides(overrides: list[str]) -> Path:
     """Train with no prior launch (torchrun, or one process): rank 0 composes the config from the overrides,
     checks it and freezes it into its folder (one folder, one composition, shared through the rendezvous store);
     then every rank trains that point."""
-    from pipeline.launcher.points import freeze_from_overrides  # torch-free: the launch side's own steps
+    from pipeline.point import freeze_from_overrides  # torch-free, as the launch composes a point
 
     env = DistEnv.detect()
     store = rendezvous_store(env, timedelta(seconds=LocalClusterConfig.timeout_s))
@@ -81,13 +81,13 @@ def run_from_overrides(overrides: list[str]) -> Path:
         try:
             point_dir = freeze_from_overrides([*world, *overrides], launch_mode=env.source)
         except ConfigError as e:
-            store.set(POINT_KEY, f"error:{e}")
+            store.set(POINT_STORE_KEY, f"{ERROR_PREFIX}{e}")
             raise SystemExit(f"pipeline.worker: configuration error: {e}") from None
-        store.set(POINT_KEY, str(point_dir))
+        store.set(POINT_STORE_KEY, str(point_dir))
     else:
-        answer = store.get(POINT_KEY).decode()
-        if answer.startswith("error:"):
-            raise SystemExit(f"pipeline.worker: rank 0 found a configuration error: {answer[6:]}")
+        answer = store.get(POINT_STORE_KEY).decode()
+        if answer.startswith(ERROR_PREFIX):
+            raise SystemExit(f"pipeline.worker: rank 0 found a configuration error: {answer[len(ERROR_PREFIX):]}")
         point_dir = Path(answer)
     return run_point(point_dir, store)
 

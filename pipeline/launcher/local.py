@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import json
 import logging
 import os
 import queue
@@ -26,8 +25,8 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, oom_kills, process_state
-from pipeline.launcher.signals import GRACE_S, LAUNCHER_PID_VAR, own, stop_sessions
-from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
+from pipeline.launcher.signals import GRACE_S, own, stop_sessions
+from pipeline.rundir import LAUNCHER_PID_VAR, WarmStart, LOG_DIR, Failure, Progress, rank_log_path
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +168,7 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> No
             proc = _warm.take()
             if proc is not None:
                 try:
-                    proc.stdin.write(json.dumps({"point_dir": str(point_dir), "env": env}) + "\n")
-                    proc.stdin.close()
+                    WarmStart(point_dir=str(point_dir), env=env).send(proc.stdin)
                 except BrokenPipeError:  # it died importing: its exit and its output say why
                     pass
             else:

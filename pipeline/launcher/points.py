@@ -9,62 +9,26 @@ resubmits.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import platform
 import resource
-import subprocess
 import sys
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import setup_globals
-from hydra.errors import HydraException
-from hydra.utils import get_class
-from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, RunConfig, abspath_dataset_root, parse_run_config, register_configs, to_plain
+from pipeline.config import ConfigError, RunConfig, to_plain
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
 from pipeline.launcher.manifest import add_submissions
-from pipeline.launcher.rundir_lock import Claim, claim, keep_until_exit
-from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, check_script_text, check_slurm_values,
-                                     group_by_allocation, max_array_size, preflight, submit, write_dry_run)
-from pipeline.rundir import RECORD_NAME, GitInfo, Point, diverged_at, rank_log_path, utc_now
+from pipeline.launcher.status import RESUBMITTABLE, PointStatus
+from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
+from pipeline.runlock import Claim, claim
+from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, group_by_allocation, max_array_size, preflight,
+                                     submit, write_dry_run)
+from pipeline.rundir import POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
 
 log = logging.getLogger("pipeline.launch")
 DRY_RUN_NAME = "dry_run.txt"  # local debug mode's dry run: the processes it would have started
-
-
-@dataclass
-class PlannedPoint:
-    """A point whose config is typed and checked, with its place in the sweep and its folder."""
-
-    index: int  # its number in the sweep (Hydra's job number): its folder's name by default, its manifest key
-    overrides: list[str]
-    run: RunConfig
-    point_dir: Path
-
-
-def prepare_run(cfg: DictConfig | dict) -> RunConfig:
-    """Type and check one point's config, the built-in datasets' files included (a user's `_target_`s have had
-    their modules found, without being imported). Raises ConfigError naming the key."""
-    run = parse_run_config(cfg)
-    abspath_dataset_root(run)
-    if not isinstance(run.dataset, dict):  # a built-in dataset: constructing it checks its files, importing no torch
-        fields = {k: v for k, v in vars(run.dataset).items() if k != "_target_"}
-        get_class(run.dataset._target_)(**fields, split="train")
-    if run.cluster.kind == "slurm":
-        check_slurm_values(run)
-    return run
-
-
-def check_folder(key: str, path: Path) -> Path:
-    check_script_text(key, str(path))
-    return path
 
 
 def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, str]:
@@ -82,33 +46,6 @@ def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, 
     return problems
 
 
-@functools.cache
-def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
-    """The commit the pipeline's code is at, and whether its work tree has changes (None outside git); asked
-    once per launch, however many points it has."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
-    return GitInfo(sha=sha, dirty=bool(status) if status is not None else None)
-
-
-def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str, run_id: str | None = None) -> Point:
-    """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads; the run id is
-    new unless this point continues an earlier launch's run (`run_id`)."""
-    point = Point(run_id=run_id or uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
-                  launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
-                  git=git_info(), config=to_plain(p.run), sweep_dir=str(sweep_dir))
-    p.point_dir.mkdir(parents=True, exist_ok=True)
-    point.write(p.point_dir)
-    return point
-
-
 def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
     """Claim every point's folder (locked and checked before anything is written: ConfigError if one cannot be
     used), freeze every point, submit the Slurm ones (one job array per distinct allocation), then run the local
@@ -119,7 +56,7 @@ def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
         slurm = [p for p in points if p.run.cluster.kind == "slurm"]
         submit_points(slurm, sweep_dir)
         for p in slurm:
-            claims[p.index].lock.release()  # the job's rank 0 takes it when the job starts (rundir_lock.lock_for_job)
+            claims[p.index].lock.release()  # the job's rank 0 takes it when the job starts (runlock.lock_for_job)
         run_local_points([(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"], claims)
 
 
@@ -144,7 +81,7 @@ def run_local_points(local: list[tuple[PlannedPoint, Point]], claims: dict[int, 
 
 
 def claim_folders(points: list[PlannedPoint], sweep_dir: Path, held: contextlib.ExitStack) -> dict[int, Claim]:
-    """Every point's folder claimed (rundir_lock.claim) and held until `held` closes, then prepared for its run.
+    """Every point's folder claimed (pipeline.runlock.claim) and held until `held` closes, then prepared for its run.
     If any is refused, ConfigError names every refusal, and no folder was changed."""
     allow_open_files(len(points))
     claims, refused, seen = {}, [], {}
@@ -246,23 +183,28 @@ def plan_from_hydra(run: RunConfig) -> tuple[PlannedPoint, Path]:
     return PlannedPoint(index=0, overrides=list(hc.overrides.task), run=run, point_dir=point_dir), point_dir
 
 
-def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
-    """Compose the config from Hydra overrides (Hydra's compose API: no Hydra run, so no folder or log of its
-    own), type and check it, and freeze it into the folder `hydra.run.dir` names. What rank 0 does when the
-    worker is started without a launch (torchrun). Returns the point's folder; raises ConfigError."""
-    register_configs()
-    setup_globals()  # Hydra's resolvers, e.g. ${now:...} in hydra.run.dir
-    try:
-        with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    except HydraException as e:  # an unknown key or group option, a wrong type: Hydra names it
-        raise ConfigError(str(e)) from None
-    HydraConfig.instance().set_config(cfg)
-    run = prepare_run(cfg)
-    point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
-    folder = claim(point_dir, to_plain(run), run.overwrite, "hydra.run.dir")
-    folder.prepare()
-    keep_until_exit(folder.lock)  # this process (rank 0) runs the point: the folder is its until it exits
-    freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir,
-                 launch_mode=launch_mode, run_id=folder.resumes)
-    return point_dir
+def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus], include_diverged: bool = False
+                    ) -> list[tuple[int, str]]:
+    """Resubmit the points that ended without a usable record (and, if asked, those that diverged), from their
+    frozen point.json, after the checks a launch makes (the config typed and checked, the dataset's files, Slurm
+    asked once per distinct allocation); the ones with identical allocations go as one job array. Returns (point,
+    job id)."""
+    wanted = RESUBMITTABLE | ({"diverged"} if include_diverged else set())
+    planned = []
+    for s in statuses:
+        if s.state not in wanted or s.dir is None or not (s.dir / POINT_NAME).exists():
+            continue
+        try:
+            point = Point.read(s.dir)
+        except (OSError, ValueError) as e:
+            print(f"point {s.point}: not resubmitted, its {POINT_NAME} cannot be read: {e}", file=sys.stderr)
+            continue
+        try:
+            planned.append(PlannedPoint(s.point, point.overrides, prepare_run(point.config), s.dir))
+        except ConfigError as e:
+            print(f"point {s.point}: not resubmitted, its config does not pass the launch's checks: {e}",
+                  file=sys.stderr)
+    problems = check_allocations(planned, sweep_dir)
+    for index, problem in problems.items():
+        print(f"point {index}: not resubmitted, Slurm rejects it: {problem}", file=sys.stderr)
+    return submit_points([p for p in planned if p.index not in problems], sweep_dir)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import NoReturn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"  # in every rank's environment: the launcher its rank dies with
 GRACE_S = 5.0  # SIGTERM first; whatever is left of a rank's session after this gets SIGKILL
 _owned: list[subprocess.Popen] = []  # every process this launch started, in the order it started them
 

@@ -22,68 +22,14 @@ from pathlib import Path
 from typing import Protocol
 
 import submitit
-from submitit.helpers import Checkpointable
 
-from pipeline.config import ConfigError, RunConfig
-from pipeline.launcher.rundir_lock import lock_for_job
+from pipeline.config import RunConfig
 from pipeline.rundir import LOG_DIR, SBATCH_NAME, SRUN_LOG_PATTERN, SUBMITIT_DIR
+from pipeline.worker import TrainingJob
 
-# characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
-_SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
-_SAFE_TEXT = "letters, digits and _ . , : @ % + = / - [ ]"
-_SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]&|()*!]+$")
-_MEM = re.compile(r"^[0-9]+[KMGT]?B?$")
-_OPTION = re.compile(r"^[a-z][a-z0-9-]+$")  # a long option's name (single letters are short options' aliases)
-# options the pipeline sets itself from the config; sbatch_extra may not override them
-_OWN = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition", "account", "qos",
-        "constraint", "exclusive", "job-name", "output", "error", "signal", "open-mode", "requeue"}
-# options that would break one folder and one job (or array task) per point, or the ranks' shape
-_BREAKING = {"array", "wrap", "chdir", "ntasks", "ntasks-per-core", "ntasks-per-socket", "ntasks-per-gpu",
-             "gpus-per-task", "export", "export-file", "input", "hold", "test-only", "parsable", "wait"}
 SIGNAL_DELAY_S = 90  # Slurm sends the preemption / time-limit signal this long before the end
 DEFAULT_MAX_ARRAY = 1001  # Slurm's default MaxArraySize
 ARRAY_LOGS = ".array-logs"  # SWEEP_DIR/.array-logs/<array>/<task> -> the task's POINT_DIR/logs
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def check_slurm_values(run: RunConfig) -> None:
-    """Every config value that reaches the sbatch script is a plain token. Raises ConfigError naming the key."""
-    c = run.cluster
-    for key, value, pattern, allowed in (("partition", c.partition, _SAFE, _SAFE_TEXT),
-                                         ("account", c.account, _SAFE, _SAFE_TEXT), ("qos", c.qos, _SAFE, _SAFE_TEXT),
-                                         ("constraint", c.constraint, _SAFE_CONSTRAINT, _SAFE_TEXT + " & | ( ) * !")):
-        if value is not None and not pattern.match(value):
-            raise ConfigError(f"cluster.{key}={value!r} is not allowed: use {allowed}")
-    if c.mem is not None and not _MEM.match(c.mem):
-        raise ConfigError(f"cluster.mem={c.mem!r} is not allowed: give a size such as 16G, 4000M or 64000")
-    if c.time < 1:
-        raise ConfigError(f"cluster.time={c.time} is not allowed: minutes, >= 1")
-    if c.cpus_per_task is not None and c.cpus_per_task < 1:
-        raise ConfigError(f"cluster.cpus_per_task={c.cpus_per_task} is not allowed: >= 1 or null")
-    if c.array_parallelism is not None and c.array_parallelism < 1:
-        raise ConfigError(f"cluster.array_parallelism={c.array_parallelism} is not allowed: >= 1 or null")
-    for key, value in c.sbatch_extra.items():
-        if key in _BREAKING:
-            raise ConfigError(f"cluster.sbatch_extra.{key} is not allowed: every point is its own job (or array task) "
-                              "with its own folder and the ranks nodes x cluster.tasks_per_node, which these "
-                              f"options would change: {', '.join(sorted(_BREAKING))}")
-        if not _OPTION.match(str(key)) or key in _OWN:
-            raise ConfigError(f"cluster.sbatch_extra key {key!r} is not allowed: an sbatch long option name "
-                              f"(lowercase, dashes) other than the ones set from the config: {', '.join(sorted(_OWN))}")
-        if value is not True and not _SAFE.match(str(value)):
-            raise ConfigError(f"cluster.sbatch_extra.{key}={value!r} is not allowed: use {_SAFE_TEXT}, "
-                              "or true for a flag")
-    for line in c.setup:
-        if "\n" in line or "\r" in line:
-            raise ConfigError("cluster.setup: give one shell line per list item (no embedded newlines)")
-
-
-def check_script_text(key: str, value: str) -> None:
-    """A value that reaches an sbatch script (a job name, a folder): no newline or other control character,
-    which would end the line it is on."""
-    if _CONTROL.search(value):
-        raise ConfigError(f"{key}={value!r} is not allowed: a newline or other control character in it would end a "
-                          "line of the sbatch script (and of the logs) that it reaches")
 
 
 def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path) -> dict:
@@ -202,19 +148,6 @@ def preflight(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> str | 
     if out.returncode != 0:
         return (out.stderr.strip() or out.stdout.strip()).replace("sbatch: error: ", "")
     return None
-
-
-class TrainingJob(Checkpointable):
-    """What submitit runs on every task. On the preemption / time-limit signal the worker saves a checkpoint at
-    a step boundary and then calls submitit's handler, which calls `checkpoint` (inherited: resubmit this same
-    call) and requeues the job; the requeued run finds the checkpoint and resumes."""
-
-    def __call__(self, point_dir: str) -> str:
-        from pipeline.job.env import DistEnv  # torch is imported on the compute node only
-        from pipeline.job.run import run_point
-
-        with lock_for_job(Path(point_dir), DistEnv.detect().rank):  # rank 0 holds the folder for the job's life
-            return str(run_point(point_dir))
 
 
 def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> list[str]:

@@ -4,6 +4,7 @@ the result records; waiting for a sweep, and resubmitting the points that ended 
 from __future__ import annotations
 
 import subprocess
+from collections import Counter
 import sys
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 from pipeline.collector.records import Diverged, Problem, read_record
 from pipeline.launcher.logs import first_failed_log
 from pipeline.launcher.manifest import read_manifest
-from pipeline.rundir import POINT_NAME, RECORD_NAME, Point, Progress
+from pipeline.rundir import RECORD_NAME, Progress
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
         "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued",
@@ -158,9 +159,7 @@ def format_table(statuses: list[PointStatus]) -> str:
 
 
 def summary_line(statuses: list[PointStatus]) -> str:
-    counts: dict[str, int] = {}
-    for s in statuses:
-        counts[s.state] = counts.get(s.state, 0) + 1
+    counts = Counter(s.state for s in statuses)
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
 
 
@@ -187,34 +186,3 @@ def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list
         if done:
             return statuses
         time.sleep(poll_s)
-
-
-def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus], include_diverged: bool = False
-                    ) -> list[tuple[int, str]]:
-    """Resubmit the points that ended without a usable record (and, if asked, those that diverged), from their
-    frozen point.json, after the checks a launch makes (the config typed and checked, the dataset's files, Slurm
-    asked once per distinct allocation); the ones with identical allocations go as one job array. Returns (point,
-    job id)."""
-    # imported here: a plain `status` does not pay for importing Hydra and submitit
-    from pipeline.config import ConfigError
-    from pipeline.launcher.points import PlannedPoint, check_allocations, prepare_run, submit_points
-
-    wanted = RESUBMITTABLE | ({"diverged"} if include_diverged else set())
-    planned = []
-    for s in statuses:
-        if s.state not in wanted or s.dir is None or not (s.dir / POINT_NAME).exists():
-            continue
-        try:
-            point = Point.read(s.dir)
-        except (OSError, ValueError) as e:
-            print(f"point {s.point}: not resubmitted, its {POINT_NAME} cannot be read: {e}", file=sys.stderr)
-            continue
-        try:
-            planned.append(PlannedPoint(s.point, point.overrides, prepare_run(point.config), s.dir))
-        except ConfigError as e:
-            print(f"point {s.point}: not resubmitted, its config does not pass the launch's checks: {e}",
-                  file=sys.stderr)
-    problems = check_allocations(planned, sweep_dir)
-    for index, problem in problems.items():
-        print(f"point {index}: not resubmitted, Slurm rejects it: {problem}", file=sys.stderr)
-    return submit_points([p for p in planned if p.index not in problems], sweep_dir)

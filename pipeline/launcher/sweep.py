@@ -15,6 +15,7 @@ Hydra itself applies them once it has composed, so a 1,000-point sweep of seeds 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import functools
 import logging
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pipeline.config import ConfigError, RunConfig, plain_config
 from pipeline.launcher.errors import exit_on_config_error, one_line, reported
 from pipeline.launcher.manifest import add_skipped
-from pipeline.launcher.points import PlannedPoint, check_allocations, check_folder, prepare_run, start
+from pipeline.launcher.points import check_allocations, start
+from pipeline.point import PlannedPoint, check_folder, prepare_run
 from pipeline.launcher.status import wait_for_sweep
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
         points[index].problem = f"Slurm would reject it: {problem}"
     runnable = refuse_or_skip(points, sweep_dir)
     log.info("%d point(s): %s", len(runnable), ", ".join(
-        f"{n} {kind}" for kind, n in _count(p.run.cluster.kind for p in runnable).items()))
+        f"{n} {kind}" for kind, n in Counter(p.run.cluster.kind for p in runnable).items()))
     with reported():  # a folder that cannot be used (nothing was started), a point that failed
         start([p.planned() for p in runnable], sweep_dir)
     submitted = [p for p in runnable if p.run.cluster.kind == "slurm" and not p.run.dry_run]
@@ -75,13 +77,6 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
                  len(submitted), sweep_dir, sweep_dir)
         if any(p.run.wait for p in submitted):
             wait_for_sweep(sweep_dir)
-
-
-def _count(kinds) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for k in kinds:
-        counts[k] = counts.get(k, 0) + 1
-    return counts
 
 
 class Composer:

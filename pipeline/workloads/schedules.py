@@ -8,24 +8,14 @@ Hugging Face's `num_training_steps` (get_cosine_schedule_with_warmup and its kin
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Callable
 
 import torch
 from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
+from pipeline.targets import takes
+
 LENGTH_NAMES = ("T_max", "total_steps", "total_iters", "num_training_steps")
-
-
-def takes(fn: Any) -> set[str]:
-    """The parameter names a callable takes (a functools.partial's function, less what it already binds); none if
-    its signature cannot be read."""
-    bound = set(fn.keywords) if isinstance(fn, functools.partial) else set()
-    try:
-        return set(inspect.signature(fn).parameters) - bound
-    except (TypeError, ValueError):
-        return set()
 
 
 def run_length(fn: Any, steps: int) -> dict[str, int]:

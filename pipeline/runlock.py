@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, config_hash
-from pipeline.launcher.signals import LAUNCHER_PID_VAR
-from pipeline.rundir import (CHECKPOINT_NAME, LOG_DIR, PREVIOUS_CHECKPOINT_NAME, PROFILE_DIR, PROGRESS_NAME,
-                             RECORD_NAME, RUN_LOCK_NAME, WEIGHTS_NAME, LockHolder, Point, remove_stray_temporaries,
-                             utc_now)
+from pipeline.rundir import (CHECKPOINT_NAME, LAUNCHER_PID_VAR, LOG_DIR, PREVIOUS_CHECKPOINT_NAME, PROFILE_DIR,
+                             PROGRESS_NAME, RECORD_NAME, RUN_LOCK_NAME, WEIGHTS_NAME, LockHolder, Point,
+                             remove_stray_temporaries, utc_now)
 
 log = logging.getLogger(__name__)
 JOB_WAIT_S = 60.0  # a Slurm job may start while its launcher still holds the lock, submitting

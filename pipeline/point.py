@@ -1,0 +1,103 @@
+"""One sweep point, torch-free, for every program that makes one: the launcher (pipeline.launch, the sweep,
+`status --resubmit-failed`) and the worker started without a launch (torchrun), whose rank 0 composes the point
+from Hydra overrides. Typing and checking its config (`prepare_run`), the folder's name (`check_folder`), git
+provenance (`git_info`) and freezing it into POINT_DIR/point.json (`freeze_point`); `freeze_from_overrides` takes
+these steps after composing, as the launch does.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import setup_globals
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+
+from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check_script_text, parse_run_config,
+                             register_configs, to_plain)
+from pipeline.rundir import GitInfo, Point, utc_now
+from pipeline.runlock import claim, keep_until_exit
+from pipeline.targets import build_datasets
+
+
+@dataclass
+class PlannedPoint:
+    """A point whose config is typed and checked, with its place in the sweep and its folder."""
+
+    index: int  # its number in the sweep (Hydra's job number): its folder's name by default, its manifest key
+    overrides: list[str]
+    run: RunConfig
+    point_dir: Path
+
+
+def prepare_run(cfg: DictConfig | dict) -> RunConfig:
+    """Type and check one point's config, the built-in datasets' files included (constructing them checks their
+    files, importing no torch: the job's own build step, pipeline.targets; a user's `_target_`s have had their
+    modules found, not imported). Raises ConfigError naming the key."""
+    run = parse_run_config(cfg)
+    abspath_dataset_root(run)
+    if not isinstance(run.dataset, dict):
+        build_datasets(run, rank=None)
+    return run
+
+
+def check_folder(key: str, path: Path) -> Path:
+    check_script_text(key, str(path))
+    return path
+
+
+@functools.cache
+def git_info(path: Path = Path(__file__).resolve().parent) -> GitInfo:
+    """The commit the pipeline's code is at, and whether its work tree has changes (None outside git); asked
+    once per launch, however many points it has."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return GitInfo(sha=sha, dirty=bool(status) if status is not None else None)
+
+
+def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str, run_id: str | None = None) -> Point:
+    """POINT_DIR/point.json: the resolved config and where it came from, which every rank reads; the run id is
+    new unless this point continues an earlier launch's run (`run_id`)."""
+    point = Point(run_id=run_id or uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
+                  launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
+                  git=git_info(), config=to_plain(p.run), sweep_dir=str(sweep_dir))
+    p.point_dir.mkdir(parents=True, exist_ok=True)
+    point.write(p.point_dir)
+    return point
+
+
+def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
+    """Compose the config from Hydra overrides (Hydra's compose API: no Hydra run, so no folder or log of its
+    own), type and check it, and freeze it into the folder `hydra.run.dir` names. What rank 0 does when the
+    worker is started without a launch (torchrun). Returns the point's folder; raises ConfigError."""
+    register_configs()
+    setup_globals()  # Hydra's resolvers, e.g. ${now:...} in hydra.run.dir
+    try:
+        with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except HydraException as e:  # an unknown key or group option, a wrong type: Hydra names it
+        raise ConfigError(str(e)) from None
+    HydraConfig.instance().set_config(cfg)
+    run = prepare_run(cfg)
+    point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
+    folder = claim(point_dir, to_plain(run), run.overwrite, "hydra.run.dir")
+    folder.prepare()
+    keep_until_exit(folder.lock)  # this process (rank 0) runs the point: the folder is its until it exits
+    freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir,
+                 launch_mode=launch_mode, run_id=folder.resumes)
+    return point_dir
