@@ -17,8 +17,8 @@ import torch
 from pipeline.rundir import Result
 from tests.conftest import REPO
 
-README = (REPO / "README.md").read_text()
-EXAMPLES = README[README.index("### Worked examples"):README.index("## Experiments")]
+YOUR_MODEL = (REPO / "docs/your-model.md").read_text()
+EXAMPLES = YOUR_MODEL[YOUR_MODEL.index("### Worked examples"):YOUR_MODEL.index("## What is checked, and when")]
 LEARNED = math.exp(math.log(256) - 0.1)  # perplexity: 0.1 nats below an untrained model's ln(256) in 30 steps
 FAST = ["trainer.max_steps=30", "trainer.log_every=1000", "trainer.warmup_steps=3", "trainer.eval_samples=256",
         "trainer.tensorboard=false"]
