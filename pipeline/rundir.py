@@ -268,7 +268,7 @@ class Point(JsonFile):
     sweep_id: str
     point: int  # the point's index in its sweep (Hydra's job number)
     overrides: list[str]
-    launch_mode: str  # "local" | "slurm"
+    launch_mode: str  # "local" | "slurm" | "torchrun"
     launched_at: str
     launch_host: str
     launch_argv: list[str]

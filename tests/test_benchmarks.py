@@ -1,5 +1,5 @@
 """Every benchmark runs, on tiny sizes, and prints its figures (smoke runs: the figures themselves are measured by
-running the benchmarks as README's Performance section says, never asserted here)."""
+running the benchmarks as docs/performance.md says, never asserted here)."""
 
 import os
 import re

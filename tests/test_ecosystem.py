@@ -1,7 +1,7 @@
 """Models nobody here wrote, trained as their users write them: Hugging Face models built from their configs (no
 download), a nanoGPT-style model that computes its own loss, a timm-style factory, a dataset of mappings. The
-configs and commands are README's worked examples, read from README itself, so README cannot drift from what
-works. Then the paths that used to train to the end and lose the record, and every bad input named."""
+configs and commands are the worked examples of docs/your-model.md, read from that page, so it cannot drift from
+what works. Then the paths that used to train to the end and lose the record, and every bad input named."""
 
 import contextlib
 import math
@@ -152,7 +152,7 @@ USER_CODE = {
 
 
 def config_files() -> dict[str, str]:
-    """README's worked-example YAML files, by their path under myconf/."""
+    """The worked examples' YAML files (docs/your-model.md), by their path under myconf/."""
     files = {}
     for block in re.findall(r"```yaml\n(.*?)```", EXAMPLES, re.S):
         first, _, body = block.partition("\n")
@@ -162,7 +162,7 @@ def config_files() -> dict[str, str]:
 
 
 def commands(model: str) -> list[list[str]]:
-    """README's worked-example launch commands for a model, as argument lists."""
+    """The worked examples' launch commands for a model (docs/your-model.md), as argument lists."""
     lines = [line for block in re.findall(r"```bash\n(.*?)```", EXAMPLES, re.S) for line in block.splitlines()]
     return [line.split()[3:] for line in lines if line.startswith("python -m pipeline.launch") and
             f"model={model} " in line + " "]
@@ -197,7 +197,7 @@ def record(user_folder, name: str) -> Result:
     return Result.read(user_folder / "runs" / name)
 
 
-def test_readme_has_the_worked_examples():
+def test_the_docs_have_the_worked_examples():
     assert set(config_files()) == {"model/hf_gpt2.yaml", "model/hf_bert.yaml", "dataset/reviews.yaml",
                                    "model/nanogpt.yaml", "model/timmish.yaml"}
     assert [len(commands(m)) for m in ("hf_gpt2", "hf_bert", "nanogpt", "timmish")] == [2, 2, 1, 1]

@@ -42,7 +42,7 @@ log = logging.getLogger("pipeline.worker")
 
 class Stopwatch:
     """Seconds from this process's start (the kernel's record of it, so the interpreter's start and the imports
-    count) to named moments of the rank's start-up: what README's start-up breakdown shows."""
+    count) to named moments of the rank's start-up: what docs/performance.md's start-up breakdown shows."""
 
     def __init__(self):
         self.origin = process_start()
