@@ -108,7 +108,8 @@ def test_a_failed_run_is_one_message_and_exit_1(tmp_path):
     assert "Error executing job" not in err + r.stdout and err.count("failed first") == 1
     launcher_lines = [x for x in err.splitlines() if x.startswith("pipeline.launch:")]
     assert len(launcher_lines) == 1 and "rank 0 (simulated node 0) failed first: exit code 1" in launcher_lines[0]
-    assert "optimizer._target_=torch.optim.NoSuchOptimizer could not be built on rank 0" in launcher_lines[0]
+    assert ("optimizer._target_=torch.optim.NoSuchOptimizer could not be imported on rank 0: AttributeError: module "
+            "'torch.optim' has no attribute 'NoSuchOptimizer'") in launcher_lines[0]
 
 
 @pytest.fixture
