@@ -236,7 +236,7 @@ def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_pa
     assert "completed" in lines["0"] and "failed" in lines["1"]
     assert "points without a record: 1" in out
     # status points to the rank that failed first and shows its last lines
-    assert "point 1: first failed rank's log" in out and "torch.optim.NoSuchOptimizer could not be built" in out
+    assert "point 1: first failed rank's log" in out and "torch.optim.NoSuchOptimizer could not be imported" in out
     r = status(sweep, "--resubmit-failed")
     assert r.returncode == 0 and re.search(r"point 1: resubmitted as job \d+", r.stdout)
     assert "point 0: resubmitted" not in r.stdout
