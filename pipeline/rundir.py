@@ -44,6 +44,11 @@ MANIFEST_NAME = "manifest.json"  # in the sweep folder
 WEIGHTS_NAME = "model.pt"  # the trained model's state_dict (rank 0)
 CHECKPOINT_NAME = "checkpoint.pt"  # on preemption / time limit, and every trainer.checkpoint_every steps
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"  # the one before, kept until the next is whole
+# parallel=fsdp|hsdp: torch.distributed.checkpoint folders (one file per rank, .metadata, and CHECKSUMS_NAME, which
+# rank 0 writes last: a folder without it is no checkpoint), renamed into place whole, the one before kept
+SHARDED_CHECKPOINT_NAME = "checkpoint.dcp"
+PREVIOUS_SHARDED_CHECKPOINT_NAME = "checkpoint.prev.dcp"
+CHECKSUMS_NAME = "checksums.json"
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
 RUN_LOCK_NAME = ".run.lock"  # held (flock) by whoever runs the folder's point: one run per folder
