@@ -199,23 +199,36 @@ def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, o
     writing the record itself can fail the run: a step that fails is logged, and the record says what is missing
     and why."""
     mine = rank_result(env, job.device, job.host, run, outcome)
+    sharded = trainer.parallel.sharded
+    if sharded:  # gathering FSDP's shards is a collective: every rank takes part, before rank 0 goes on alone
+        weights = final_weights(trainer, outcome, job)
     ranks = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(mine, ranks, dst=0)
     if env.rank != 0:
         return
+    if not sharded:
+        weights = final_weights(trainer, outcome, job)
     point_dir = job.point_dir
-    if outcome.diverged_at_step is None:
-        job.weights = attempt("weights", job.missing,
-                              lambda: save(trainer.weights(), point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
-    else:
-        job.missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
-    job.flops_per_sample = attempt("flops_per_sample", job.missing, trainer.count_flops)
+    if weights is not None:
+        job.weights = attempt("weights", job.missing, lambda: save(weights, point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
     record = build_record(point, run, env, outcome, ranks, job)
     path = record.write(point_dir)
     attempt("tensorboard", {}, lambda: trainer.close_metrics(hparams_of(point), final_figures(record)))
     ev = outcome.evaluation
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
              record.timing.throughput_samples_per_s or 0.0, path)
+
+
+def final_weights(trainer: Trainer, outcome: TrainOutcome, job: JobFacts) -> dict | None:
+    """The trained weights (None when the run diverged, or they could not be made: `missing` says why), and the
+    FLOPs per sample into `job`: on rank 0 under DDP, on every rank under FSDP (whose forward gathers)."""
+    weights = None
+    if outcome.diverged_at_step is None:
+        weights = attempt("weights", job.missing, trainer.weights)
+    else:
+        job.missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
+    job.flops_per_sample = attempt("flops_per_sample", job.missing, trainer.count_flops)
+    return weights
 
 
 def attempt(name: str, missing: dict[str, str], make):
