@@ -850,7 +850,7 @@ class RunConfig:
                     f"parallel.replicate so that {self.world_size} / replicate divides {c.tasks_per_node} (null: one "
                     "replica per node), or parallel=fsdp to shard over every rank")
         if p.kind != "ddp" and t.channels_last:
-            raise ConfigError("trainer.channels_last=true is not allowed with parallel=" + p.kind + ": FSDP shards only "
+            raise ConfigError(f"trainer.channels_last=true is not allowed with parallel={p.kind}: FSDP shards only "
                               "contiguous parameters; set trainer.channels_last=null (off under FSDP) or parallel=ddp")
         if p.block_classes is None and isinstance(self.model, BLOCKLESS_MODELS) and t.activation_checkpointing:
             raise ConfigError(f"trainer.activation_checkpointing=true: model._target_={self.model._target_} has no "

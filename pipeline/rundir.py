@@ -340,15 +340,29 @@ class LoaderInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class ProbePoint:
-    bytes: int  # the all-reduce's message
+    bytes: int  # the message, nccl-tests' size (an all-gather's output, a reduce-scatter's input)
     time_s: float  # the slowest rank's median over the timed iterations
     algbw_gb_s: float  # bytes / time
-    busbw_gb_s: float  # algbw x 2(n-1)/n, nccl-tests' bus bandwidth
+    busbw_gb_s: float  # algbw x 2(n-1)/n for an all-reduce, x (n-1)/n for the others: nccl-tests' bus bandwidth
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectiveProbe:
+    """One of FSDP's collectives, measured before training on the group FSDP issues it on (pipeline.job.probe);
+    its points' busbw = algbw x (n-1)/n for an all-gather or a reduce-scatter (nccl-tests'), 2(n-1)/n for an
+    all-reduce."""
+
+    op: str  # "all_gather" | "reduce_scatter" | "all_reduce"
+    group: str  # "shard" | "replicate"
+    ranks: int
+    points: list[ProbePoint]
+    latency_us: Optional[float]  # fitted: per ring step
+    bandwidth_gb_s: Optional[float]  # fitted: the bus bandwidth
 
 
 @dataclass(frozen=True, kw_only=True)
 class Fabric:
-    """The job's own all-reduce, measured before training (pipeline.job.probe)."""
+    """The job's own all-reduce, measured before training (pipeline.job.probe), and a sharded job's collectives."""
 
     backend: str
     world_size: int
@@ -357,6 +371,7 @@ class Fabric:
     latency_us: Optional[float]  # fitted: per ring step
     bandwidth_gb_s: Optional[float]  # fitted: the bus bandwidth (None: no bandwidth term could be fitted)
     transport: Optional[str]  # NCCL's choice (nvlink, p2p, shm, infiniband, sockets), tcp for gloo
+    collectives: list[CollectiveProbe] = field(default_factory=list)  # parallel=fsdp|hsdp (added since schema 1)
 
 
 @dataclass(frozen=True, kw_only=True)

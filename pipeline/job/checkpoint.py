@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import config_hash
-from pipeline.rundir import (CHECKPOINT_NAME, CHECKSUMS_NAME, PREVIOUS_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME,
-                             SHARDED_CHECKPOINT_NAME, write_atomic, write_json)
+from pipeline.rundir import (CHECKPOINT_NAME, CHECKSUMS_NAME, PREVIOUS_CHECKPOINT_NAME,
+                             PREVIOUS_SHARDED_CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, write_atomic, write_json)
 
 log = logging.getLogger(__name__)
 # a checkpoint is torch.save's bytes, then this mark and their SHA-256 (torch.load reads past what follows its zip)

@@ -187,6 +187,17 @@ class Parallel:
     reduce_every_micro_batch: bool = False
     clock: CommClock | None = None  # FSDP on a CPU: the exposed communication, timed
     blocks: list[nn.Module] = field(default_factory=list)
+    mesh: object = None  # FSDP's DeviceMesh
+
+    def probe_groups(self) -> list[tuple[str, str, int, object]]:
+        """The collectives FSDP issues and on which of this rank's groups: (op, group name, ranks, group)."""
+        if not self.sharded:
+            return []
+        shard = self.mesh["shard"].get_group() if self.kind == "hsdp" else self.mesh.get_group()
+        found = [(op, "shard", self.info.shard_ranks, shard) for op in ("all_gather", "reduce_scatter")]
+        if self.kind == "hsdp":
+            found.append(("all_reduce", "replicate", self.info.replicas, self.mesh["replicate"].get_group()))
+        return found
 
     @property
     def sharded(self) -> bool:
@@ -241,8 +252,9 @@ def _mesh(run: RunConfig, device: torch.device):
     return init_device_mesh(device.type, (run.world_size,), mesh_dim_names=("shard",))
 
 
-def _shard(run: RunConfig, model: nn.Module, blocks: list[nn.Module], device: torch.device, dtype: str) -> None:
-    """fully_shard on every block, then on the root (whose output is cast back to fp32 for the loss)."""
+def _shard(run: RunConfig, model: nn.Module, blocks: list[nn.Module], device: torch.device, dtype: str):
+    """fully_shard on every block, then on the root (whose output is cast back to fp32 for the loss); returns the
+    mesh."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     p, mesh = run.parallel, _mesh(run, device)
@@ -254,6 +266,7 @@ def _shard(run: RunConfig, model: nn.Module, blocks: list[nn.Module], device: to
     # the root's reshard_after_forward stays FSDP's (None: not resharded, its parameters are needed first in
     # backward), as torchtitan leaves it
     fully_shard(model, mesh=mesh, mp_policy=policy(output_dtype=torch.float32 if dtype == "bf16" else None))
+    return mesh
 
 
 def collectives(run: RunConfig, model: nn.Module, blocks: list[nn.Module], dtype: str,
@@ -326,11 +339,11 @@ def parallelize(model: nn.Module, run: RunConfig, device: torch.device, precisio
             blocks[i] = torch.compile(block)
             _replace(raw, block, blocks[i])
     volume = collectives(run, raw, blocks, dtype, gradient_bytes)
-    _shard(run, raw, blocks, device, dtype)
+    mesh = _shard(run, raw, blocks, device, dtype)
     clock = None
     if device.type == "cpu":
         clock = CommClock()
         watch_collectives(raw, clock)
     return Parallel(p.kind, raw, raw, autocast=precision == "bf16" and dtype != "bf16", blocks=blocks,
-                    reduce_every_micro_batch=p.reduce_every_micro_batch, clock=clock,
+                    reduce_every_micro_batch=p.reduce_every_micro_batch, clock=clock, mesh=mesh,
                     info=ParallelInfo(**info, collectives=volume))

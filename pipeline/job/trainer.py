@@ -210,8 +210,8 @@ class Trainer:
             pinned = cuda and not self.on_device
         else:
             self.on_device, pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
-        self.spec = BatchSpec(size=self.run.micro_batch, device=self.device, items=self.work.items, channels_last=channels_last,
-                              pinned=pinned, collate_fn=self.work.collate_fn)
+        self.spec = BatchSpec(size=self.run.micro_batch, device=self.device, items=self.work.items,
+                              channels_last=channels_last, pinned=pinned, collate_fn=self.work.collate_fn)
         self.batches = self._source(train, persistent=loader.persistent_workers)
         if not self.in_memory:
             check_workers(loader, torch.get_num_threads(), self.env)
