@@ -487,7 +487,8 @@ class TrainerConfig:
     eval_samples: int = 0  # evaluate on at most this many held-out samples; 0: all of them
     tensorboard: bool = True  # rank 0 writes scalars when the tensorboard package is installed
     # every this many steps the ranks agree whether any loss was not finite (NaN, inf): the run then stops as
-    # diverged. Each check waits for the GPU (one small all-reduce): more often costs more.
+    # diverged; a sharded run's ranks agree then too whether any caught the stop signal, and checkpoint together.
+    # Each check waits for the GPU (one small all-reduce): more often costs more.
     finite_check_every: int = 10
     # micro-batches per optimizer step, the gradients of all but the last kept local (DDP's no_sync, FSDP's
     # gradient-sync switch); the loss of each is scaled by 1 / grad_accum_steps. Weak scaling: batch_size is the

@@ -107,11 +107,13 @@ def per_step(counts: dict, before: dict, steps: int) -> dict:
 
 class FiniteCheck:
     """Every `every` steps the ranks agree (one all-reduce of a few flags) whether any step's loss was not finite,
-    and at which step first. Between checks the flags stay on the device, so no step waits for the GPU."""
+    and at which step first, and whether any rank caught the stop signal (a sharded run's ranks checkpoint
+    together, so they stop at the same step). Between checks the flags stay on the device, so no step waits for the
+    GPU."""
 
     def __init__(self, every: int, device: torch.device, world_size: int):
         self.every, self.world_size = every, world_size
-        self.flags = torch.zeros(every, device=device)
+        self.flags = torch.zeros(every + 1, device=device)  # a slot per step, then the stop signal's number
         self.first = None  # the step of the window's first slot
 
     def note(self, step: int, loss: torch.Tensor) -> None:
@@ -122,15 +124,18 @@ class FiniteCheck:
     def due(self, done: int, last: int) -> bool:
         return self.first is not None and (done - self.first == self.every or done == last)
 
-    def check(self) -> int | None:
-        """The first step with a loss that was not finite on any rank since the last check, or None."""
+    def check(self, signum: int | None = None) -> tuple[int | None, int | None]:
+        """(the first step with a loss that was not finite on any rank since the last check, the stop signal any
+        rank gave as `signum`), each None when there was none."""
         flags = self.flags.clone()
+        flags[self.every] = float(signum or 0)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad = [i for i, f in enumerate(flags.tolist()) if f]
+        values = flags.tolist()
+        bad = [i for i, f in enumerate(values[:self.every]) if f]
         first, self.first = self.first, None
         self.flags.zero_()
-        return first + bad[0] if bad else None
+        return (first + bad[0] if bad else None), (int(values[self.every]) or None)
 
 
 class Trainer:
@@ -422,15 +427,17 @@ class Trainer:
             self.first_step_at = time.time()
         if done == self.start_step + self.run.trainer.warmup_steps and self.parallel.clock is not None:
             self._counted = (dict(self.parallel.clock.calls), dict(self.parallel.clock.bytes))
+        sharded, caught = self.parallel.sharded, stop.received if stop is not None else None
+        # a sharded checkpoint is every rank's: they agree at each finite check whether any caught the stop signal
+        # (Slurm signals every task, not at the same step), and save together; DDP's rank 0 saves alone, at once
+        signum = None if sharded else caught
         if self.finite.due(done, self.total_steps):
-            bad = self.finite.check()
+            bad, agreed = self.finite.check(caught if sharded else None)
             if bad is not None:
                 raise Diverged(bad)
+            signum = agreed if sharded else signum
         t = self.run.trainer
-        # a sharded checkpoint is every rank's: they agree each step whether any caught the stop signal (Slurm
-        # signals every task, not at the same step), and save together; DDP's rank 0 saves alone
-        checkpointing = self.parallel.sharded or self.env.rank == 0
-        signum = self._stop_agreed(stop) if self.parallel.sharded else (stop.received if stop else None)
+        checkpointing = sharded or self.env.rank == 0
         if checkpointing and signum:
             raise Interrupted(done, signum)
         if checkpointing and t.checkpoint_every and done % t.checkpoint_every == 0 and done < self.total_steps:
@@ -439,13 +446,6 @@ class Trainer:
             return
         if done % t.log_every == 0 or done == self.total_steps:
             self._report(done, epoch, loss)
-
-    def _stop_agreed(self, stop: StopSignal | None) -> int | None:
-        """The stop signal if any rank has caught one (one small all-reduce: every rank, every step)."""
-        flag = torch.tensor([float(stop.received or 0) if stop else 0.0], device=self.device)
-        if self.env.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
 
     def _parallel_info(self, steps: int) -> ParallelInfo:
         """The record's parallel part, with rank 0's collectives per timed step where they were counted."""
