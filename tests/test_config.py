@@ -24,7 +24,7 @@ def override_for(group: str, option: str) -> list[str]:
 def test_every_config_file_is_listed():
     groups = {g for g, _ in CONFIG_FILES}
     assert groups == {"model", "dataset", "optimizer", "scheduler", "loss", "cluster", "parallel", "experiment"}
-    assert len(CONFIG_FILES) == 30
+    assert len(CONFIG_FILES) == 33
 
 
 @pytest.mark.parametrize("group, option", CONFIG_FILES)
