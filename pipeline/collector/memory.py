@@ -3,7 +3,8 @@ training fits a device's memory.
 
 The records count each rank's state (parameters, gradients, optimizer state) from its tensors' local shards, the
 part of it that is sharded, and the peak (CUDA's peak allocated bytes, or a CPU process's peak resident set). From
-the group's smallest node count (the baseline), at N nodes:
+the baseline, the group's smallest node count whose runs communicate (more than one rank: a single rank holds no
+communication buffers; else its smallest), at N nodes:
 
     shard(N)  = the ranks a sharded tensor is split over: FSDP's grows with the nodes (every rank), HSDP's stays a
                 node's ranks, DDP shards nothing (1)
@@ -36,6 +37,14 @@ PREDICT_AT = (8, 16, 64)
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*$", re.I)
 ASSUMPTION = ("sharded state / shard ranks + the replicated state; peak = that + the rest measured at the baseline "
               "(activations, gathered parameters, buffers, runtime), an upper bound in strong scaling")
+
+
+def size_text(value: float | None) -> str:
+    """Bytes as people read them: 3 significant digits in GB, or MB below one GB (powers of 10, as --device-memory's
+    GB)."""
+    if value is None:
+        return "-"
+    return f"{value / 1e9:.3g} GB" if value >= 1e9 else f"{value / 1e6:.3g} MB"
 
 
 def parse_size(text: str) -> int:
@@ -100,7 +109,7 @@ def forecast_memory(label: str, parallel: str, members: list[Run], device_bytes:
     if not held:
         forecast.missing = "no memory in these records (records written since memory was recorded have it)"
         return forecast
-    base_nodes = held[0].nodes
+    base_nodes = min((r.nodes for r in held if r.world_size > 1), default=held[0].nodes)
     base = [r.memory for r in held if r.nodes == base_nodes]
     forecast.peak_kind = base[0].peak_kind
     shard_base = base[0].shard_ranks
@@ -131,24 +140,24 @@ def forecast_memory(label: str, parallel: str, members: list[Run], device_bytes:
             half = t975(len(each) - 1) * float(np.std(each, ddof=1)) / math.sqrt(len(each))
             p.peak_bytes, p.low, p.high = mean, max(mean - half, 0.0), mean + half
         forecast.predictions.append(p)
-    _fits(forecast, state_at, rests, base_nodes)
+    _fits(forecast, state_at, rests)
     return forecast
 
 
-def _fits(forecast: MemoryForecast, state_at, rests: list[float], base_nodes: int) -> None:
-    """The smallest node count (of the baseline's and beyond: 1, 2, 4, ... 4096) at which the state, and the peak's
-    upper bound, fit the device."""
+def _fits(forecast: MemoryForecast, state_at, rests: list[float]) -> None:
+    """The smallest node count (1, 2, 4, ... 4096) at which the state, and the peak's upper bound, fit the
+    device."""
     device = forecast.device_bytes
     if device is None:
         forecast.fits = "no device memory known: give --device-memory (e.g. 80GB)"
         return
-    counts = [n for n in FIT_SEARCH if n >= base_nodes]
+    counts = list(FIT_SEARCH)
     forecast.fits_state_at = next((n for n in counts if state_at(n) <= device), None)
     high = None
     if len(rests) >= 2:
         high = float(np.mean(rests)) + t975(len(rests) - 1) * float(np.std(rests, ddof=1)) / math.sqrt(len(rests))
         forecast.fits_peak_at = next((n for n in counts if state_at(n) + high <= device), None)
-    size = f"{device / 1e9:.3g} GB ({forecast.device_source})"
+    size = f"{size_text(device)} ({forecast.device_source})"
     state = (f"The training state fits {size} from {forecast.fits_state_at} node(s)" if forecast.fits_state_at
              else f"The training state does not fit {size} at any node count up to {counts[-1]}" +
              (" (DDP holds all of it on every rank: try parallel=fsdp)" if forecast.parallel == "ddp" else ""))

@@ -12,6 +12,7 @@ from itertools import groupby
 from pathlib import Path
 
 from pipeline.collector.cost import COST_FRACTION
+from pipeline.collector.memory import size_text as _size
 from pipeline.collector.records import Diverged, Problem
 from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
@@ -292,12 +293,6 @@ def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Prob
     return "\n".join(lines)
 
 
-def _size(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value / 1e9:.3g} GB" if value >= 1e9 else f"{value / 1e6:.3g} MB"
-
-
 def _memory_lines(analyses: list[GroupAnalysis]) -> list[str]:
     lines = ["## Memory per rank", ""]
     for a in analyses:
@@ -329,11 +324,13 @@ def _comparison_lines(rows: list[Row]) -> list[str]:
     for family, members in families.items():
         if len({(r.parallel, r.group) for r in members}) < 2:
             continue
-        lines += [f"### {family}", "", "| nodes | group | samples/s | efficiency | state per rank | peak per rank |",
-                  "|---|---|---|---|---|---|"]
-        for r in sorted(members, key=lambda r: (r.nodes, r.parallel, r.group)):
-            lines.append(f"| {r.nodes} | {r.group} | {r.throughput:.1f} | {_f(r.efficiency, '.1%')} | "
-                         f"{_size(r.state_bytes)} | {_size(r.peak_bytes)} |")
+        lines += [f"### {family}", "", "| nodes | parallel | samples/s | +-95% | efficiency | state per rank | "
+                  "peak per rank |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(members, key=lambda r: (r.nodes, r.parallel, r.accumulation)):
+            mode = r.parallel + (f", accumulation {r.accumulation}" if r.accumulation != "1" else "")
+            lines.append(f"| {r.nodes} | {mode} | {r.throughput:.1f} | {_f(r.throughput_ci, '.1f')} | "
+                         f"{_f(r.efficiency, '.1%')}" + (f" +-{r.efficiency_ci:.1%}" if r.efficiency_ci else "") +
+                         f" | {_size(r.state_bytes)} | {_size(r.peak_bytes)} |")
         lines.append("")
     return ["## Parallel modes compared", "", *lines] if lines else []
 

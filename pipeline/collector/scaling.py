@@ -113,6 +113,7 @@ class Row:
     tokens_per_s: float | None = None  # a token model's throughput in tokens (samples/s x tokens per sample)
     parallel: str = "ddp"
     family: str = ""  # the experiment whatever its parallel mode and accumulation: what "Parallel modes compared" pairs
+    accumulation: str = "1"  # trainer.grad_accum_steps as configured
     state_bytes: float | None = None  # per rank (the largest rank's), mean of repeats
     peak_bytes: float | None = None
 
@@ -239,6 +240,7 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
                         skew=float(np.mean([r.skew for r in point])), straggler_host=worst.slowest_host,
                         straggler_rank=worst.slowest_rank, tokens_per_s=thr * tokens if tokens else None,
                         parallel=key.parallel, family=group_label(key._replace(parallel="ddp", accumulation="1")),
+                        accumulation=key.accumulation,
                         state_bytes=float(np.mean([m.state_bytes for m in held])) if held else None,
                         peak_bytes=float(np.mean(peaks)) if peaks else None))
     if not oversubscribed:
