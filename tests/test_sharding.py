@@ -211,18 +211,22 @@ def test_a_preempted_fsdp_run_resumes_exactly_and_its_checkpoint_continues_on_1_
         assert_same_weights(straight, other)
 
 
-@pytest.mark.parametrize("model, data, blocks", [
-    ("mlp", [], (0, [])),  # no repeated blocks: warned, sharded as one group
+@pytest.mark.parametrize("model, data, blocks, dtype", [
+    ("mlp", [], (0, []), "bf16"),  # no repeated blocks: warned, sharded as one group; FSDP's bf16 policy
+    # BatchNorm's fp32 statistics refuse bf16 weights on a CPU: fp32 parameters under bf16 autocast instead
     ("resnet18", ["dataset.image_shape=[3,32,32]", "trainer.batch_size=8", "trainer.max_steps=3",
-                  "trainer.warmup_steps=1"], (8, ["BasicBlock"])),
+                  "trainer.warmup_steps=1"], (8, ["BasicBlock"]), "fp32"),
 ])
-def test_fsdp_finds_the_blocks_of_the_built_in_models_or_says_it_found_none(tmp_path, model, data, blocks):
+def test_fsdp_finds_the_blocks_of_the_built_in_models_or_says_it_found_none(tmp_path, model, data, blocks, dtype):
+    """In bf16 (trainer.precision=bf16), each by the mixed-precision path that suits it."""
     r = launch(f"model={model}", "parallel=fsdp", "nodes=2", "dataset.train_size=512", "dataset.test_size=64",
                "trainer.max_steps=4", "trainer.warmup_steps=1", "trainer.tensorboard=false", "probe.enabled=false",
-               *data, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+               "trainer.precision=bf16", *data, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = Result.read(tmp_path / "run")
     assert (rec.parallel.blocks, rec.parallel.block_classes) == blocks and rec.status == "completed"
+    assert (rec.precision, rec.parallel.param_dtype, rec.parallel.reduce_dtype) == ("bf16", dtype, "fp32")
+    assert rec.final_train_loss is not None
     rank0 = (tmp_path / "run/logs/node0-rank0.log").read_text()
     said = "no repeated blocks found in MLP: FSDP shards it as one group" in rank0
     assert said == (model == "mlp") and (not said or "parallel.block_classes=[ClassName]" in rank0)
