@@ -1,7 +1,7 @@
-"""The pipeline's trainer against a hand-written DDP loop doing the same work: same model, data, data path
+"""The pipeline's trainer against a hand-written DDP (or FSDP2) loop doing the same work: same model, data, data path
 (in-memory indexing or a DataLoader with the same settings), optimizer, batch, ranks, steps and backend.
 
-    python benchmarks/overhead.py [--workload mlp|loader|resnet|gpt ...] [--ranks 2] [--repeats 11]
+    python benchmarks/overhead.py [--workload mlp|loader|resnet|gpt|gpt_fsdp ...] [--ranks 2] [--repeats 11]
     python benchmarks/overhead.py --aa [...]          the hand-written loop against itself: this machine's noise
 
 Rows (workloads):
@@ -9,6 +9,8 @@ Rows (workloads):
   loader  the same through torch's DataLoader (DistributedSampler, 1 worker process per rank)
   resnet  ResNet-18 (CIFAR stem) on CIFAR-shaped synthetic data, from memory
   gpt     the tiny GPT on synthetic tokens (context 64), AdamW, from memory
+  gpt_fsdp  the same under parallel=fsdp, against a hand-written FSDP2 loop: fully_shard on each block, then on the
+          root, the optimizer made after
 
 Each repeat runs both, alternating which goes first, as separate process trees of `ranks` gloo processes: the
 pipeline through `python -m pipeline.launch` in local debug mode (its logging, TensorBoard and timing as users
@@ -36,6 +38,7 @@ WORKLOADS = {
     "loader": (["model=mlp", "loader.kind=dataloader", "loader.num_workers=1"], 64, 1500),
     "resnet": (["model=resnet18", "dataset.image_shape=[3,32,32]", "dataset.train_size=2048"], 8, 60),
     "gpt": (["model=gpt_tiny", "dataset=synthetic_tokens", "optimizer=adamw"], 16, 300),
+    "gpt_fsdp": (["model=gpt_tiny", "dataset=synthetic_tokens", "optimizer=adamw", "parallel=fsdp"], 16, 300),
 }
 
 
@@ -56,17 +59,25 @@ def hand_written(workload: str, steps: int, batch: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    if workload == "gpt":
+    if workload.startswith("gpt"):
         dataset = SyntheticTokens(256, 64, 4096, 16, 4, 0)
         model = GPT(256, **schema_defaults(GPTConfig))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     else:
         shape = (3, 32, 32) if workload == "resnet" else (1, 28, 28)
         dataset = Synthetic(shape, 10, 2048 if workload == "resnet" else 8192, 16, 6.0, 0, distinct=0)
         model = (ResNet(shape, 10, **schema_defaults(ResNetConfig)) if workload == "resnet"
                  else MLP(shape, 10, **schema_defaults(MLPConfig)))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model = DistributedDataParallel(model)
+    if workload == "gpt_fsdp":  # torchtitan's order: each block, then the root (embeddings, tied head)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    else:
+        model = DistributedDataParallel(model)
+    # made after wrapping: FSDP's sharded parameters are not the ones the model was built with
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if workload.startswith("gpt")
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     sampler = DistributedSampler(range(len(dataset)), num_replicas=world, rank=rank, shuffle=True, seed=0,
                                  drop_last=True)
     x, y = (torch.as_tensor(a) for a in dataset.arrays())  # the split made before any worker forks

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.collector.memory import parse_size
 from pipeline.collector.records import Diverged, load_runs
 from pipeline.collector.report import load_baseline, terminal_table, write_report
 from pipeline.collector.scaling import aggregate, regressions
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.10,
                         help="relative drop in throughput or efficiency that counts as a regression (default 0.10)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--device-memory", type=size_argument, metavar="SIZE",
+                        help="the device memory the memory forecast fits to, e.g. 80GB or 80GiB (default: the "
+                             "measured device's)")
     args = parser.parse_args(argv)
 
     runs, problems = load_runs(args.paths)
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"no usable result records under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
-    rows, models = aggregate(runs)
+    rows, models = aggregate(runs, args.device_memory)
     found = regressions(rows, load_baseline(args.baseline), args.tolerance) if args.baseline else []
     report = write_report(args.out, rows, models, problems, found, with_plots=not args.no_plots)
     print(terminal_table(rows))
@@ -45,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     for line in found:
         print(f"REGRESSION {line}", file=sys.stderr)
     return 1 if found else 0
+
+
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 if __name__ == "__main__":

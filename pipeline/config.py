@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Union
 
-from pipeline.rundir import non_finite
+from pipeline.rundir import CHECKSUMS_NAME, SHARDED_CHECKPOINT_NAME, non_finite
 from pipeline.typed import SchemaError, decoder, dotted
 
 if TYPE_CHECKING:
@@ -487,8 +487,18 @@ class TrainerConfig:
     eval_samples: int = 0  # evaluate on at most this many held-out samples; 0: all of them
     tensorboard: bool = True  # rank 0 writes scalars when the tensorboard package is installed
     # every this many steps the ranks agree whether any loss was not finite (NaN, inf): the run then stops as
-    # diverged. Each check waits for the GPU (one small all-reduce): more often costs more.
+    # diverged; a sharded run's ranks agree then too whether any caught the stop signal, and checkpoint together.
+    # Each check waits for the GPU (one small all-reduce): more often costs more.
     finite_check_every: int = 10
+    # micro-batches per optimizer step, the gradients of all but the last kept local (DDP's no_sync, FSDP's
+    # gradient-sync switch); the loss of each is scaled by 1 / grad_accum_steps. Weak scaling: batch_size is the
+    # micro-batch; strong scaling: global_batch_size = micro-batch x grad_accum_steps x ranks (it must divide).
+    # 0 (strong scaling only): the fewest micro-batches whose size is at most batch_size, picked per node count
+    grad_accum_steps: int = 1
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (parallel.block_classes)
+    # a checkpoint of an earlier run to start from (its weights, optimizer and schedule state and step): a DCP folder
+    # (checkpoint.dcp, any parallel mode, any world size) or a checkpoint.pt (parallel=ddp)
+    resume_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_at_least("trainer.epochs", self.epochs, 1)
@@ -504,6 +514,10 @@ class TrainerConfig:
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         check_at_least("trainer.eval_samples", self.eval_samples, 0)
         check_at_least("trainer.finite_check_every", self.finite_check_every, 1)
+        check_at_least("trainer.grad_accum_steps", self.grad_accum_steps, 0)
+        if self.grad_accum_steps == 0 and self.scaling != "strong":
+            raise ConfigError("trainer.grad_accum_steps=0 (picked per node count) needs trainer.scaling=strong, where "
+                              "the global batch is fixed; in weak scaling give the micro-batches per step (>= 1)")
 
 
 @dataclass
@@ -624,6 +638,74 @@ class ProbeConfig:
     enabled: bool = True
 
 
+# ------------------------------------------------------------------------------------------- parallelism
+PARAM_DTYPES = ("auto", "fp32", "bf16")
+REDUCE_DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over the ranks (pipeline.job.parallel). `block_classes`: the model's repeated
+    blocks, by class name (`Block`) or dotted path, for FSDP's per-block sharding and for
+    trainer.activation_checkpointing; null: found automatically (a Hugging Face model's _no_split_modules, else
+    the repeated class that holds the most parameters)."""
+
+    kind: str = "ddp"
+    block_classes: Optional[List[str]] = None
+
+    def __post_init__(self) -> None:
+        for name in self.block_classes or []:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ConfigError(f"parallel.block_classes: {name!r} is not allowed; give class names (Block) or "
+                                  "dotted paths (mypkg.models.Block)")
+
+
+@dataclass
+class DDPParallelConfig(ParallelConfig):
+    """parallel=ddp: every rank holds the whole model, its gradients and its optimizer state
+    (DistributedDataParallel, its knobs under ddp.*)."""
+
+    kind: str = "ddp"
+
+
+@dataclass
+class FSDPParallelConfig(ParallelConfig):
+    """parallel=fsdp: FSDP2's fully_shard on every block, then on the root (embeddings, head, tied weights),
+    torchtitan's order: parameters, gradients and optimizer state sharded over all ranks, each block's parameters
+    all-gathered for its forward (and again for its backward, if resharded after forward) and its gradients
+    reduce-scattered."""
+
+    kind: str = "fsdp"
+    reshard_after_forward: bool = True  # blocks free their gathered parameters after forward (the root never does)
+    # the dtype blocks compute in: auto is the trainer's precision (bf16 on CUDA under trainer.precision=auto),
+    # through FSDP's MixedPrecisionPolicy, or autocast for models with BatchNorm (whose buffers stay fp32)
+    param_dtype: str = "auto"
+    reduce_dtype: str = "fp32"  # the dtype gradients are reduced in
+    # with trainer.grad_accum_steps > 1: false, only the last micro-batch reduces (fewer collectives, but full-size
+    # gradients are held meanwhile, as in DDP); true, every micro-batch reduce-scatters (gradients stay sharded;
+    # HSDP then all-reduces across replicas on the last only)
+    reduce_every_micro_batch: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("parallel.param_dtype", self.param_dtype, PARAM_DTYPES)
+        check_choice("parallel.reduce_dtype", self.reduce_dtype, REDUCE_DTYPES)
+
+
+@dataclass
+class HSDPParallelConfig(FSDPParallelConfig):
+    """parallel=hsdp: FSDP on a 2-D mesh, sharded within each replica group and replicated across them: the
+    gradients are reduce-scattered within a replica and all-reduced across the replicas."""
+
+    kind: str = "hsdp"
+    replicate: Optional[int] = None  # replicas; null: one per node (shard within a node, replicate across nodes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.replicate is not None:
+            check_at_least("parallel.replicate", self.replicate, 1)
+
+
 # ------------------------------------------------------------------------------------------------- run
 MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig, ResNetConfig, GPTConfig)}
 DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config, SyntheticTokensConfig,
@@ -632,6 +714,9 @@ OPTIMIZER_SCHEMAS = {c._target_: c for c in (SGDConfig, AdamConfig, AdamWConfig)
 SCHEDULER_SCHEMAS = {c._target_: c for c in (CosineConfig,)}
 LOSS_SCHEMAS = {c._target_: c for c in (CrossEntropyConfig, ModelLossConfig)}
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
+PARALLEL_SCHEMAS = {c.kind: c for c in (DDPParallelConfig, FSDPParallelConfig, HSDPParallelConfig)}
+# built-in models without repeated blocks (FSDP shards them as one group; nothing to checkpoint per block)
+BLOCKLESS_MODELS = (MLPConfig, CNNConfig)
 # the groups whose `_target_` may be any importable class, and the schemas of their built-in targets
 TARGET_GROUPS = {"model": MODEL_SCHEMAS, "dataset": DATASET_SCHEMAS, "optimizer": OPTIMIZER_SCHEMAS,
                  "scheduler": SCHEDULER_SCHEMAS, "loss": LOSS_SCHEMAS}
@@ -646,6 +731,7 @@ class RunConfig:
     scheduler: Any = None  # optional learning-rate schedule, stepped after every optimizer step
     loss: Any = MISSING
     cluster: Any = MISSING
+    parallel: Any = MISSING  # a schema of PARALLEL_SCHEMAS; records and point.json from before it: ddp
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
@@ -666,14 +752,43 @@ class RunConfig:
         return self.nodes * self.cluster.tasks_per_node
 
     @property
-    def per_rank_batch(self) -> int:
+    def accum_steps(self) -> int:
+        """Micro-batches per optimizer step (trainer.grad_accum_steps, or the one picked for this world size)."""
+        t = self.trainer
+        if t.grad_accum_steps:
+            return t.grad_accum_steps
+        per_rank = t.global_batch_size // self.world_size
+        return next((a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= t.batch_size),
+                    per_rank)
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per rank per forward and backward."""
         if self.trainer.scaling == "strong":
-            return self.trainer.global_batch_size // self.world_size
+            return self.trainer.global_batch_size // self.world_size // self.accum_steps
         return self.trainer.batch_size
+
+    @property
+    def per_rank_batch(self) -> int:
+        """Samples per rank per optimizer step: micro-batch x accumulation."""
+        return self.micro_batch * self.accum_steps
 
     @property
     def global_batch(self) -> int:
         return self.per_rank_batch * self.world_size
+
+    @property
+    def replicas(self) -> int:
+        """HSDP's replica groups (FSDP: 1, DDP: every rank is one)."""
+        p = self.parallel
+        if p.kind == "ddp":
+            return self.world_size
+        return (p.replicate or self.nodes) if p.kind == "hsdp" else 1
+
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks a sharded parameter is split over (DDP: 1, nothing is sharded)."""
+        return 1 if self.parallel.kind == "ddp" else self.world_size // self.replicas
 
     def __post_init__(self) -> None:
         check_at_least("nodes", self.nodes, 1)
@@ -689,7 +804,7 @@ class RunConfig:
                 f"GPU(s), and NCCL needs one GPU per rank; set cluster.tasks_per_node <= cluster.gpus_per_node, or "
                 f"trainer.device=cpu"
             )
-        if t.compile and self.ddp.bucket_cap_mb < 1:
+        if t.compile and self.parallel.kind == "ddp" and self.ddp.bucket_cap_mb < 1:
             # torch.compile splits the graph at DDP's buckets, and refuses buckets smaller than DDP's first (1 MiB)
             raise ConfigError(f"ddp.bucket_cap_mb={self.ddp.bucket_cap_mb} is not allowed with trainer.compile=true; "
                               f"torch.compile needs ddp.bucket_cap_mb >= 1")
@@ -699,9 +814,49 @@ class RunConfig:
                 f"nodes({self.nodes}) x cluster.tasks_per_node({self.cluster.tasks_per_node}) = "
                 f"{self.world_size} ranks in strong scaling; choose a multiple of {self.world_size}"
             )
+        self._check_accumulation()
+        self._check_parallel()
         self._check_builtin_pairing()
         self._check_steps()
         self._check_profiled_ranks()
+
+    def _check_accumulation(self) -> None:
+        """Strong scaling: the global batch is micro-batch x accumulation x ranks, so the accumulation divides each
+        rank's share; picked (trainer.grad_accum_steps=0), some micro-batch must be at most trainer.batch_size."""
+        t = self.trainer
+        if t.scaling != "strong":
+            return
+        per_rank = t.global_batch_size // self.world_size
+        if t.grad_accum_steps and per_rank % t.grad_accum_steps:
+            raise ConfigError(
+                f"trainer.grad_accum_steps={t.grad_accum_steps} does not divide the {per_rank} samples each rank takes "
+                f"per step (trainer.global_batch_size={t.global_batch_size} over {self.world_size} ranks); choose a "
+                f"divisor of {per_rank}, or 0 to pick the fewest micro-batches of at most trainer.batch_size")
+        if not t.grad_accum_steps and per_rank // self.accum_steps > t.batch_size:
+            raise ConfigError(f"trainer.grad_accum_steps=0 found no micro-batch of at most trainer.batch_size="
+                              f"{t.batch_size} that divides the {per_rank} samples per rank")
+
+    def _check_parallel(self) -> None:
+        """The mesh fits the world (HSDP: whole shard groups within a node), and FSDP's limits."""
+        p, t, c = self.parallel, self.trainer, self.cluster
+        if p.kind == "hsdp":
+            if self.world_size % self.replicas:
+                raise ConfigError(f"parallel.replicate={self.replicas} does not divide the {self.world_size} ranks "
+                                  f"(nodes({self.nodes}) x cluster.tasks_per_node({c.tasks_per_node})); choose a "
+                                  f"divisor, or null for one replica per node ({self.nodes})")
+            if c.tasks_per_node % self.shard_ranks:
+                raise ConfigError(
+                    f"parallel.replicate={self.replicas} makes shard groups of {self.shard_ranks} ranks, which do not "
+                    f"divide cluster.tasks_per_node={c.tasks_per_node}: HSDP shards within a node; choose "
+                    f"parallel.replicate so that {self.world_size} / replicate divides {c.tasks_per_node} (null: one "
+                    "replica per node), or parallel=fsdp to shard over every rank")
+        if p.kind != "ddp" and t.channels_last:
+            raise ConfigError(f"trainer.channels_last=true is not allowed with parallel={p.kind}: FSDP shards only "
+                              "contiguous parameters; set trainer.channels_last=null (off under FSDP) or parallel=ddp")
+        if p.block_classes is None and isinstance(self.model, BLOCKLESS_MODELS) and t.activation_checkpointing:
+            raise ConfigError(f"trainer.activation_checkpointing=true: model._target_={self.model._target_} has no "
+                              "repeated blocks to checkpoint; name the modules to checkpoint with "
+                              "parallel.block_classes=[ClassName], or use a model with blocks (resnet18, gpt_tiny)")
 
     def _check_steps(self) -> None:
         """What the launch knows of the run's steps (trainer.max_steps; steps per epoch where a built-in dataset
@@ -750,6 +905,26 @@ class RunConfig:
         if data.seq_len > model.context_length:
             raise ConfigError(f"dataset.seq_len={data.seq_len} is longer than model.context_length="
                               f"{model.context_length}; make dataset.seq_len <= model.context_length")
+
+
+def check_resume_from(run: RunConfig) -> None:
+    """trainer.resume_from names a checkpoint there is: a DCP folder (any parallel mode) or a checkpoint.pt
+    (parallel=ddp, whose file holds the whole model and optimizer); pinned to an absolute path, as the dataset root
+    is, since ranks may start elsewhere."""
+    if run.trainer.resume_from is None:
+        return
+    path = run.trainer.resume_from = os.path.abspath(run.trainer.resume_from)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CHECKSUMS_NAME)):
+            raise ConfigError(f"trainer.resume_from={path} is a folder without {CHECKSUMS_NAME}: not a whole sharded "
+                              f"checkpoint (give a run folder's {SHARDED_CHECKPOINT_NAME} or checkpoint.pt)")
+    elif not os.path.isfile(path):
+        raise ConfigError(f"trainer.resume_from={path} does not exist; give a run folder's {SHARDED_CHECKPOINT_NAME} "
+                          "(a sharded run's) or checkpoint.pt (a DDP run's)")
+    elif run.parallel.kind != "ddp":
+        raise ConfigError(f"trainer.resume_from={path} is a DDP checkpoint file, which parallel={run.parallel.kind} "
+                          f"cannot load sharded; give a sharded run's {SHARDED_CHECKPOINT_NAME} folder, or "
+                          "parallel=ddp")
 
 
 def data_vocab(dataset: Any) -> int:
@@ -842,6 +1017,8 @@ def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
               for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
     groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
+    groups["parallel"] = _typed("parallel", cfg.get("parallel", {"kind": "ddp"}), PARALLEL_SCHEMAS, "kind",
+                                open_targets=False)
     return build_typed(RunConfig, {**{k: v for k, v in cfg.items() if k not in groups}, **groups})
 
 
@@ -934,7 +1111,7 @@ def known_keys() -> list[str]:
                 keys.add(f"{prefix}{name}")
 
     walk(RunConfig, "")
-    for group, schemas in {**TARGET_GROUPS, "cluster": CLUSTER_SCHEMAS}.items():
+    for group, schemas in {**TARGET_GROUPS, "cluster": CLUSTER_SCHEMAS, "parallel": PARALLEL_SCHEMAS}.items():
         for schema in schemas.values():
             walk(schema, f"{group}.")
     return sorted(keys)
@@ -948,6 +1125,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),
-                           ("scheduler", SCHEDULER_SCHEMAS), ("loss", LOSS_SCHEMAS), ("cluster", CLUSTER_SCHEMAS)):
+                           ("scheduler", SCHEDULER_SCHEMAS), ("loss", LOSS_SCHEMAS), ("cluster", CLUSTER_SCHEMAS),
+                           ("parallel", PARALLEL_SCHEMAS)):
         for schema in schemas.values():
             cs.store(group=group, name=f"{schema.__name__.removesuffix('Config').lower()}_schema", node=schema)

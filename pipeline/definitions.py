@@ -8,6 +8,19 @@ COMM_MEASUREMENT = (
     "launches its all-reduce; counted by post-accumulate-grad hooks) to backward() returning, which waits for "
     "every bucket: the all-reduce time not overlapped with backward compute"
 )
+FSDP_COMM_MEASUREMENT = (
+    "parallel=fsdp|hsdp: comm = the time the step waits on FSDP's collectives (the exposed communication): the "
+    "all-gathers of each group's parameters (forward, and backward where resharded), the reduce-scatters of its "
+    "gradients and HSDP's all-reduce across replicas, timed around each call (FSDP's set_custom_all_gather / "
+    "set_custom_reduce_scatter, and its view of torch.distributed.all_reduce). On a CPU FSDP2 issues every "
+    "collective synchronously (gloo, no communication streams), so the time inside them is the time the step waits "
+    "for them; forward and backward compute are the rest of their interval"
+)
+FSDP_COMM_UNMEASURED = (
+    "parallel=fsdp|hsdp on CUDA: not measured. FSDP's collectives run on their own streams and their calls return "
+    "at once, so their exposed part is not the time inside them; comm is 0 and its waits count as compute (a "
+    "profiler trace shows them: profiler.enabled=true)"
+)
 FABRIC = ("multi-rank jobs only, measured before training on the job's own allocation and backend: all-reduce time "
           "over message sizes from 8 bytes up to at least the gradient (the slowest rank's median of 5 timed "
           "iterations), algbw = bytes / time, busbw = algbw x 2(n-1)/n (nccl-tests' definitions), latency and "
@@ -26,7 +39,23 @@ RECORD = {
     "compute": "forward and backward compute up to the last parameter gradient's accumulation (when DDP's last "
                "bucket's all-reduce is launched), plus the optimizer step",
     "comm": COMM_MEASUREMENT + "; 0 in a run of one rank, which communicates with nobody (that interval is counted "
-            "as compute there)",
+            "as compute there). " + FSDP_COMM_MEASUREMENT,
+    "micro_batch": "samples per rank in one forward and backward; grad_accum_steps micro-batches make a step, the "
+                   "gradients of all but the last kept local (DDP's no_sync, FSDP's gradient-sync switch); "
+                   "per_rank_batch = micro_batch x grad_accum_steps, global_batch = per_rank_batch x world_size",
+    "parallel": "how the model was spread over the ranks: ddp (whole on every rank), fsdp (FSDP2's fully_shard on "
+                "every repeated block, then the root: parameters, gradients and optimizer state split over "
+                "shard_ranks ranks) or hsdp (split within a replica group, copied across replicas); collectives: "
+                "per optimizer step, planned from the FSDP groups' sizes (nccl-tests' sizes: an all-gather's "
+                "output, a reduce-scatter's input, an all-reduce's buffer); measured: rank 0's as FSDP issued "
+                "them, per timed step (CPU)",
+    "memory": "per rank: parameter, gradient and optimizer-state bytes counted from the tensors' local shards, "
+              "each tensor once (exact; the gradients are the last step's, as the optimizer stepped on them); "
+              "sharded_bytes: the part that is split over the shard group; peak: CUDA's peak allocated (and "
+              "reserved) bytes, or on a CPU the process's peak resident set (getrusage ru_maxrss; glibc's malloc "
+              "keeps freed memory, so it is an upper bound that depends on the allocator), baseline_bytes its "
+              "resident set before the model was built; device_bytes: the GPU's memory, or on a CPU the host's "
+              "memory over the ranks on the host",
     "fabric": FABRIC,
     "restarts": "after a restart (preemption or time limit), the timing figures cover the last uninterrupted "
                 "stretch after its own warm-up; earlier_segments gives rank 0's throughput in the stretches before; "

@@ -21,8 +21,8 @@ from hydra.core.utils import setup_globals
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check_script_text, parse_run_config,
-                             register_configs, to_plain)
+from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check_resume_from, check_script_text,
+                             parse_run_config, register_configs, to_plain)
 from pipeline.rundir import GitInfo, Point, utc_now
 from pipeline.runlock import claim, keep_until_exit
 from pipeline.targets import build_datasets
@@ -44,6 +44,7 @@ def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     modules found, not imported). Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     abspath_dataset_root(run)
+    check_resume_from(run)
     if not isinstance(run.dataset, dict):
         build_datasets(run, rank=None)
     return run

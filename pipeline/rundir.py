@@ -44,6 +44,11 @@ MANIFEST_NAME = "manifest.json"  # in the sweep folder
 WEIGHTS_NAME = "model.pt"  # the trained model's state_dict (rank 0)
 CHECKPOINT_NAME = "checkpoint.pt"  # on preemption / time limit, and every trainer.checkpoint_every steps
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"  # the one before, kept until the next is whole
+# parallel=fsdp|hsdp: torch.distributed.checkpoint folders (one file per rank, .metadata, and CHECKSUMS_NAME, which
+# rank 0 writes last: a folder without it is no checkpoint), renamed into place whole, the one before kept
+SHARDED_CHECKPOINT_NAME = "checkpoint.dcp"
+PREVIOUS_SHARDED_CHECKPOINT_NAME = "checkpoint.prev.dcp"
+CHECKSUMS_NAME = "checksums.json"
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
 RUN_LOCK_NAME = ".run.lock"  # held (flock) by whoever runs the folder's point: one run per folder
@@ -335,15 +340,29 @@ class LoaderInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class ProbePoint:
-    bytes: int  # the all-reduce's message
+    bytes: int  # the message, nccl-tests' size (an all-gather's output, a reduce-scatter's input)
     time_s: float  # the slowest rank's median over the timed iterations
     algbw_gb_s: float  # bytes / time
-    busbw_gb_s: float  # algbw x 2(n-1)/n, nccl-tests' bus bandwidth
+    busbw_gb_s: float  # algbw x 2(n-1)/n for an all-reduce, x (n-1)/n for the others: nccl-tests' bus bandwidth
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectiveProbe:
+    """One of FSDP's collectives, measured before training on the group FSDP issues it on (pipeline.job.probe);
+    its points' busbw = algbw x (n-1)/n for an all-gather or a reduce-scatter (nccl-tests'), 2(n-1)/n for an
+    all-reduce."""
+
+    op: str  # "all_gather" | "reduce_scatter" | "all_reduce"
+    group: str  # "shard" | "replicate"
+    ranks: int
+    points: list[ProbePoint]
+    latency_us: Optional[float]  # fitted: per ring step
+    bandwidth_gb_s: Optional[float]  # fitted: the bus bandwidth
 
 
 @dataclass(frozen=True, kw_only=True)
 class Fabric:
-    """The job's own all-reduce, measured before training (pipeline.job.probe)."""
+    """The job's own all-reduce, measured before training (pipeline.job.probe), and a sharded job's collectives."""
 
     backend: str
     world_size: int
@@ -352,6 +371,7 @@ class Fabric:
     latency_us: Optional[float]  # fitted: per ring step
     bandwidth_gb_s: Optional[float]  # fitted: the bus bandwidth (None: no bandwidth term could be fitted)
     transport: Optional[str]  # NCCL's choice (nvlink, p2p, shm, infiniband, sockets), tcp for gloo
+    collectives: list[CollectiveProbe] = field(default_factory=list)  # parallel=fsdp|hsdp (added since schema 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -436,6 +456,53 @@ class RankTiming:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Memory:
+    """What one rank holds (pipeline.job.memory). The state is counted from the tensors' local shards (exact):
+    parameters, their gradients and the optimizer's state, each tensor once (a tied weight is one)."""
+
+    parameter_bytes: int
+    gradient_bytes: int  # at the end of training, the last step's gradients (as the optimizer stepped on them)
+    optimizer_bytes: int
+    state_bytes: int  # the three together
+    sharded_bytes: int  # the part of the state split over the shard group (FSDP's DTensor shards; DDP: 0)
+    peak_bytes: Optional[int]  # CUDA: peak allocated; CPU: the process's peak resident set (RSS)
+    peak_reserved_bytes: Optional[int]  # CUDA: peak reserved by the caching allocator; None on a CPU
+    baseline_bytes: Optional[int]  # CPU: the resident set before the model was built (imports, data); None on CUDA
+    device_bytes: Optional[int]  # CUDA: the device's memory; CPU: the host's memory / the ranks on the host
+    peak_kind: str  # "cuda_allocated" | "cpu_rss"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectiveVolume:
+    """One kind of collective of a training step, per optimizer step, with nccl-tests' sizes (all-gather: its
+    output, reduce-scatter: its input, all-reduce: its buffer)."""
+
+    op: str  # "all_reduce" | "all_gather" | "reduce_scatter"
+    group: str  # "world" | "shard" (FSDP's and HSDP's sharding group) | "replicate" (HSDP's across replicas)
+    ranks: int  # the group's size
+    calls: int
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelInfo:
+    """How the model was spread over the ranks (pipeline.job.parallel)."""
+
+    kind: str  # "ddp" | "fsdp" | "hsdp"
+    shard_ranks: int  # the ranks a sharded tensor is split over (DDP: 1)
+    replicas: int  # copies of each shard (DDP: every rank; FSDP: 1; HSDP: the replica groups)
+    blocks: int  # the repeated blocks found (FSDP shards each as a group; activation checkpointing wraps each)
+    block_classes: list[str]
+    param_dtype: str  # the dtype blocks computed in
+    reduce_dtype: str
+    reshard_after_forward: Optional[bool]  # None under DDP
+    activation_checkpointing: bool
+    collectives: list[CollectiveVolume]  # planned from the groups' sizes (the forecast's input)
+    # rank 0's collectives as FSDP issued them, per timed step (CPU, where they are timed; None elsewhere)
+    measured: Optional[list[CollectiveVolume]] = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RankResult:
     rank: int
     local_rank: int
@@ -443,8 +510,9 @@ class RankResult:
     node_name: str  # the scheduler's name for the node (SLURMD_NODENAME), else the hostname
     device: str
     host: HostShare = flat()
-    parameters_sha256: str  # of the final parameters: equal on every rank when DDP kept them in sync
+    parameters_sha256: str  # of the final parameters: equal on every rank when DDP kept them in sync (FSDP: shards)
     timing: RankTiming = flat()
+    memory: Optional[Memory] = None  # added since schema 1 began
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -546,6 +614,11 @@ class Result(JsonFile):
     model_label: Optional[str] = None  # the model as people name it: its class and size (GPT2LMHeadModel 2x64)
     io: Optional[ModelIOInfo] = None
     optimizer: Optional[OptimizerInfo] = None
+    # how the model was spread over the ranks (None: records from before, all DDP), and the step's batch: micro-batch
+    # x grad_accum_steps = per_rank_batch (None: records from before, one micro-batch per step)
+    parallel: Optional[ParallelInfo] = None
+    micro_batch: Optional[int] = None
+    grad_accum_steps: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)

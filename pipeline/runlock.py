@@ -24,14 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, config_hash
-from pipeline.rundir import (CHECKPOINT_NAME, LAUNCHER_PID_VAR, LOG_DIR, PREVIOUS_CHECKPOINT_NAME, PROFILE_DIR,
-                             PROGRESS_NAME, RECORD_NAME, RUN_LOCK_NAME, WEIGHTS_NAME, LockHolder, Point,
-                             remove_stray_temporaries, utc_now)
+from pipeline.rundir import (CHECKPOINT_NAME, LAUNCHER_PID_VAR, LOG_DIR, PREVIOUS_CHECKPOINT_NAME,
+                             PREVIOUS_SHARDED_CHECKPOINT_NAME, PROFILE_DIR, PROGRESS_NAME, RECORD_NAME, RUN_LOCK_NAME,
+                             SHARDED_CHECKPOINT_NAME, WEIGHTS_NAME, LockHolder, Point, remove_stray_temporaries,
+                             utc_now)
 
 log = logging.getLogger(__name__)
 JOB_WAIT_S = 60.0  # a Slurm job may start while its launcher still holds the lock, submitting
 # what overwrite removes of an earlier run (and its logs and traces)
 OUTPUTS = (RECORD_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, PROGRESS_NAME)
+CHECKPOINTS = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME)
 
 
 class FolderInUse(ConfigError):
@@ -143,7 +145,7 @@ def _earlier_run(point_dir: Path, config: dict, overwrite: bool, key: str) -> tu
 
 
 def _has_checkpoint(point_dir: Path) -> bool:
-    return any((point_dir / name).exists() for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME))
+    return any((point_dir / name).exists() for name in CHECKPOINTS)
 
 
 def _read_point(point_dir: Path) -> Point | None:
@@ -162,7 +164,7 @@ def _remove_outputs(point_dir: Path) -> None:
         if path.exists() or path.is_symlink():
             path.unlink()
             gone.append(name)
-    for name in (LOG_DIR, PROFILE_DIR):
+    for name in (LOG_DIR, PROFILE_DIR, SHARDED_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME):
         if (point_dir / name).is_dir():
             shutil.rmtree(point_dir / name)
             gone.append(f"{name}/")

@@ -4,17 +4,20 @@
 import uuid
 from pathlib import Path
 
-from pipeline.rundir import (DeviceInfo, Fabric, FastPath, GitInfo, HostShare, PhaseSplit, ProbePoint, Provenance,
-                             RankResult, RankTiming, Result, RunTiming, StepTime, Utilisation, write_json)
+from pipeline.rundir import (CollectiveProbe, CollectiveVolume, DeviceInfo, Fabric, FastPath, GitInfo, HostShare,
+                             Memory, ParallelInfo, PhaseSplit, ProbePoint, Provenance, RankResult, RankTiming, Result,
+                             RunTiming, StepTime, Utilisation, write_json)
 
 def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003), tasks_per_node: int = 1,
                 busy=None, node_names=None, scaling: str = "weak", per_rank_batch: int = 64, global_batch=None,
                 model: str = "mlp", precision: str = "fp32", oversubscribed: bool = False, sha: str = "a" * 40,
                 gradient_bytes: int = 407_080, steps: int = 50, run_id: str | None = None,
                 probe: tuple[float, float] | None = None, transport: str = "tcp", backend: str = "gloo",
-                steps_per_epoch: int = 100, device: str = "cpu") -> Result:
+                steps_per_epoch: int = 100, device: str = "cpu", parallel: ParallelInfo | None = None,
+                memory: Memory | None = None) -> Result:
     """`probe`: (latency in s per ring step, bus bandwidth in bytes/s) of a synthetic fabric, which the record's
-    fabric probe then measures exactly (a multi-rank run only)."""
+    fabric probe then measures exactly (a multi-rank run only), for every collective `parallel` plans;
+    `memory`: every rank's."""
     world = nodes * tasks_per_node
     global_batch = global_batch or per_rank_batch * world
     per_rank_batch = global_batch // world if scaling == "strong" else per_rank_batch
@@ -25,7 +28,7 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
                      oversubscribed=oversubscribed)
     data, compute, comm = breakdown
     ranks = [RankResult(rank=r, local_rank=r % tasks_per_node, node_rank=r // tasks_per_node, node_name=names[r],
-                        device="cpu", host=host, parameters_sha256="0" * 64,
+                        device="cpu", host=host, parameters_sha256="0" * 64, memory=memory,
                         timing=RankTiming(step_times_s=[step] * steps, step_time_median_s=step,
                                           busy_time_median_s=busy[r], data_mean_s=data, compute_mean_s=compute,
                                           comm_mean_s=comm)) for r in range(world)]
@@ -52,18 +55,51 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
         weights="model.pt", ranks=ranks,
         provenance=Provenance(git=GitInfo(sha=sha, dirty=False), hostnames=["h"], versions={}, slurm=None,
                               launched_at="", started_at="", first_step_at_unix=None, ended_at=""),
-        definitions={}, fabric=fabric(probe, world, transport, backend) if probe and world > 1 else None)
+        definitions={}, parallel=parallel,
+        fabric=fabric(probe, world, transport, backend, parallel) if probe and world > 1 else None)
 
 
-def fabric(probe: tuple[float, float], world: int, transport: str, backend: str) -> Fabric:
+def curve(probe: tuple[float, float], ranks: int, steps: int) -> list[ProbePoint]:
     latency, bandwidth = probe
     points = []
     for size in (8, 4096, 1 << 20, 1 << 24):
-        t = 2 * (world - 1) * latency + 2 * (world - 1) / world * size / bandwidth
+        t = steps * (ranks - 1) * latency + steps * (ranks - 1) / ranks * size / bandwidth
         points.append(ProbePoint(bytes=size, time_s=t, algbw_gb_s=size / t / 1e9,
-                                 busbw_gb_s=size / t * 2 * (world - 1) / world / 1e9))
-    return Fabric(backend=backend, world_size=world, points=points, seconds=0.5, latency_us=latency * 1e6,
-                  bandwidth_gb_s=bandwidth / 1e9, transport=transport)
+                                 busbw_gb_s=size / t * steps * (ranks - 1) / ranks / 1e9))
+    return points
+
+
+def fabric(probe: tuple[float, float], world: int, transport: str, backend: str,
+           parallel: ParallelInfo | None = None) -> Fabric:
+    latency, bandwidth = probe
+    probed = [c for c in (parallel.collectives if parallel else []) if c.group != "world" and c.ranks > 1]
+    return Fabric(backend=backend, world_size=world, points=curve(probe, world, 2), seconds=0.5,
+                  latency_us=latency * 1e6, bandwidth_gb_s=bandwidth / 1e9, transport=transport,
+                  collectives=[CollectiveProbe(op=c.op, group=c.group, ranks=c.ranks,
+                                               points=curve(probe, c.ranks, 2 if c.op == "all_reduce" else 1),
+                                               latency_us=latency * 1e6, bandwidth_gb_s=bandwidth / 1e9)
+                               for c in probed])
+
+
+def sharded(kind: str, ranks: int, calls=(3, 2), nbytes=(3_000_000, 2_000_000), replicas: int = 1) -> ParallelInfo:
+    """A sharded run's layout: `calls` all-gathers and reduce-scatters per step of `nbytes` in all, over a shard
+    group of `ranks` (HSDP: and an all-reduce of the reduced shard across `replicas`)."""
+    volumes = [CollectiveVolume(op=op, group="shard", ranks=ranks, calls=n, bytes=b)
+               for op, n, b in zip(("all_gather", "reduce_scatter"), calls, nbytes)]
+    if kind == "hsdp":
+        volumes.append(CollectiveVolume(op="all_reduce", group="replicate", ranks=replicas, calls=calls[1],
+                                        bytes=nbytes[1] // ranks))
+    return ParallelInfo(kind=kind, shard_ranks=ranks, replicas=replicas, blocks=2, block_classes=["Block"],
+                        param_dtype="fp32", reduce_dtype="fp32", reshard_after_forward=True,
+                        activation_checkpointing=False, collectives=volumes)
+
+
+def memory(state: int, sharded_bytes: int, peak: int | None, device: int | None = None) -> Memory:
+    """A rank's memory: `state` bytes (a third each parameters, gradients, optimizer state), `sharded_bytes` of it
+    sharded, the `peak`."""
+    return Memory(parameter_bytes=state // 3, gradient_bytes=state // 3, optimizer_bytes=state - 2 * (state // 3),
+                  state_bytes=state, sharded_bytes=sharded_bytes, peak_bytes=peak, peak_reserved_bytes=None,
+                  baseline_bytes=None, device_bytes=device, peak_kind="cpu_rss")
 
 
 def write_record(folder: Path, record: Result | dict) -> Path:

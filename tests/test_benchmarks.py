@@ -19,7 +19,7 @@ def bench(*args: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("flags, first, rows", [([], "pipeline", ("mlp", "loader", "resnet", "gpt")),
+@pytest.mark.parametrize("flags, first, rows", [([], "pipeline", ("mlp", "loader", "resnet", "gpt", "gpt_fsdp")),
                                                (["--aa", "--workload", "mlp"], "hand-written", ("mlp",))])
 def test_overhead(flags, first, rows):
     out = bench("benchmarks/overhead.py", "--steps", "22", "--repeats", "1", *flags)

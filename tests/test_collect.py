@@ -12,7 +12,8 @@ from pipeline.allreduce import fit
 from pipeline.collector.records import load_runs
 from pipeline.collector.scaling import aggregate, regressions, t975
 from tests.conftest import GOLDEN, launch
-from tests.records_factory import make_record, write_record
+from pipeline.collector.memory import parse_size
+from tests.records_factory import make_record, memory, sharded, write_record
 
 
 def collect(tmp_path, records):
@@ -137,6 +138,90 @@ def test_the_probe_model_predicts_from_the_probes_with_intervals(tmp_path):
     assert all(abs(by[n].error) < 1e-3 for n in (2, 4, 8)) and by[1].predicted == 1.0
     assert by_nodes(rows)[8].predicted_efficiency == pytest.approx(by[8].predicted)
     assert "16 nodes" in f.next_measurement
+
+
+def test_a_sharded_groups_forecast_sums_its_all_gathers_and_reduce_scatters(tmp_path):
+    """FSDP, weak scaling, one rank per node: per step 3 all-gathers (3 MB in all) and 2 reduce-scatters (2 MB) over
+    every rank, on a fabric of 20 us per ring step and 1 GB/s for both (probed so). Worked out: comm(P) = 5(P-1) x
+    20 us + (P-1)/P x 5e6 B / 1e9 B/s, so comm(2) = 2.6 ms, comm(8) = 5.075 ms; with data + compute 7 ms the
+    efficiency at 8 nodes is 7 / (7 + 5.075) = 0.5797."""
+    def comm(p):
+        return 5 * (p - 1) * 20e-6 + (p - 1) / p * 5e6 / 1e9
+
+    assert (comm(2), comm(8)) == pytest.approx((2.6e-3, 5.075e-3))
+    recs = [make_record(nodes=n, throughput=64 * n / (0.007 + (comm(n) if n > 1 else 0)),
+                        breakdown=(0.001, 0.006, comm(n) if n > 1 else 0.0), parallel=sharded("fsdp", n),
+                        probe=(20e-6, 1e9)) for n in (1, 2, 4) for _ in range(2)]
+    rows, models, _ = collect(tmp_path, recs)
+    assert "fsdp" in rows[0].group and {r.parallel for r in rows} == {"fsdp"}
+    f = models[0].probes
+    assert f.missing == "" and set(f.fabric) == {"all_gather", "reduce_scatter"}
+    assert f.step_bytes == {"all_gather": 3_000_000, "reduce_scatter": 2_000_000}
+    by = {p.nodes: p for p in f.predictions}
+    assert by[8].predicted == pytest.approx(0.007 / (0.007 + 5.075e-3), rel=1e-9)
+    assert all(abs(by[n].error) < 1e-9 for n in (2, 4))  # the validation: the measured runs follow the model
+    # the fit to the comm phase recovers the fabric from the same columns
+    assert models[0].fit.latency_us == pytest.approx(20.0) and models[0].fit.bandwidth_gb_s == pytest.approx(1.0)
+
+
+def test_an_hsdp_groups_shard_group_stays_a_node_while_its_replicas_grow(tmp_path):
+    """HSDP, 2 ranks per node: all-gathers and reduce-scatters within the node (2 ranks at every node count), the
+    all-reduce of each rank's shard (1 MB per step, 2 calls) across the nodes: at 8 nodes comm = 5 x 1 x 20 us
+    + 1/2 x 5e6 / 1e9 + 2 calls x 2 x 7 x 20 us + 2 x 7/8 x 1e6 / 1e9 = 0.1 + 2.5 + 0.56 + 1.75 = 4.91 ms."""
+    def comm(n):
+        across = 2 * 2 * (n - 1) * 20e-6 + 2 * (n - 1) / n * 1e6 / 1e9
+        return 5 * 20e-6 + 0.5 * 5e6 / 1e9 + across
+
+    recs = [make_record(nodes=n, tasks_per_node=2, throughput=128 * n / (0.007 + comm(n)),
+                        breakdown=(0.001, 0.006, comm(n)), parallel=sharded("hsdp", 2, replicas=n),
+                        probe=(20e-6, 1e9)) for n in (1, 2) for _ in range(2)]
+    _, models, _ = collect(tmp_path, recs)
+    by = {p.nodes: p for p in models[0].probes.predictions}
+    assert comm(8) == pytest.approx(4.91e-3)
+    assert by[8].predicted == pytest.approx((0.007 + comm(1)) / (0.007 + comm(8)), rel=1e-9)
+
+
+def of_mode(analyses):
+    """The memory forecasts of the FSDP group and of the DDP group."""
+    return [next(a.memory for a in analyses if (" fsdp " in a.group) == (kind == "fsdp")) for kind in ("fsdp", "ddp")]
+
+
+def test_the_memory_forecast_and_where_the_state_fits(tmp_path):
+    """Worked out, 2 repeats at 1 and 2 nodes, one rank each. FSDP: 16 GB of sharded state plus 1 MB replicated,
+    rests (peak - state) 3.999 and 4.199 GB at both counts. The baseline is 2 nodes, the smallest that communicates:
+    8 GB sharded over 2 ranks + 1 MB; rest mean 4.099 GB, t(0.975, 1) = 12.706, half-width 12.706 x 0.1414 GB /
+    sqrt 2 = 1.2706 GB. At 8 nodes: state 8 x 2/8 GB + 1 MB = 2.001 GB, peak 6.1 GB +- 1.2706 GB. On a
+    10 GB device the state fits from 2 nodes (8.001 GB); the peak's upper bound 16/N + 0.001 + 5.3696 GB from 4
+    (3.456 nodes needed). DDP holds all of it everywhere: it never fits."""
+    GB = 1e9
+    recs = []
+    for kind in ("fsdp", "ddp"):
+        for n in (1, 2):
+            for peak_rest in (3.999 * GB, 4.199 * GB):
+                shard = n if kind == "fsdp" else 1
+                state = int(16 * GB / shard + 1e6)
+                held = memory(state, int(16 * GB / shard) if kind == "fsdp" else 0, int(state + peak_rest),
+                              device=int(99 * GB))
+                recs.append(make_record(nodes=n, throughput=100.0 * n, memory=held,
+                                        parallel=sharded("fsdp", n) if kind == "fsdp" else None))
+    rows, models, _ = collect(tmp_path, recs)
+    fsdp, ddp = of_mode(models)
+    by = {p.nodes: p for p in fsdp.predictions}
+    assert by[8].shard_ranks == 8 and by[8].state_bytes == int(2.001 * GB)
+    assert by[8].peak_bytes == pytest.approx(6.1 * GB)
+    half = 12.706 * np.std([3.999, 4.199], ddof=1) / math.sqrt(2) * GB
+    assert by[8].high - by[8].peak_bytes == pytest.approx(half) and half == pytest.approx(1.2706 * GB, rel=1e-4)
+    assert by[2].measured_state == int(8 * GB + 1e6)
+    assert by[1].state_bytes == int(16 * GB + 1e6) and abs(by[1].error) < 1e-9  # back to 1 node: its measurement
+    assert (fsdp.device_bytes, fsdp.fits_state_at, fsdp.fits_peak_at) == (99 * GB, 1, 1)  # the measured device's
+    _, analyses = aggregate(load_runs([tmp_path / "runs"])[0], device_bytes=parse_size("10GB"))  # --device-memory
+    fsdp, ddp = of_mode(analyses)
+    assert (fsdp.fits_state_at, fsdp.fits_peak_at) == (2, 4) and "from 2 node(s)" in fsdp.fits
+    assert ddp.fits_state_at is None and "try parallel=fsdp" in ddp.fits
+    assert {p.state_bytes for p in ddp.predictions} == {int(16 * GB + 1e6)}
+    # the report's rows carry the state per rank, and the same model under both modes is compared side by side
+    assert {r.family for r in rows} == {rows[0].family} and {r.parallel for r in rows} == {"ddp", "fsdp"}
+    assert (parse_size("80GiB"), parse_size("512MB"), parse_size("4096")) == (80 * 2**30, 512e6, 4096)
 
 
 def test_the_fitted_model_recovers_latency_and_bandwidth_with_resampled_intervals(tmp_path):

@@ -23,8 +23,8 @@ def override_for(group: str, option: str) -> list[str]:
 
 def test_every_config_file_is_listed():
     groups = {g for g, _ in CONFIG_FILES}
-    assert groups == {"model", "dataset", "optimizer", "scheduler", "loss", "cluster", "experiment"}
-    assert len(CONFIG_FILES) == 27
+    assert groups == {"model", "dataset", "optimizer", "scheduler", "loss", "cluster", "parallel", "experiment"}
+    assert len(CONFIG_FILES) == 33
 
 
 @pytest.mark.parametrize("group, option", CONFIG_FILES)
@@ -74,6 +74,39 @@ def test_scaling_modes_set_the_batches(compose_cfg):
     assert (strong.per_rank_batch, strong.global_batch) == (64, 256)
 
 
+@pytest.mark.parametrize("nodes, tasks, accum, micro", [(1, 1, 8, 32), (2, 2, 2, 32), (4, 2, 1, 32), (2, 1, 4, 32)])
+def test_strong_scaling_picks_the_accumulation_per_node_count(compose_cfg, nodes, tasks, accum, micro):
+    """trainer.grad_accum_steps=0: the fewest micro-batches of at most trainer.batch_size (32) that divide a rank's
+    share of the global batch (256): 256 / 1 rank = 8 x 32; / 4 ranks = 64 = 2 x 32; / 8 ranks = 32."""
+    run = parse_run_config(compose_cfg(f"nodes={nodes}", f"cluster.tasks_per_node={tasks}", "trainer.scaling=strong",
+                                       "trainer.global_batch_size=256", "trainer.batch_size=32",
+                                       "trainer.grad_accum_steps=0"))
+    assert (run.accum_steps, run.micro_batch, run.global_batch) == (accum, micro, 256)
+    assert run.micro_batch * run.accum_steps * run.world_size == 256
+
+
+def test_the_parallel_group_and_its_mesh(compose_cfg):
+    assert parse_run_config(compose_cfg()).parallel.kind == "ddp"
+    hsdp = parse_run_config(compose_cfg("parallel=hsdp", "nodes=2", "cluster.tasks_per_node=2"))
+    assert (hsdp.parallel.kind, hsdp.replicas, hsdp.shard_ranks) == ("hsdp", 2, 2)  # shard within a node
+    fsdp = parse_run_config(compose_cfg("parallel=fsdp", "nodes=2", "cluster.tasks_per_node=2"))
+    assert (fsdp.replicas, fsdp.shard_ranks, fsdp.parallel.reshard_after_forward) == (1, 4, True)
+    # a point.json from before the group existed is DDP's
+    plain = to_plain(fsdp)
+    del plain["parallel"]
+    assert parse_run_config(plain).parallel.kind == "ddp"
+
+
+def test_a_resume_from_that_is_not_a_checkpoint_is_refused(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.resume_from=.*does not exist"):
+        prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / 'nothing'}"))
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="a DDP checkpoint file, which parallel=fsdp cannot load"):
+        prepare_run(compose_cfg("parallel=fsdp", f"trainer.resume_from={tmp_path / 'checkpoint.pt'}"))
+    with pytest.raises(ConfigError, match="without checksums.json"):
+        prepare_run(compose_cfg("parallel=fsdp", f"trainer.resume_from={tmp_path}"))
+
+
 @pytest.mark.parametrize("overrides, names", [
     (["nodes=0"], ["nodes=0", ">= 1"]),
     (["cluster.tasks_per_node=0"], ["cluster.tasks_per_node"]),
@@ -102,6 +135,17 @@ def test_scaling_modes_set_the_batches(compose_cfg):
     (["trainer.compile=true", "ddp.bucket_cap_mb=0.5"], ["ddp.bucket_cap_mb=0.5", "trainer.compile=true", ">= 1"]),
     (["cluster=slurm", "cluster.tasks_per_node=4", "cluster.gpus_per_node=2"],
      ["cluster.tasks_per_node=4", "cluster.gpus_per_node=2", "trainer.device=cpu"]),
+    (["parallel=hsdp", "nodes=2", "cluster.tasks_per_node=3", "parallel.replicate=3"],
+     ["parallel.replicate=3", "shard groups of 2 ranks", "cluster.tasks_per_node=3"]),
+    (["parallel=hsdp", "nodes=2", "cluster.tasks_per_node=2", "parallel.replicate=3"],
+     ["parallel.replicate=3 does not divide the 4 ranks"]),
+    (["trainer.scaling=strong", "trainer.global_batch_size=96", "nodes=2", "trainer.grad_accum_steps=5"],
+     ["trainer.grad_accum_steps=5", "the 48 samples each rank takes"]),
+    (["trainer.grad_accum_steps=0"], ["trainer.grad_accum_steps=0", "trainer.scaling=strong"]),
+    (["trainer.activation_checkpointing=true"], ["trainer.activation_checkpointing=true", "parallel.block_classes"]),
+    (["parallel=fsdp", "trainer.channels_last=true"], ["trainer.channels_last=true", "parallel=fsdp"]),
+    (["parallel=fsdp", "parallel.param_dtype=fp16"], ["parallel.param_dtype", "auto, fp32, bf16"]),
+    (["parallel=fsdp", "parallel.block_classes=[my-block]"], ["parallel.block_classes", "class names"]),
 ])
 def test_bad_values_name_the_key(compose_cfg, overrides, names):
     # wrong types are refused by Hydra while composing (against the schema), bad values by our checks

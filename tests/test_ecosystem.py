@@ -278,6 +278,24 @@ def test_timm_style_factory_gets_the_class_count_only_when_asked(user_folder):
     assert record(user_folder, "timm-unasked").model_parameters == 16 * 27 + 16 + 16 * 1000 + 1000
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model, block", [("hf_gpt2", "GPT2Block"), ("nanogpt", "TransformerEncoderLayer")])
+def test_models_nobody_here_wrote_shard_per_block_under_fsdp(user_folder, model, block):
+    """The worked examples' Hugging Face GPT-2 (its _no_split_modules names its blocks) and nanoGPT-style model
+    (repeated torch TransformerEncoderLayers, found), sharded per block with activation checkpointing."""
+    if model == "hf_gpt2":
+        pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    name = f"fsdp-{model}"
+    r, logs = run(user_folder, name, [*commands(model)[0], "parallel=fsdp", "trainer.activation_checkpointing=true"])
+    assert r.returncode == 0, r.stderr + logs
+    rec = record(user_folder, name)
+    assert (rec.parallel.kind, rec.parallel.blocks, rec.parallel.block_classes) == ("fsdp", 2, [block])
+    assert rec.status == "completed" and rec.missing == {} and rec.evaluation.value < LEARNED
+    # all of the state sharded but AdamW's step counts: one float32 per parameter tensor, on every rank
+    held = rec.ranks[0].memory
+    assert held.state_bytes - held.sharded_bytes == 4 * sum(g.tensors for g in rec.optimizer.groups)
+
+
 # ------------------------------------------------------------------ paths that trained and lost the record
 @pytest.mark.slow
 def test_a_loss_of_the_whole_output_and_an_unused_parameter_under_static_graph(user_folder):

@@ -44,6 +44,10 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["scheduler=cosine", "scheduler.eta_min=-1"], "scheduler.eta_min=-1.0 is not allowed; it must be >= 0.0"),
     (["loss.label_smoothing=5"], "loss.label_smoothing=5.0 is not allowed; it must be in [0, 1]"),
     (["dataset=mnist", "dataset.train_size=10"], "dataset.train_size is not a key of the dataset chosen here"),
+    (["parallel=hsdp", "nodes=2", "cluster.tasks_per_node=3", "parallel.replicate=3"],
+     "parallel.replicate=3 makes shard groups of 2 ranks, which do not divide cluster.tasks_per_node=3"),
+    (["trainer.scaling=strong", "trainer.global_batch_size=96", "nodes=2", "trainer.grad_accum_steps=5"],
+     "trainer.grad_accum_steps=5 does not divide the 48 samples each rank takes per step"),
 ])
 def test_bad_input_is_one_line_naming_the_key_and_exit_2(tmp_path, overrides, said):
     r = launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)

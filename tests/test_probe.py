@@ -1,24 +1,26 @@
-"""The fabric probe: nccl-tests' definitions on known timings, the ring model recovered from a synthetic fabric,
-NCCL's transport read from its own log lines, and a real probe in a 2-rank gloo job's record."""
+"""The fabric probe: nccl-tests' definitions on known timings (all-reduce, and a sharded job's all-gather and
+reduce-scatter), the ring model recovered from a synthetic fabric, NCCL's transport read from its own log lines, and
+a real probe in a 2-rank gloo job's record."""
 
 import json
 
 import pytest
 
 import pipeline.job.probe as probe
-from pipeline.job.probe import fell_back_to_sockets, fit_ring, nccl_transport, probe_sizes, run_probe
+from pipeline.job.probe import fell_back_to_sockets, fit_ring, nccl_transport, probe_sharded, probe_sizes, run_probe
 from tests.conftest import launch
 
 LATENCY, BANDWIDTH = 20e-6, 5e9  # s per ring step, bytes/s
 
 
-def ring_time(nbytes: int, world: int) -> float:
-    return 2 * (world - 1) * LATENCY + 2 * (world - 1) / world * nbytes / BANDWIDTH
+def ring_time(nbytes: int, world: int, steps: int = 2) -> float:
+    """nccl-tests' ring: an all-reduce takes 2(n-1) steps, an all-gather or a reduce-scatter (n-1)."""
+    return steps * (world - 1) * LATENCY + steps * (world - 1) / world * nbytes / BANDWIDTH
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_busbw_and_the_fitted_ring_on_a_synthetic_fabric(monkeypatch, world):
-    monkeypatch.setattr(probe, "time_all_reduce", lambda nbytes, device: ring_time(nbytes, world))
+    monkeypatch.setattr(probe, "time_collective", lambda op, nbytes, *_: ring_time(nbytes, world))
     fabric = run_probe(gradient_bytes=10_000_000, device=None, backend="gloo", world=world, nccl_logs=[])
     sizes = [p.bytes for p in fabric.points]
     assert sizes[0] == 8 and sizes[-1] >= 10_000_000 and sizes == probe_sizes(10_000_000)
@@ -30,6 +32,34 @@ def test_busbw_and_the_fitted_ring_on_a_synthetic_fabric(monkeypatch, world):
     assert fabric.latency_us == pytest.approx(LATENCY * 1e6, rel=1e-6)
     assert fabric.bandwidth_gb_s == pytest.approx(BANDWIDTH / 1e9, rel=1e-6)
     assert fabric.transport == "tcp"
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_all_gather_and_reduce_scatter_busbw_follow_nccl_tests(monkeypatch, ranks):
+    """nccl-tests' definitions (doc/PERFORMANCE.md): the size is an all-gather's output and a reduce-scatter's input,
+    algbw = size / time, busbw = algbw x (n-1)/n for both. Known timings: an all-gather of 16 MiB over 4 ranks in
+    10 ms is algbw 1.678 GB/s, busbw 1.258 GB/s."""
+    def timed(op, nbytes, device, n, group=None):  # a reduce-scatter 1.5 times slower (gloo's is an all-reduce)
+        return ring_time(nbytes, n, steps=1) * (1.5 if op == "reduce_scatter" else 1.0)
+
+    monkeypatch.setattr(probe, "time_collective", timed)
+    found = probe_sharded(16 << 20, None, [("all_gather", "shard", ranks, None),
+                                           ("reduce_scatter", "shard", ranks, None),
+                                           ("all_reduce", "replicate", 1, None)])  # one replica: nothing to probe
+    assert [(c.op, c.ranks) for c in found] == [("all_gather", ranks), ("reduce_scatter", ranks)]
+    for c in found:
+        slower = 1.5 if c.op == "reduce_scatter" else 1.0
+        for p in c.points:
+            t = ring_time(p.bytes, ranks, 1) * slower
+            assert p.time_s == pytest.approx(t)
+            assert p.algbw_gb_s == pytest.approx(p.bytes / t / 1e9)
+            assert p.busbw_gb_s == pytest.approx(p.algbw_gb_s * (ranks - 1) / ranks)
+        # the (n-1)-step ring recovered: latency per step, and the bus bandwidth
+        assert c.latency_us == pytest.approx(LATENCY * 1e6 * slower, rel=1e-6)
+        assert c.bandwidth_gb_s == pytest.approx(BANDWIDTH / 1e9 / slower, rel=1e-6)
+    monkeypatch.setattr(probe, "time_collective", lambda *a, **k: 0.010)
+    (gather,) = probe_sharded(16 << 20, None, [("all_gather", "shard", 4, None)])
+    assert (gather.points[-1].bytes, gather.points[-1].busbw_gb_s) == (16 << 20, pytest.approx(1.2583, rel=1e-4))
 
 
 def test_a_fit_that_would_give_a_negative_latency_clamps_it_to_zero():

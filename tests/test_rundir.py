@@ -29,8 +29,12 @@ def test_the_golden_files_of_a_real_run_read():
     # every field of the golden record is a field of Result; Result's others came later, with defaults
     golden = set(json.loads((RUN / "result.json").read_text()))
     assert set(result.to_json()) - golden == {"evaluation", "loader", "tokens_per_sample", "fabric", "startup",
-                                             "status", "diverged_at_step", "missing", "model_label", "io", "optimizer"}
+                                             "status", "diverged_at_step", "missing", "model_label", "io", "optimizer",
+                                             "parallel", "micro_batch", "grad_accum_steps"}
     assert result.evaluation is None and result.test_accuracy == 0.625
+    # records from before sharding: all DDP, one micro-batch per step, no memory
+    assert (result.parallel, result.micro_batch, result.grad_accum_steps) == (None, None, 1)
+    assert all(r.memory is None for r in result.ranks)
     assert through_json_text(result) == result and through_json_text(point) == point
 
 

@@ -1,17 +1,25 @@
 """What more nodes would buy: the step time and efficiency of a scaling group predicted at its measured node
-counts (the validation) and at 8, 16 and 64 nodes, by two models of the gradient all-reduce.
+counts (the validation) and at 8, 16 and 64 nodes, by two models of the step's communication.
 
-    comm(P) = 2(P-1) x latency + 2(P-1)/P x gradient_bytes / bandwidth          (ring all-reduce, P ranks)
+    comm(P) = sum over the step's collectives of calls x k(P_g-1) x latency + k(P_g-1)/P_g x bytes / bandwidth
     step(P) = (data + compute)_base x (P_base / P in strong scaling, 1 in weak) + comm(P)
     efficiency(N) = throughput(N) x N_base / (throughput(N_base) x N),   throughput = global batch / step
 
+(the ring model, pipeline.allreduce: k = 2 for an all-reduce, 1 for an all-gather or a reduce-scatter; P_g the
+ranks of the collective's group at P ranks). DDP's step has one all-reduce of the gradient over every rank, as
+2(P-1) latency + 2(P-1)/P gradient_bytes / bandwidth. A sharded run's are as its record plans them: FSDP all-gathers
+every group's parameters in forward and again in backward where resharded, and reduce-scatters its gradients, over
+every rank; HSDP does both within a node (its shard group does not grow with the nodes) and all-reduces each rank's
+reduced shard across the nodes.
+
 - "probes": latency and bandwidth from the fabric probes the jobs ran before training (independent of the
-  training times they are judged against). comm(P) is the whole all-reduce, none of it hidden behind backward,
+  training times they are judged against), each collective with its own (a sharded job probes its all-gather and
+  reduce-scatter on its shard group). comm(P) is the whole communication, none of it hidden behind compute,
   so the predicted step is an upper bound and the efficiency a lower bound for a model whose all-reduce DDP
   overlaps with backward. A prediction at N nodes uses the probes of the largest measured node count <= N.
-- "fit": latency and bandwidth fitted (pipeline.allreduce, non-negative least squares) to the measured comm phase
-  (the all-reduce not hidden behind backward) of the group's multi-rank runs: it reproduces what it was fitted
-  to, so it validates nothing by itself.
+- "fit": one latency and bandwidth fitted (pipeline.allreduce, non-negative least squares) to the measured comm
+  phase (the communication not hidden behind compute) of the group's multi-rank runs: it reproduces what it was
+  fitted to, so it validates nothing by itself.
 
 Every prediction carries a 95% interval: for the probe model, over the predictions of each probe (t-interval),
 widened by the baseline throughput's interval (quadrature) and cut at 0 (no efficiency is negative); for the
@@ -30,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import allreduce
+from pipeline.allreduce import Volume
 from pipeline.collector.records import Run
 
 PREDICT_AT = (8, 16, 64)
@@ -62,6 +71,8 @@ class Forecast:
     gradient_bytes: int | None = None
     predictions: list[Prediction] = field(default_factory=list)
     next_measurement: str = ""  # the node count whose measurement would narrow the forecast most, and why
+    fabric: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # op -> (latency us, bandwidth GB/s)
+    step_bytes: dict[str, int] = field(default_factory=dict)  # op -> bytes per step at the baseline
 
 
 @dataclass
@@ -76,19 +87,54 @@ class Baseline:
     global_batch: int  # fixed in strong scaling
     per_rank_batch: int  # fixed in weak scaling
     gradient_bytes: int
+    # the step's collectives at the baseline, (group, volume), and the parallel mode (how the groups grow)
+    collectives: tuple[tuple[str, Volume], ...] = ()
+    kind: str = "ddp"
+
+    def volumes_at(self, nodes: int) -> list[Volume]:
+        """The step's collectives at `nodes` nodes: a group of every rank (DDP's; FSDP's shard group) grows with the
+        nodes, HSDP's shard group (a node's ranks) stays, its replicate group (a replica per node) grows."""
+        out = []
+        for group, v in self.collectives:
+            if group == "world" or (group == "shard" and self.kind == "fsdp"):
+                ranks = nodes * self.tasks_per_node
+            elif group == "replicate":
+                ranks = max(1, v.ranks * nodes // self.nodes)
+            else:
+                ranks = v.ranks
+            out.append(v._replace(ranks=ranks))
+        return out
+
+    @property
+    def ops(self) -> set[str]:
+        return {v.op for _, v in self.collectives}
 
 
 def efficiency(base: Baseline, work: float, nodes: int, comm: Callable[[int], float]) -> float:
-    """Predicted efficiency at `nodes` against the baseline, for a ring all-reduce taking comm(P) seconds."""
+    """Predicted efficiency at `nodes` against the baseline, for a step communicating comm(nodes) seconds."""
     def throughput(n: int) -> float:
         p = n * base.tasks_per_node
-        step = work * (base.world_size / p if base.strong else 1.0) + (comm(p) if p > 1 else 0.0)
+        step = work * (base.world_size / p if base.strong else 1.0) + (comm(n) if p > 1 else 0.0)
         return (base.global_batch if base.strong else base.per_rank_batch * p) / step
     return throughput(nodes) / throughput(base.nodes) * base.nodes / nodes
 
 
-def ring(latency_s: float, seconds_per_byte: float, nbytes: int) -> Callable[[int], float]:
-    return lambda p: allreduce.ring_time(latency_s, seconds_per_byte, p, nbytes)
+def comm_model(base: Baseline, fabric: dict[str, tuple[float, float]]) -> Callable[[int], float]:
+    """comm(nodes): the baseline's collectives at that node count on the ring model, each op on its (latency s,
+    seconds per byte)."""
+    return lambda n: allreduce.volume_time(base.volumes_at(n), fabric)
+
+
+def _described(forecast: Forecast, base: Baseline, fabric: dict[str, tuple[float, float]]) -> None:
+    """The forecast's fabric per op (latency us, bandwidth GB/s), the all-reduce's (else the first op's) as its
+    headline, and the bytes the baseline's step moves per op."""
+    forecast.fabric = {op: (lat * 1e6, 1 / spb / 1e9 if spb > 0 else None) for op, (lat, spb) in fabric.items()
+                       if op in base.ops}
+    headline = forecast.fabric.get("all_reduce") or next(iter(forecast.fabric.values()), (None, None))
+    forecast.latency_us, forecast.bandwidth_gb_s = headline
+    forecast.step_bytes = {}
+    for _, v in base.collectives:
+        forecast.step_bytes[v.op] = forecast.step_bytes.get(v.op, 0) + v.bytes
 
 
 def targets(measured: dict[int, float]) -> list[int]:
@@ -107,18 +153,20 @@ def next_measurement(measured: dict[int, float], reason_missing: str) -> str:
 
 def from_probes(label: str, base: Baseline, members: list[Run], measured: dict[int, float],
                 base_ci_rel: float | None) -> Forecast:
-    probes = {}  # node count -> [(latency s, seconds per byte)]
+    probes = {}  # node count -> [{op: (latency s, seconds per byte)}], runs that probed every op the step issues
     for r in members:
-        if r.probe is not None and r.probe.bandwidth_bytes_s and r.world_size > 1:
-            probes.setdefault(r.nodes, []).append((r.probe.latency_s or 0.0, 1 / r.probe.bandwidth_bytes_s))
+        ops = dict(r.probe.ops) if r.probe is not None else {}
+        if r.probe is not None and not ops and r.probe.bandwidth_bytes_s:  # read before probes named their op
+            ops = {"all_reduce": (r.probe.latency_s or 0.0, 1 / r.probe.bandwidth_bytes_s)}
+        if r.world_size > 1 and base.ops <= set(ops):
+            probes.setdefault(r.nodes, []).append(ops)
     forecast = Forecast(label, "probes", gradient_bytes=base.gradient_bytes)
     if not probes:
-        forecast.missing = ("no fabric probes in these records (multi-rank runs with probe.enabled=true record "
-                            "one)")
+        forecast.missing = (f"no fabric probes of {', '.join(sorted(base.ops))} in these records (multi-rank runs "
+                            "with probe.enabled=true record them)")
         return forecast
     largest = max(probes)
-    lat, spb = np.mean([p[0] for p in probes[largest]]), np.mean([p[1] for p in probes[largest]])
-    forecast.latency_us, forecast.bandwidth_gb_s = float(lat * 1e6), float(1 / spb / 1e9)
+    _described(forecast, base, {op: tuple(np.mean([p[op] for p in probes[largest]], axis=0)) for op in base.ops})
     work = float(np.mean(base.work_s))
     lacking = []
     if min(len(v) for v in probes.values()) < 2:
@@ -128,7 +176,7 @@ def from_probes(label: str, base: Baseline, members: list[Run], measured: dict[i
     forecast.missing = "needs " + " and ".join(lacking) + " for an interval" if lacking else ""
     for n in targets(measured):
         source = probes[max([k for k in probes if k <= n], default=min(probes))]
-        each = [efficiency(base, work, n, ring(a, b, base.gradient_bytes)) for a, b in source]
+        each = [efficiency(base, work, n, comm_model(base, ops)) for ops in source]
         prediction = Prediction(n, measured.get(n), None)
         if not lacking and n != base.nodes:
             mean = float(np.mean(each))
@@ -155,10 +203,14 @@ def from_fit(label: str, base: Baseline, members: list[Run], measured: dict[int,
         return forecast
 
     def fit(runs: list[Run]) -> tuple[float, float]:
-        return allreduce.fit([r.world_size for r in runs], base.gradient_bytes, [r.breakdown[2] for r in runs])
+        x = np.array([allreduce.volume_terms(base.volumes_at(r.nodes)) for r in runs])
+        return allreduce.fit_columns(x, [r.breakdown[2] for r in runs])
+
+    def each_op(a: float, b: float) -> dict[str, tuple[float, float]]:
+        return {op: (a, b) for op in base.ops}
 
     alpha, beta = fit(multi)
-    forecast.latency_us, forecast.bandwidth_gb_s = alpha * 1e6, (1 / beta / 1e9) if beta > 0 else None
+    _described(forecast, base, each_op(alpha, beta))
     work = float(np.mean(base.work_s))
     repeated = min(len(v) for v in by_nodes.values()) >= 2 and len(base.work_s) >= 2
     if not repeated:
@@ -171,8 +223,8 @@ def from_fit(label: str, base: Baseline, members: list[Run], measured: dict[int,
     for n in targets(measured):
         prediction = Prediction(n, measured.get(n), None)
         if repeated:
-            each = sorted(efficiency(base, w, n, ring(a, b, base.gradient_bytes)) for a, b, w in samples)
-            prediction.predicted = efficiency(base, work, n, ring(alpha, beta, base.gradient_bytes))
+            each = sorted(efficiency(base, w, n, comm_model(base, each_op(a, b))) for a, b, w in samples)
+            prediction.predicted = efficiency(base, work, n, comm_model(base, each_op(alpha, beta)))
             prediction.low, prediction.high = float(np.percentile(each, 2.5)), float(np.percentile(each, 97.5))
         forecast.predictions.append(prediction)
     forecast.next_measurement = next_measurement(measured, forecast.missing)

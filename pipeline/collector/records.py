@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from pipeline.allreduce import Volume
 from pipeline.rundir import (RECORD_NAME, Result, SchemaError, parse_json, read_small, record_status,
                              target_name)
 
@@ -37,6 +38,10 @@ class GroupKey(NamedTuple):
     # how people name the model (its innermost class and size, pipeline.job.build.model_label): what the report
     # shows; derived from the model's config, so it splits no group
     model_label: str = ""
+    parallel: str = "ddp"  # ddp | fsdp | hsdp (records from before: ddp)
+    # trainer.grad_accum_steps as configured: "1", "4", or "auto" (picked per node count in strong scaling, where
+    # the global batch, already in the key, stays fixed): the accumulation itself may differ within a group
+    accumulation: str = "1"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class Probe:
     busbw_gb_s: float  # at the largest message probed
     transport: str | None
     backend: str
+    # every collective probed, op -> (latency s per ring step, seconds per byte): the all-reduce over every rank, and
+    # a sharded job's all-gather and reduce-scatter (and HSDP's all-reduce across replicas, which replaces the other)
+    ops: tuple[tuple[str, tuple[float, float]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,25 @@ class Run:
     probe: Probe | None  # the fabric probe of a multi-rank run (None before probes, or when disabled)
     hosts: tuple[tuple[int, str], ...]  # (rank, Slurm node name) of every rank
     tokens_per_sample: int | None = None  # a token model's: tokens/s = this x throughput
+    # the step's collectives, (group, volume): planned from the record's parallel part (records from before: DDP's
+    # all-reduce of the gradient over every rank)
+    collectives: tuple[tuple[str, Volume], ...] = ()
+    memory: MemoryPoint | None = None  # the record's per-rank memory (None in records from before)
+
+
+@dataclass(frozen=True)
+class MemoryPoint:
+    """A run's memory per rank: the largest over its ranks (FSDP's padding leaves ranks a few bytes apart)."""
+
+    state_bytes: int
+    sharded_bytes: int  # of the rank with the most state
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    peak_bytes: int | None
+    peak_kind: str
+    device_bytes: int | None  # the smallest over ranks
+    shard_ranks: int
 
 
 @dataclass(frozen=True)
@@ -99,7 +126,35 @@ def group_key(rec: Result) -> GroupKey:
                     batch=rec.global_batch if rec.scaling == "strong" else rec.per_rank_batch,
                     precision=rec.precision, optimizer=optimizer_name(cfg), tasks_per_node=rec.tasks_per_node,
                     device=rec.device.name, git_sha=rec.provenance.git.sha or "unknown",
-                    oversubscribed=rec.oversubscribed, model_label=rec.model_label or rec.model)
+                    oversubscribed=rec.oversubscribed, model_label=rec.model_label or rec.model,
+                    parallel=rec.parallel.kind if rec.parallel else "ddp", accumulation=accumulation(cfg))
+
+
+def accumulation(cfg: dict) -> str:
+    steps = cfg.get("trainer", {}).get("grad_accum_steps", 1)
+    return "auto" if steps == 0 else str(steps)
+
+
+def collectives(rec: Result) -> tuple[tuple[str, Volume], ...]:
+    """The step's collectives as the record plans them; before records had them, DDP's one all-reduce."""
+    if rec.parallel is None:
+        return (("world", Volume("all_reduce", rec.world_size, 1, rec.gradient_bytes)),)
+    return tuple((c.group, Volume(c.op, c.ranks, c.calls, c.bytes)) for c in rec.parallel.collectives)
+
+
+def memory_point(rec: Result) -> MemoryPoint | None:
+    held = [r.memory for r in rec.ranks if r.memory is not None]
+    if len(held) != len(rec.ranks) or not held:
+        return None
+    most = max(held, key=lambda m: m.state_bytes)
+    peaks = [m.peak_bytes for m in held if m.peak_bytes is not None]
+    devices = [m.device_bytes for m in held if m.device_bytes is not None]
+    return MemoryPoint(state_bytes=most.state_bytes, sharded_bytes=most.sharded_bytes,
+                       parameter_bytes=max(m.parameter_bytes for m in held),
+                       gradient_bytes=max(m.gradient_bytes for m in held),
+                       optimizer_bytes=max(m.optimizer_bytes for m in held), peak_bytes=max(peaks) if peaks else None,
+                       peak_kind=most.peak_kind, device_bytes=min(devices) if devices else None,
+                       shard_ranks=rec.parallel.shard_ranks if rec.parallel else 1)
 
 
 def _reduce(path: str, rec: Result) -> Run:
@@ -115,16 +170,19 @@ def _reduce(path: str, rec: Result) -> Run:
                oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes,
                samples_per_epoch=rec.steps_per_epoch * rec.global_batch, device_type=rec.device.type,
                probe=_probe(rec), hosts=tuple((r.rank, r.node_name) for r in ranks),
-               tokens_per_sample=rec.tokens_per_sample)
+               tokens_per_sample=rec.tokens_per_sample, collectives=collectives(rec), memory=memory_point(rec))
 
 
 def _probe(rec: Result) -> Probe | None:
     f = rec.fabric
     if f is None or not f.points:
         return None
+    ops = {getattr(c, "op", "all_reduce"): (c.latency_us / 1e6, 1e-9 / c.bandwidth_gb_s)
+           for c in [f, *f.collectives] if c.latency_us is not None and c.bandwidth_gb_s}
     return Probe(latency_s=f.latency_us / 1e6 if f.latency_us is not None else None,
                  bandwidth_bytes_s=f.bandwidth_gb_s * 1e9 if f.bandwidth_gb_s is not None else None,
-                 busbw_gb_s=f.points[-1].busbw_gb_s, transport=f.transport, backend=f.backend)
+                 busbw_gb_s=f.points[-1].busbw_gb_s, transport=f.transport, backend=f.backend,
+                 ops=tuple(ops.items()))
 
 
 def read_record(path: str) -> Result | Diverged | Problem:

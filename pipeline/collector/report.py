@@ -12,6 +12,7 @@ from itertools import groupby
 from pathlib import Path
 
 from pipeline.collector.cost import COST_FRACTION
+from pipeline.collector.memory import size_text as _size
 from pipeline.collector.records import Diverged, Problem
 from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
@@ -93,6 +94,8 @@ def _plot_chunk(chunk, by_group: dict[str, GroupAnalysis], out_dir: Path, part: 
     names.append(_save(_panels(Figure, chunk, _breakdown_axes), out_dir, f"breakdown-{part}.png"))
     names.append(_save(_panels(Figure, chunk, lambda ax, group, _: _cost_axes(ax, group, by_group[group].cost)),
                        out_dir, f"cost-{part}.png"))
+    names.append(_save(_panels(Figure, chunk, lambda ax, group, _: _memory_axes(ax, group, by_group[group].memory)),
+                       out_dir, f"memory-{part}.png"))
     return names
 
 
@@ -205,6 +208,38 @@ def _cost_axes(ax, group: str, cost) -> None:
               ncols=2)
 
 
+def _memory_axes(ax, group: str, memory) -> None:
+    """One group: each rank's training state and peak against nodes, measured (markers) and predicted from the
+    baseline (dotted, the peak's 95% interval as a band), and the device's memory."""
+    ax.set_title(group, fontsize=7, wrap=True)
+    if memory is None or not memory.predictions:
+        ax.text(0.5, 0.5, "no memory in these records", ha="center", va="center", transform=ax.transAxes)
+        return
+    ps = memory.predictions
+    x = [p.nodes for p in ps]
+    measured = [p for p in ps if p.measured_state is not None]
+    ax.plot([p.nodes for p in measured], [p.measured_state / 1e9 for p in measured], "o-", color="tab:blue",
+            label="state per rank, measured")
+    ax.plot(x, [p.state_bytes / 1e9 for p in ps], ":", color="tab:blue", label="state, predicted")
+    peaks = [p for p in measured if p.measured_peak is not None]
+    if peaks:
+        ax.plot([p.nodes for p in peaks], [p.measured_peak / 1e9 for p in peaks], "s-", color="tab:orange",
+                label=f"peak per rank ({memory.peak_kind}), measured")
+    banded = [p for p in ps if p.peak_bytes is not None]
+    if banded:
+        ax.plot([p.nodes for p in banded], [p.peak_bytes / 1e9 for p in banded], ":", color="tab:orange",
+                label="peak, predicted (band: 95%)")
+        ax.fill_between([p.nodes for p in banded], [p.low / 1e9 for p in banded], [p.high / 1e9 for p in banded],
+                        color="tab:orange", alpha=0.15)
+    if memory.device_bytes:
+        ax.axhline(memory.device_bytes / 1e9, color="tab:red", linestyle="--", label="device memory")
+    _log2_nodes(ax, x)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_plain_numbers())
+    ax.set_ylabel("GB per rank")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2)
+
+
 def _plain_numbers():
     """Tick labels with 3 significant digits and no offset text (which collides with titles)."""
     from matplotlib.ticker import FuncFormatter
@@ -237,6 +272,8 @@ def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Prob
         if a.hosts:
             lines += ["Ranks at the largest node count: " +
                       ", ".join(f"{r} on {h}" for r, h in sorted(a.hosts.items())), ""]
+    lines += _memory_lines(analyses)
+    lines += _comparison_lines(rows)
     lines += ["## Cost", ""]
     for a in analyses:
         if a.cost is None:
@@ -256,13 +293,57 @@ def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Prob
     return "\n".join(lines)
 
 
+def _memory_lines(analyses: list[GroupAnalysis]) -> list[str]:
+    lines = ["## Memory per rank", ""]
+    for a in analyses:
+        m = a.memory
+        if m is None or not m.predictions:
+            continue
+        lines += [f"### {a.group}", "", f"{m.fits}." if m.fits else "", ""]
+        if m.missing:
+            lines += [f"No peak prediction where an interval is missing: {m.missing}.", ""]
+        lines += [f"| nodes | shard ranks | parameters | gradients | optimizer | state | peak ({m.peak_kind}) | "
+                  "predicted state | predicted peak (95% interval) | error |", "|" + "---|" * 10]
+        for p in m.predictions:
+            parts = p.measured_parts or (None, None, None)
+            peak = (f"{_size(p.peak_bytes)} ({_size(p.low)} to {_size(p.high)})" if p.peak_bytes is not None
+                    else "-")
+            lines.append(f"| {p.nodes} | {p.shard_ranks} | " + " | ".join(_size(v) for v in parts) +
+                         f" | {_size(p.measured_state)} | {_size(p.measured_peak)} | {_size(p.state_bytes)} | {peak} |"
+                         f" {_f(p.error, '+.1%')} |")
+        lines.append("")
+    return lines if len(lines) > 2 else []
+
+
+def _comparison_lines(rows: list[Row]) -> list[str]:
+    """The same experiment under several parallel modes, side by side per node count."""
+    families: dict[str, list[Row]] = {}
+    for r in rows:
+        families.setdefault(r.family, []).append(r)
+    lines = []
+    for family, members in families.items():
+        if len({(r.parallel, r.group) for r in members}) < 2:
+            continue
+        lines += [f"### {family}", "", "| nodes | parallel | samples/s | +-95% | efficiency | state per rank | "
+                  "peak per rank |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(members, key=lambda r: (r.nodes, r.parallel, r.accumulation)):
+            mode = r.parallel + (f", accumulation {r.accumulation}" if r.accumulation != "1" else "")
+            lines.append(f"| {r.nodes} | {mode} | {r.throughput:.1f} | {_f(r.throughput_ci, '.1f')} | "
+                         f"{_f(r.efficiency, '.1%')}" + (f" +-{r.efficiency_ci:.1%}" if r.efficiency_ci else "") +
+                         f" | {_size(r.state_bytes)} | {_size(r.peak_bytes)} |")
+        lines.append("")
+    return ["## Parallel modes compared", "", *lines] if lines else []
+
+
 def _forecast_lines(f) -> list[str]:
     title = ("From the fabric probes" if f.source == "probes" else "Fitted to the measured comm phase")
     lines = [f"**{title}**"]
-    if f.latency_us is not None:
-        bandwidth = f"{f.bandwidth_gb_s:.3g} GB/s" if f.bandwidth_gb_s else "unbounded (no bandwidth term)"
-        lines.append(f"latency {f.latency_us:.3g} us per ring step; bandwidth {bandwidth}; gradient "
-                     f"{f.gradient_bytes:,} bytes")
+    if f.fabric:
+        def bandwidth(gb_s):
+            return f"{gb_s:.3g} GB/s" if gb_s else "unbounded (no bandwidth term)"
+        lines.append("; ".join(f"{op.replace('_', '-')}: latency {lat:.3g} us per ring step, bandwidth "
+                               f"{bandwidth(bw)}, {f.step_bytes.get(op, 0):,} bytes per step"
+                               for op, (lat, bw) in f.fabric.items()))
     if f.missing:
         lines.append(f"No numbers where an interval is missing: {f.missing}.")
     rows = [p for p in f.predictions if p.predicted is not None]

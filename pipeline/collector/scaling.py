@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.collector.cost import COST_FRACTION, CostView, cost_view
 from pipeline.collector.forecast import Baseline, Forecast, from_fit, from_probes, t975
+from pipeline.collector.memory import ASSUMPTION, MemoryForecast, forecast_memory
 from pipeline.collector.records import GroupKey, Run
 from pipeline.definitions import FABRIC
 
@@ -21,8 +22,10 @@ SLOW_FABRIC = 0.5  # a probe whose bus bandwidth is below this fraction of the m
 
 DEFINITIONS = {
     "group": "runs that differ only in node count: same model and dataset (and their configs), per-rank batch "
-             "(weak) or global batch (strong), precision, optimizer, scaling mode, tasks per node, device and git "
-             "sha. Oversubscribed runs form groups of their own and are never a baseline.",
+             "(weak) or global batch (strong), precision, optimizer, scaling mode, tasks per node, device, git "
+             "sha, parallel mode (ddp, fsdp, hsdp) and trainer.grad_accum_steps as configured (auto: picked per node "
+             "count, the global batch fixed). Oversubscribed runs form groups of their own and are never a "
+             "baseline.",
     "throughput": "samples/s over the timed steps (global batch x timed steps / slowest rank's timed time); "
                   "repeats of a point are averaged, with a 95% confidence interval mean +- t(0.975, n-1) s/sqrt(n)",
     "per-rank throughput": "throughput / world size",
@@ -51,6 +54,18 @@ DEFINITIONS = {
                 "interval in quadrature, cut at 0; fit, the 2.5-97.5 percentiles over 200 resamplings of one run "
                 "per node count. Where probes, repeats or points are too few the forecast says what is missing "
                 "instead of a number. Error = predicted / measured - 1 at the measured node counts.",
+    "sharded forecast": "a sharded group's comm(P) sums its step's collectives as the records plan them: FSDP's "
+                        "all-gathers (every group's parameters in forward, again in backward where resharded) and "
+                        "reduce-scatters (its gradients) over every rank, each call k(P-1) latency + k(P-1)/P bytes "
+                        "/ bandwidth (k = 1), with each collective's own latency and bandwidth from the probes; "
+                        "HSDP's within a node (its shard group stays) plus the all-reduce (k = 2) of each rank's "
+                        "shard across the nodes. The calls per step are the baseline's (with grad_accum_steps=0 they "
+                        "fall as the nodes grow: an upper bound then)",
+    "memory": "per rank, the largest over a run's ranks (the record's counts from the tensors' local shards: "
+              "parameters, gradients, optimizer state), the peak (CUDA's peak allocated, or a CPU's peak resident "
+              "set), repeats averaged. Predicted from the baseline: " + ASSUMPTION + ". The 95% interval of the peak: "
+              "t over the baseline's repeats. Fits: the smallest node count whose state (and whose peak's upper "
+              "bound) is within the device's memory (--device-memory, default the measured device's)",
     "cost": "epoch time = samples per epoch (steps per epoch x global batch) / throughput; node-hours = nodes x "
             "epoch time / 3600 (GPU-hours = ranks x epoch time / 3600, on GPUs); marginal value of a step up = "
             "(throughput_b - throughput_a) / (N_b - N_a) / (throughput_base / N_base); the knee is the node count "
@@ -96,6 +111,11 @@ class Row:
     fabric_flag: str = ""  # why this point's fabric looks wrong, if it does
     predicted_efficiency: float | None = None  # the probe forecast's, where it has an interval
     tokens_per_s: float | None = None  # a token model's throughput in tokens (samples/s x tokens per sample)
+    parallel: str = "ddp"
+    family: str = ""  # the experiment whatever its parallel mode and accumulation: what "Parallel modes compared" pairs
+    accumulation: str = "1"  # trainer.grad_accum_steps as configured
+    state_bytes: float | None = None  # per rank (the largest rank's), mean of repeats
+    peak_bytes: float | None = None
 
 
 @dataclass
@@ -105,6 +125,7 @@ class GroupAnalysis:
     fit: Forecast  # the forecast fitted to the measured comm phase
     cost: CostView | None  # None for oversubscribed groups
     hosts: dict[int, str] = field(default_factory=dict)  # rank -> Slurm node name, at the largest node count
+    memory: MemoryForecast | None = None
 
 
 def group_label(key: GroupKey, code_version: bool = True) -> str:
@@ -115,14 +136,19 @@ def group_label(key: GroupKey, code_version: bool = True) -> str:
     cfg = hashlib.sha1((key.model_config + key.dataset_config).encode()).hexdigest()[:6]
     batch_kind = "global" if key.scaling == "strong" else "per-rank"
     model = (key.model_label or key.model) if code_version else key.model
-    label = (f"{model}/{key.dataset} {key.scaling} {batch_kind} batch {key.batch} {key.precision} {key.optimizer} "
-             f"{key.tasks_per_node}/node {key.device} cfg {cfg}")
+    # the parallel mode and accumulation only where they are not the defaults, so older groups keep their names
+    parallel = "" if key.parallel == "ddp" else f" {key.parallel}"
+    accumulation = "" if key.accumulation == "1" else f" accum {key.accumulation}"
+    label = (f"{model}/{key.dataset}{parallel} {key.scaling} {batch_kind} batch {key.batch}{accumulation} "
+             f"{key.precision} {key.optimizer} {key.tasks_per_node}/node {key.device} cfg {cfg}")
     if code_version:
         label += f" @{key.git_sha[:7]}"
     return label + (" [oversubscribed]" if key.oversubscribed else "")
 
 
-def aggregate(runs: list[Run]) -> tuple[list[Row], list[GroupAnalysis]]:
+def aggregate(runs: list[Run], device_bytes: int | None = None) -> tuple[list[Row], list[GroupAnalysis]]:
+    """Rows per group and node count, and each group's analysis; `device_bytes`: the device memory the memory
+    forecast fits to (None: the measured device's)."""
     rows, analyses = [], []
     medians = median_busbw(runs)
     ordered = sorted(runs, key=lambda r: (r.group, r.nodes))
@@ -131,6 +157,7 @@ def aggregate(runs: list[Run]) -> tuple[list[Row], list[GroupAnalysis]]:
         group_rows = _group_rows(key, members)
         flag_fabrics(group_rows, members, medians)
         analysis = analyse(key, members, group_rows)
+        analysis.memory = forecast_memory(analysis.group, key.parallel, members, device_bytes)
         predicted = {p.nodes: p.predicted for p in analysis.probes.predictions}
         for row in group_rows:
             row.predicted_efficiency = predicted.get(row.nodes)
@@ -154,7 +181,7 @@ def analyse(key: GroupKey, members: list[Run], rows: list[Row]) -> GroupAnalysis
                     work_s=[r.breakdown[0] + r.breakdown[1] for r in at_base],
                     tasks_per_node=base_row.world_size // base_row.nodes, strong=key.scaling == "strong",
                     global_batch=first.global_batch, per_rank_batch=first.global_batch // first.world_size,
-                    gradient_bytes=first.gradient_bytes)
+                    gradient_bytes=first.gradient_bytes, collectives=first.collectives, kind=key.parallel)
     measured = {r.nodes: r.efficiency for r in rows}
     rel = base_row.throughput_ci / base_row.throughput if base_row.throughput_ci is not None else None
     return GroupAnalysis(label, from_probes(label, base, members, measured, rel),
@@ -200,6 +227,8 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
         breakdown = tuple(float(np.mean([r.breakdown[i] for r in point])) for i in range(3))
         step = sum(breakdown)
         worst = max(point, key=lambda r: r.skew)
+        held = [r.memory for r in point if r.memory is not None]
+        peaks = [m.peak_bytes for m in held if m.peak_bytes is not None]
         rows.append(Row(group=label, experiment=experiment, scaling=key.scaling, nodes=nodes,
                         world_size=point[0].world_size, runs=len(point), oversubscribed=oversubscribed,
                         throughput=thr, throughput_ci=thr_ci, throughput_per_rank=thr / point[0].world_size,
@@ -209,7 +238,11 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
                         share_comm=breakdown[2] / step if step and point[0].world_size > 1 else 0.0,
                         breakdown_s=breakdown,
                         skew=float(np.mean([r.skew for r in point])), straggler_host=worst.slowest_host,
-                        straggler_rank=worst.slowest_rank, tokens_per_s=thr * tokens if tokens else None))
+                        straggler_rank=worst.slowest_rank, tokens_per_s=thr * tokens if tokens else None,
+                        parallel=key.parallel, family=group_label(key._replace(parallel="ddp", accumulation="1")),
+                        accumulation=key.accumulation,
+                        state_bytes=float(np.mean([m.state_bytes for m in held])) if held else None,
+                        peak_bytes=float(np.mean(peaks)) if peaks else None))
     if not oversubscribed:
         base = rows[0]
         for row in rows:

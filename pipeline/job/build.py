@@ -26,6 +26,7 @@ from hydra.utils import get_object
 
 from pipeline.config import ParamGroupsConfig, RunConfig
 from pipeline.job.data import ItemFormat, check_datasets
+from pipeline.job.memory import resident_bytes
 from pipeline.rundir import OptimizerInfo, ParamGroupInfo, target_of
 from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, partial_of,
                               reported, takes, takes_any_keyword)
@@ -185,6 +186,7 @@ class Workload:
     items: ItemFormat
     batch_kind: str  # what the items are, in words (the record's io.batch)
     label: str  # the model as people name it (model_label)
+    baseline_rss: int | None = None  # this process's resident set before the model was built (the memory baseline)
 
 
 def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None]) -> Workload:
@@ -196,12 +198,13 @@ def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None]) -> Wo
     items = ItemFormat(run.io.input_key, run.io.target_key)
     kind = check_datasets(train_set, test_set, target_of(run.dataset), rank, items)
     mark("datasets")
+    baseline = resident_bytes()
     model = build_model(run, train_set, rank)
     mark("model")
     facts = dataset_facts(train_set)
     return Workload(model=model, train_set=train_set, test_set=test_set, loss_fn=build_loss(run, rank, facts),
                     collate_fn=build_collate(run, rank, facts), items=items, batch_kind=kind,
-                    label=model_label(run, model))
+                    label=model_label(run, model), baseline_rss=baseline)
 
 
 def _targets(node: Any, depth: int = 0) -> list[tuple[int, str]]:

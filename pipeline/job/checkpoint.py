@@ -12,12 +12,22 @@ complaint, and the run resumes on garbage. A checkpoint that fails the check or 
 corrupt) is reported and the one before it used, or none (the run starts over, saying so); a checkpoint of
 another run is refused. So a requeued job never loops on a broken file, and never resumes another run's weights.
 `Checkpoints.loaded` names the file the run resumed from.
+
+A sharded run (parallel=fsdp|hsdp) checkpoints through torch.distributed.checkpoint (DCP) instead: every rank
+writes its own shards into a temporary folder, rank 0 adds the run's stamp, step, schedule and timings
+(`extra.pt`) and then `checksums.json` (every file's SHA-256 and size) and renames the folder into place
+(checkpoint.dcp, the one before kept as checkpoint.prev.dcp). A folder whose files do not match its checksums is
+passed over as a broken file is. DCP reshards on load, so a sharded checkpoint loads into any world size and any
+parallel mode (`trainer.resume_from`), a plain model too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,12 +36,14 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import config_hash
-from pipeline.rundir import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, write_atomic
+from pipeline.rundir import (CHECKPOINT_NAME, CHECKSUMS_NAME, PREVIOUS_CHECKPOINT_NAME,
+                             PREVIOUS_SHARDED_CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, write_atomic, write_json)
 
 log = logging.getLogger(__name__)
 # a checkpoint is torch.save's bytes, then this mark and their SHA-256 (torch.load reads past what follows its zip)
 CHECKSUM_MARK = b"\npipeline-sha256:"
 TRAILER_BYTES = len(CHECKSUM_MARK) + hashlib.sha256().digest_size
+EXTRA_NAME = "extra.pt"  # in a DCP folder: the stamp, step, schedule and timings, written by rank 0
 
 
 class CorruptCheckpoint(ValueError):
@@ -63,6 +75,36 @@ def _save_with_checksum(obj, f: BinaryIO) -> None:
     f.write(CHECKSUM_MARK + hashing.sha256.digest())
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_folder(folder: Path) -> None:
+    """Raises CorruptCheckpoint unless every file a DCP folder's checksums list is there, of its size and SHA-256."""
+    try:
+        listed = json.loads((folder / CHECKSUMS_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpoint(f"its {CHECKSUMS_NAME} cannot be read ({type(e).__name__}: {e})") from None
+    for name, want in listed.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != want["bytes"]:
+            raise CorruptCheckpoint(f"{name} is missing or not of the size it was written with (truncated?)")
+        if file_sha256(path) != want["sha256"]:
+            raise CorruptCheckpoint(f"{name} does not match the SHA-256 it was written with (corrupt)")
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def verify(path: Path) -> None:
     """Raises CorruptCheckpoint unless the file's content matches the SHA-256 at its end."""
     size = path.stat().st_size
@@ -80,37 +122,92 @@ def verify(path: Path) -> None:
 
 
 class Checkpoints:
-    """POINT_DIR/checkpoint.pt and the one before it, for the run `run_id` with `config`."""
+    """POINT_DIR/checkpoint.pt and the one before it (DDP), or POINT_DIR/checkpoint.dcp and the one before it
+    (sharded runs), for the run `run_id` with `config`."""
 
     def __init__(self, point_dir: Path, run_id: str, config: dict):
-        self.path, self.previous = Path(point_dir) / CHECKPOINT_NAME, Path(point_dir) / PREVIOUS_CHECKPOINT_NAME
+        point_dir = Path(point_dir)
+        self.sharded = config.get("parallel", {}).get("kind", "ddp") != "ddp"
+        names = (SHARDED_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME) if self.sharded else \
+            (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME)
+        self.path, self.previous = point_dir / names[0], point_dir / names[1]
         self.stamp = {"run_id": run_id, "config_sha256": config_hash(config)}
-        self.loaded: Path | None = None  # the file `load` resumed from
+        resume_from = config.get("trainer", {}).get("resume_from")
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.loaded: Path | None = None  # the file (or DCP folder) `load` resumed from
 
     def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int,
              segments: list[dict]) -> None:
-        state = {**self.stamp, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "segments": segments, "scheduler": scheduler.state_dict() if scheduler is not None else None}
+        """DDP: rank 0's file; sharded: every rank's shards, together (a collective)."""
+        extra = {**self.stamp, "step": step, "segments": segments,
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None}
+        if self.sharded:
+            return self._save_sharded(model, optimizer, extra)
+        state = {**extra, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
         write_atomic(self.path, lambda f: _save_with_checksum(state, f), previous=self.previous)
 
-    def load(self) -> dict | None:
-        """The newest usable checkpoint of this run, or None. Rank 0 chooses and every rank loads its choice, so
-        all resume from the same step (a file that reads on one rank and not on another cannot split them)."""
+    def _save_sharded(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+        """DCP into a temporary folder; rank 0 then adds extra.pt and checksums.json and renames it into place."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        rank = dist.get_rank()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save's
+            tmp.mkdir()
+        dist.barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+        dist.barrier()
+        if rank == 0:
+            save(extra, tmp / EXTRA_NAME)
+            files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+            write_json(tmp / CHECKSUMS_NAME, {"files": files, **self.stamp, "step": extra["step"]})
+            if self.path.exists():
+                shutil.rmtree(self.previous, ignore_errors=True)
+                os.replace(self.path, self.previous)
+            os.replace(tmp, self.path)
+            _fsync_folder(self.path.parent)
+        dist.barrier()
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, list]:
+        """Load the newest usable checkpoint of this run, else trainer.resume_from's, into the model, optimizer and
+        schedule; returns (its step, the earlier segments' timings: another run's are not this run's), or (0, [])."""
+        checkpoint, own = self.load(), True
+        if checkpoint is None and self.resume_from is not None:
+            checkpoint, own = self.load([self.resume_from], stamped=False), False
+        if checkpoint is None:
+            return 0, []
+        if self.loaded.is_dir():
+            _load_sharded(self.loaded, model, optimizer)
+        else:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and checkpoint.get("scheduler") is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        return checkpoint["step"], checkpoint["segments"] if own else []
+
+    def load(self, candidates: list[Path] | None = None, stamped: bool = True) -> dict | None:
+        """The newest usable checkpoint of this run (or of `candidates`, whoever's when not `stamped`), or None.
+        Rank 0 chooses and every rank loads its choice, so all resume from the same step (a file that reads on one
+        rank and not on another cannot split them). A DCP folder's is its extra.pt (the tensors load into the model
+        in restore)."""
         chooser = not dist.is_initialized() or dist.get_rank() == 0
-        path, checkpoint = self._choose() if chooser else (None, None)
+        path, checkpoint = self._choose(candidates or [self.path, self.previous], stamped) if chooser else (None, None)
         choice = [path]
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
         self.loaded = Path(choice[0]) if choice[0] is not None else None
         if chooser or choice[0] is None:
             return checkpoint  # rank 0 read it while choosing
-        return self._read(self.loaded)
+        return self._read(self.loaded, verified=True)
 
-    def _choose(self) -> tuple[str | None, dict | None]:
+    def _choose(self, candidates: list[Path], stamped: bool) -> tuple[str | None, dict | None]:
         """The newest checkpoint that reads and is this run's: its path and its contents."""
         tried = []
-        for path in (self.path, self.previous):
-            if not path.is_file():
+        for path in candidates:
+            if not path.exists():
                 continue
             try:
                 checkpoint = self._read(path)
@@ -120,7 +217,7 @@ class Checkpoints:
                 tried.append(path.name)
                 continue
             mine = {k: checkpoint.get(k) for k in self.stamp}
-            if mine != self.stamp:
+            if stamped and mine != self.stamp:
                 log.warning("checkpoint %s belongs to another run (%s), not this one (%s); not used", path, mine,
                             self.stamp)
                 tried.append(path.name)
@@ -131,9 +228,28 @@ class Checkpoints:
         return None, None
 
     @staticmethod
-    def _read(path: Path) -> dict:
-        verify(path)
+    def _read(path: Path, verified: bool = False) -> dict:
+        """A checkpoint file's contents, or a DCP folder's extra.pt, once its checksums are checked (rank 0 has
+        checked them for the others: `verified`)."""
+        if path.is_dir():
+            if not verified:
+                verify_folder(path)
+            return torch.load(path / EXTRA_NAME, map_location="cpu", weights_only=True)
+        if not verified:
+            verify(path)
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A DCP checkpoint's model and optimizer state into this run's (sharded or not, any world size: DCP reshards
+    what it reads to the tensors it is given)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def segment(start_step: int, phases: np.ndarray) -> dict:

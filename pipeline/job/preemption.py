@@ -44,7 +44,10 @@ class StopSignal:
             log.warning("stop signal received: training on until rank 0 checkpoints and the job is requeued")
 
     def hand_over(self, env: DistEnv, on_slurm: bool) -> NoReturn:
-        """After rank 0's checkpoint: let submitit requeue the job, or requeue it ourselves under a plain sbatch."""
+        """After the checkpoint: rank 0 lets submitit requeue the job, or requeues it itself under a plain sbatch;
+        the other ranks (which took part in a sharded checkpoint) just stop."""
+        if env.rank != 0:
+            sys.exit(EXIT_REQUEUED)
         if callable(self._previous):
             self._previous(self.signum, None)  # submitit: resubmits the callable (it resumes from the checkpoint)
         if on_slurm and env.job_id and shutil.which("scontrol"):

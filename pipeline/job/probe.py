@@ -9,7 +9,10 @@ measurements:
 
     time(bytes) = 2(n-1) x latency + 2(n-1)/n x bytes / bandwidth
 
-(latency per ring step, bandwidth the bus bandwidth). On NCCL it also reads, from NCCL's own INFO log, which
+(latency per ring step, bandwidth the bus bandwidth). A sharded job (parallel=fsdp|hsdp) also measures the
+collectives FSDP issues, on the groups it issues them on (`probe_sharded`): all-gather and reduce-scatter over the
+shard group, and HSDP's all-reduce over a replicate group, with nccl-tests' sizes (an all-gather's output, a
+reduce-scatter's input) and busbw = algbw x (n-1)/n for both. On NCCL it also reads, from NCCL's own INFO log, which
 transport NCCL chose between ranks (NVLink, PCIe P2P, shared memory, InfiniBand, or TCP sockets).
 """
 
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import allreduce
-from pipeline.rundir import Fabric, ProbePoint
+from pipeline.rundir import CollectiveProbe, Fabric, ProbePoint
 
 log = logging.getLogger(__name__)
 SMALLEST = 8  # bytes
@@ -45,16 +48,29 @@ def probe_sizes(gradient_bytes: int) -> list[int]:
         size *= STEP
 
 
-def time_all_reduce(nbytes: int, device: torch.device) -> float:
-    """The slowest rank's median seconds for one all-reduce of `nbytes` (float32)."""
-    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+def _buffers(op: str, nbytes: int, ranks: int, device: torch.device):
+    """The call that runs one `op` of nccl-tests' size `nbytes` (float32) over `ranks` ranks of a group."""
+    if op == "all_reduce":
+        buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+        return lambda group: dist.all_reduce(buffer, group=group)
+    n = max(ranks, (nbytes // 4) // ranks * ranks)  # whole float32 elements, a multiple of the ranks
+    whole, shard = torch.ones(n, device=device), torch.ones(n // ranks, device=device)
+    if op == "all_gather":
+        return lambda group: dist.all_gather_single(whole, shard, group=group)
+    return lambda group: dist.reduce_scatter_single(shard, whole, group=group)
+
+
+def time_collective(op: str, nbytes: int, device: torch.device, ranks: int, group=None) -> float:
+    """The slowest rank's median seconds for one `op` of `nbytes` (nccl-tests' size) over `group` (every rank of
+    the job takes part in the barriers; each group runs its own collective)."""
+    run = _buffers(op, nbytes, ranks, device)
     times = []
     for i in range(2 + ITERATIONS):
         dist.barrier()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        dist.all_reduce(buffer)
+        run(group)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= 2:
@@ -64,28 +80,51 @@ def time_all_reduce(nbytes: int, device: torch.device) -> float:
     return float(slowest.item())
 
 
-def fit_ring(points: list[ProbePoint], world: int) -> tuple[float | None, float | None]:
+def fit_ring(points: list[ProbePoint], world: int, op: str = "all_reduce") -> tuple[float | None, float | None]:
     """(latency per ring step in s, bus bandwidth in bytes/s) of the ring model (pipeline.allreduce) fitted to the
     probe's sizes; the bandwidth is None when no bandwidth term could be fitted."""
-    latency, seconds_per_byte = allreduce.fit(world, [p.bytes for p in points], [p.time_s for p in points])
+    latency, seconds_per_byte = allreduce.fit(world, [p.bytes for p in points], [p.time_s for p in points], op)
     return latency, (1 / seconds_per_byte if seconds_per_byte > 0 else None)
+
+
+def curve(op: str, gradient_bytes: int, device: torch.device, ranks: int, group=None) -> list[ProbePoint]:
+    """`op` timed over the probe's sizes, within BUDGET_S."""
+    points, spent = [], time.perf_counter()
+    for size in probe_sizes(gradient_bytes):
+        seconds = time_collective(op, size, device, ranks, group)
+        algbw = size / seconds
+        points.append(ProbePoint(bytes=size, time_s=seconds, algbw_gb_s=algbw / 1e9,
+                                 busbw_gb_s=algbw * allreduce.bus_factor(op, ranks) / 1e9))
+        if time.perf_counter() - spent > BUDGET_S:
+            break
+    return points
 
 
 def run_probe(gradient_bytes: int, device: torch.device, backend: str, world: int, nccl_logs: list[Path]) -> Fabric:
     """Time the all-reduce over the sizes, within BUDGET_S, and fit the ring model."""
-    points, spent = [], time.perf_counter()
-    for size in probe_sizes(gradient_bytes):
-        seconds = time_all_reduce(size, device)
-        algbw = size / seconds
-        points.append(ProbePoint(bytes=size, time_s=seconds, algbw_gb_s=algbw / 1e9,
-                                 busbw_gb_s=algbw * 2 * (world - 1) / world / 1e9))
-        if time.perf_counter() - spent > BUDGET_S:
-            break
+    spent = time.perf_counter()
+    points = curve("all_reduce", gradient_bytes, device, world)
     latency, bandwidth = fit_ring(points, world)
     return Fabric(backend=backend, world_size=world, points=points, seconds=time.perf_counter() - spent,
                   latency_us=latency * 1e6 if latency is not None else None,
                   bandwidth_gb_s=bandwidth / 1e9 if bandwidth is not None else None,
                   transport=nccl_transport(nccl_logs) if backend == "nccl" else "tcp")
+
+
+def probe_sharded(gradient_bytes: int, device: torch.device, groups: list[tuple[str, str, int, object]]
+                  ) -> list[CollectiveProbe]:
+    """FSDP's collectives, each (op, group name, its ranks, this rank's process group of it) timed and fitted as
+    the all-reduce is; a group of one rank communicates with nobody and is not probed."""
+    found = []
+    for op, name, ranks, group in groups:
+        if ranks < 2:
+            continue
+        points = curve(op, gradient_bytes, device, ranks, group)
+        latency, bandwidth = fit_ring(points, ranks, op)
+        found.append(CollectiveProbe(op=op, group=name, ranks=ranks, points=points,
+                                     latency_us=latency * 1e6 if latency is not None else None,
+                                     bandwidth_gb_s=bandwidth / 1e9 if bandwidth is not None else None))
+    return found
 
 
 # The transport comes from the INFO lines NCCL writes while it connects a communicator (formats of NCCL 2.19 to
@@ -153,10 +192,17 @@ def fell_back_to_sockets(fabric: Fabric, nodes: int) -> bool:
     return nodes > 1 and fabric.backend == "nccl" and fabric.transport is not None and "sockets" in fabric.transport
 
 
-def describe(fabric: Fabric) -> str:
-    size = fabric.points[-1]
-    return (f"fabric probe: {fabric.backend}/{fabric.transport or '?'}, {fabric.world_size} ranks: "
-            f"{size.bytes / 2**20:.1f} MiB all-reduce {size.time_s * 1e3:.2f} ms, busbw {size.busbw_gb_s:.2f} GB/s; "
-            f"fit: latency {fabric.latency_us or 0:.1f} us per ring step, bandwidth "
-            f"{fabric.bandwidth_gb_s if fabric.bandwidth_gb_s is not None else math.inf:.2f} GB/s "
-            f"({fabric.seconds:.2f} s)")
+def describe(fabric: Fabric) -> list[str]:
+    """The probe's log lines: the all-reduce over every rank, then each of a sharded job's collectives."""
+    lines = []
+    for op, group, ranks, points, latency, bandwidth in (
+            ("all-reduce", "", fabric.world_size, fabric.points, fabric.latency_us, fabric.bandwidth_gb_s),
+            *((c.op.replace("_", "-"), f" ({c.group} group)", c.ranks, c.points, c.latency_us, c.bandwidth_gb_s)
+              for c in fabric.collectives)):
+        size = points[-1]
+        lines.append(f"fabric probe: {fabric.backend}/{fabric.transport or '?'}, {ranks} ranks{group}: "
+                     f"{size.bytes / 2**20:.1f} MiB {op} {size.time_s * 1e3:.2f} ms, busbw {size.busbw_gb_s:.2f} "
+                     f"GB/s; fit: latency {latency or 0:.1f} us per ring step, bandwidth "
+                     f"{bandwidth if bandwidth is not None else math.inf:.2f} GB/s")
+    lines[-1] += f" ({fabric.seconds:.2f} s in all)"
+    return lines

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -12,8 +12,9 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.job.env import DistEnv
 from pipeline.job.flops import utilisation
+from pipeline.job.memory import host_share
 from pipeline.job.placement import device_info
-from pipeline.definitions import COMM_MEASUREMENT, RECORD
+from pipeline.definitions import COMM_MEASUREMENT, FSDP_COMM_MEASUREMENT, FSDP_COMM_UNMEASURED, RECORD
 from pipeline.job.timing import rank_timing, summarize
 from pipeline.job.trainer import TrainOutcome
 from pipeline.rundir import (Fabric, HostShare, Point, Provenance, RankResult, Result, SlurmInfo, target_name,
@@ -40,9 +41,12 @@ def warmup_of(run: RunConfig, outcome: TrainOutcome) -> int:
 def rank_result(env: DistEnv, device: torch.device, host: HostShare, run: RunConfig,
                 outcome: TrainOutcome) -> RankResult:
     """This rank's entry in the record: where it ran, its final parameters' digest, its step timings."""
+    memory = outcome.memory
+    if memory is not None and memory.device_bytes is None:  # a CPU's: the rank's share of its host
+        memory = replace(memory, device_bytes=host_share(host.processes_on_host))
     return RankResult(rank=env.rank, local_rank=env.local_rank, node_rank=env.node_rank, node_name=env.node_name,
                       device=str(device), host=host, parameters_sha256=outcome.parameters_sha256,
-                      timing=rank_timing(outcome.phases, warmup_of(run, outcome)))
+                      timing=rank_timing(outcome.phases, warmup_of(run, outcome)), memory=memory)
 
 
 @dataclass
@@ -90,11 +94,26 @@ def build_record(point: Point, run: RunConfig, env: DistEnv, outcome: TrainOutco
         timing=timing,
         utilisation=utilisation(job.flops_per_sample, timing.throughput_samples_per_s, env.world_size, device.name,
                                 outcome.precision),
-        comm_measurement=COMM_MEASUREMENT, final_train_loss=outcome.final_train_loss,
+        comm_measurement=comm_measurement(run, job.device), final_train_loss=outcome.final_train_loss,
         test_accuracy=ev.value if ev is not None and ev.metric == "accuracy" else None, evaluation=ev,
         loader=outcome.loader, tokens_per_sample=outcome.tokens_per_sample, wall_time_s=job.wall_s,
         oversubscribed=any(r.host.oversubscribed for r in ranks), weights=job.weights, ranks=ranks,
         provenance=provenance(point, env, outcome, ranks, job.started_at), definitions=RECORD,
         fabric=job.fabric, startup=job.startup, io=outcome.io, optimizer=outcome.optimizer,
         status="diverged" if outcome.diverged_at_step is not None else "completed",
-        diverged_at_step=outcome.diverged_at_step, missing={**outcome.missing, **job.missing})
+        diverged_at_step=outcome.diverged_at_step, missing={**outcome.missing, **job.missing, **unmeasured(run, job)},
+        parallel=outcome.parallel, micro_batch=run.micro_batch, grad_accum_steps=run.accum_steps)
+
+
+def comm_measurement(run: RunConfig, device: torch.device) -> str:
+    """How this run's comm phase was measured, in words (pipeline.definitions)."""
+    if run.parallel.kind == "ddp":
+        return COMM_MEASUREMENT
+    return FSDP_COMM_MEASUREMENT if device.type == "cpu" else FSDP_COMM_UNMEASURED
+
+
+def unmeasured(run: RunConfig, job: JobFacts) -> dict[str, str]:
+    """A sharded multi-rank run on CUDA: its comm phase is not measured (the record's missing says so)."""
+    if run.parallel.kind == "ddp" or job.device.type == "cpu" or run.world_size == 1:
+        return {}
+    return {"comm": FSDP_COMM_UNMEASURED}

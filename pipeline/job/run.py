@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import weakref
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from pipeline.job.heartbeat import silent_ranks, start_heartbeat
 from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
-from pipeline.job.probe import describe, fell_back_to_sockets, run_probe
+from pipeline.job.parallel import Parallel
+from pipeline.job.probe import describe, fell_back_to_sockets, probe_sharded, run_probe
 from pipeline.job.record import JobFacts, build_record, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome, gradient_bytes
 from pipeline.rundir import (ERROR_PREFIX, LOG_DIR, POINT_STORE_KEY, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure,
@@ -116,7 +118,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
                           (point_dir, tensorboard_dir(point, point_dir)))
         clock.mark("trainer")
         trainer.check_on_samples()
-        fabric = probe_fabric(run, env, gradient_bytes(workload.model), device, point_dir)
+        fabric = probe_fabric(run, env, trainer.parallel, device, point_dir)
         clock.mark("probe")
         outcome = train(trainer, env, on_slurm=point.launch_mode == "slurm")
         if outcome.first_step_at is not None:
@@ -167,15 +169,20 @@ def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore,
                             world_size=env.world_size, timeout=timeout)
 
 
-def probe_fabric(run: RunConfig, env: DistEnv, nbytes: int, device: torch.device, point_dir: Path) -> Fabric | None:
-    """A multi-rank job's all-reduce, timed before training up to the gradient's `nbytes` (probe.enabled); a
-    multi-node NCCL job on TCP sockets is warned about in the log."""
+def probe_fabric(run: RunConfig, env: DistEnv, parallel: Parallel, device: torch.device,
+                 point_dir: Path) -> Fabric | None:
+    """A multi-rank job's all-reduce (and a sharded job's collectives, on FSDP's groups), timed before training up
+    to the model's gradient (probe.enabled); a multi-node NCCL job on TCP sockets is warned about in the log."""
     if env.world_size == 1 or not run.probe.enabled:
         return None
     logs = sorted((point_dir / LOG_DIR).glob("nccl-*.log"))
+    nbytes, start = gradient_bytes(parallel.raw), time.perf_counter()
     fabric = run_probe(nbytes, device, dist.get_backend(), env.world_size, logs)
+    fabric = replace(fabric, collectives=probe_sharded(nbytes, device, parallel.probe_groups()),
+                     seconds=time.perf_counter() - start)
     if env.rank == 0:
-        log.info(describe(fabric))
+        for line in describe(fabric):
+            log.info(line)
         if fell_back_to_sockets(fabric, env.num_nodes):
             log.warning("NCCL uses TCP sockets between the nodes: no InfiniBand (or it is disabled, NCCL_IB_DISABLE); "
                         "expect multi-node steps to be slow")
@@ -199,23 +206,36 @@ def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, o
     writing the record itself can fail the run: a step that fails is logged, and the record says what is missing
     and why."""
     mine = rank_result(env, job.device, job.host, run, outcome)
+    sharded = trainer.parallel.sharded
+    if sharded:  # gathering FSDP's shards is a collective: every rank takes part, before rank 0 goes on alone
+        weights = final_weights(trainer, outcome, job)
     ranks = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(mine, ranks, dst=0)
     if env.rank != 0:
         return
+    if not sharded:
+        weights = final_weights(trainer, outcome, job)
     point_dir = job.point_dir
-    if outcome.diverged_at_step is None:
-        job.weights = attempt("weights", job.missing,
-                              lambda: save(trainer.weights(), point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
-    else:
-        job.missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
-    job.flops_per_sample = attempt("flops_per_sample", job.missing, trainer.count_flops)
+    if weights is not None:
+        job.weights = attempt("weights", job.missing, lambda: save(weights, point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
     record = build_record(point, run, env, outcome, ranks, job)
     path = record.write(point_dir)
     attempt("tensorboard", {}, lambda: trainer.close_metrics(hparams_of(point), final_figures(record)))
     ev = outcome.evaluation
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
              record.timing.throughput_samples_per_s or 0.0, path)
+
+
+def final_weights(trainer: Trainer, outcome: TrainOutcome, job: JobFacts) -> dict | None:
+    """The trained weights (None when the run diverged, or they could not be made: `missing` says why), and the
+    FLOPs per sample into `job`: on rank 0 under DDP, on every rank under FSDP (whose forward gathers)."""
+    weights = None
+    if outcome.diverged_at_step is None:
+        weights = attempt("weights", job.missing, trainer.weights)
+    else:
+        job.missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
+    job.flops_per_sample = attempt("flops_per_sample", job.missing, trainer.count_flops)
+    return weights
 
 
 def attempt(name: str, missing: dict[str, str], make):

@@ -10,6 +10,17 @@ run tile its wall time with no gaps:
             + (optimizer done - backward returned)  optimizer step
     comm    = backward returned - gradients computed
 
+Under FSDP (parallel=fsdp|hsdp) communication is spread over the step (each block's parameters all-gathered in
+forward and backward, its gradients reduce-scattered in backward), so there is no one moment it starts. There
+
+    comm    = the time the step waits on FSDP's collectives (the exposed communication), timed around each of them
+              (pipeline.job.parallel.CommClock): on a CPU FSDP2 issues them all synchronously, so the time inside
+              them is the time the step waits; the other intervals are as above, forward and backward compute
+              being the rest of their interval
+
+and on CUDA, where they run on their own streams and the calls return at once, it is not measured (0: the
+record's `missing` says so).
+
 "Gradients computed" is when the last parameter's gradient is accumulated (a post-accumulate-grad hook on every
 parameter counts them); that gradient completes DDP's last bucket, which DDP then hands to the all-reduce.
 backward() returns only once every bucket's all-reduce has finished. So `comm` is the all-reduce time that
@@ -43,6 +54,7 @@ class StepTimer:
         self._start = self._data = self._grads = self._backward = None
         self._params = self._expected = self._pending = self._fired = 0
         self.on_grads_ready = None
+        self.clock = None  # FSDP's CommClock on a CPU: the comm phase is the time spent in its collectives
         self._spare: list = []  # CUDA events already read, recorded again rather than made anew every step
 
     def _now(self):
@@ -80,6 +92,13 @@ class StepTimer:
     def data_ready(self) -> None:
         self._data = self._now()
         self._grads, self._pending, self._fired = None, self._expected, 0
+        if self.clock is not None:
+            self.clock.reset()
+
+    def backward_begins(self, last: bool) -> None:
+        """With gradient accumulation: only the last micro-batch's backward communicates, so only its last
+        gradient marks the comm phase (the others' gradients are counted, never reaching the mark)."""
+        self._grads, self._pending, self._fired = None, (self._expected if last else -1), 0
 
     def backward_done(self) -> None:
         self._backward = self._now()
@@ -87,6 +106,8 @@ class StepTimer:
     def step_done(self) -> None:
         end = self._now()
         grads = self._grads if self._grads is not None else self._backward  # no hook ran: no communication
+        if self.clock is not None:  # FSDP: the waits on its collectives, wherever in the step they fell
+            grads = self._backward - self.clock.blocked
         self._marks.append((self._start, self._data, grads, self._backward, end))
         self._start = end
         # parameters the loss did not use get no gradient (ddp.find_unused_parameters): the next step's last

@@ -1,13 +1,12 @@
-"""The DDP training loop: one rank's view. It times every step, stops the run when a loss is not finite (all
-ranks together), and evaluates the model on the held-out split at the end (accuracy for a classifier,
-perplexity for a language model). Training returns a typed outcome (`TrainOutcome`) that the record is built
-from."""
+"""The training loop: one rank's view, under DDP, FSDP or HSDP (pipeline.job.parallel). It takes every step in
+`trainer.grad_accum_steps` micro-batches, times it, stops the run when a loss is not finite (all ranks together),
+and evaluates the model on the held-out split at the end (accuracy for a classifier, perplexity for a language
+model). Training returns a typed outcome (`TrainOutcome`) that the record is built from."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import math
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from pipeline.config import RunConfig
@@ -26,11 +24,14 @@ from pipeline.job.checkpoint import Checkpoints, segment
 from pipeline.job.data import (Batch, BatchSpec, InMemoryBatches, LoaderBatches, check_workers, collate,
                                holds_on_device, loader_info, prefetched, to_device)
 from pipeline.job.env import DistEnv
+from pipeline.job.memory import measure as measure_memory
 from pipeline.job.model_io import ModelIO
 from pipeline.job.observe import Phases, make_logger, make_profiler, write_progress
+from pipeline.job.parallel import Parallel, parallelize
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.timing import StepTimer
-from pipeline.rundir import Evaluation, FastPath, LoaderInfo, ModelIOInfo, OptimizerInfo, Segment, target_of
+from pipeline.rundir import (CollectiveVolume, Evaluation, FastPath, LoaderInfo, Memory, ModelIOInfo, OptimizerInfo,
+                             ParallelInfo, Segment, target_of)
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
@@ -58,6 +59,8 @@ class TrainOutcome:
     parameters_sha256: str
     tokens_per_sample: int | None
     first_step_at: float | None  # unix time this process finished its first step
+    parallel: ParallelInfo
+    memory: Memory | None  # None when it could not be read (see missing)
     diverged_at_step: int | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
@@ -79,36 +82,38 @@ def dropout_seed(seed: int, rank: int, step: int, world_size: int) -> int:
     return (seed * 0x9E3779B1 + step * world_size + rank) % (2**63)
 
 
-def buffer_sync(every_forward: bool) -> dict:
-    """DDP's argument for syncing buffers from rank 0 before each forward. torch 2.13 renamed
-    `broadcast_buffers` to `forward_sync_buffers` (and warns on the old name); older releases know only the old."""
-    if every_forward:
-        return {}  # the default under either name
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP DTensor's local shard, any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def parameters_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes: equal on all ranks when DDP kept them in sync."""
+    """SHA-256 of every parameter's bytes on this rank: equal on all ranks when DDP kept them in sync (FSDP: of
+    this rank's shards, which differ)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(local(p.detach()).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
-    """What DDP all-reduces every step: one gradient per parameter, in the parameter's dtype."""
+    """The whole model's gradient, one per parameter in the parameter's dtype: what DDP all-reduces every step."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def per_step(counts: dict, before: dict, steps: int) -> dict:
+    return {k: (counts[k] - before.get(k, 0)) // steps for k in counts}
 
 
 class FiniteCheck:
     """Every `every` steps the ranks agree (one all-reduce of a few flags) whether any step's loss was not finite,
-    and at which step first. Between checks the flags stay on the device, so no step waits for the GPU."""
+    and at which step first, and whether any rank caught the stop signal (a sharded run's ranks checkpoint
+    together, so they stop at the same step). Between checks the flags stay on the device, so no step waits for the
+    GPU."""
 
     def __init__(self, every: int, device: torch.device, world_size: int):
         self.every, self.world_size = every, world_size
-        self.flags = torch.zeros(every, device=device)
+        self.flags = torch.zeros(every + 1, device=device)  # a slot per step, then the stop signal's number
         self.first = None  # the step of the window's first slot
 
     def note(self, step: int, loss: torch.Tensor) -> None:
@@ -119,15 +124,18 @@ class FiniteCheck:
     def due(self, done: int, last: int) -> bool:
         return self.first is not None and (done - self.first == self.every or done == last)
 
-    def check(self) -> int | None:
-        """The first step with a loss that was not finite on any rank since the last check, or None."""
+    def check(self, signum: int | None = None) -> tuple[int | None, int | None]:
+        """(the first step with a loss that was not finite on any rank since the last check, the stop signal any
+        rank gave as `signum`), each None when there was none."""
         flags = self.flags.clone()
+        flags[self.every] = float(signum or 0)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad = [i for i, f in enumerate(flags.tolist()) if f]
+        values = flags.tolist()
+        bad = [i for i, f in enumerate(values[:self.every]) if f]
         first, self.first = self.first, None
         self.flags.zero_()
-        return first + bad[0] if bad else None
+        return (first + bad[0] if bad else None), (int(values[self.every]) or None)
 
 
 class Trainer:
@@ -139,20 +147,27 @@ class Trainer:
         """`folders`: (the point's folder, its TensorBoard folder)."""
         self.run, self.env, self.device, self.work = run, env, device, workload
         self.point_dir, self.checkpoints = folders[0], checkpoints
-        self.batch = run.per_rank_batch
+        self.batch, self.accum = run.per_rank_batch, run.accum_steps  # per step: accum micro-batches, self.batch in all
         cuda = device.type == "cuda"
         self.precision = run.trainer.precision if run.trainer.precision != "auto" else ("bf16" if cuda else "fp32")
         self.io = ModelIO(run.io, workload.loss_fn, workload.batch_kind)
         self._plan_steps()
         self.fast_path = self._make_batches(workload.model)
         self.timer = StepTimer(device)
-        self.raw_model, self.model = self._wrap_model(workload.model)
+        self.parallel = self._wrap_model(workload.model)
+        self.raw_model, self.model = self.parallel.raw, self.parallel.wrapped
+        # after wrapping: FSDP's sharded parameters are not the ones the model was built with
         self.optimizer = build_optimizer(run, self.raw_model, env.rank, device)
         self.scheduler = build_scheduler(run, self.optimizer, self.total_steps, env.rank)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        if self.parallel.info.param_dtype == "bf16":
+            self.precision = "bf16"  # FSDP's blocks compute in bf16 (parallel.param_dtype), whatever autocast does
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.parallel.autocast)
         # the generator dropout draws from; reseeding it alone costs ~1 us, torch.manual_seed ~190 us
         self.dropout_rng = torch.cuda.default_generators[device.index] if cuda else torch.default_generator
-        self.start_step, self.segments = self._resume(checkpoints.load())
+        self.start_step, self.segments = checkpoints.restore(self.raw_model, self.optimizer, self.scheduler)
+        if self.start_step and env.rank == 0:
+            log.info("resumed from %s at step %d", checkpoints.loaded, self.start_step)
+        self._counted = ({}, {})  # the FSDP clock's collectives at the end of the warm-up (per-step figures)
         self.first_step_at: float | None = None
         self.finite = FiniteCheck(run.trainer.finite_check_every, device, env.world_size)
         self._make_observers(folders[1])
@@ -186,7 +201,9 @@ class Trainer:
         # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
         images = np.ndim(self.work.items.split(train[0]).inputs) == 3
         convolutional = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
-        channels_last = images and (t.channels_last if t.channels_last is not None else cuda and convolutional)
+        # FSDP shards contiguous parameters only: NHWC is off under it (refused at launch when asked for)
+        auto = cuda and convolutional and self.run.parallel.kind == "ddp"
+        channels_last = images and (t.channels_last if t.channels_last is not None else auto)
         # the batch shape is fixed (drop_last), so cuDNN's timing of its algorithms, once per shape, pays off
         cudnn_benchmark = cuda and (t.cudnn_benchmark if t.cudnn_benchmark is not None else convolutional)
         torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -198,8 +215,8 @@ class Trainer:
             pinned = cuda and not self.on_device
         else:
             self.on_device, pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
-        self.spec = BatchSpec(size=self.batch, device=self.device, items=self.work.items, channels_last=channels_last,
-                              pinned=pinned, collate_fn=self.work.collate_fn)
+        self.spec = BatchSpec(size=self.run.micro_batch, device=self.device, items=self.work.items,
+                              channels_last=channels_last, pinned=pinned, collate_fn=self.work.collate_fn)
         self.batches = self._source(train, persistent=loader.persistent_workers)
         if not self.in_memory:
             check_workers(loader, torch.get_num_threads(), self.env)
@@ -216,34 +233,18 @@ class Trainer:
         loader = replace(self.run.loader, persistent_workers=persistent)
         return LoaderBatches(dataset, self.spec, loader, worker_seed=self.run.trainer.seed * 1000 + self.env.rank)
 
-    def _wrap_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, DistributedDataParallel]:
-        """The model on its device (NHWC if chosen), compiled if asked, inside DDP; the timer watches its
-        gradients when there are several ranks. Returns (the plain model, the DDP model)."""
-        raw = model.to(self.device)
+    def _wrap_model(self, model: torch.nn.Module) -> Parallel:
+        """The model on its device (NHWC if chosen), spread over the ranks (pipeline.job.parallel); the timer marks
+        the comm phase when there are several ranks: DDP's from its gradients, FSDP's from its collectives."""
         if self.fast_path.channels_last:
-            raw.to(memory_format=torch.channels_last)
-        d = self.run.ddp
-        ddp = DistributedDataParallel(
-            torch.compile(raw) if self.fast_path.compile else raw,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None, bucket_cap_mb=d.bucket_cap_mb,
-            gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph,
-            find_unused_parameters=d.find_unused_parameters, **buffer_sync(d.broadcast_buffers))
+            model.to(memory_format=torch.channels_last)
+        parallel = parallelize(model, self.run, self.device, self.precision, self.fast_path.compile)
         if self.env.world_size > 1:  # one rank communicates with nobody: no comm phase to mark (StepTimer.watch)
-            self.timer.watch(raw)
-        return raw, ddp
-
-    def _resume(self, checkpoint: dict | None) -> tuple[int, list[dict]]:
-        """Load a checkpoint's weights, optimizer and schedule state; returns its step and earlier segments'
-        timings."""
-        if checkpoint is None:
-            return 0, []
-        self.raw_model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if self.env.rank == 0:
-            log.info("resumed from %s at step %d", self.checkpoints.loaded, checkpoint["step"])
-        return checkpoint["step"], checkpoint["segments"]
+            if parallel.sharded:
+                self.timer.clock = parallel.clock
+            else:
+                self.timer.watch(parallel.raw)
+        return parallel
 
     def _make_observers(self, tensorboard_dir: Path) -> None:
         """Rank 0's TensorBoard writer; the profiler's and NVTX's named ranges around the phases."""
@@ -269,6 +270,7 @@ class Trainer:
         try:
             with torch.no_grad(), self.autocast:
                 self.io.loss_and_logits(self.raw_model, batch)
+            self.parallel.reshard()
         except Exception as e:
             x, y = batch.inputs, batch.targets
             extra = f", and {', '.join(batch.extra)} as keywords" if batch.extra else ""
@@ -292,8 +294,15 @@ class Trainer:
                                 len(batch.inputs), self.autocast)
 
     def weights(self) -> dict:
-        """The trained model's state_dict on the CPU: it loads with a plain torch.load on any machine (a login
-        node, a laptop), not only where there is a GPU."""
+        """The trained model's state_dict on the CPU: it loads with a plain torch.load into the model as built, on
+        any machine (a login node, a laptop), not only where there is a GPU. A sharded model's is gathered whole on
+        rank 0 (every rank takes part; the others get {})."""
+        self.parallel.sync_buffers()
+        if self.parallel.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
 
     def tokens_per_sample(self) -> int | None:
@@ -303,7 +312,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ training
     def save_checkpoint(self, step: int) -> Path:
-        """Rank 0's checkpoint at a step boundary; returns its path."""
+        """The checkpoint at a step boundary (rank 0's under DDP, every rank's share under FSDP); returns its
+        path."""
+        self.parallel.sync_buffers()
         self.checkpoints.save(model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
                               segments=[*self.segments, segment(self.start_step, self.timer.phases())])
         return self.checkpoints.path
@@ -354,14 +365,22 @@ class Trainer:
                      "the DataLoader" if self.loader_info.kind == "dataloader" else "memory")
 
     def _batches(self):
-        """(step, epoch, batch) for every step still to take, on the device. The order is the sampler's for
-        (seed, epoch), so a run resumed at any step takes the batches an uninterrupted one would."""
+        """(step, epoch, micro-batches) for every step still to take, on the device. A step takes the next
+        `self.batch` samples of the sampler's order for (seed, epoch), in `self.accum` micro-batches, so a run
+        resumed at any step takes the batches an uninterrupted one would, and in strong scaling every world size
+        takes the same samples in a step (only which rank takes which changes)."""
         step = self.start_step
         while step < self.total_steps:
             epoch, first = divmod(step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch)
-            for batch in self._ahead(self.batches.batches(list(self.sampler)[first * self.batch:], drop_last=True)):
-                yield step, epoch, batch
+            order = list(self.sampler)[first * self.batch:self.steps_per_epoch * self.batch]
+            micro = []
+            for batch in self._ahead(self.batches.batches(order, drop_last=True)):
+                micro.append(batch)
+                if len(micro) < self.accum:
+                    continue
+                yield step, epoch, micro
+                micro = []
                 step += 1
                 if step == self.total_steps:
                     return
@@ -370,17 +389,28 @@ class Trainer:
         """The batches, the next one's copy to the GPU on a side stream while this one trains (fast_path.prefetch)."""
         return prefetched(batches, self.device) if self.fast_path.prefetch else batches
 
-    def train_step(self, step: int, batch: Batch) -> torch.Tensor:
-        """One optimizer step on a batch; the timer marks its phases. Returns the loss."""
-        phase = self.phases.range
+    def train_step(self, step: int, micro_batches: list[Batch]) -> torch.Tensor:
+        """One optimizer step on its micro-batches, each loss scaled by 1 / their number (equal sizes: the mean
+        over the step's samples), the gradients reduced on the last only (Parallel.sync); the timer marks the
+        step's phases. Returns the loss (the mean over the micro-batches)."""
+        phase, n = self.phases.range, len(micro_batches)
         self.dropout_rng.manual_seed(dropout_seed(self.run.trainer.seed, self.env.rank, step, self.env.world_size))
         self.timer.data_ready()
-        with phase("forward"), self.autocast:
-            loss, _ = self.io.loss_and_logits(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        with phase("backward"):  # DDP waits for the gradient all-reduce before backward() returns
-            loss.backward()
-            self.phases.end_wait()
+        total = None
+        for i, batch in enumerate(micro_batches):
+            last = i == n - 1
+            with self.parallel.sync(last):
+                with phase("forward"), self.autocast:
+                    loss, _ = self.io.loss_and_logits(self.model, batch)
+                if n > 1:
+                    self.timer.backward_begins(last)
+                    loss = loss / n
+                with phase("backward"):  # DDP waits for the gradient all-reduce before backward() returns
+                    loss.backward()
+                    self.phases.end_wait()
+            total = loss.detach() if total is None else total + loss.detach()
+        loss = total
         self.timer.backward_done()
         with phase("optimizer"):
             self.optimizer.step()
@@ -395,24 +425,53 @@ class Trainer:
         if asked, checkpoint, report."""
         if self.first_step_at is None:
             self.first_step_at = time.time()
+        if done == self.start_step + self.run.trainer.warmup_steps and self.parallel.clock is not None:
+            self._counted = (dict(self.parallel.clock.calls), dict(self.parallel.clock.bytes))
+        sharded, caught = self.parallel.sharded, stop.received if stop is not None else None
+        # a sharded checkpoint is every rank's: they agree at each finite check whether any caught the stop signal
+        # (Slurm signals every task, not at the same step), and save together; DDP's rank 0 saves alone, at once
+        signum = None if sharded else caught
         if self.finite.due(done, self.total_steps):
-            bad = self.finite.check()
+            bad, agreed = self.finite.check(caught if sharded else None)
             if bad is not None:
                 raise Diverged(bad)
+            signum = agreed if sharded else signum
+        t = self.run.trainer
+        checkpointing = sharded or self.env.rank == 0
+        if checkpointing and signum:
+            raise Interrupted(done, signum)
+        if checkpointing and t.checkpoint_every and done % t.checkpoint_every == 0 and done < self.total_steps:
+            self.save_checkpoint(done)
         if self.env.rank != 0:
             return
-        t = self.run.trainer
-        if stop is not None and stop.received is not None:
-            raise Interrupted(done, stop.received)
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < self.total_steps:
-            self.save_checkpoint(done)
         if done % t.log_every == 0 or done == self.total_steps:
             self._report(done, epoch, loss)
+
+    def _parallel_info(self, steps: int) -> ParallelInfo:
+        """The record's parallel part, with rank 0's collectives per timed step where they were counted."""
+        info, clock = self.parallel.info, self.parallel.clock
+        timed = steps - self.start_step - self.run.trainer.warmup_steps
+        if clock is None or timed <= 0:
+            return info
+        calls, sizes = per_step(clock.calls, self._counted[0], timed), per_step(clock.bytes, self._counted[1], timed)
+        planned = {c.op: c for c in info.collectives}
+        return replace(info, measured=[CollectiveVolume(op=op, group=planned[op].group if op in planned else "shard",
+                                                        ranks=planned[op].ranks if op in planned else 0,
+                                                        calls=calls[op], bytes=sizes[op]) for op in sorted(calls)])
+
+    def _memory(self, missing: dict[str, str]) -> Memory | None:
+        try:
+            return measure_memory(self.raw_model, self.optimizer, self.device, self.work.baseline_rss)
+        except Exception as e:  # /proc unreadable, a device query that fails: the record is written regardless
+            missing["memory"] = f"{type(e).__name__}: {e}"[:500]
+            return None
 
     def _finish(self, steps: int, loss: torch.Tensor | None, diverged_at: int | None = None) -> TrainOutcome:
         """The last step's loss averaged over ranks, the evaluation (not of a diverged model), and what the record
         needs of this rank's training."""
         missing, final_loss, evaluation = {}, None, None
+        # before evaluating: the last step's gradients are still held, and the clock has counted training only
+        memory, parallel = self._memory(missing), self._parallel_info(steps)
         if loss is not None:
             summed = loss.detach().float().clone()
             dist.all_reduce(summed)
@@ -430,7 +489,7 @@ class Trainer:
             model_parameters=sum(p.numel() for p in self.raw_model.parameters()),
             gradient_bytes=gradient_bytes(self.raw_model), parameters_sha256=parameters_digest(self.raw_model),
             tokens_per_sample=self.tokens_per_sample(), first_step_at=self.first_step_at,
-            diverged_at_step=diverged_at, missing=missing)
+            parallel=parallel, memory=memory, diverged_at_step=diverged_at, missing=missing)
 
     def _earlier_segments(self) -> list[Segment]:
         """Rank 0's throughput in each stretch before a restart (each after its own warm-up)."""
@@ -497,6 +556,7 @@ class Trainer:
         test = self.work.test_set
         if test is None:
             return None
+        self.parallel.sync_buffers()
         self.model.eval()
         n = min(len(test), self.run.trainer.eval_samples) if self.run.trainer.eval_samples else len(test)
         # loss x targets, targets, correct, scored (classifier), scored (language model), failed
@@ -513,6 +573,7 @@ class Trainer:
             error = f"evaluation failed on rank {self.env.rank}: {type(e).__name__}: {e}"[:500]
             sums.zero_()
             sums[5] = 1
+        self.parallel.reshard()
         dist.all_reduce(sums)
         if sums[5] > 0:
             raise EvaluationFailed(error or f"evaluation failed on {int(sums[5])} other rank(s) (their logs say why)")
