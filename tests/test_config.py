@@ -102,6 +102,12 @@ def test_scaling_modes_set_the_batches(compose_cfg):
     (["trainer.compile=true", "ddp.bucket_cap_mb=0.5"], ["ddp.bucket_cap_mb=0.5", "trainer.compile=true", ">= 1"]),
     (["cluster=slurm", "cluster.tasks_per_node=4", "cluster.gpus_per_node=2"],
      ["cluster.tasks_per_node=4", "cluster.gpus_per_node=2", "trainer.device=cpu"]),
+    (["health.on_bad=drop"], ["health.on_bad", "warn, exclude, fail"]),
+    (["health.threshold=1.5"], ["health.threshold=1.5", "(0, 1)"]),
+    (["health.max_resubmits=-1"], ["health.max_resubmits=-1", ">= 0"]),
+    (["health.min_link_gb_s=0"], ["health.min_link_gb_s=0", "positive"]),
+    (["cluster=slurm", "cluster.exclude=['node1;reboot']"], ["cluster.exclude", "'node1;reboot'", "node[1-3]"]),
+    (["cluster=slurm", "+cluster.sbatch_extra.exclude=node1"], ["cluster.sbatch_extra key 'exclude'"]),
 ])
 def test_bad_values_name_the_key(compose_cfg, overrides, names):
     # wrong types are refused by Hydra while composing (against the schema), bad values by our checks
