@@ -46,11 +46,13 @@ def _update(sweep_dir: Path, entries: dict[int, ManifestPoint]) -> None:
         replace(manifest, points=merged).write(sweep_dir)
 
 
-def add_submissions(sweep_dir: Path, submitted: list[tuple[int, Path, list[str], int, str]]) -> None:
-    """(point, folder, overrides, nodes, Slurm job id) for every point of one submission, in one write."""
+def add_submissions(sweep_dir: Path, submitted: list[tuple[int, Path, list[str], int, str]],
+                    left_out: list[str] = ()) -> None:
+    """(point, folder, overrides, nodes, Slurm job id) for every point of one submission, in one write, with the
+    nodes that submission left out."""
     now = utc_now()
     _update(Path(sweep_dir), {point: ManifestPoint(dir=os.path.relpath(folder, sweep_dir), overrides=overrides,
-                                                   nodes=nodes, jobs=[Submission.of(job, now)])
+                                                   nodes=nodes, jobs=[Submission.of(job, now, list(left_out))])
                               for point, folder, overrides, nodes, job in submitted})
 
 
