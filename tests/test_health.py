@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import HealthConfig
 from pipeline.job.health import (below, expand_hostlist, node_link_scores, suspect_links, tournament, turns_of,
                                  verdict_of)
-from pipeline.job.placement import cpu_list, parse_cpu_list
+from pipeline.job.placement import binding_problem, cpu_list, parse_cpu_list
 from pipeline.rundir import BadNode, Health, LinkHealth
 from tests.conftest import launch
 
@@ -72,6 +72,13 @@ def test_the_policy_makes_of_the_flags():
         assert f"health.on_bad={policy}" in verdict.message
     healthy = Health(**{**health.__dict__, "bad": []})
     assert not verdict_of(healthy, HealthConfig(on_bad="fail")).stop
+
+
+def test_a_rank_not_bound_to_its_gpus_numa_node_is_warned_about():
+    assert binding_problem([0, 1, 2, 3], [0], gpu=0) is None and binding_problem([0, 1], [0], gpu=None) is None
+    said = binding_problem([0, 1, 2, 3, 32, 33], [0, 1], gpu=1)
+    assert said.startswith("bound to CPUs 0-3,32-33 on NUMA node(s) 0,1, but its GPU is on NUMA node 1") and \
+        "1-10%" in said
 
 
 def test_host_and_cpu_lists():

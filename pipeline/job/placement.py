@@ -137,12 +137,16 @@ def numa_binding(device: torch.device) -> Binding:
     node_of = cpu_numa_nodes()
     numa = sorted({node_of[c] for c in allowed if c in node_of}) or None
     gpu = gpu_numa_node(device)
-    problem = None
-    if gpu is not None and numa is not None and numa != [gpu]:
-        problem = (f"bound to CPUs {cpu_list(allowed)} on NUMA node(s) {','.join(map(str, numa))}, but its GPU is "
-                   f"on NUMA node {gpu}: bind each rank to its GPU's NUMA node (srun --cpu-bind, torchrun "
-                   "--numa-binding); PyTorch puts the cost of not doing so at 1-10%")
-    return Binding(cpu_list(allowed), numa, gpu, problem)
+    return Binding(cpu_list(allowed), numa, gpu, binding_problem(allowed, numa, gpu))
+
+
+def binding_problem(cpus: list[int], numa: list[int] | None, gpu: int | None) -> str | None:
+    """What is wrong with a rank's CPUs for its GPU: any of them on another NUMA node than the GPU's."""
+    if gpu is None or numa is None or numa == [gpu]:
+        return None
+    return (f"bound to CPUs {cpu_list(cpus)} on NUMA node(s) {','.join(map(str, numa))}, but its GPU is on NUMA "
+            f"node {gpu}: bind each rank to its GPU's NUMA node (srun --cpu-bind, torchrun --numa-binding); "
+            "PyTorch puts the cost of not doing so at 1-10%")
 
 
 def cpu_numa_nodes() -> dict[int, int]:

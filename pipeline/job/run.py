@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import weakref
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pipeline.job.heartbeat import silent_ranks, start_heartbeat
 from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
-from pipeline.job.probe import describe, fell_back_to_sockets, run_probe
+from pipeline.job.probe import describe, fell_back_to_sockets, nccl_interface, route_interface, run_probe
 from pipeline.job.record import JobFacts, build_record, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome, gradient_bytes
 from pipeline.rundir import (ERROR_PREFIX, LOG_DIR, POINT_STORE_KEY, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure,
@@ -189,6 +190,8 @@ def probe_fabric(run: RunConfig, env: DistEnv, nbytes: int, device: torch.device
         return None
     logs = sorted((point_dir / LOG_DIR).glob("nccl-*.log"))
     fabric = run_probe(nbytes, device, dist.get_backend(), env.world_size, logs)
+    fabric = replace(fabric, interface=nccl_interface(logs) if fabric.backend == "nccl" else
+                     os.environ.get("GLOO_SOCKET_IFNAME") or route_interface(env.master_addr))
     if env.rank == 0:
         log.info(describe(fabric))
         if fell_back_to_sockets(fabric, env.num_nodes):
