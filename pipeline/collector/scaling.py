@@ -13,16 +13,17 @@ from itertools import groupby
 import numpy as np
 
 from pipeline.collector.cost import COST_FRACTION, CostView, cost_view
-from pipeline.collector.forecast import Baseline, Forecast, from_fit, from_probes, t975
-from pipeline.collector.records import GroupKey, Run
+from pipeline.collector.diagnosis import DEFINITIONS as REASONS, diagnose
+from pipeline.collector.forecast import PREDICT_AT, Baseline, Forecast, Group, from_fit, from_probes, t975
+from pipeline.collector.records import Diverged, GroupKey, Run
 from pipeline.definitions import FABRIC
 
 SLOW_FABRIC = 0.5  # a probe whose bus bandwidth is below this fraction of the median at its world size is flagged
 
 DEFINITIONS = {
     "group": "runs that differ only in node count: same model and dataset (and their configs), per-rank batch "
-             "(weak) or global batch (strong), precision, optimizer, scaling mode, tasks per node, device and git "
-             "sha. Oversubscribed runs form groups of their own and are never a baseline.",
+             "(weak) or global batch (strong), precision, optimizer, scaling mode, tasks per node, CPU threads per "
+             "rank, device and git sha. Oversubscribed runs form groups of their own and are never a baseline.",
     "throughput": "samples/s over the timed steps (global batch x timed steps / slowest rank's timed time); "
                   "repeats of a point are averaged, with a 95% confidence interval mean +- t(0.975, n-1) s/sqrt(n)",
     "per-rank throughput": "throughput / world size",
@@ -51,6 +52,7 @@ DEFINITIONS = {
                 "interval in quadrature, cut at 0; fit, the 2.5-97.5 percentiles over 200 resamplings of one run "
                 "per node count. Where probes, repeats or points are too few the forecast says what is missing "
                 "instead of a number. Error = predicted / measured - 1 at the measured node counts.",
+    **REASONS,
     "cost": "epoch time = samples per epoch (steps per epoch x global batch) / throughput; node-hours = nodes x "
             "epoch time / 3600 (GPU-hours = ranks x epoch time / 3600, on GPUs); marginal value of a step up = "
             "(throughput_b - throughput_a) / (N_b - N_a) / (throughput_base / N_base); the knee is the node count "
@@ -96,6 +98,10 @@ class Row:
     fabric_flag: str = ""  # why this point's fabric looks wrong, if it does
     predicted_efficiency: float | None = None  # the probe forecast's, where it has an interval
     tokens_per_s: float | None = None  # a token model's throughput in tokens (samples/s x tokens per sample)
+    threads: int = 0  # CPU threads per rank
+    reason: str = ""  # why it loses efficiency (pipeline.collector.diagnosis), and the evidence
+    evidence: str = ""
+    implausible: str = ""  # an efficiency above the plausible, and its likely cause
 
 
 @dataclass
@@ -115,14 +121,16 @@ def group_label(key: GroupKey, code_version: bool = True) -> str:
     cfg = hashlib.sha1((key.model_config + key.dataset_config).encode()).hexdigest()[:6]
     batch_kind = "global" if key.scaling == "strong" else "per-rank"
     model = (key.model_label or key.model) if code_version else key.model
+    threads = f" {key.threads} thread{'s' if key.threads != 1 else ''}/rank" if key.threads else ""
     label = (f"{model}/{key.dataset} {key.scaling} {batch_kind} batch {key.batch} {key.precision} {key.optimizer} "
-             f"{key.tasks_per_node}/node {key.device} cfg {cfg}")
+             f"{key.tasks_per_node}/node{threads} {key.device} cfg {cfg}")
     if code_version:
         label += f" @{key.git_sha[:7]}"
     return label + (" [oversubscribed]" if key.oversubscribed else "")
 
 
-def aggregate(runs: list[Run]) -> tuple[list[Row], list[GroupAnalysis]]:
+def aggregate(runs: list[Run], diverged: list[Diverged] = (), predict_at: tuple[int, ...] = PREDICT_AT
+              ) -> tuple[list[Row], list[GroupAnalysis]]:
     rows, analyses = [], []
     medians = median_busbw(runs)
     ordered = sorted(runs, key=lambda r: (r.group, r.nodes))
@@ -130,7 +138,8 @@ def aggregate(runs: list[Run]) -> tuple[list[Row], list[GroupAnalysis]]:
         members = list(members)
         group_rows = _group_rows(key, members)
         flag_fabrics(group_rows, members, medians)
-        analysis = analyse(key, members, group_rows)
+        diagnose(group_rows, members, [d for d in diverged if d.group == key])
+        analysis = analyse(key, members, group_rows, predict_at)
         predicted = {p.nodes: p.predicted for p in analysis.probes.predictions}
         for row in group_rows:
             row.predicted_efficiency = predicted.get(row.nodes)
@@ -139,7 +148,7 @@ def aggregate(runs: list[Run]) -> tuple[list[Row], list[GroupAnalysis]]:
     return rows, analyses
 
 
-def analyse(key: GroupKey, members: list[Run], rows: list[Row]) -> GroupAnalysis:
+def analyse(key: GroupKey, members: list[Run], rows: list[Row], predict_at: tuple[int, ...]) -> GroupAnalysis:
     label = group_label(key)
     largest = max(members, key=lambda r: r.nodes)
     hosts = dict(largest.hosts)
@@ -154,11 +163,11 @@ def analyse(key: GroupKey, members: list[Run], rows: list[Row]) -> GroupAnalysis
                     work_s=[r.breakdown[0] + r.breakdown[1] for r in at_base],
                     tasks_per_node=base_row.world_size // base_row.nodes, strong=key.scaling == "strong",
                     global_batch=first.global_batch, per_rank_batch=first.global_batch // first.world_size,
-                    gradient_bytes=first.gradient_bytes)
+                    gradient_bytes=first.gradient_bytes, throughputs=[r.throughput for r in at_base])
     measured = {r.nodes: r.efficiency for r in rows}
     rel = base_row.throughput_ci / base_row.throughput if base_row.throughput_ci is not None else None
-    return GroupAnalysis(label, from_probes(label, base, members, measured, rel),
-                         from_fit(label, base, members, measured),
+    group = Group(label, base, members, measured, rel, predict_at)
+    return GroupAnalysis(label, from_probes(group), from_fit(group),
                          cost_view(label, rows, float(np.mean([r.samples_per_epoch for r in at_base])),
                                    first.device_type == "cuda"), hosts)
 
@@ -209,7 +218,8 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
                         share_comm=breakdown[2] / step if step and point[0].world_size > 1 else 0.0,
                         breakdown_s=breakdown,
                         skew=float(np.mean([r.skew for r in point])), straggler_host=worst.slowest_host,
-                        straggler_rank=worst.slowest_rank, tokens_per_s=thr * tokens if tokens else None))
+                        straggler_rank=worst.slowest_rank, tokens_per_s=thr * tokens if tokens else None,
+                        threads=key.threads))
     if not oversubscribed:
         base = rows[0]
         for row in rows:
