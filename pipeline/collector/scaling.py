@@ -42,16 +42,22 @@ DEFINITIONS = {
                       "rank's; the host is that rank's Slurm node; averaged over repeats, host of the worst run",
     "fabric": FABRIC + f". Flagged: a multi-node NCCL job on TCP sockets; a busbw below {SLOW_FABRIC:.0%} of the "
               "median of the collection's probes at the same world size",
-    "forecast": "step(P) = (data + compute)_base x (P_base/P in strong scaling) + comm(P), comm(P) = 2(P-1) "
-                "latency + 2(P-1)/P gradient_bytes / bandwidth; efficiency as above from the predicted throughputs. "
-                "'probes': latency and bandwidth from the fabric probes (of the largest measured node count <= N), "
-                "independent of the training times; comm(P) is the whole all-reduce, so the predicted step is an "
-                "upper bound (and efficiency a lower bound) where DDP hides part of it behind backward. 'fit': "
-                "fitted by non-negative least squares to the measured comm phase of the multi-rank runs. Intervals "
-                "(95%): probes, a t-interval over the per-probe predictions widened by the baseline throughput's "
-                "interval in quadrature, cut at 0; fit, the 2.5-97.5 percentiles over 200 resamplings of one run "
-                "per node count. Where probes, repeats or points are too few the forecast says what is missing "
-                "instead of a number. Error = predicted / measured - 1 at the measured node counts.",
+    "forecast": "step(P) = work x (P_src/P in strong scaling) + comm(P), efficiency(N) = throughput(N) x N_base / "
+                "(throughput_base x N) with throughput_base the baseline's measured one. 'probes': comm(P) = kappa x "
+                "ring(P), ring(P) = 2(P-1) latency + 2(P-1)/P gradient_bytes / bandwidth with latency and bandwidth "
+                "from the fabric probes (of the largest measured node count <= N), kappa (the measured comm phase "
+                "over the run's own probe's ring time: < 1 where DDP hides part of the all-reduce behind backward, "
+                "> 1 where its buckets pay the latency again or compete with backward for the CPU) and the work "
+                "(data + compute) from the runs of the largest measured node count below N (none below the smallest "
+                "multi-rank count: kappa 1, the baseline's work), so a measured row is predicted without the "
+                "training at that node count. 'fit': latency and bandwidth fitted by non-negative least squares to "
+                "the measured comm phase of the multi-rank runs, the baseline's work. Held out: each model on the "
+                "runs below the largest measured node count alone, predicting that count. Intervals (95%): probes, "
+                "the t-based relative half-widths of the probes' predictions, of kappa and of the work (weighted by "
+                "their shares of the step), of the baseline throughput and of a new measurement's scatter (the "
+                "repeats' pooled relative spread, for as many repeats), in quadrature, cut at 0; fit, the 2.5-97.5 "
+                "percentiles over 200 resamplings of one run per node count. Where probes, repeats or points are too "
+                "few the forecast says what is missing instead of a number. Error = predicted / measured - 1.",
     **REASONS,
     "cost": "epoch time = samples per epoch (steps per epoch x global batch) / throughput; node-hours = nodes x "
             "epoch time / 3600 (GPU-hours = ranks x epoch time / 3600, on GPUs); marginal value of a step up = "
