@@ -415,3 +415,33 @@ def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(
                     r"0\.[01]\d\)", flags["nsnode2"]), flags["nsnode2"]
     assert flags["nsnode4"] == "its check failed: RuntimeError: injected failure in the GEMM"
     assert not (run / "result.json").exists()
+
+
+@pytest.mark.slurm
+def test_the_forecast_on_a_shaped_fabric_holds_its_measurement(netns_cluster, tmp_path):
+    """Every link at 1 Gbit/s (tc tbf), a comm-bound MLP (3.3 MB of gradient), 1 and 2 nodes twice: the probe model's
+    prediction at 2 nodes has an interval, and the measurement is inside it; the held-out forecast says why there
+    is none (no multi-rank node count below 2). What holds on this loaded 2-core machine: 3 and 4 nodes put 3 and 4
+    ranks on its 2 cores (oversubscribed, kept apart), and the error itself moved from +7% to +33% between sweeps
+    with the outside load (docs/performance.md)."""
+    sweep = tmp_path / "sweep"
+    with contextlib.ExitStack() as shaped:
+        for node in range(1, 5):
+            shaped.enter_context(slow_link(node, "1gbit"))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", "1")
+            r = launch("-m", "nodes=1,2", "trainer.seed=0,1", "cluster=slurm", "cluster.array_parallelism=1",
+                       "model.hidden=1024", "trainer.max_steps=30", *FAST, "wait=true", f"hydra.sweep.dir={sweep}",
+                       cwd=tmp_path, slurm_conf=netns_cluster)
+    assert r.returncode == 0, r.stderr
+    c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(tmp_path / "out"),
+                        "--no-plots"], capture_output=True, text=True, timeout=120)
+    assert c.returncode == 0 and "4 runs in 1 groups" in c.stdout, c.stdout + c.stderr
+    (analysis,) = json.loads((tmp_path / "out/scaling.json").read_text())["analyses"]
+    probes = {p["nodes"]: p for p in analysis["probes"]["predictions"]}
+    two = probes[2]
+    assert two["measured"] is not None and two["low"] <= two["measured"] <= two["high"], analysis["probes"]
+    assert two["kappa"] == 1.0 and "the work from the baseline" in two["source"]
+    assert analysis["probes"]["held_out"] is None and "no fabric probes" in analysis["probes"]["held_out_missing"]
+    print(f"probe model at 2 nodes: {two['predicted']:.1%} ({two['low']:.1%} to {two['high']:.1%}) against "
+          f"{two['measured']:.1%} measured")
