@@ -380,7 +380,8 @@ def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(netns
     assert health["left_out"] == ["nsnode3"] and health["bad"] == []
     assert [(e["node"], e["job_id"]) for e in health["earlier"]] == [("nsnode3", first)]
     s = status(run, slurm_conf=netns_cluster)
-    assert re.search(rf"^0 +3 +{second} +completed", s.stdout, re.M), s.stdout
+    assert re.search(rf"^0 +3 +{second} +completed +resubmitted 1x without nsnode3 \(bad node\)", s.stdout, re.M), \
+        s.stdout
 
 
 @pytest.mark.slurm

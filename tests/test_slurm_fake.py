@@ -165,7 +165,8 @@ def test_a_point_stopped_for_a_bad_node_is_resubmitted_without_it_a_bounded_numb
                 ) in s.stdout
         assert f"#SBATCH --exclude={','.join(avoided)}\n" in slurm.script(new)
         assert read_manifest(sweep).points[0].jobs[-1].left_out == avoided
-        assert re.search(rf"^0 +2 +{new} +pending", s.stdout, re.M), s.stdout
+        assert re.search(rf"^0 +2 +{new} +pending +resubmitted {turn}x without {', '.join(avoided)} \(bad node\)",
+                         s.stdout, re.M), s.stdout
     # the third stop spends health.max_resubmits: not resubmitted, and said; --resubmit-failed would, but 2 nodes
     # of the 4 do not remain: Slurm refuses, and that is said too
     stopped_for(sweep, 0, job_ids(sweep)[0][-1], "node2")

@@ -144,6 +144,10 @@ def sweep_status(sweep_dir: Path) -> list[PointStatus]:
             state, detail = "bad node", bad_node_detail(entry, bad, folder)
         elif entry.skipped and not job:
             detail = entry.skipped
+        elif exclusion_stops(entry, bad):  # an earlier job of the point stopped for a bad node: said
+            stopped = sorted({e.node for j in entry.jobs for e in bad.of_job(j.job_id)})
+            detail = ", ".join(filter(None, [detail, f"resubmitted {exclusion_stops(entry, bad)}x without "
+                                                     f"{', '.join(stopped)} (bad node)"]))
         failed_log = first_failed_log(folder) if folder and state in RESUBMITTABLE else None
         if state == "running" and folder is not None:
             detail = ", ".join(filter(None, [detail, progress_text(folder)]))
