@@ -9,12 +9,11 @@ Several jobs of a sweep may find bad nodes at once: each adds its entries under 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 from dataclasses import replace
 from pathlib import Path
 
 from pipeline.rundir import BAD_NODES_LOCK, BAD_NODES_NAME, BadNodeEntry, BadNodes
+from pipeline.runlock import exclusive
 
 
 def read_bad_nodes(sweep_dir: Path) -> BadNodes:
@@ -32,26 +31,12 @@ def bad_nodes_or_empty(sweep_dir: Path) -> BadNodes:
         return BadNodes()
 
 
-@contextlib.contextmanager
-def _locked(sweep_dir: Path):
-    with open(Path(sweep_dir) / BAD_NODES_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def add_bad_nodes(sweep_dir: Path, entries: list[BadNodeEntry]) -> BadNodes:
     """Append entries to the sweep's list (a list that cannot be read is started anew: it is advice, and the
     entries being added are the news). Returns the list as written."""
-    with _locked(sweep_dir):
+    with exclusive(Path(sweep_dir) / BAD_NODES_LOCK):
         current = bad_nodes_or_empty(sweep_dir)
         updated = replace(current, entries=[*current.entries, *entries])
         updated.write(sweep_dir)
         return updated
 
-
-def nodes_to_avoid(sweep_dir: Path, configured: list[str]) -> list[str]:
-    """What a submission into the sweep leaves out: the user's cluster.exclude and the list's Slurm nodes."""
-    return sorted({*configured, *bad_nodes_or_empty(sweep_dir).slurm_nodes()})

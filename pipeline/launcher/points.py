@@ -9,7 +9,6 @@ resubmits.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import resource
@@ -23,7 +22,7 @@ from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
 from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
-from pipeline.runlock import Claim, claim
+from pipeline.runlock import Claim, claim, exclusive
 from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, group_by_allocation, max_array_size, preflight,
                                      submit, write_dry_run)
 from pipeline.badnodes import bad_nodes_or_empty, read_bad_nodes
@@ -253,25 +252,13 @@ def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus], include_diverg
     return submit_points([p for p in planned if p.index not in problems], sweep_dir)
 
 
-@contextlib.contextmanager
-def resubmission_lock(sweep_dir: Path):
-    """One resubmission at a time per sweep (two `status` calls must not both resubmit a point): flock, released
-    if its holder dies."""
-    with open(sweep_dir / RESUBMIT_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def resubmit_without_bad_nodes(sweep_dir: Path, statuses: list[PointStatus]) -> list[str]:
     """Each point whose last job stopped before training for a bad node (health.on_bad=exclude), resubmitted
     without the sweep's bad nodes, at most health.max_resubmits times; one that Slurm cannot place without them is
     not resubmitted and says why (the manifest keeps the reason, and --resubmit-failed tries again). Returns what
     was done, in words. Called by `status`, `status --wait` and the launch's wait=true."""
     said = []
-    with resubmission_lock(sweep_dir):
+    with exclusive(sweep_dir / RESUBMIT_LOCK):  # two `status` calls at once must not both resubmit a point
         manifest, bad = read_manifest(sweep_dir), read_bad_nodes(sweep_dir)
         planned, stops = [], {}
         for s in statuses:
