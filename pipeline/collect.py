@@ -1,6 +1,7 @@
 """Collect result records into scaling tables, plots and a report:
 
     python -m pipeline.collect SWEEP_DIR... [--out DIR] [--baseline OLD/scaling.json] [--tolerance 0.1]
+                               [--predict-at 8,16,64]
 
 Reads every result.json under the given folders (any number of sweeps), groups the runs that differ only in
 node count, and writes scaling.csv, scaling.json, report.md and PNG plots to --out (default: ./collect).
@@ -15,8 +16,10 @@ import sys
 from pathlib import Path
 
 from pipeline.collector.memory import parse_size
+from pipeline.collector.forecast import PREDICT_AT
+from pipeline.collector.nodes import find_bad_node_lists, node_histories
 from pipeline.collector.records import Diverged, load_runs
-from pipeline.collector.report import load_baseline, terminal_table, write_report
+from pipeline.collector.report import Collected, load_baseline, terminal_table, write_report
 from pipeline.collector.scaling import aggregate, regressions
 
 
@@ -31,17 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-memory", type=size_argument, metavar="SIZE",
                         help="the device memory the memory forecast fits to, e.g. 80GB or 80GiB (default: the "
                              "measured device's)")
+    parser.add_argument("--predict-at", type=node_counts, default=PREDICT_AT, metavar="N,N,...",
+                        help="the node counts to forecast, beside the measured ones (default "
+                             f"{','.join(map(str, PREDICT_AT))})")
     args = parser.parse_args(argv)
 
     runs, problems = load_runs(args.paths)
+    lists, unreadable = find_bad_node_lists(args.paths)
     for p in problems:
         print(f"{'diverged' if isinstance(p, Diverged) else 'skipped'} {p.path}: {p.reason}", file=sys.stderr)
+    for line in unreadable:
+        print(f"skipped bad-node list {line}", file=sys.stderr)
     if not runs:
         print(f"no usable result records under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
-    rows, models = aggregate(runs, args.device_memory)
+    rows, models = aggregate(runs, [p for p in problems if isinstance(p, Diverged)], args.predict_at,
+                             args.device_memory)
     found = regressions(rows, load_baseline(args.baseline), args.tolerance) if args.baseline else []
-    report = write_report(args.out, rows, models, problems, found, with_plots=not args.no_plots)
+    collected = Collected(rows, models, problems, node_histories(runs, lists))
+    report = write_report(args.out, collected, found, with_plots=not args.no_plots)
     print(terminal_table(rows))
     diverged = sum(isinstance(p, Diverged) for p in problems)
     print(f"\n{len(runs)} runs in {len({r.group for r in rows})} groups, {diverged} diverged, "
@@ -56,6 +67,17 @@ def size_argument(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def node_counts(text: str) -> tuple[int, ...]:
+    """--predict-at's value: node counts, comma-separated, each at least 1."""
+    try:
+        counts = tuple(sorted({int(n) for n in text.split(",") if n.strip()}))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give node counts >= 1, comma-separated (3,6,12)")
+    return counts
 
 
 if __name__ == "__main__":

@@ -389,7 +389,7 @@ _MEM = re.compile(r"^[0-9]+[KMGT]?B?$")
 _OPTION = re.compile(r"^[a-z][a-z0-9-]+$")  # a long option's name (single letters are short options' aliases)
 # options the pipeline sets itself from the config; sbatch_extra may not override them
 _OWN = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition", "account", "qos",
-        "constraint", "exclusive", "job-name", "output", "error", "signal", "open-mode", "requeue"}
+        "constraint", "exclusive", "job-name", "output", "error", "signal", "open-mode", "requeue", "exclude"}
 # options that would break one folder and one job (or array task) per point, or the ranks' shape
 _BREAKING = {"array", "wrap", "chdir", "ntasks", "ntasks-per-core", "ntasks-per-socket", "ntasks-per-gpu",
              "gpus-per-task", "export", "export-file", "input", "hold", "test-only", "parsable", "wait"}
@@ -425,6 +425,15 @@ def check_slurm_values(c: "SlurmClusterConfig") -> None:
     for line in c.setup:
         if "\n" in line or "\r" in line:
             raise ConfigError("cluster.setup: give one shell line per list item (no embedded newlines)")
+    check_node_names("cluster.exclude", c.exclude)
+
+
+def check_node_names(key: str, names: List[str]) -> None:
+    """Slurm node names or host lists (`node[1-3]`), each a plain token."""
+    for name in names:
+        if not _SAFE.match(str(name)):
+            raise ConfigError(f"{key}: {name!r} is not allowed: give Slurm node names or host lists (node7, "
+                              f"node[1-3]) made of {_SAFE_TEXT}")
 
 
 def check_script_text(key: str, value: str) -> None:
@@ -451,6 +460,8 @@ class SlurmClusterConfig(LocalClusterConfig):
     setup: List[str] = field(default_factory=list)  # raw shell lines run before the job's tasks start
     sbatch_extra: Dict[str, Any] = field(default_factory=dict)  # further #SBATCH --key=value pairs
     array_parallelism: Optional[int] = None  # at most this many tasks of a sweep's job array run at once
+    # nodes the jobs must not run on (sbatch --exclude), besides those on the sweep's bad-node list
+    exclude: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_slurm_values(self)
@@ -706,6 +717,40 @@ class HSDPParallelConfig(FSDPParallelConfig):
             check_at_least("parallel.replicate", self.replicate, 1)
 
 
+# ---------------------------------------------------------------------------------------- health check
+HEALTH_POLICIES = ("warn", "exclude", "fail")
+
+
+@dataclass
+class HealthConfig:
+    """Every multi-node job checks its nodes before training (pipeline.job.health): each node's compute (a fixed
+    GEMM on the device it trains on), its memory bandwidth, and the point-to-point links between the nodes. A node
+    or link below `threshold` x the job's median is flagged, and so is a node whose check failed (an error, a
+    non-finite result, no answer). `on_bad` says what a flag does: `warn` (the log and the record say so, training
+    goes on), `fail` (the job stops before training, naming the node) or `exclude` (it stops, the node goes on the
+    sweep's bad-node list, and the launcher or `status` resubmits the point without it, at most `max_resubmits`
+    times; local debug mode, whose nodes are all this machine, runs the point again instead)."""
+
+    enabled: bool = True
+    on_bad: str = "warn"
+    threshold: float = 0.5
+    max_resubmits: int = 2
+    # a 2-node job has one link and no median to name an end by: flag the link below this (GB/s; null: never)
+    min_link_gb_s: Optional[float] = None
+    # a node that has not answered a step of the check this long after it was due is named as not answering
+    answer_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        check_choice("health.on_bad", self.on_bad, HEALTH_POLICIES)
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"health.threshold={self.threshold!r} is not allowed; it must be in (0, 1): a node is "
+                              "flagged below this fraction of the job's median")
+        check_at_least("health.max_resubmits", self.max_resubmits, 0)
+        if self.min_link_gb_s is not None:
+            check_positive("health.min_link_gb_s", self.min_link_gb_s)
+        check_positive("health.answer_s", self.answer_s)
+
+
 # ------------------------------------------------------------------------------------------------- run
 MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig, ResNetConfig, GPTConfig)}
 DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config, SyntheticTokensConfig,
@@ -737,6 +782,7 @@ class RunConfig:
     ddp: DDPConfig = field(default_factory=DDPConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     io: IOConfig = field(default_factory=IOConfig)
     param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
     nodes: int = 1

@@ -5,6 +5,7 @@
     rank 0   -> collector   POINT_DIR/result.json    Result    the result record, with a RankResult per rank
     launcher -> status      SWEEP_DIR/manifest.json  Manifest  each point's folder and its Slurm jobs
     holder   -> launches    POINT_DIR/.run.lock      LockHolder  who runs the point now (the file is flocked)
+    rank 0   -> launcher    SWEEP_DIR/bad-nodes.json BadNodes  nodes a health check found bad (health.on_bad=exclude)
     a rank   -> launcher    POINT_DIR/logs/rank{R}.failed.json  Failure  a rank that raised, and when
 
 Each file is a frozen dataclass with `to_json` (a JSON-ready dict) and `from_json` (which checks every field's
@@ -372,6 +373,9 @@ class Fabric:
     bandwidth_gb_s: Optional[float]  # fitted: the bus bandwidth (None: no bandwidth term could be fitted)
     transport: Optional[str]  # NCCL's choice (nvlink, p2p, shm, infiniband, sockets), tcp for gloo
     collectives: list[CollectiveProbe] = field(default_factory=list)  # parallel=fsdp|hsdp (added since schema 1)
+    # the network interface(s) between nodes: NCCL's choice from its INFO log (`mlx5_0:1`, `eth0`), or for gloo
+    # GLOO_SOCKET_IFNAME where set; None where it cannot be told (added since schema 1 began)
+    interface: Optional[str] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,10 +441,16 @@ class HostShare:
     """A rank's share of its host (pipeline.job.placement)."""
 
     hostname: str
-    processes_on_host: int
+    processes_on_host: int  # the job's ranks on this machine (counted by the kernel's boot id)
     host_cores: int
     threads: int
     oversubscribed: bool
+    # added since schema 1 began: what explains a slow rank (pipeline.job.placement)
+    machine: Optional[str] = None  # the kernel's boot id, shortened: Slurm nodes that share one share a machine
+    cpus: Optional[str] = None  # the CPUs the rank may run on (its affinity), as a list such as 0-3,8-11
+    cpu_numa_nodes: Optional[list[int]] = None  # the NUMA nodes of those CPUs
+    gpu_numa_node: Optional[int] = None  # the NUMA node of the rank's GPU (None: no GPU, or not readable)
+    binding: Optional[str] = None  # what is wrong with the rank's binding, if anything (a CPU on another NUMA node)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -605,6 +615,7 @@ class Result(JsonFile):
     loader: Optional[LoaderInfo] = None
     tokens_per_sample: Optional[int] = None  # a language model's tokens per sequence (tokens/s = this x samples/s)
     fabric: Optional[Fabric] = None  # the probe of a multi-rank job
+    health: Optional[Health] = None  # the check of a multi-node job's nodes, before training
     # rank 0's start-up: seconds from its process's start to ready (imports done), rendezvous, datasets, model,
     # trainer (DDP and all), probe, first_step
     startup: Optional[dict[str, float]] = None
@@ -696,11 +707,12 @@ class Submission:
     submitted_at: str
     array_job_id: Optional[str] = None
     array_task_id: Optional[int] = None
+    left_out: list[str] = field(default_factory=list)  # the nodes it was kept off (sbatch --exclude)
 
     @classmethod
-    def of(cls, job_id: str, submitted_at: str) -> "Submission":
+    def of(cls, job_id: str, submitted_at: str, left_out: list[str] | None = None) -> "Submission":
         array, _, task = job_id.partition("_")
-        return cls(job_id, submitted_at, array if task else None, int(task) if task else None)
+        return cls(job_id, submitted_at, array if task else None, int(task) if task else None, left_out or [])
 
 
 @dataclass(frozen=True)
@@ -733,3 +745,101 @@ class LockHolder(JsonFile):
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host} since {self.since}"
+
+
+# ------------------------------------------------------------------------------------------ the health check
+BAD_NODES_NAME = "bad-nodes.json"  # in the sweep folder
+BAD_NODES_LOCK = ".bad-nodes.lock"
+# a job that stops before training because its health check found a bad node exits with this code (sacct, srun)
+EXIT_BAD_NODE = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeHealth:
+    """One node's figures in a job's health check (pipeline.job.health). Compute and memory figures are the
+    node's slowest rank's best window; link figures the node's best pair (a node whose every link is slow is the
+    slow one)."""
+
+    node: str  # the scheduler's name (SLURMD_NODENAME)
+    hostname: str
+    machine: str  # the kernel's boot id, shortened: nodes that share one share a machine
+    ranks: list[int]
+    ready_s: float  # its slowest rank's seconds from the process's start to the check: a slow node arrives late
+    gemm_gflops: Optional[float]  # None: not measured, or failed (error)
+    cpu_share: Optional[float]  # CPU time / wall time in that window (CPU devices): well below 1, the CPU was taken
+    gflops_per_cpu_s: Optional[float]  # low with a full CPU share: slower hardware (clock, a wrong build)
+    throttled_periods: Optional[int]  # CFS periods its cgroup was throttled in that window (None: not readable)
+    membw_gb_s: Optional[float]  # bytes read + written per second by a copy (None: not measured: see notes)
+    link_gb_s: Optional[float]
+    latency_us: Optional[float]
+    flags: list[str]  # why it is flagged; empty: healthy
+    error: Optional[str] = None  # a failed check: an exception, a non-finite or wrong result, no answer
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkHealth:
+    """A pair of nodes: point-to-point bandwidth (the lower direction's best transfer) and latency (half the best
+    round trip)."""
+
+    nodes: list[str]
+    gb_s: Optional[float]  # None: the pair did not complete (see error)
+    latency_us: Optional[float]
+    confirmed: bool = False  # re-measured on its own, all other pairs idle
+    flag: Optional[str] = None
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BadNode:
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BadNodeEntry:
+    """A node a job's health check found bad, on its sweep's list (health.on_bad=exclude)."""
+
+    node: str
+    reason: str
+    job_id: Optional[str]  # the job that found it (local debug mode: its simulated job)
+    run_id: str
+    point: int
+    at: str
+    simulated: bool  # a node of local debug mode: this machine, never given to Slurm's --exclude
+
+
+@dataclass(frozen=True, kw_only=True)
+class Health:
+    """A multi-node job's check of its nodes before training."""
+
+    policy: str  # health.on_bad
+    threshold: float
+    device: str  # what the compute check ran on ("cpu", "cuda")
+    mode: str  # "parallel": every node at once; "serial": node by node (nodes that share a machine)
+    machines: int  # distinct boot ids among the nodes
+    seconds: float  # what the check cost
+    phases: dict[str, float]  # its parts: roll call, compute, memory, links, confirm
+    nodes: list[NodeHealth]
+    links: list[LinkHealth]
+    bad: list[BadNode]  # the nodes flagged, and why
+    notes: list[str]  # what it could not tell, and why (2 nodes cannot name a link's end; a cache-sized buffer)
+    left_out: list[str] = field(default_factory=list)  # the nodes this job's submission avoided (--exclude)
+    earlier: list[BadNodeEntry] = field(default_factory=list)  # this run's earlier jobs stopped for a bad node
+
+
+@dataclass(frozen=True, kw_only=True)
+class BadNodes(JsonFile):
+    """SWEEP_DIR/bad-nodes.json: the nodes the sweep's health checks found bad; the launcher and `status` leave
+    them out of every later submission into the sweep. Written under SWEEP_DIR/.bad-nodes.lock
+    (pipeline.badnodes)."""
+
+    FILE: ClassVar[str] = BAD_NODES_NAME
+    schema_version: int = SCHEMA_VERSION
+    entries: list[BadNodeEntry] = field(default_factory=list)
+
+    def slurm_nodes(self) -> list[str]:
+        """The real Slurm nodes on the list (local debug mode's simulated ones left out), each once."""
+        return sorted({e.node for e in self.entries if not e.simulated})
+
+    def of_job(self, job_id: str | None) -> list[BadNodeEntry]:
+        return [e for e in self.entries if job_id is not None and e.job_id == job_id]

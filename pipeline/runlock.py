@@ -12,6 +12,7 @@ config that left a checkpoint is not replaced unless `overwrite=true`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -191,3 +192,15 @@ def lock_for_job(point_dir: Path, rank: int):
         raise SystemExit(f"pipeline.worker: {e}; this job stops without touching it") from None
     remove_stray_temporaries(Path(point_dir))
     return lock
+
+
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on the file `path` (made if missing) for a read-modify-write of what it guards,
+    waiting for any holder first: flock, released by the kernel if the holder dies."""
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,7 +1,9 @@
 """Where a sweep stands:  python -m pipeline.status SWEEP_DIR [--resubmit-failed] [--wait]
 
 Reconciles the sweep's manifest with Slurm and the result records, prints a line per point, points to the first
-failed rank's log of each point that ended without a usable record, and resubmits those points if asked.
+failed rank's log of each point that ended without a usable record, and resubmits those points if asked. A point
+whose job stopped before training because its health check found a bad node (health.on_bad=exclude) is resubmitted
+without it at once, at most health.max_resubmits times, and said so.
 Imports no torch: it runs on login nodes.
 """
 
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.launcher.logs import tail
-from pipeline.launcher.status import format_table, sweep_status, wait_for_sweep
+from pipeline.launcher.status import format_table, resubmit_bad_nodes, sweep_status, wait_for_sweep
 from pipeline.rundir import MANIFEST_NAME, Failure
 
 
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         statuses = wait_for_sweep(args.sweep_dir) if args.wait else sweep_status(args.sweep_dir)
+        said = [] if args.wait else resubmit_bad_nodes(args.sweep_dir, statuses)  # --wait resubmits as it goes
+        if said:
+            print("\n".join(said))
+            statuses = sweep_status(args.sweep_dir)
     except FileNotFoundError as e:
         print(f"pipeline.status: {e}", file=sys.stderr)
         return 2

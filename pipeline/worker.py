@@ -54,7 +54,14 @@ class TrainingJob(Checkpointable):
         from pipeline.job.run import run_point
 
         with lock_for_job(Path(point_dir), DistEnv.detect().rank):  # rank 0 holds the folder for the job's life
-            return str(run_point(point_dir))
+            try:
+                return str(run_point(point_dir))
+            except Exception as e:
+                if not hasattr(e, "exit_code"):
+                    raise
+                # a stop of its own (a bad node): its exit code, past submitit, which would exit 1
+                print(f"pipeline.worker: {e}", file=sys.stderr, flush=True)
+                raise SystemExit(e.exit_code) from None
 
 
 def exit_now(code: int) -> None:
@@ -77,7 +84,10 @@ if __name__ == "__main__":
             exit_now(e.code or 0)
         print(e.code, file=sys.stderr)
         exit_now(1)
-    except BaseException:
+    except BaseException as e:
+        if hasattr(e, "exit_code"):  # a stop of its own, said by it (a bad node: its exit code, no traceback)
+            print(f"pipeline.worker: {e}", file=sys.stderr)
+            exit_now(e.exit_code)
         traceback.print_exc()
         exit_now(1)
     exit_now(0)

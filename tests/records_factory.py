@@ -4,28 +4,32 @@
 import uuid
 from pathlib import Path
 
-from pipeline.rundir import (CollectiveProbe, CollectiveVolume, DeviceInfo, Fabric, FastPath, GitInfo, HostShare,
-                             Memory, ParallelInfo, PhaseSplit, ProbePoint, Provenance, RankResult, RankTiming, Result,
-                             RunTiming, StepTime, Utilisation, write_json)
+from pipeline.rundir import (BadNode, CollectiveProbe, CollectiveVolume, DeviceInfo, Fabric, FastPath, GitInfo,
+                             Health, HostShare, Memory, NodeHealth, ParallelInfo, PhaseSplit, ProbePoint, Provenance,
+                             RankResult, RankTiming, Result, RunTiming, SlurmInfo, StepTime, Utilisation, write_json)
 
 def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003), tasks_per_node: int = 1,
                 busy=None, node_names=None, scaling: str = "weak", per_rank_batch: int = 64, global_batch=None,
                 model: str = "mlp", precision: str = "fp32", oversubscribed: bool = False, sha: str = "a" * 40,
                 gradient_bytes: int = 407_080, steps: int = 50, run_id: str | None = None,
                 probe: tuple[float, float] | None = None, transport: str = "tcp", backend: str = "gloo",
-                steps_per_epoch: int = 100, device: str = "cpu", parallel: ParallelInfo | None = None,
-                memory: Memory | None = None) -> Result:
+                steps_per_epoch: int = 100, device: str = "cpu", step_p95: float | None = None, threads: int = 1,
+                host_cores: int | None = None, processes_on_host: int | None = None, health: Health | None = None,
+                slurm: bool = True, parallel: ParallelInfo | None = None, memory: Memory | None = None) -> Result:
     """`probe`: (latency in s per ring step, bus bandwidth in bytes/s) of a synthetic fabric, which the record's
-    fabric probe then measures exactly (a multi-rank run only), for every collective `parallel` plans;
-    `memory`: every rank's."""
+    fabric probe then measures exactly (a multi-rank run only). `step_p95`: the step time's 95th percentile (the
+    median is the step); `processes_on_host` (default: tasks per node) ranks share each host's `host_cores` (default:
+    a core per thread). `slurm`: real Slurm nodes (False: local debug mode's simulated ones). The probe measures
+    every collective `parallel` plans; `memory`: every rank's."""
     world = nodes * tasks_per_node
     global_batch = global_batch or per_rank_batch * world
     per_rank_batch = global_batch // world if scaling == "strong" else per_rank_batch
     busy = busy or [breakdown[0] + breakdown[1]] * world
     names = node_names or [f"node{r // tasks_per_node + 1}" for r in range(world)]
     step = sum(breakdown)
-    host = HostShare(hostname="h", processes_on_host=tasks_per_node, host_cores=8, threads=1,
-                     oversubscribed=oversubscribed)
+    on_host = processes_on_host or tasks_per_node
+    host = HostShare(hostname="h", processes_on_host=on_host, host_cores=host_cores or on_host * threads,
+                     threads=threads, oversubscribed=oversubscribed)
     data, compute, comm = breakdown
     ranks = [RankResult(rank=r, local_rank=r % tasks_per_node, node_rank=r // tasks_per_node, node_name=names[r],
                         device="cpu", host=host, parameters_sha256="0" * 64, memory=memory,
@@ -46,17 +50,31 @@ def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003
         steps_per_epoch=steps_per_epoch, warmup_steps=5, resumed_from_step=0, restart_count=0, earlier_segments=[],
         timing=RunTiming(timed_steps=steps, timed_wall_s=step * steps, throughput_samples_per_s=throughput,
                          throughput_per_rank_samples_per_s=throughput / world,
-                         step_time_s=StepTime(mean=step, median=step, p95=step),
+                         step_time_s=StepTime(mean=step, median=step, p95=step_p95 or step),
                          breakdown_s=PhaseSplit(data=data, compute=compute, comm=comm),
                          breakdown_share=PhaseSplit(data=data / step, compute=compute / step, comm=comm / step)),
         utilisation=Utilisation(flops_per_sample=1e6, achieved_tflops_per_device=None, peak_tflops_per_device=None,
                                 mfu=None),
         comm_measurement="", final_train_loss=0.1, test_accuracy=0.9, wall_time_s=1.0, oversubscribed=oversubscribed,
         weights="model.pt", ranks=ranks,
-        provenance=Provenance(git=GitInfo(sha=sha, dirty=False), hostnames=["h"], versions={}, slurm=None,
+        provenance=Provenance(git=GitInfo(sha=sha, dirty=False), hostnames=["h"], versions={},
+                              slurm=SlurmInfo(job_id="1", nodelist="node[1-9]", simulated=not slurm),
                               launched_at="", started_at="", first_step_at_unix=None, ended_at=""),
         definitions={}, parallel=parallel,
-        fabric=fabric(probe, world, transport, backend, parallel) if probe and world > 1 else None)
+        fabric=fabric(probe, world, transport, backend, parallel) if probe and world > 1 else None,
+        health=health)
+
+
+def health_of(figures: dict[str, tuple[float, float]], flags: dict[str, str] = ()) -> Health:
+    """A health check's record: {node: (GEMM GFLOP/s, best link GB/s)}, and the nodes it flagged, with why."""
+    flags = dict(flags)
+    nodes = [NodeHealth(node=n, hostname=n, machine="m" + n, ranks=[i], ready_s=1.0, gemm_gflops=g, cpu_share=1.0,
+                        gflops_per_cpu_s=g, throttled_periods=0, membw_gb_s=None, link_gb_s=link, latency_us=30.0,
+                        flags=[flags[n]] if n in flags else [])
+             for i, (n, (g, link)) in enumerate(figures.items())]
+    return Health(policy="warn", threshold=0.5, device="cpu", mode="parallel", machines=len(nodes), seconds=1.0,
+                  phases={}, nodes=nodes, links=[], bad=[BadNode(node=n, reason=f) for n, f in flags.items()],
+                  notes=[])
 
 
 def curve(probe: tuple[float, float], ranks: int, steps: int) -> list[ProbePoint]:

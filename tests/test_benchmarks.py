@@ -42,6 +42,12 @@ def test_probe_cost():
     assert re.search(r"2 gloo ranks .*probe \d+\.\d\d s median", out) and "busbw" in out, out
 
 
+def test_health_cost():
+    out = bench("benchmarks/health_cost.py", "--repeats", "1", "--nodes", "2")
+    assert re.search(r"^2 nodes \(serial, 1 machine\(s\)\), 2 runs: health check \d+\.\d\d s median", out, re.M), out
+    assert re.search(r"^  compute +\d+\.\d\d s median", out, re.M) and "A/A:" in out and "local2: GEMM" in out, out
+
+
 def test_collect_speed():
     out = bench("benchmarks/collect_speed.py", "--records", "100")
     assert "process start to exit" in out, out

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from pipeline.collector.records import load_runs
 from pipeline.collector.scaling import aggregate, regressions, t975
 from tests.conftest import GOLDEN, launch
 from pipeline.collector.memory import parse_size
-from tests.records_factory import make_record, memory, sharded, write_record
+from tests.records_factory import health_of, make_record, memory, sharded, write_record
 
 
 def collect(tmp_path, records):
@@ -338,8 +339,9 @@ def test_regression_check_against_a_baseline(tmp_path):
     assert regressions(rows_new, baseline, tolerance=0.3) == []
 
 
-def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path):
+def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per rank at both node counts: one group
     r = launch("-m", "nodes=1,2", "trainer.max_steps=30", "trainer.log_every=1000", "dataset.train_size=2048",
                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -348,6 +350,7 @@ def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path):
                        text=True, cwd=tmp_path)
     assert c.returncode == 0, c.stderr
     assert "2 runs in 1 groups" in c.stdout and "MLP 0.102M params/synthetic weak per-rank batch 64" in c.stdout
+    assert "1/node 1 thread/rank" in c.stdout
     for name in ("scaling.csv", "scaling.json", "report.md", "speedup-1.png", "efficiency-1.png",
                  "breakdown-1.png", "cost-1.png"):
         assert (out / name).stat().st_size > 0
@@ -364,3 +367,165 @@ def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path):
     g = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(tmp_path / "c2"),
                         "--baseline", str(tmp_path / "better.json"), "--no-plots"], capture_output=True, text=True)
     assert g.returncode == 1 and g.stderr.count("REGRESSION") == 2
+
+
+# ------------------------------------------------------------------------------------------- the reasons
+def reasons(rows, oversubscribed=False):
+    return {r.nodes: (r.reason, r.evidence, r.implausible) for r in rows if r.oversubscribed == oversubscribed}
+
+
+def test_a_slow_link_shows_as_exposed_communication_with_the_health_checks_flag(tmp_path):
+    # base: 1 node, 7 ms of work; 4 nodes: the same work and 30 ms of exposed comm: 30 / 37 = 81% of the step, and
+    # the job's health check flagged node3's links
+    flagged = health_of({f"node{i}": (100.0, 0.06 if i == 3 else 1.9) for i in range(1, 5)},
+                        {"node3": "links 0.03 x the median node's (best pair 0.06 vs 1.9 GB/s)"})
+    recs = [make_record(nodes=1, throughput=64 / 0.007),
+            make_record(nodes=4, throughput=256 / 0.037, breakdown=(0.001, 0.006, 0.030), health=flagged)]
+    rows, _, _ = collect(tmp_path, recs)
+    reason, evidence, implausible = reasons(rows)[4]
+    assert reason == "exposed communication" and not implausible
+    assert evidence.startswith("comm 30 ms more per step than the baseline's: 81% of the step")
+    assert "the health check flagged node3: links 0.03 x the median node's" in evidence
+    assert reasons(rows)[1][0] == "baseline"
+
+
+def test_a_data_bound_run(tmp_path):
+    # 2 nodes: the data phase grew from 1 to 12 ms: 11 ms of a 19 ms step, 58%
+    recs = [make_record(nodes=1, throughput=64 / 0.007),
+            make_record(nodes=2, throughput=128 / 0.019, breakdown=(0.012, 0.006, 0.001))]
+    rows, _, _ = collect(tmp_path, recs)
+    reason, evidence, _ = reasons(rows)[2]
+    assert reason == "data-bound steps" and evidence == ("data 11 ms more per step than the baseline's: 58% of the "
+                                                          "step (data 63% of it)")
+
+
+def test_an_oversubscribed_run_says_so(tmp_path):
+    recs = [make_record(nodes=1, throughput=1000), make_record(nodes=4, throughput=900, oversubscribed=True,
+                                                               threads=1, host_cores=2, processes_on_host=4)]
+    rows, _, _ = collect(tmp_path, recs)
+    reason, evidence, _ = reasons(rows, oversubscribed=True)[4]
+    assert reason == "oversubscription" and "4 rank(s) x 1 thread(s) on 2 core(s) of h (2.0 threads per core)" in evidence
+
+
+def test_a_superlinear_efficiency_is_flagged_with_its_likely_cause(tmp_path):
+    """The colleague's sweep: the 1-rank baseline's steps held up now and then by outside load (p95 2.43 s
+    against a 0.51 s mean here), so its throughput is low, and 2 nodes read 845.8%."""
+    base_thr = 64 / 0.51
+    recs = [make_record(nodes=1, throughput=base_thr, breakdown=(0.01, 0.5, 0.0), step_p95=2.43),
+            make_record(nodes=2, throughput=2 * base_thr * 8.458, breakdown=(0.001, 0.058, 0.001))]
+    rows, _, _ = collect(tmp_path, recs)
+    by = {r.nodes: r for r in rows}
+    assert by[2].efficiency == pytest.approx(8.458)
+    assert by[2].implausible.startswith("efficiency 845.8% is above 110%, which is not physically plausible: the "
+                                        "baseline (1 node(s)) is noisy: its steps spread: p95 4.8 x the median in ")
+    assert by[2].implausible.endswith("/runs/0/result.json, so its throughput is too low")
+    from pipeline.collector.report import COLUMNS, row_cells
+    assert row_cells(by[2])[COLUMNS.index("efficiency")] == "845.8% IMPLAUSIBLE"  # never bare
+
+
+def test_threads_per_rank_are_part_of_the_group(tmp_path):
+    """The colleague's two sweeps: the 1-node point with 2 threads, the 2-node one with 1, and a rerun with 1 thread
+    throughout. Grouped by threads, no point is another's repeat."""
+    recs = [make_record(nodes=1, throughput=1000, threads=2), make_record(nodes=2, throughput=1900, threads=1),
+            make_record(nodes=1, throughput=600, threads=1), make_record(nodes=2, throughput=1100, threads=1)]
+    rows, _, _ = collect(tmp_path, recs)
+    groups = {r.group: [(x.nodes, x.runs) for x in rows if x.group == r.group] for r in rows}
+    assert sorted(groups.values()) == [[(1, 1)], [(1, 1), (2, 2)]]
+    assert any("2 threads/rank" in g for g in groups) and any("1 thread/rank" in g for g in groups)
+
+
+def test_a_straggler_node_and_whether_the_health_check_flagged_it(tmp_path):
+    # 4 nodes: compute grew by 4.5 ms; slow-node's busy time is 11.5 ms against the median rank's 7: 1.64
+    flagged = health_of({n: (30.0 if n == "slow-node" else 100.0, 1.9) for n in ("a", "b", "slow-node", "d")},
+                        {"slow-node": "compute 0.30 x the median"})
+    straggling = dict(nodes=4, throughput=256 / 0.0125, breakdown=(0.001, 0.0105, 0.001),
+                      busy=[0.007, 0.007, 0.0115, 0.007], node_names=["a", "b", "slow-node", "d"])
+    for health, said in ((flagged, "the health check flagged it: compute 0.30 x the median"),
+                         (None, "no health check ran")):
+        rows, _, _ = collect(tmp_path / said[:8], [make_record(nodes=1, throughput=64 / 0.007),
+                                                   make_record(**straggling, health=health)])
+        reason, evidence, _ = reasons(rows)[4]
+        assert reason == "straggler node" and "slow-node (rank 2) took 1.64 x the median rank's busy time" in evidence
+        assert evidence.endswith(said)
+
+
+def test_threads_that_oversubscribe_the_cores_are_named(tmp_path):
+    # local debug mode with 2 threads per rank on 2 cores: 1 rank fits, 2 ranks put 4 threads on 2 cores
+    recs = [make_record(nodes=1, throughput=64 / 0.007, threads=2, host_cores=2, processes_on_host=1),
+            make_record(nodes=2, throughput=128 / 0.014, breakdown=(0.001, 0.012, 0.001), threads=2, host_cores=2,
+                        processes_on_host=2)]
+    rows, _, _ = collect(tmp_path, recs)
+    reason, evidence, _ = reasons(rows)[2]
+    assert reason == "threads oversubscribe the cores" and "2 rank(s) x 2 thread(s) on 2 core(s) of h" in evidence
+
+
+def test_the_nodes_section_follows_each_slurm_node_over_every_run(tmp_path):
+    from pipeline.badnodes import add_bad_nodes
+    from pipeline.collector.nodes import find_bad_node_lists, node_histories
+    from pipeline.rundir import BadNodeEntry
+
+    def check(slow):
+        return health_of({"n1": (100.0, 2.0), "n2": (90.0, 1.8), "n3": (slow, 1.9)},
+                         {"n3": f"compute {slow / 95:.2f} x the median"} if slow < 50 else {})
+    recs = [make_record(nodes=3, throughput=1000, node_names=["n1", "n2", "n3"], health=check(g),
+                        busy=[0.007, 0.007, b]) for g, b in ((30.0, 0.012), (35.0, 0.012), (95.0, 0.007))]
+    recs.append(make_record(nodes=2, throughput=900, node_names=["local1", "local2"], slurm=False))
+    for i, rec in enumerate(recs):
+        write_record(tmp_path / "runs" / str(i), rec)
+    add_bad_nodes(tmp_path / "runs", [BadNodeEntry(node="n3", reason="compute 0.2 x the median", job_id="7",
+                                                   run_id="r", point=0, at="t", simulated=False)])
+    runs, _ = load_runs([tmp_path / "runs"])
+    lists, unreadable = find_bad_node_lists([tmp_path / "runs"])
+    histories = {h.node: h for h in node_histories(runs, lists)}
+    assert set(histories) == {"n1", "n2", "n3"} and not unreadable  # local debug mode's nodes are not Slurm's
+    n3 = histories["n3"]
+    assert (n3.runs, n3.straggler, n3.checks, n3.flagged, n3.stopped) == (3, 2, 3, 2, 1)
+    assert n3.gemm_gflops == 35.0 and n3.last_flag == "compute 0.2 x the median"
+    assert list(histories)[0] == "n3"  # the most suspect first
+    assert (histories["n1"].flagged, histories["n1"].straggler, histories["n1"].gemm_gflops) == (0, 0, 100.0)
+
+
+def test_the_held_out_forecast_of_the_largest_node_count_from_the_smaller_ones(tmp_path):
+    work, recs = synthetic_sweep(nodes=(1, 2, 4, 8))
+    _, models, _ = collect(tmp_path, recs)
+    h = models[0].probes.held_out
+    # from 1, 2 and 4 nodes alone: the probes of 4 nodes extrapolated to 8, kappa 1 (comm is the ring exactly)
+    assert h.nodes == 8 and h.predicted == pytest.approx(work / (work + comm_model(8)), rel=1e-3)
+    assert abs(h.error) < 1e-3 and h.inside and "probes of 4 node(s); kappa 1.00 and the work from 4 node(s)" in h.source
+    # the fit needs two multi-rank node counts below 8: it has 2 and 4
+    assert models[0].fit.held_out is not None and abs(models[0].fit.held_out.error) < 1e-3
+    _, models, _ = collect(tmp_path / "two", synthetic_sweep(nodes=(1, 2))[1])
+    assert models[0].probes.held_out is None and "give no prediction" in models[0].probes.held_out_missing
+
+
+def test_kappa_carries_what_ddp_hides_or_adds_to_the_all_reduce(tmp_path):
+    """Runs whose exposed comm is 60% of what their probes say (DDP hides the rest behind backward): the raw probe
+    would under-predict the efficiency; kappa, measured at the node counts below, carries the 0.6 up."""
+    work, recs = 0.010, []
+    for n in (1, 2, 4, 8):
+        for k in range(2):
+            comm = 0.6 * comm_model(n) if n > 1 else 0.0
+            recs.append(make_record(nodes=n, throughput=64 * n / (work + comm), breakdown=(0.002, work - 0.002, comm),
+                                    gradient_bytes=NBYTES, probe=(ALPHA, BANDWIDTH)))
+    _, models, _ = collect(tmp_path, recs)
+    by = {p.nodes: p for p in models[0].probes.predictions}
+    assert by[2].kappa == 1.0 and by[2].error < -0.05  # nothing below 2 nodes to learn it from: the raw probe
+    assert by[4].kappa == pytest.approx(0.6) and abs(by[4].error) < 1e-6 and abs(by[8].error) < 1e-6
+    assert by[64].predicted == pytest.approx(work / (work + 0.6 * comm_model(64)), rel=1e-6)
+
+
+def test_predict_at_the_node_counts_asked_for(tmp_path):
+    _, recs = synthetic_sweep(nodes=(1, 2, 4))
+    for i, rec in enumerate(recs):
+        write_record(tmp_path / "runs" / str(i), rec)
+    c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(tmp_path / "runs"), "--out",
+                        str(tmp_path / "out"), "--no-plots", "--predict-at", "3,6,12"], capture_output=True, text=True)
+    assert c.returncode == 0, c.stderr
+    report = (tmp_path / "out/report.md").read_text()
+    for n in (3, 6, 12):
+        assert re.search(rf"^\| {n} \| - \| \d+\.\d%", report, re.M), n
+    assert "| 8 | -" not in report and "Held out: 4 nodes predicted from the smaller node counts alone" in report
+    assert "## Nodes" in report and "## Why" not in report
+    bad = subprocess.run([sys.executable, "-m", "pipeline.collect", str(tmp_path / "runs"), "--predict-at", "0,8"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--predict-at: '0,8' is not allowed" in bad.stderr

@@ -146,6 +146,12 @@ def test_a_resume_from_that_is_not_a_checkpoint_is_refused(compose_cfg, tmp_path
     (["parallel=fsdp", "trainer.channels_last=true"], ["trainer.channels_last=true", "parallel=fsdp"]),
     (["parallel=fsdp", "parallel.param_dtype=fp16"], ["parallel.param_dtype", "auto, fp32, bf16"]),
     (["parallel=fsdp", "parallel.block_classes=[my-block]"], ["parallel.block_classes", "class names"]),
+    (["health.on_bad=drop"], ["health.on_bad", "warn, exclude, fail"]),
+    (["health.threshold=1.5"], ["health.threshold=1.5", "(0, 1)"]),
+    (["health.max_resubmits=-1"], ["health.max_resubmits=-1", ">= 0"]),
+    (["health.min_link_gb_s=0"], ["health.min_link_gb_s=0", "positive"]),
+    (["cluster=slurm", "cluster.exclude=['node1;reboot']"], ["cluster.exclude", "'node1;reboot'", "node[1-3]"]),
+    (["cluster=slurm", "+cluster.sbatch_extra.exclude=node1"], ["cluster.sbatch_extra key 'exclude'"]),
 ])
 def test_bad_values_name_the_key(compose_cfg, overrides, names):
     # wrong types are refused by Hydra while composing (against the schema), bad values by our checks

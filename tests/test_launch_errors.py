@@ -48,6 +48,7 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
      "parallel.replicate=3 makes shard groups of 2 ranks, which do not divide cluster.tasks_per_node=3"),
     (["trainer.scaling=strong", "trainer.global_batch_size=96", "nodes=2", "trainer.grad_accum_steps=5"],
      "trainer.grad_accum_steps=5 does not divide the 48 samples each rank takes per step"),
+    (["health.on_bad=skip"], "health.on_bad='skip' is not allowed; choose one of: warn, exclude, fail"),
 ])
 def test_bad_input_is_one_line_naming_the_key_and_exit_2(tmp_path, overrides, said):
     r = launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 import pipeline.job.probe as probe
-from pipeline.job.probe import fell_back_to_sockets, fit_ring, nccl_transport, probe_sharded, probe_sizes, run_probe
+from pipeline.job.probe import (fell_back_to_sockets, fit_ring, nccl_interface, nccl_transport, probe_sharded,
+                                probe_sizes, route_interface, run_probe)
 from tests.conftest import launch
 
 LATENCY, BANDWIDTH = 20e-6, 5e9  # s per ring step, bytes/s
@@ -166,6 +167,17 @@ def test_the_transport_is_read_from_ncclS_own_log(tmp_path, logs, transport):
     assert nccl_transport([*paths, tmp_path / "missing.log"]) == transport
 
 
+def test_the_interfaces_nccl_chose_are_read_from_its_log(tmp_path):
+    log = tmp_path / "nccl-h-1.log"
+    log.write_text("h:1:1 [0] NCCL INFO NET/IB : Using [0]mlx5_0:1/IB [1]mlx5_1:1/RoCE [RO]; OOB ib0:10.0.0.1<0>\n"
+                   "h:1:1 [0] NCCL INFO Bootstrap : Using eth0:10.0.0.7<0>\n")
+    other = tmp_path / "nccl-h-2.log"
+    other.write_text("h:2:2 [0] NCCL INFO NET/Socket : Using [0]eth0:10.1.2.3<0> [1]eth1:10.2.2.3<0>\n")
+    assert nccl_interface([log]) == "mlx5_0:1+mlx5_1:1" and nccl_interface([other]) == "eth0+eth1"
+    assert nccl_interface([tmp_path / "absent.log"]) is None
+    assert route_interface("127.0.0.1") == "lo"
+
+
 def test_a_multi_node_job_on_sockets_is_flagged():
     fabric = probe.Fabric(backend="nccl", world_size=8, points=[], seconds=1.0, latency_us=None, bandwidth_gb_s=None,
                           transport="sockets")
@@ -181,6 +193,11 @@ def test_a_two_rank_job_records_its_probe(tmp_path):
     assert (fabric["backend"], fabric["world_size"], fabric["transport"]) == ("gloo", 2, "tcp")
     assert fabric["points"][-1]["bytes"] >= 407_080 and 0 < fabric["seconds"] < 10
     assert fabric["bandwidth_gb_s"] is None or fabric["bandwidth_gb_s"] > 0
+    assert fabric["interface"] == "lo"  # gloo's, towards the local rendezvous address
+    # what explains a slow rank: its machine (boot id), the CPUs it may run on and their NUMA nodes
+    ranks = json.loads((tmp_path / "run/result.json").read_text())["ranks"]
+    assert len({r["machine"] for r in ranks}) == 1 and all(r["cpus"] and r["cpu_numa_nodes"] for r in ranks)
+    assert all(r["gpu_numa_node"] is None and r["binding"] is None for r in ranks)  # no GPU: nothing to bind to
     one = launch("trainer.max_steps=8", "trainer.log_every=1000", "dataset.train_size=1024",
                  f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     record = json.loads((tmp_path / "one/result.json").read_text())

@@ -42,6 +42,8 @@ class GroupKey(NamedTuple):
     # trainer.grad_accum_steps as configured: "1", "4", or "auto" (picked per node count in strong scaling, where
     # the global batch, already in the key, stays fixed): the accumulation itself may differ within a group
     accumulation: str = "1"
+    # CPU threads per rank: a rank's compute depends on them, so runs with other thread counts are no repeats
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,17 @@ class Probe:
     # every collective probed, op -> (latency s per ring step, seconds per byte): the all-reduce over every rank, and
     # a sharded job's all-gather and reduce-scatter (and HSDP's all-reduce across replicas, which replaces the other)
     ops: tuple[tuple[str, tuple[float, float]], ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeFigures:
+    """One node's figures in a run's health check, reduced."""
+
+    node: str
+    gemm_gflops: float | None
+    link_gb_s: float | None
+    membw_gb_s: float | None
+    flags: str  # why it was flagged ("" when it was not)
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,15 @@ class Run:
     # all-reduce of the gradient over every rank)
     collectives: tuple[tuple[str, Volume], ...] = ()
     memory: MemoryPoint | None = None  # the record's per-rank memory (None in records from before)
+    # what explains a slow run (defaults for records from before they were kept)
+    threads: int = 0  # CPU threads per rank
+    # the most loaded rank's threads x the job's processes on its machine / the machine's cores: above 1 the threads
+    # oversubscribe the cores, which the record's `oversubscribed` (processes > cores) does not catch
+    thread_load: float = 0.0
+    thread_host: str = ""  # that rank's processes, threads and cores, in words
+    step_spread: float = 1.0  # step time p95 / median: a run whose steps were held up now and then
+    health: tuple[NodeFigures, ...] = ()  # the health check's nodes (a multi-node job's)
+    simulated: bool = True  # local debug mode's nodes are this machine, not Slurm nodes
 
 
 @dataclass(frozen=True)
@@ -109,7 +131,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class Diverged(Problem):
-    """The record of a run that diverged: not a scaling measurement, listed apart with its reason."""
+    """The record of a run that diverged: not a scaling measurement, listed apart with its reason, and counted in
+    its group's reasons (where its record can be typed)."""
+
+    group: GroupKey | None = None
+    nodes: int | None = None
 
 
 def optimizer_name(cfg: dict) -> str:
@@ -127,7 +153,8 @@ def group_key(rec: Result) -> GroupKey:
                     precision=rec.precision, optimizer=optimizer_name(cfg), tasks_per_node=rec.tasks_per_node,
                     device=rec.device.name, git_sha=rec.provenance.git.sha or "unknown",
                     oversubscribed=rec.oversubscribed, model_label=rec.model_label or rec.model,
-                    parallel=rec.parallel.kind if rec.parallel else "ddp", accumulation=accumulation(cfg))
+                    parallel=rec.parallel.kind if rec.parallel else "ddp", accumulation=accumulation(cfg),
+                    threads=rec.ranks[0].host.threads if rec.ranks else 0)
 
 
 def accumulation(cfg: dict) -> str:
@@ -170,7 +197,24 @@ def _reduce(path: str, rec: Result) -> Run:
                oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes,
                samples_per_epoch=rec.steps_per_epoch * rec.global_batch, device_type=rec.device.type,
                probe=_probe(rec), hosts=tuple((r.rank, r.node_name) for r in ranks),
-               tokens_per_sample=rec.tokens_per_sample, collectives=collectives(rec), memory=memory_point(rec))
+               tokens_per_sample=rec.tokens_per_sample, collectives=collectives(rec),
+               memory=memory_point(rec), **_placement(rec))
+
+
+def _placement(rec: Result) -> dict:
+    """The threads, how loaded their cores were, the steps' spread and the health check's figures."""
+    loaded = max(rec.ranks, key=lambda r: r.host.threads * r.host.processes_on_host / max(r.host.host_cores, 1))
+    h = loaded.host
+    step = rec.timing.step_time_s
+    slurm = rec.provenance.slurm
+    return {"threads": h.threads, "thread_load": h.threads * h.processes_on_host / max(h.host_cores, 1),
+            "thread_host": f"{h.processes_on_host} rank(s) x {h.threads} thread(s) on {h.host_cores} core(s) of "
+                           f"{h.hostname}",
+            "step_spread": step.p95 / step.median if step is not None and step.median > 0 else 1.0,
+            "health": tuple(NodeFigures(node=n.node, gemm_gflops=n.gemm_gflops, link_gb_s=n.link_gb_s,
+                                        membw_gb_s=n.membw_gb_s, flags="; ".join(n.flags))
+                            for n in (rec.health.nodes if rec.health else ())),
+            "simulated": slurm is None or slurm.simulated}
 
 
 def _probe(rec: Result) -> Probe | None:
@@ -197,12 +241,22 @@ def read_record(path: str) -> Result | Diverged | Problem:
         return Problem(path, f"not valid JSON ({type(e).__name__}: {e})")
     try:
         if record_status(data) == "diverged":
-            return Diverged(path, f"training diverged: a non-finite loss at step {data.get('diverged_at_step', '?')}")
+            return diverged(path, data)
         rec = Result.from_json(data)  # SchemaError names a missing or mistyped field (or the wrong schema_version)
     except ValueError as e:
         return Problem(path, str(e))
     problem = impossible(rec)
     return Problem(path, problem) if problem else rec
+
+
+def diverged(path: str, data: dict) -> Diverged:
+    """A diverged run's record, with its group and node count where it can be typed (it may lack figures)."""
+    reason = f"training diverged: a non-finite loss at step {data.get('diverged_at_step', '?')}"
+    try:
+        rec = Result.from_json(data)
+        return Diverged(path, reason, group_key(rec), rec.nodes)
+    except (ValueError, KeyError, TypeError):
+        return Diverged(path, reason)
 
 
 def impossible(rec: Result) -> str | None:

@@ -7,12 +7,13 @@ import csv
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path
 
 from pipeline.collector.cost import COST_FRACTION
 from pipeline.collector.memory import size_text as _size
+from pipeline.collector.nodes import DEFINITIONS as NODES, NodeHistory
 from pipeline.collector.records import Diverged, Problem
 from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
@@ -20,7 +21,17 @@ from pipeline.rundir import write_json
 GROUPS_PER_FIGURE = 4  # beyond this a figure's legend crowds its lines; more groups make more figures
 COLUMNS = ("nodes", "ranks", "runs", "samples/s", "+-95%", "per rank", "tokens/s", "speedup", "efficiency",
            "probe model",
-           "data", "compute", "comm", "skew", "straggler", "busbw GB/s")
+           "data", "compute", "comm", "skew", "straggler", "busbw GB/s", "main reason")
+
+
+@dataclass
+class Collected:
+    """What a collection found: the rows and analyses of its groups, the records it could not use, its nodes."""
+
+    rows: list[Row]
+    analyses: list[GroupAnalysis]
+    problems: list[Problem]
+    nodes: list[NodeHistory] = field(default_factory=list)
 
 
 def _f(value, fmt: str) -> str:
@@ -30,10 +41,22 @@ def _f(value, fmt: str) -> str:
 def row_cells(r: Row) -> list[str]:
     return [str(r.nodes), str(r.world_size), str(r.runs), _f(r.throughput, ".1f"), _f(r.throughput_ci, ".1f"),
             _f(r.throughput_per_rank, ".1f"), _f(r.tokens_per_s, ".0f"), _f(r.speedup, ".2f"),
-            _f(r.efficiency, ".1%") + (f" +-{r.efficiency_ci:.1%}" if r.efficiency_ci is not None else ""),
+            _f(r.efficiency, ".1%") + (f" +-{r.efficiency_ci:.1%}" if r.efficiency_ci is not None else "")
+            + (" IMPLAUSIBLE" if r.implausible else ""),  # never bare: its cause is said below the table
             _f(r.predicted_efficiency, ".1%"), f"{r.share_data:.0%}", f"{r.share_compute:.0%}",
             f"{r.share_comm:.0%}" if r.world_size > 1 else "-",  # one rank: no communication
-            f"{r.skew:.2f}", f"{r.straggler_host} (rank {r.straggler_rank})", _f(r.busbw_gb_s, ".3g")]
+            f"{r.skew:.2f}", f"{r.straggler_host} (rank {r.straggler_rank})", _f(r.busbw_gb_s, ".3g"),
+            r.reason or "-"]
+
+
+def why_lines(r: Row) -> list[str]:
+    """A row's reason with its evidence, and an implausible efficiency's cause."""
+    lines = []
+    if r.implausible:
+        lines.append(f"{r.nodes} node(s): IMPLAUSIBLE {r.implausible}")
+    if r.reason and (r.evidence or r.reason not in ("baseline", "none")):
+        lines.append(f"{r.nodes} node(s): {r.reason}" + (f": {r.evidence}" if r.evidence else ""))
+    return lines
 
 
 def terminal_table(rows: list[Row]) -> str:
@@ -51,6 +74,7 @@ def terminal_table(rows: list[Row]) -> str:
             out.append(f"\n{group}")
             out += ["  " + "  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table]
             out += [f"  FABRIC {r.nodes} node(s): {r.fabric_flag}" for r in members if r.fabric_flag]
+            out += [f"  WHY {line}" for r in members for line in why_lines(r)]
     return "\n".join(out).lstrip("\n")
 
 
@@ -62,9 +86,11 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writerows(dicts)
 
 
-def write_scaling_json(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Problem], path: Path) -> None:
-    write_json(path, {"schema_version": 1, "definitions": DEFINITIONS, "rows": to_dicts(rows),
-                      "analyses": [asdict(a) for a in analyses], "problems": [asdict(p) for p in problems]})
+def write_scaling_json(c: Collected, path: Path) -> None:
+    write_json(path, {"schema_version": 1, "definitions": {**DEFINITIONS, **NODES}, "rows": to_dicts(c.rows),
+                      "analyses": [asdict(a) for a in c.analyses],
+                      "problems": [{"path": p.path, "reason": p.reason} for p in c.problems],
+                      "nodes": [asdict(n) for n in c.nodes]})
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -248,8 +274,8 @@ def _plain_numbers():
 
 
 # ------------------------------------------------------------------------------------------------ report
-def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Problem], plots: list[str],
-             regressions: list[str]) -> str:
+def markdown(c: Collected, plots: list[str], regressions: list[str]) -> str:
+    rows, analyses, problems = c.rows, c.analyses, c.problems
     lines = ["# Scaling report", ""]
     if regressions:
         lines += ["## Regressions against the baseline", ""] + [f"- {r}" for r in regressions] + [""]
@@ -259,9 +285,13 @@ def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Prob
                                                 for r in flagged] + [""]
     lines += ["## Results", ""]
     for group, members in groupby(rows, key=lambda r: r.group):
+        members = list(members)
         lines += [f"### {group}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(row_cells(r)) + " |" for r in members]
         lines.append("")
+        why = [line for r in members for line in why_lines(r)]
+        if why:
+            lines += ["Why it does not scale:", ""] + [f"- {line}" for line in why] + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
     lines += ["## Forecast", ""]
@@ -274,6 +304,7 @@ def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Prob
                       ", ".join(f"{r} on {h}" for r, h in sorted(a.hosts.items())), ""]
     lines += _memory_lines(analyses)
     lines += _comparison_lines(rows)
+    lines += node_lines(c.nodes)
     lines += ["## Cost", ""]
     for a in analyses:
         if a.cost is None:
@@ -284,7 +315,7 @@ def markdown(rows: list[Row], analyses: list[GroupAnalysis], problems: list[Prob
                   "|---|---|---|---|"]
         lines += [f"| {p.nodes} | {p.epoch_s / 60:.3g} min | {(p.gpu_hours if gpu else p.node_hours):.3g} | "
                   f"{_f(p.marginal, '.0%')} |" for p in a.cost.points] + [""]
-    lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
+    lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in {**DEFINITIONS, **NODES}.items()] + [""]
     diverged = [p for p in problems if isinstance(p, Diverged)]
     unusable = [p for p in problems if not isinstance(p, Diverged)]
     for title, listed in (("Diverged runs", diverged), ("Records not used", unusable)):
@@ -335,6 +366,19 @@ def _comparison_lines(rows: list[Row]) -> list[str]:
     return ["## Parallel modes compared", "", *lines] if lines else []
 
 
+def node_lines(nodes: list[NodeHistory]) -> list[str]:
+    """The Nodes section: every Slurm node over the whole collection."""
+    lines = ["## Nodes", ""]
+    if not nodes:
+        return lines + ["No Slurm node in these records (local debug mode's nodes are simulated: this machine).", ""]
+    lines += ["| node | runs | straggler | checks | flagged | GEMM GFLOP/s | best link GB/s | memory GB/s | "
+              "stopped for it | last flagged for |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n.node} | {n.runs} | {n.straggler} | {n.checks} | {n.flagged} | {_f(n.gemm_gflops, '.3g')} | "
+              f"{_f(n.link_gb_s, '.3g')} | {_f(n.membw_gb_s, '.3g')} | {n.stopped} | {n.last_flag or '-'} |"
+              for n in nodes]
+    return lines + [""]
+
+
 def _forecast_lines(f) -> list[str]:
     title = ("From the fabric probes" if f.source == "probes" else "Fitted to the measured comm phase")
     lines = [f"**{title}**"]
@@ -348,21 +392,28 @@ def _forecast_lines(f) -> list[str]:
         lines.append(f"No numbers where an interval is missing: {f.missing}.")
     rows = [p for p in f.predictions if p.predicted is not None]
     if rows:
-        lines += ["", "| nodes | measured efficiency | predicted (95% interval) | error |", "|---|---|---|---|"]
+        lines += ["", "| nodes | measured efficiency | predicted (95% interval) | error | from |", "|---|---|---|---|---|"]
         lines += [f"| {p.nodes} | {_f(p.measured, '.1%')} | {p.predicted:.1%} ({p.low:.1%} to {p.high:.1%}) | "
-                  f"{_f(p.error, '+.1%')} |" for p in rows]
+                  f"{_f(p.error, '+.1%')} | {p.source or '-'} |" for p in rows]
+    h = f.held_out
+    if h is not None:
+        lines += ["", f"Held out: {h.nodes} nodes predicted from the smaller node counts alone ({h.source}): "
+                      f"{h.predicted:.1%} ({h.low:.1%} to {h.high:.1%}) against {h.measured:.1%} measured, error "
+                      f"{h.error:+.1%}, {'inside' if h.inside else 'OUTSIDE'} its interval."]
+    elif f.held_out_missing:
+        lines += ["", f"Held out: none ({f.held_out_missing})."]
     if f.next_measurement:
         lines += ["", f"Next to measure: {f.next_measurement}."]
     return lines + [""]
 
 
-def write_report(out_dir: Path, rows, analyses, problems, regressions, with_plots: bool = True) -> Path:
+def write_report(out_dir: Path, c: Collected, regressions: list[str], with_plots: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / "scaling.csv")
-    write_scaling_json(rows, analyses, problems, out_dir / "scaling.json")
-    plots = plot(rows, analyses, out_dir) if with_plots else []
+    write_csv(c.rows, out_dir / "scaling.csv")
+    write_scaling_json(c, out_dir / "scaling.json")
+    plots = plot(c.rows, c.analyses, out_dir) if with_plots else []
     report = out_dir / "report.md"
-    report.write_text(markdown(rows, analyses, problems, plots, regressions))
+    report.write_text(markdown(c, plots, regressions))
     return report
 
 

@@ -13,19 +13,20 @@ from itertools import groupby
 import numpy as np
 
 from pipeline.collector.cost import COST_FRACTION, CostView, cost_view
-from pipeline.collector.forecast import Baseline, Forecast, from_fit, from_probes, t975
+from pipeline.collector.diagnosis import DEFINITIONS as REASONS, diagnose
+from pipeline.collector.forecast import PREDICT_AT, Baseline, Forecast, Group, from_fit, from_probes, t975
 from pipeline.collector.memory import ASSUMPTION, MemoryForecast, forecast_memory
-from pipeline.collector.records import GroupKey, Run
+from pipeline.collector.records import Diverged, GroupKey, Run
 from pipeline.definitions import FABRIC
 
 SLOW_FABRIC = 0.5  # a probe whose bus bandwidth is below this fraction of the median at its world size is flagged
 
 DEFINITIONS = {
     "group": "runs that differ only in node count: same model and dataset (and their configs), per-rank batch "
-             "(weak) or global batch (strong), precision, optimizer, scaling mode, tasks per node, device, git "
-             "sha, parallel mode (ddp, fsdp, hsdp) and trainer.grad_accum_steps as configured (auto: picked per node "
-             "count, the global batch fixed). Oversubscribed runs form groups of their own and are never a "
-             "baseline.",
+             "(weak) or global batch (strong), precision, optimizer, scaling mode, tasks per node, CPU threads per "
+             "rank, device, git sha, parallel mode (ddp, fsdp, hsdp) and trainer.grad_accum_steps as configured "
+             "(auto: picked per node count, the global batch fixed). Oversubscribed runs form groups of their own "
+             "and are never a baseline.",
     "throughput": "samples/s over the timed steps (global batch x timed steps / slowest rank's timed time); "
                   "repeats of a point are averaged, with a 95% confidence interval mean +- t(0.975, n-1) s/sqrt(n)",
     "per-rank throughput": "throughput / world size",
@@ -44,16 +45,22 @@ DEFINITIONS = {
                       "rank's; the host is that rank's Slurm node; averaged over repeats, host of the worst run",
     "fabric": FABRIC + f". Flagged: a multi-node NCCL job on TCP sockets; a busbw below {SLOW_FABRIC:.0%} of the "
               "median of the collection's probes at the same world size",
-    "forecast": "step(P) = (data + compute)_base x (P_base/P in strong scaling) + comm(P), comm(P) = 2(P-1) "
-                "latency + 2(P-1)/P gradient_bytes / bandwidth; efficiency as above from the predicted throughputs. "
-                "'probes': latency and bandwidth from the fabric probes (of the largest measured node count <= N), "
-                "independent of the training times; comm(P) is the whole all-reduce, so the predicted step is an "
-                "upper bound (and efficiency a lower bound) where DDP hides part of it behind backward. 'fit': "
-                "fitted by non-negative least squares to the measured comm phase of the multi-rank runs. Intervals "
-                "(95%): probes, a t-interval over the per-probe predictions widened by the baseline throughput's "
-                "interval in quadrature, cut at 0; fit, the 2.5-97.5 percentiles over 200 resamplings of one run "
-                "per node count. Where probes, repeats or points are too few the forecast says what is missing "
-                "instead of a number. Error = predicted / measured - 1 at the measured node counts.",
+    "forecast": "step(P) = work x (P_src/P in strong scaling) + comm(P), efficiency(N) = throughput(N) x N_base / "
+                "(throughput_base x N) with throughput_base the baseline's measured one. 'probes': comm(P) = kappa x "
+                "ring(P), ring(P) = 2(P-1) latency + 2(P-1)/P gradient_bytes / bandwidth with latency and bandwidth "
+                "from the fabric probes (of the largest measured node count <= N), kappa (the measured comm phase "
+                "over the run's own probe's ring time: < 1 where DDP hides part of the all-reduce behind backward, "
+                "> 1 where its buckets pay the latency again or compete with backward for the CPU) and the work "
+                "(data + compute) from the runs of the largest measured node count below N (none below the smallest "
+                "multi-rank count: kappa 1, the baseline's work), so a measured row is predicted without the "
+                "training at that node count. 'fit': latency and bandwidth fitted by non-negative least squares to "
+                "the measured comm phase of the multi-rank runs, the baseline's work. Held out: each model on the "
+                "runs below the largest measured node count alone, predicting that count. Intervals (95%): probes, "
+                "the t-based relative half-widths of the probes' predictions, of kappa and of the work (weighted by "
+                "their shares of the step), of the baseline throughput and of a new measurement's scatter (the "
+                "repeats' pooled relative spread, for as many repeats), in quadrature, cut at 0; fit, the 2.5-97.5 "
+                "percentiles over 200 resamplings of one run per node count. Where probes, repeats or points are too "
+                "few the forecast says what is missing instead of a number. Error = predicted / measured - 1.",
     "sharded forecast": "a sharded group's comm(P) sums its step's collectives as the records plan them: FSDP's "
                         "all-gathers (every group's parameters in forward, again in backward where resharded) and "
                         "reduce-scatters (its gradients) over every rank, each call k(P-1) latency + k(P-1)/P bytes "
@@ -66,6 +73,7 @@ DEFINITIONS = {
               "set), repeats averaged. Predicted from the baseline: " + ASSUMPTION + ". The 95% interval of the peak: "
               "t over the baseline's repeats. Fits: the smallest node count whose state (and whose peak's upper "
               "bound) is within the device's memory (--device-memory, default the measured device's)",
+    **REASONS,
     "cost": "epoch time = samples per epoch (steps per epoch x global batch) / throughput; node-hours = nodes x "
             "epoch time / 3600 (GPU-hours = ranks x epoch time / 3600, on GPUs); marginal value of a step up = "
             "(throughput_b - throughput_a) / (N_b - N_a) / (throughput_base / N_base); the knee is the node count "
@@ -116,6 +124,10 @@ class Row:
     accumulation: str = "1"  # trainer.grad_accum_steps as configured
     state_bytes: float | None = None  # per rank (the largest rank's), mean of repeats
     peak_bytes: float | None = None
+    threads: int = 0  # CPU threads per rank
+    reason: str = ""  # why it loses efficiency (pipeline.collector.diagnosis), and the evidence
+    evidence: str = ""
+    implausible: str = ""  # an efficiency above the plausible, and its likely cause
 
 
 @dataclass
@@ -136,17 +148,20 @@ def group_label(key: GroupKey, code_version: bool = True) -> str:
     cfg = hashlib.sha1((key.model_config + key.dataset_config).encode()).hexdigest()[:6]
     batch_kind = "global" if key.scaling == "strong" else "per-rank"
     model = (key.model_label or key.model) if code_version else key.model
-    # the parallel mode and accumulation only where they are not the defaults, so older groups keep their names
+    # the parallel mode, accumulation and threads only where they are not the defaults, so older groups keep
+    # their names
     parallel = "" if key.parallel == "ddp" else f" {key.parallel}"
     accumulation = "" if key.accumulation == "1" else f" accum {key.accumulation}"
+    threads = f" {key.threads} thread{'s' if key.threads != 1 else ''}/rank" if key.threads else ""
     label = (f"{model}/{key.dataset}{parallel} {key.scaling} {batch_kind} batch {key.batch}{accumulation} "
-             f"{key.precision} {key.optimizer} {key.tasks_per_node}/node {key.device} cfg {cfg}")
+             f"{key.precision} {key.optimizer} {key.tasks_per_node}/node{threads} {key.device} cfg {cfg}")
     if code_version:
         label += f" @{key.git_sha[:7]}"
     return label + (" [oversubscribed]" if key.oversubscribed else "")
 
 
-def aggregate(runs: list[Run], device_bytes: int | None = None) -> tuple[list[Row], list[GroupAnalysis]]:
+def aggregate(runs: list[Run], diverged: list[Diverged] = (), predict_at: tuple[int, ...] = PREDICT_AT,
+              device_bytes: int | None = None) -> tuple[list[Row], list[GroupAnalysis]]:
     """Rows per group and node count, and each group's analysis; `device_bytes`: the device memory the memory
     forecast fits to (None: the measured device's)."""
     rows, analyses = [], []
@@ -156,7 +171,8 @@ def aggregate(runs: list[Run], device_bytes: int | None = None) -> tuple[list[Ro
         members = list(members)
         group_rows = _group_rows(key, members)
         flag_fabrics(group_rows, members, medians)
-        analysis = analyse(key, members, group_rows)
+        diagnose(group_rows, members, [d for d in diverged if d.group == key])
+        analysis = analyse(key, members, group_rows, predict_at)
         analysis.memory = forecast_memory(analysis.group, key.parallel, members, device_bytes)
         predicted = {p.nodes: p.predicted for p in analysis.probes.predictions}
         for row in group_rows:
@@ -166,7 +182,7 @@ def aggregate(runs: list[Run], device_bytes: int | None = None) -> tuple[list[Ro
     return rows, analyses
 
 
-def analyse(key: GroupKey, members: list[Run], rows: list[Row]) -> GroupAnalysis:
+def analyse(key: GroupKey, members: list[Run], rows: list[Row], predict_at: tuple[int, ...]) -> GroupAnalysis:
     label = group_label(key)
     largest = max(members, key=lambda r: r.nodes)
     hosts = dict(largest.hosts)
@@ -181,11 +197,12 @@ def analyse(key: GroupKey, members: list[Run], rows: list[Row]) -> GroupAnalysis
                     work_s=[r.breakdown[0] + r.breakdown[1] for r in at_base],
                     tasks_per_node=base_row.world_size // base_row.nodes, strong=key.scaling == "strong",
                     global_batch=first.global_batch, per_rank_batch=first.global_batch // first.world_size,
-                    gradient_bytes=first.gradient_bytes, collectives=first.collectives, kind=key.parallel)
+                    gradient_bytes=first.gradient_bytes, collectives=first.collectives, kind=key.parallel,
+                    throughputs=[r.throughput for r in at_base])
     measured = {r.nodes: r.efficiency for r in rows}
     rel = base_row.throughput_ci / base_row.throughput if base_row.throughput_ci is not None else None
-    return GroupAnalysis(label, from_probes(label, base, members, measured, rel),
-                         from_fit(label, base, members, measured),
+    group = Group(label, base, members, measured, rel, predict_at)
+    return GroupAnalysis(label, from_probes(group), from_fit(group),
                          cost_view(label, rows, float(np.mean([r.samples_per_epoch for r in at_base])),
                                    first.device_type == "cuda"), hosts)
 
@@ -242,7 +259,7 @@ def _group_rows(key: GroupKey, members: list[Run]) -> list[Row]:
                         parallel=key.parallel, family=group_label(key._replace(parallel="ddp", accumulation="1")),
                         accumulation=key.accumulation,
                         state_bytes=float(np.mean([m.state_bytes for m in held])) if held else None,
-                        peak_bytes=float(np.mean(peaks)) if peaks else None))
+                        peak_bytes=float(np.mean(peaks)) if peaks else None, threads=key.threads))
     if not oversubscribed:
         base = rows[0]
         for row in rows:

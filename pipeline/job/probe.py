@@ -186,6 +186,51 @@ def _network(plugin: str) -> str:
     return "sockets" if plugin == "Socket" else plugin.strip().lower().replace(" ", "-")
 
 
+# NCCL's INFO line for the network it uses between nodes, and its interfaces (net_ib.cc, net_socket.cc):
+#   NET/IB : Using [0]mlx5_0:1/IB [1]mlx5_1:1/RoCE [RO]; OOB ib0:10.0.0.1<0>
+#   NET/Socket : Using [0]eth0:10.1.2.3<0> [1]eth1:10.2.2.3<0>
+_NET_USING = re.compile(r"\bNET/(?:IB|Socket) : Using (.*)")
+_DEVICE = re.compile(r"\[\d+\]([^\s:<]+(?::\d+)?)")
+
+
+def nccl_interface(logs: list[Path]) -> str | None:
+    """The interfaces NCCL chose between nodes (HCA ports for InfiniBand, e.g. mlx5_0:1; network devices for
+    sockets, e.g. eth0), from its INFO logs; None where it did not say."""
+    found = set()
+    for path in logs:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in _NET_USING.findall(text):
+            names = _DEVICE.findall(line.split(";")[0])
+            found.update(n if "/IB" in line or "/RoCE" in line else n.split(":")[0] for n in names)
+    return "+".join(sorted(found)) or None
+
+
+def route_interface(address: str) -> str | None:
+    """The network interface this host reaches `address` through (gloo's, unless GLOO_SOCKET_IFNAME says): the
+    local address a socket towards it binds to, matched to an interface by name. None where it cannot be told."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((address, 9))  # UDP: no packet is sent, only the route chosen
+            local = s.getsockname()[0]
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                except OSError:  # no IPv4 address on it
+                    continue
+                if socket.inet_ntoa(packed[20:24]) == local:
+                    return name
+    except OSError:
+        return None
+    return None
+
+
 def fell_back_to_sockets(fabric: Fabric, nodes: int) -> bool:
     """A multi-node NCCL job whose inter-node traffic goes over TCP sockets: the usual cause of "N nodes are no
     faster than one" (no InfiniBand seen, or NCCL_IB_DISABLE)."""

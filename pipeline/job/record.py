@@ -17,7 +17,7 @@ from pipeline.job.placement import device_info
 from pipeline.definitions import COMM_MEASUREMENT, FSDP_COMM_MEASUREMENT, FSDP_COMM_UNMEASURED, RECORD
 from pipeline.job.timing import rank_timing, summarize
 from pipeline.job.trainer import TrainOutcome
-from pipeline.rundir import (Fabric, HostShare, Point, Provenance, RankResult, Result, SlurmInfo, target_name,
+from pipeline.rundir import (Fabric, Health, HostShare, Point, Provenance, RankResult, Result, SlurmInfo, target_name,
                              utc_now)
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "submitit", "numpy")
@@ -62,6 +62,7 @@ class JobFacts:
     model_label: str
     host: HostShare  # this rank's share of its host
     fabric: Fabric | None = None
+    health: Health | None = None  # rank 0's health check of a multi-node job
     flops_per_sample: float | None = None
     weights: str | None = None  # the weights' file, once saved
     missing: dict[str, str] = field(default_factory=dict)  # what could not be produced after training, and why
@@ -99,7 +100,7 @@ def build_record(point: Point, run: RunConfig, env: DistEnv, outcome: TrainOutco
         loader=outcome.loader, tokens_per_sample=outcome.tokens_per_sample, wall_time_s=job.wall_s,
         oversubscribed=any(r.host.oversubscribed for r in ranks), weights=job.weights, ranks=ranks,
         provenance=provenance(point, env, outcome, ranks, job.started_at), definitions=RECORD,
-        fabric=job.fabric, startup=job.startup, io=outcome.io, optimizer=outcome.optimizer,
+        fabric=job.fabric, health=job.health, startup=job.startup, io=outcome.io, optimizer=outcome.optimizer,
         status="diverged" if outcome.diverged_at_step is not None else "completed",
         diverged_at_step=outcome.diverged_at_step, missing={**outcome.missing, **job.missing, **unmeasured(run, job)},
         parallel=outcome.parallel, micro_batch=run.micro_batch, grad_accum_steps=run.accum_steps)

@@ -26,16 +26,17 @@ from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_ru
 from pipeline.job.build import build_workload
 from pipeline.job.checkpoint import Checkpoints, save
 from pipeline.job.env import DistEnv
+from pipeline.job.health import BadNodesFound, JobReporter, RankFacts, check_health
 from pipeline.job.heartbeat import silent_ranks, start_heartbeat
 from pipeline.job.observe import hparams_of, tensorboard_dir
 from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.parallel import Parallel
-from pipeline.job.probe import describe, fell_back_to_sockets, probe_sharded, run_probe
+from pipeline.job.probe import describe, fell_back_to_sockets, nccl_interface, probe_sharded, route_interface, run_probe
 from pipeline.job.record import JobFacts, build_record, rank_result
 from pipeline.job.trainer import Trainer, TrainOutcome, gradient_bytes
 from pipeline.rundir import (ERROR_PREFIX, LOG_DIR, POINT_STORE_KEY, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure,
-                             Point, Result, failure_path, utc_now)
+                             Health, Point, Result, failure_path, utc_now)
 
 log = logging.getLogger("pipeline.worker")
 
@@ -112,7 +113,9 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         join_process_group(env, device, store, timeout, point_dir)
         start_heartbeat(store, env.rank)
         clock.mark("rendezvous")
-        host = place_threads(env)
+        host, roster = place_threads(env, device, clock.marks["ready"])
+        health = check_nodes(run, env, device, store, roster, JobReporter(point, point_dir, env, run))
+        clock.mark("health")
         workload = build_workload(run, env.rank, clock.mark)
         trainer = Trainer(run, env, device, workload, Checkpoints(point_dir, point.run_id, point.config),
                           (point_dir, tensorboard_dir(point, point_dir)))
@@ -125,7 +128,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
             clock.marks["first_step"] = outcome.first_step_at - clock.origin
         job = JobFacts(point_dir=point_dir, backend=dist.get_backend(), device=device, started_at=started_at,
                        wall_s=time.perf_counter() - t0, startup=clock.marks, model_label=workload.label, host=host,
-                       fabric=fabric)
+                       fabric=fabric, health=health)
         write_result(point, run, env, trainer, outcome, job)
         trainer.close()
         dist.barrier()  # no rank tears the process group down while another still uses it
@@ -169,6 +172,18 @@ def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore,
                             world_size=env.world_size, timeout=timeout)
 
 
+def check_nodes(run: RunConfig, env: DistEnv, device: torch.device, store: dist.TCPStore, roster: list[RankFacts],
+                reporter: JobReporter) -> Health | None:
+    """A multi-node job's health check, before anything is built (health.enabled): rank 0's figures of every node
+    for the record, or BadNodesFound on every rank when the policy stops the job."""
+    if env.num_nodes == 1 or not run.health.enabled:
+        return None
+    health, verdict = check_health(run.health, store, device, roster, env.rank, reporter)
+    if verdict.stop:
+        raise BadNodesFound(verdict.message)
+    return health
+
+
 def probe_fabric(run: RunConfig, env: DistEnv, parallel: Parallel, device: torch.device,
                  point_dir: Path) -> Fabric | None:
     """A multi-rank job's all-reduce (and a sharded job's collectives, on FSDP's groups), timed before training up
@@ -179,6 +194,8 @@ def probe_fabric(run: RunConfig, env: DistEnv, parallel: Parallel, device: torch
     nbytes, start = gradient_bytes(parallel.raw), time.perf_counter()
     fabric = run_probe(nbytes, device, dist.get_backend(), env.world_size, logs)
     fabric = replace(fabric, collectives=probe_sharded(nbytes, device, parallel.probe_groups()),
+                     interface=nccl_interface(logs) if fabric.backend == "nccl" else
+                     os.environ.get("GLOO_SOCKET_IFNAME") or route_interface(env.master_addr),
                      seconds=time.perf_counter() - start)
     if env.rank == 0:
         for line in describe(fabric):

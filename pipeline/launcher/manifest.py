@@ -5,12 +5,12 @@ of what it submitted, and launches or resubmissions into one sweep at the same t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from dataclasses import replace
 from pathlib import Path
 
 from pipeline.rundir import MANIFEST_NAME, Manifest, ManifestPoint, Submission, utc_now
+from pipeline.runlock import exclusive
 
 LOCK_NAME = ".manifest.lock"
 
@@ -27,12 +27,8 @@ def read_manifest(sweep_dir: Path) -> Manifest:
 def _locked(sweep_dir: Path):
     """An exclusive lock on the sweep's manifest for a read-modify-write (flock: released if the holder dies)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / LOCK_NAME, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive(sweep_dir / LOCK_NAME):
+        yield
 
 
 def _update(sweep_dir: Path, entries: dict[int, ManifestPoint]) -> None:
@@ -46,11 +42,13 @@ def _update(sweep_dir: Path, entries: dict[int, ManifestPoint]) -> None:
         replace(manifest, points=merged).write(sweep_dir)
 
 
-def add_submissions(sweep_dir: Path, submitted: list[tuple[int, Path, list[str], int, str]]) -> None:
-    """(point, folder, overrides, nodes, Slurm job id) for every point of one submission, in one write."""
+def add_submissions(sweep_dir: Path, submitted: list[tuple[int, Path, list[str], int, str]],
+                    left_out: list[str] = ()) -> None:
+    """(point, folder, overrides, nodes, Slurm job id) for every point of one submission, in one write, with the
+    nodes that submission left out."""
     now = utc_now()
     _update(Path(sweep_dir), {point: ManifestPoint(dir=os.path.relpath(folder, sweep_dir), overrides=overrides,
-                                                   nodes=nodes, jobs=[Submission.of(job, now)])
+                                                   nodes=nodes, jobs=[Submission.of(job, now, list(left_out))])
                               for point, folder, overrides, nodes, job in submitted})
 
 

@@ -19,31 +19,47 @@ from hydra.core.hydra_config import HydraConfig
 
 from pipeline.config import ConfigError, RunConfig, to_plain
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
-from pipeline.launcher.manifest import add_submissions
-from pipeline.launcher.status import RESUBMITTABLE, PointStatus
+from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
+from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
 from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
-from pipeline.runlock import Claim, claim
+from pipeline.runlock import Claim, claim, exclusive
 from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, group_by_allocation, max_array_size, preflight,
                                      submit, write_dry_run)
-from pipeline.rundir import POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
+from pipeline.badnodes import bad_nodes_or_empty, read_bad_nodes
+from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
 
 log = logging.getLogger("pipeline.launch")
 DRY_RUN_NAME = "dry_run.txt"  # local debug mode's dry run: the processes it would have started
+RESUBMIT_LOCK = ".resubmit.lock"  # in the sweep folder
 
 
 def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, str]:
     """Would Slurm accept them? One `sbatch --test-only` per distinct allocation (dry runs are not asked: they
-    also work where no cluster is reachable). Returns the reason for each point it would not."""
+    also work where no cluster is reachable), kept off the nodes the sweep avoids. Returns the reason for each
+    point it would not."""
     problems, asked = {}, {}
     slurm = [p for p in points if p.run.cluster.kind == "slurm" and not p.run.dry_run]
+    avoid = sweep_avoids(sweep_dir) if slurm else ()
     # the arrays as they will be submitted (split at MaxArraySize), each allocation asked about once, for its
     # first (largest) array
     for group in group_by_allocation(slurm, max_array=max_array_size() if slurm else DEFAULT_MAX_ARRAY):
         key = allocation(group[0].run)
         if key not in asked:
-            asked[key] = preflight(group, sweep_dir, job_name="pipeline-preflight")
+            asked[key] = preflight(group, sweep_dir, "pipeline-preflight", avoid)
+            if asked[key] and avoid:
+                asked[key] += f" (the sweep leaves out {', '.join(avoid)}: {sweep_dir / BAD_NODES_NAME})"
         problems.update({p.index: asked[key] for p in group if asked[key]})
     return problems
+
+
+def sweep_avoids(sweep_dir: Path) -> tuple[str, ...]:
+    """The Slurm nodes on the sweep's bad-node list, which every submission into it leaves out (cluster.exclude
+    adds the user's own). A list that cannot be read is said, and avoids nothing."""
+    try:
+        return tuple(read_bad_nodes(sweep_dir).slurm_nodes())
+    except (OSError, ValueError) as e:
+        log.warning("%s cannot be read (%s): no node on it is left out", sweep_dir / BAD_NODES_NAME, e)
+        return ()
 
 
 def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
@@ -118,21 +134,23 @@ def allow_open_files(locks: int) -> None:
 def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int, str]]:
     """Submit points (already frozen) with one `sbatch` per distinct allocation (split at the cluster's
     MaxArraySize), adding each to the manifest; dry runs write the scripts instead. Returns (point, job id)."""
+    avoid = sweep_avoids(sweep_dir) if points else ()
     dry = [p for p in points if p.run.dry_run]
     for group in group_by_allocation(dry, max_array=DEFAULT_MAX_ARRAY):
-        script = write_dry_run(group, sweep_dir, job_name(sweep_dir, group))
+        script = write_dry_run(group, sweep_dir, job_name(sweep_dir, group), avoid)
         log.info("dry run, nothing submitted: %d point(s) would go as %s; its sbatch script: %s", len(group),
                  "one job" if len(group) == 1 else "one job array", script)
     real = [p for p in points if not p.run.dry_run]
     done = []
     for group in group_by_allocation(real, max_array=max_array_size() if real else DEFAULT_MAX_ARRAY):
-        job_ids = submit(group, sweep_dir, job_name(sweep_dir, group))
-        add_submissions(sweep_dir, [(p.index, p.point_dir, p.overrides, p.run.nodes, job)
-                                    for p, job in zip(group, job_ids)])
+        job_ids = submit(group, sweep_dir, job_name(sweep_dir, group), avoid)
         r = group[0].run
-        log.info("%d point(s) submitted as %s %s (%d node(s) x %d task(s) each)", len(group),
+        left_out = sorted({*r.cluster.exclude, *avoid})
+        add_submissions(sweep_dir, [(p.index, p.point_dir, p.overrides, p.run.nodes, job)
+                                    for p, job in zip(group, job_ids)], left_out)
+        log.info("%d point(s) submitted as %s %s (%d node(s) x %d task(s) each%s)", len(group),
                  "Slurm job" if len(group) == 1 else "Slurm job array", job_ids[0].split("_")[0], r.nodes,
-                 r.cluster.tasks_per_node)
+                 r.cluster.tasks_per_node, f", leaving out {', '.join(left_out)}" if left_out else "")
         done += [(p.index, job) for p, job in zip(group, job_ids)]
     return done
 
@@ -155,12 +173,36 @@ def run_here(p: PlannedPoint, point: Point, position: str) -> None:
                     "do not measure scaling", run.world_size, cores)
     log.info("point %s: %d node(s) x %d task(s) in local debug mode, folder %s",
              p.index, run.nodes, run.cluster.tasks_per_node, p.point_dir)
-    run_local(p.point_dir, run, job_id=f"local-{point.run_id[:8]}", position=position)
+    run_local_again_on_bad_nodes(p, point, position)
     step = diverged_at(p.point_dir)
     if step is not None:  # the ranks stopped together and wrote the record: the run itself failed
         raise RunFailed(f"point {p.index} diverged: its loss was not finite at step {step}, so training stopped; "
                         f"the record says so (status diverged): {p.point_dir / RECORD_NAME}")
     log.info("record: %s", p.point_dir / RECORD_NAME)
+
+
+def run_local_again_on_bad_nodes(p: PlannedPoint, point: Point, position: str) -> None:
+    """Run the point's ranks here. Local debug mode's nodes are all this machine, so under health.on_bad=exclude
+    a bad node cannot be left out: the point is run again instead (what makes a simulated node slow is mostly
+    load from elsewhere, which passes), at most health.max_resubmits times, each time said."""
+    health = p.run.health
+    for attempt in range(health.max_resubmits + 1):
+        job_id = f"local-{point.run_id[:8]}" + (f"-{attempt}" if attempt else "")
+        try:
+            run_local(p.point_dir, p.run, job_id=job_id, position=position)
+            return
+        except RunFailed:
+            stopped = bad_nodes_or_empty(Path(point.sweep_dir) if point.sweep_dir else p.point_dir).of_job(job_id)
+            if not stopped or health.on_bad != "exclude":
+                raise
+            if attempt == health.max_resubmits:
+                raise RunFailed(f"point {p.index} stopped before training in each of its {attempt + 1} run(s): its "
+                                f"health check found {'; '.join(f'{e.node}: {e.reason}' for e in stopped)} (local "
+                                "debug mode cannot leave a simulated node out: they are all this machine)") from None
+            log.warning("point %s stopped before training: its health check found %s; local debug mode's nodes "
+                        "are all this machine, so none can be left out: running it again (%d of %d, "
+                        "health.max_resubmits)", p.index, "; ".join(f"{e.node}: {e.reason}" for e in stopped),
+                        attempt + 1, health.max_resubmits)
 
 
 def write_local_dry_run(p: PlannedPoint, point: Point) -> None:
@@ -208,3 +250,37 @@ def resubmit_failed(sweep_dir: Path, statuses: list[PointStatus], include_diverg
     for index, problem in problems.items():
         print(f"point {index}: not resubmitted, Slurm rejects it: {problem}", file=sys.stderr)
     return submit_points([p for p in planned if p.index not in problems], sweep_dir)
+
+
+def resubmit_without_bad_nodes(sweep_dir: Path, statuses: list[PointStatus]) -> list[str]:
+    """Each point whose last job stopped before training for a bad node (health.on_bad=exclude), resubmitted
+    without the sweep's bad nodes, at most health.max_resubmits times; one that Slurm cannot place without them is
+    not resubmitted and says why (the manifest keeps the reason, and --resubmit-failed tries again). Returns what
+    was done, in words. Called by `status`, `status --wait` and the launch's wait=true."""
+    said = []
+    with exclusive(sweep_dir / RESUBMIT_LOCK):  # two `status` calls at once must not both resubmit a point
+        manifest, bad = read_manifest(sweep_dir), read_bad_nodes(sweep_dir)
+        planned, stops = [], {}
+        for s in statuses:
+            entry = manifest.points.get(s.point)
+            if s.state != "bad node" or entry is None or entry.jobs[-1].job_id != s.job_id or entry.skipped:
+                continue  # resubmitted meanwhile, or already found impossible to place
+            try:
+                run = prepare_run(Point.read(s.dir).config)
+            except (OSError, ValueError) as e:  # ConfigError among them
+                said.append(f"point {s.point}: not resubmitted, its {POINT_NAME} does not pass the launch's checks: {e}")
+                continue
+            stops[s.point] = exclusion_stops(entry, bad)
+            if run.health.on_bad == "exclude" and stops[s.point] <= run.health.max_resubmits:
+                planned.append(PlannedPoint(s.point, entry.overrides, run, s.dir))
+        avoid = ", ".join(sweep_avoids(sweep_dir))
+        problems = check_allocations(planned, sweep_dir)
+        for index, problem in problems.items():
+            add_skipped(sweep_dir, index, manifest.points[index].overrides, f"Slurm cannot place it: {problem}")
+            said.append(f"point {index}: not resubmitted: Slurm cannot place it: {problem}")
+        allowed = {p.index: p.run.health.max_resubmits for p in planned}
+        for point, job in submit_points([p for p in planned if p.index not in problems], sweep_dir):
+            said.append(f"point {point}: its job {manifest.points[point].jobs[-1].job_id} stopped before training "
+                        f"for a bad node; resubmitted without {avoid} as job {job} ({stops[point]} of "
+                        f"{allowed[point]} resubmissions, health.max_resubmits)")
+    return said

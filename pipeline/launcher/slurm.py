@@ -32,9 +32,10 @@ DEFAULT_MAX_ARRAY = 1001  # Slurm's default MaxArraySize
 ARRAY_LOGS = ".array-logs"  # SWEEP_DIR/.array-logs/<array>/<task> -> the task's POINT_DIR/logs
 
 
-def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path) -> dict:
+def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path, avoid: tuple[str, ...] = ()) -> dict:
     """submitit's SlurmExecutor parameters for one point (its allocation, requeue on preemption, fail fast,
-    per-rank logs in `log_dir`)."""
+    per-rank logs in `log_dir`), kept off cluster.exclude's nodes and the nodes in `avoid` (the sweep's bad-node
+    list)."""
     c = run.cluster
     params = {
         "job_name": job_name,
@@ -51,7 +52,8 @@ def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path) -> dict:
     }
     optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "cpus_per_task": c.cpus_per_task,
                 "mem": c.mem, "constraint": c.constraint, "gpus_per_node": c.gpus_per_node or None,
-                "exclusive": True if c.exclusive else None}
+                "exclusive": True if c.exclusive else None,
+                "exclude": ",".join(sorted({*c.exclude, *avoid})) or None}
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
 
@@ -74,14 +76,15 @@ class SlurmPoint(Protocol):
     point_dir: Path
 
 
-def allocation(run: RunConfig) -> str:
+def allocation(run: RunConfig, avoid: tuple[str, ...] = ()) -> str:
     """Everything of a point's sbatch script but its name and folders: points with equal allocations share an
     array."""
-    return json.dumps(sbatch_parameters(run, job_name="", log_dir=Path()), sort_keys=True, default=str)
+    return json.dumps(sbatch_parameters(run, job_name="", log_dir=Path(), avoid=avoid), sort_keys=True, default=str)
 
 
 def group_by_allocation(points: list[SlurmPoint], max_array: int) -> list[list[SlurmPoint]]:
-    """Points with identical allocations together, in sweep order, at most `max_array` to a group."""
+    """Points with identical allocations together, in sweep order, at most `max_array` to a group (the nodes a
+    sweep avoids are the same for all of its points, so they split no group)."""
     groups: dict[str, list[SlurmPoint]] = {}
     for p in points:
         groups.setdefault(allocation(p.run), []).append(p)
@@ -100,7 +103,8 @@ def max_array_size() -> int:
     return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
 
 
-def _executor(group: list[SlurmPoint], sweep_dir: Path, job_name: str, kind=submitit.SlurmExecutor):
+def _executor(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = (),
+              kind=submitit.SlurmExecutor):
     """One point: its own job, submitit's files in POINT_DIR/submitit, its ranks' logs in POINT_DIR/logs. Several:
     a job array, submitit's files in SWEEP_DIR/submitit, each task's logs reached through
     SWEEP_DIR/.array-logs/<array>/<task id> (srun's %a), a link to that task's POINT_DIR/logs."""
@@ -110,37 +114,38 @@ def _executor(group: list[SlurmPoint], sweep_dir: Path, job_name: str, kind=subm
     else:
         folder, log_dir = sweep_dir / SUBMITIT_DIR, sweep_dir / ARRAY_LOGS / uuid.uuid4().hex[:12]
     executor = kind(folder=folder, max_num_timeout=3)
-    executor.update_parameters(**sbatch_parameters(first.run, job_name, log_dir / "%a" if len(group) > 1 else log_dir))
+    executor.update_parameters(**sbatch_parameters(first.run, job_name, log_dir / "%a" if len(group) > 1 else log_dir,
+                                                   avoid))
     if len(group) > 1:
         executor.update_parameters(array_parallelism=first.run.cluster.array_parallelism or len(group))
     return executor, log_dir
 
 
-def render_sbatch(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> str:
+def render_sbatch(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> str:
     """The exact script submitit submits for these points (a job array for several; the job-specific paths keep
     Slurm's %j, %A and %a patterns)."""
-    executor, _ = _executor(group, sweep_dir, job_name, kind=_ScriptWriter)
+    executor, _ = _executor(group, sweep_dir, job_name, avoid, kind=_ScriptWriter)
     if len(group) > 1:
         executor.parameters["map_count"] = len(group)  # as submitit sets it for an array
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
-def write_dry_run(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> Path:
+def write_dry_run(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> Path:
     """The script that would be submitted: POINT_DIR/job.sbatch for one point, SWEEP_DIR/array-<first
     point>.sbatch for an array."""
     path = (group[0].point_dir / SBATCH_NAME if len(group) == 1 else
             sweep_dir / f"array-{group[0].index}-{group[-1].index}.sbatch")
-    path.write_text(render_sbatch(group, sweep_dir, job_name))
+    path.write_text(render_sbatch(group, sweep_dir, job_name, avoid))
     return path
 
 
-def preflight(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> str | None:
+def preflight(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> str | None:
     """Ask Slurm whether it would accept these points' job or array (`sbatch --test-only`); the reason if not."""
     if shutil.which("sbatch") is None:
         return "sbatch not found: submit from a Slurm login node (or use cluster=local)"
     with tempfile.TemporaryDirectory(prefix="pipeline-preflight-") as tmp:
         script = Path(tmp) / "job.sbatch"
-        script.write_text(render_sbatch(group, sweep_dir, job_name))
+        script.write_text(render_sbatch(group, sweep_dir, job_name, avoid))
         try:
             out = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:
@@ -150,10 +155,10 @@ def preflight(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> str | 
     return None
 
 
-def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str) -> list[str]:
+def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> list[str]:
     """Submit the points with one `sbatch` call: a job, or a job array with a task per point. Returns each
     point's Slurm job id ("123", or "123_4" for task 4 of array 123)."""
-    executor, log_dir = _executor(group, sweep_dir, job_name)
+    executor, log_dir = _executor(group, sweep_dir, job_name, avoid)
     for task, p in enumerate(group):
         (p.point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
         if len(group) > 1:  # srun writes the task's logs through this link, into its own point's folder

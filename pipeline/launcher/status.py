@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.badnodes import read_bad_nodes
 from pipeline.collector.records import Diverged, Problem, read_record
 from pipeline.launcher.logs import first_failed_log
 from pipeline.launcher.manifest import read_manifest
-from pipeline.rundir import RECORD_NAME, Progress
+from pipeline.rundir import BAD_NODES_NAME, RECORD_NAME, BadNodes, ManifestPoint, Point, Progress
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
         "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued",
@@ -21,8 +22,9 @@ LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "C
 FINAL = {"FAILED": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed",
          "DEADLINE": "timed out", "TIMEOUT": "timed out", "PREEMPTED": "preempted", "CANCELLED": "cancelled",
          "REQUEUED": "requeued", "COMPLETED": "failed"}  # COMPLETED without a record: the job ran but wrote none
-# "bad record": a record that cannot be used (unreadable, truncated, impossible values) is no result
-RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started", "bad record"}
+# "bad record": a record that cannot be used (unreadable, truncated, impossible values) is no result; "bad node": the
+# job stopped before training, its health check having found a bad node (health.on_bad=exclude)
+RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started", "bad record", "bad node"}
 RECORDED = ("completed", "diverged")  # what a usable record says; a diverged run is resubmitted only when asked
 ENDED = RESUBMITTABLE | set(RECORDED)
 
@@ -122,6 +124,12 @@ def classify(job_id: str | None, record: str | None, live: str | None, history: 
 def sweep_status(sweep_dir: Path) -> list[PointStatus]:
     sweep_dir = Path(sweep_dir)
     points = read_manifest(sweep_dir).points
+    try:
+        bad = read_bad_nodes(sweep_dir)
+    except (OSError, ValueError) as e:
+        print(f"pipeline.status: {sweep_dir / BAD_NODES_NAME} cannot be read ({e}): no point is shown as stopped "
+              "for a bad node", file=sys.stderr)
+        bad = BadNodes()
     job_of = {p: (e.jobs[-1].job_id if e.jobs else None) for p, e in points.items()}
     live, history = slurm_states([j for j in job_of.values() if j])
     out = []
@@ -132,8 +140,14 @@ def sweep_status(sweep_dir: Path) -> list[PointStatus]:
         state, detail = classify(job, record, live.get(job), history.get(job, []))
         if state == record:
             detail = ", ".join(filter(None, [detail, why]))
-        if entry.skipped and not job:
+        if state in RESUBMITTABLE and bad.of_job(job):
+            state, detail = "bad node", bad_node_detail(entry, bad, folder)
+        elif entry.skipped and not job:
             detail = entry.skipped
+        elif exclusion_stops(entry, bad):  # an earlier job of the point stopped for a bad node: said
+            stopped = sorted({e.node for j in entry.jobs for e in bad.of_job(j.job_id)})
+            detail = ", ".join(filter(None, [detail, f"resubmitted {exclusion_stops(entry, bad)}x without "
+                                                     f"{', '.join(stopped)} (bad node)"]))
         failed_log = first_failed_log(folder) if folder and state in RESUBMITTABLE else None
         if state == "running" and folder is not None:
             detail = ", ".join(filter(None, [detail, progress_text(folder)]))
@@ -141,6 +155,30 @@ def sweep_status(sweep_dir: Path) -> list[PointStatus]:
             detail = ", ".join(filter(None, [detail, f"rank log {failed_log.name}"]))
         out.append(PointStatus(p, entry.nodes, job, state, detail, folder, failed_log))
     return out
+
+
+def exclusion_stops(entry: ManifestPoint, bad: BadNodes) -> int:
+    """How many of a point's jobs stopped before training for a bad node."""
+    return sum(1 for job in entry.jobs if bad.of_job(job.job_id))
+
+
+def resubmissions_allowed(folder: Path | None) -> int | None:
+    """The point's health.max_resubmits, from its frozen config (None where it cannot be read)."""
+    try:
+        return int(Point.read(folder).config["health"]["max_resubmits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def bad_node_detail(entry: ManifestPoint, bad: BadNodes, folder: Path | None) -> str:
+    """Which nodes the point's last job found bad and why, and where its resubmission stands."""
+    said = "; ".join(f"{e.node}: {e.reason}" for e in bad.of_job(entry.jobs[-1].job_id))
+    stops, allowed = exclusion_stops(entry, bad), resubmissions_allowed(folder)
+    if allowed is not None and stops > allowed:
+        said += f"; stopped for bad nodes {stops} times, health.max_resubmits={allowed} spent: not resubmitted"
+    elif entry.skipped:
+        said += f"; not resubmitted: {entry.skipped}"
+    return said
 
 
 def progress_text(point_dir: Path) -> str:
@@ -170,11 +208,16 @@ def progress_line(statuses: list[PointStatus]) -> str:
 
 
 def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list[PointStatus]:
-    """Block until every point has ended. On a terminal one status line is rewritten in place; otherwise (a
-    Slurm log file, a pipe) a plain timestamped line is printed whenever it changes."""
+    """Block until every point has ended, resubmitting the points whose job stopped for a bad node on the way
+    (health.on_bad=exclude; each resubmission said). On a terminal one status line is rewritten in place;
+    otherwise (a Slurm log file, a pipe) a plain timestamped line is printed whenever it changes."""
     tty, last = out.isatty(), None
     while True:
         statuses = sweep_status(sweep_dir)
+        said = resubmit_bad_nodes(sweep_dir, statuses)
+        if said:
+            print(("\n" if tty else "") + "\n".join(said), file=out, flush=True)
+            statuses = sweep_status(sweep_dir)
         text = f"{sweep_dir.name}: {progress_line(statuses)}"
         line = f"[{time.strftime('%H:%M:%S')}] {text}"
         done = all(s.state in ENDED for s in statuses)
@@ -186,3 +229,13 @@ def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list
         if done:
             return statuses
         time.sleep(poll_s)
+
+
+def resubmit_bad_nodes(sweep_dir: Path, statuses: list[PointStatus]) -> list[str]:
+    """The points whose job stopped for a bad node, resubmitted without it (pipeline.launcher.points, imported only
+    then: Hydra and submitit); what was done, in words."""
+    if not any(s.state == "bad node" for s in statuses):
+        return []
+    from pipeline.launcher.points import resubmit_without_bad_nodes
+
+    return resubmit_without_bad_nodes(Path(sweep_dir), statuses)

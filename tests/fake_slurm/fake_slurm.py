@@ -3,7 +3,8 @@ and `srun` on PATH, as submitit's own tests fake them. Jobs live in a JSON file 
 is appended to $FAKE_SLURM_CALLS (one JSON argv per line), so a test can count them. Nothing runs: a test sets
 the states it wants with `set_state` and reads the scripts sbatch was given.
 
-    FAKE_SLURM_MAX_NODES      sbatch --test-only rejects a job asking for more nodes (default 4)
+    FAKE_SLURM_MAX_NODES      sbatch --test-only rejects a job asking for more nodes (default 4) than this less the
+                              ones its --exclude names
     FAKE_SLURM_MAX_ARRAY      scontrol show config's MaxArraySize (default 1001)
 """
 
@@ -48,8 +49,9 @@ def sbatch(args: list[str]) -> int:
     script = Path(script_path).read_text()
     state = load()
     nodes = int(option(script, "nodes") or 1)
+    excluded = [n for n in (option(script, "exclude") or "").split(",") if n]
     if "--test-only" in args:
-        if nodes > int(os.environ.get("FAKE_SLURM_MAX_NODES", 4)):
+        if nodes > int(os.environ.get("FAKE_SLURM_MAX_NODES", 4)) - len(excluded):
             print("sbatch: error: Batch job submission failed: Requested node configuration is not available",
                   file=sys.stderr)
             return 1
