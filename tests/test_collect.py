@@ -253,6 +253,8 @@ def test_intervals_widen_with_fewer_repeats_and_go_without_them(tmp_path):
 def test_too_few_points_or_no_probes_are_said(tmp_path):
     _, models, _ = collect(tmp_path, [make_record(nodes=1, throughput=100), make_record(nodes=2, throughput=190)])
     assert "too few points to fit" in models[0].fit.missing and "no fabric probes" in models[0].probes.missing
+    # more runs at the measured node counts would not give the fit a second point: a new node count would
+    assert models[0].fit.next_measurement.startswith("4 nodes: the fit needs multi-rank runs at two node counts")
 
 
 def test_the_cost_view_names_the_knee(tmp_path):

@@ -352,7 +352,9 @@ def from_fit(g: Group) -> Forecast:
     if len(by_nodes) < 2:
         forecast.missing = (f"too few points to fit: multi-rank runs at {len(by_nodes)} node count(s) "
                             f"{sorted(by_nodes)}; latency and bandwidth need two")
-        forecast.next_measurement = next_measurement(g.measured, forecast.missing, g.predict_at)
+        largest = max(g.measured)
+        forecast.next_measurement = (f"{2 * largest} nodes: the fit needs multi-rank runs at two node counts, and "
+                                     f"repeats of the same ones would not give it a second")
         held_out(g, forecast, from_fit)
         return forecast
 
