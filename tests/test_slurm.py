@@ -282,6 +282,39 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
 
 
 @pytest.mark.slurm
+def test_a_preempted_fsdp_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
+    """The same through Slurm for a sharded run: on USR2 every rank saves its shards (DCP) at the next finite check,
+    submitit requeues, the job resumes from checkpoint.dcp on its new allocation and ends at the weights of an
+    uninterrupted run, bitwise."""
+    args = ["nodes=2", "parallel=fsdp", "model=gpt_tiny", "dataset=synthetic_tokens", "dataset.train_size=1024",
+            "dataset.test_size=64", "trainer.scaling=strong", "trainer.global_batch_size=32", "trainer.epochs=30",
+            "trainer.max_steps=600", "trainer.warmup_steps=2", "trainer.log_every=25", "trainer.finite_check_every=5",
+            "trainer.tensorboard=false", "probe.enabled=false"]
+    run_dir = tmp_path / "slurm"
+    r = launch(*args, "cluster=slurm", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = json.loads((run_dir / "manifest.json").read_text())["points"]["0"]["jobs"][0]["job_id"]
+    log0 = run_dir / "logs" / "node0-rank0.log"
+    deadline = time.monotonic() + 180
+    while not (log0.is_file() and "step 50/" in log0.read_text()):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    out = wait(run_dir)
+    assert "completed" in out and "requeued 1x" in out
+    rec = record(run_dir)
+    assert rec["parallel"]["kind"] == "fsdp" and rec["restart_count"] == 1
+    assert 50 <= rec["resumed_from_step"] < rec["steps"] == 600
+    assert (run_dir / "checkpoint.dcp" / "checksums.json").is_file()
+    r = launch(*args, f"hydra.run.dir={tmp_path / 'local'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    resumed, straight = (torch.load(d / "model.pt", weights_only=True) for d in (run_dir, tmp_path / "local"))
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+@pytest.mark.slurm
 def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
     # an optimizer class its module lacks passes the launch checks (which find the module without importing torch)
@@ -407,7 +440,8 @@ def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(
     assert r.returncode == 0, r.stderr
     s = status(run, slurm_conf=netns_cluster)
     assert re.search(r"^0 +4 +\d+ +failed", s.stdout, re.M), s.stdout
-    said = re.search(r"first failed rank's log .* \(rank \d+: BadNodesFound: health check: (.*)\), last lines", s.stdout)
+    said = re.search(r"first failed rank's log .* \(rank \d+: BadNodesFound: health check: (.*)\), last lines",
+                     s.stdout)
     assert said, s.stdout
     flags = dict(part.split(": ", 1) for part in said.group(1).removesuffix(
         " (health.on_bad=fail: stopping before training)").split("; ") if part.startswith("nsnode"))
