@@ -28,7 +28,8 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["trainer.batch_size=abc"], "trainer.batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["nodes=1.5"], "nodes=1.5: Value '1.5' of type 'float' could not be converted to Integer"),
     (["model=foo"], "model=foo is not an option of model; choose one of: cnn, gpt2_small, gpt_tiny, mlp, resnet18"),
-    (["+experiment=nope"], "experiment=nope is not an option of experiment; choose one of: cifar10_cnn, gpt_strong"),
+    (["+experiment=nope"], "experiment=nope is not an option of experiment; choose one of: cifar10_cnn, "
+     "gpt_fsdp_strong, gpt_fsdp_weak, gpt_hsdp_strong, gpt_strong"),
     (["trainer.batchsize=3"], "trainer.batchsize is not a key of the config; did you mean trainer.batch_size?"),
     (["nodes=[1,2"], "nodes=[1,2: no viable alternative at input"),
     (["cluster.timeout_s=99999999999999"], "cluster.timeout_s=99999999999999 is not allowed; it must be <= 2147483"),
