@@ -406,7 +406,8 @@ def test_an_oversubscribed_run_says_so(tmp_path):
                                                                threads=1, host_cores=2, processes_on_host=4)]
     rows, _, _ = collect(tmp_path, recs)
     reason, evidence, _ = reasons(rows, oversubscribed=True)[4]
-    assert reason == "oversubscription" and "4 rank(s) x 1 thread(s) on 2 core(s) of h (2.0 threads per core)" in evidence
+    assert reason == "oversubscription"
+    assert "4 rank(s) x 1 thread(s) on 2 core(s) of h (2.0 threads per core)" in evidence
 
 
 def test_a_superlinear_efficiency_is_flagged_with_its_likely_cause(tmp_path):
@@ -493,7 +494,8 @@ def test_the_held_out_forecast_of_the_largest_node_count_from_the_smaller_ones(t
     h = models[0].probes.held_out
     # from 1, 2 and 4 nodes alone: the probes of 4 nodes extrapolated to 8, kappa 1 (comm is the ring exactly)
     assert h.nodes == 8 and h.predicted == pytest.approx(work / (work + comm_model(8)), rel=1e-3)
-    assert abs(h.error) < 1e-3 and h.inside and "probes of 4 node(s); kappa 1.00 and the work from 4 node(s)" in h.source
+    assert abs(h.error) < 1e-3 and h.inside
+    assert "probes of 4 node(s); kappa 1.00 and the work from 4 node(s)" in h.source
     # the fit needs two multi-rank node counts below 8: it has 2 and 4
     assert models[0].fit.held_out is not None and abs(models[0].fit.held_out.error) < 1e-3
     _, models, _ = collect(tmp_path / "two", synthetic_sweep(nodes=(1, 2))[1])

@@ -83,7 +83,8 @@ def test_a_rank_not_bound_to_its_gpus_numa_node_is_warned_about():
 def test_host_and_cpu_lists():
     assert expand_hostlist("qnode[1,3-4],gpu7") == ["qnode1", "qnode3", "qnode4", "gpu7"]
     assert expand_hostlist("n[08-10]") == ["n08", "n09", "n10"]
-    assert parse_cpu_list("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11] and cpu_list([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+    assert parse_cpu_list("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11]
+    assert cpu_list([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
 
 
 def injected(tmp_path, node: str, once: bool = False) -> dict:

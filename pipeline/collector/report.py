@@ -392,7 +392,8 @@ def _forecast_lines(f) -> list[str]:
         lines.append(f"No numbers where an interval is missing: {f.missing}.")
     rows = [p for p in f.predictions if p.predicted is not None]
     if rows:
-        lines += ["", "| nodes | measured efficiency | predicted (95% interval) | error | from |", "|---|---|---|---|---|"]
+        lines += ["", "| nodes | measured efficiency | predicted (95% interval) | error | from |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {p.nodes} | {_f(p.measured, '.1%')} | {p.predicted:.1%} ({p.low:.1%} to {p.high:.1%}) | "
                   f"{_f(p.error, '+.1%')} | {p.source or '-'} |" for p in rows]
     h = f.held_out

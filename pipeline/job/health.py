@@ -403,7 +403,8 @@ class Check:
         if self.me == 0:
             self.publish("suspects", [[self.leaders[link.nodes[0]], self.leaders[link.nodes[1]]]
                                       for link in suspect_links(found, self.cfg.threshold)])
-        again = {tuple(link.nodes): link for link in self._rounds("confirm", [[tuple(p)] for p in self.read("suspects")])}
+        suspects = [[tuple(p)] for p in self.read("suspects")]
+        again = {tuple(link.nodes): link for link in self._rounds("confirm", suspects)}
         merged = []
         for link in found:
             second = again.get(tuple(link.nodes))
@@ -569,7 +570,8 @@ class Check:
         median = statistics.median(sums.values())
         odd = {n: s for n, s in sums.items() if abs(s - median) > 1e-3 * abs(median)}
         if len(sums) == 2 and odd:
-            self.notes.append("the 2 nodes' GEMM checksums differ: " + ", ".join(f"{n} {s:.6g}" for n, s in sums.items()))
+            self.notes.append("the 2 nodes' GEMM checksums differ: "
+                              + ", ".join(f"{n} {s:.6g}" for n, s in sums.items()))
             return
         for node, value in odd.items():
             self.errors.setdefault(node, f"the GEMM's result is wrong (checksum {value:.6g}, the others' {median:.6g})")

@@ -268,7 +268,8 @@ def resubmit_without_bad_nodes(sweep_dir: Path, statuses: list[PointStatus]) -> 
             try:
                 run = prepare_run(Point.read(s.dir).config)
             except (OSError, ValueError) as e:  # ConfigError among them
-                said.append(f"point {s.point}: not resubmitted, its {POINT_NAME} does not pass the launch's checks: {e}")
+                said.append(f"point {s.point}: not resubmitted, its {POINT_NAME} does not pass the launch's "
+                            f"checks: {e}")
                 continue
             stops[s.point] = exclusion_stops(entry, bad)
             if run.health.on_bad == "exclude" and stops[s.point] <= run.health.max_resubmits:
