@@ -125,6 +125,21 @@ def record(point_dir):
     return json.loads((point_dir / "result.json").read_text())
 
 
+def preempt_at(args, run_dir, logged: str, within_s: float = 180):
+    """Submit one point to Slurm and, once its rank 0 has logged `logged`, send the job USR2 (what Slurm sends
+    before preemption or the time limit); rank 0's log."""
+    r = launch(*args, "cluster=slurm", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr
+    job = json.loads((run_dir / "manifest.json").read_text())["points"]["0"]["jobs"][0]["job_id"]
+    log0 = run_dir / "logs" / "node0-rank0.log"
+    deadline = time.monotonic() + within_s
+    while not (log0.is_file() and logged in log0.read_text()):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    return log0
+
+
 def jobs_in_queue():
     return subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split()
 
@@ -252,15 +267,7 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     requeues, the job resumes; its final weights equal an uninterrupted run's."""
     args = ["nodes=2", "trainer.epochs=80", "trainer.log_every=50", *FAST[1:]]
     run_dir = tmp_path / "slurm"
-    r = launch(*args, "cluster=slurm", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    job = json.loads((run_dir / "manifest.json").read_text())["points"]["0"]["jobs"][0]["job_id"]
-    log0 = run_dir / "logs" / "node0-rank0.log"
-    deadline = time.monotonic() + 120
-    while not (log0.is_file() and "step 100/" in log0.read_text()):
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    log0 = preempt_at(args, run_dir, "step 100/")
     out, progress = wait(run_dir, with_progress=True)
     assert "completed" in out and "requeued 1x" in out
     # progress while it ran, as plain lines (stderr is not a terminal here): counts, then the running point's step
@@ -291,15 +298,7 @@ def test_a_preempted_fsdp_job_resumes_to_the_same_parameters(slurm_cluster, tmp_
             "trainer.max_steps=600", "trainer.warmup_steps=2", "trainer.log_every=25", "trainer.finite_check_every=5",
             "trainer.tensorboard=false", "probe.enabled=false"]
     run_dir = tmp_path / "slurm"
-    r = launch(*args, "cluster=slurm", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    job = json.loads((run_dir / "manifest.json").read_text())["points"]["0"]["jobs"][0]["job_id"]
-    log0 = run_dir / "logs" / "node0-rank0.log"
-    deadline = time.monotonic() + 180
-    while not (log0.is_file() and "step 50/" in log0.read_text()):
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    preempt_at(args, run_dir, "step 50/")
     out = wait(run_dir)
     assert "completed" in out and "requeued 1x" in out
     rec = record(run_dir)
