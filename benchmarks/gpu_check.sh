@@ -2,7 +2,7 @@
 # The GPU check, for a short lease of a GPU machine that has nothing but this repository: a venv with a CUDA build
 # of torch and the project, the GPU tests (pytest -m gpu), then the essential rows of gpu_throughput.py (the MLP
 # fast path against the naive loop; ResNet-50 and GPT-2 small in bf16 against the hand-written loop, with tokens/s
-# and MFU), sized to take under 8 minutes in all. Everything goes into one results file, headed by the date, the
+# and MFU, and GPT-2 small again under FSDP2 with its peak memory), sized to take under 8 minutes in all. Everything goes into one results file, headed by the date, the
 # commit and the device; each step ends with "-- <step>: ok (N s)" or "FAILED", and the script exits non-zero if
 # any step failed.
 #
@@ -90,5 +90,5 @@ else
     sizes=(--device cpu --steps 4 --warmup 2 --batch 32 --train-size 1024 --large-steps 4 --large-batch 2
         --image-size 32 --context 32 --no-compile)
 fi
-step throughput "$py" benchmarks/gpu_throughput.py --models mlp --large resnet50 gpt2_small "${sizes[@]}"
+step throughput "$py" benchmarks/gpu_throughput.py --models mlp --large resnet50 gpt2_small gpt2_small_fsdp "${sizes[@]}"
 finish

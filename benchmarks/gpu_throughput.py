@@ -2,7 +2,7 @@
 models worth scaling (ResNet-50 on 224x224 images, GPT-2 small on 1024-token sequences): a hand-written bf16
 loop against the pipeline with the same settings, with MFU.
 
-    python benchmarks/gpu_throughput.py [--steps 300] [--batch 512] [--models mlp cnn] [--large resnet50 gpt2_small]
+    python benchmarks/gpu_throughput.py [--steps 300] [--batch 512] [--models mlp cnn] [--large resnet50 gpt2_small gpt2_small_fsdp]
         [--large-steps 120] [--warmup 20]
     python benchmarks/gpu_throughput.py --device cpu --steps 22 --large-steps 22 --models cnn --large resnet50 \
         gpt2_small --large-batch 2 --image-size 32 --context 32 --no-compile    # a smoke run of the same code on a CPU
@@ -19,6 +19,9 @@ Large rows: both sides hold a pool of synthetic samples on the GPU (256 images, 
 bf16 autocast with torch.compile (unless --no-compile), and run `--large-steps` steps; the hand-written loop is
 the usual one (no DDP wrapper, as on one GPU). MFU = FLOPs per sample (torch's flop counter, forward and
 backward) x samples/s / the GPU's dense bf16 peak (pipeline/job/flops.py); tokens/s = samples/s x context.
+`gpt2_small_fsdp` is the pipeline's GPT-2 small under parallel=fsdp (bf16 parameters through FSDP2's
+MixedPrecisionPolicy) beside the same hand-written loop; every large row prints the pipeline's peak memory per rank
+(CUDA's max_memory_allocated; a CPU's peak resident set).
 """
 
 import argparse
@@ -105,6 +108,9 @@ LARGE = {
     "gpt2_small": ["model=gpt2_small", "dataset=synthetic_tokens", "dataset.vocab_size=50304",
                    "dataset.train_size=4096", "dataset.test_size=64", "optimizer=adamw", "optimizer.lr=0.0006"],
 }
+# the same under FSDP2 (each block, then the root; bf16 parameters through FSDP's MixedPrecisionPolicy), on one
+# rank: FSDP's own cost and memory beside DDP's, against the same hand-written loop
+LARGE["gpt2_small_fsdp"] = [*LARGE["gpt2_small"], "parallel=fsdp"]
 
 
 def large_hand_written(name: str, steps: int, warmup: int, batch: int, device: str, image_size: int, context: int,
@@ -204,10 +210,14 @@ def main() -> None:
                 rate = pipeline_run(model, overrides, steps, args.warmup, args.batch, args.device,
                                     args.train_size, Path(tmp) / f"{model}{i}")
                 print(f"  {name:48} {rate:12.0f} {rate / base:8.2f}")
+        hand_written: dict[str, tuple[float, float]] = {}  # the FSDP row's loop is the DDP row's: run once
         for name in args.large:
             batch = args.large_batch or (128 if name == "resnet50" else 8)
-            hand, flops = large_hand_written(name, large_steps, args.warmup, batch, args.device, args.image_size,
-                                             args.context, not args.no_compile)
+            loop = name.removesuffix("_fsdp")
+            if loop not in hand_written:
+                hand_written[loop] = large_hand_written(loop, large_steps, args.warmup, batch, args.device,
+                                                        args.image_size, args.context, not args.no_compile)
+            hand, flops = hand_written[loop]
             rec = large_pipeline(name, large_steps, args.warmup, batch, args.device, args.image_size, args.context,
                                  not args.no_compile, Path(tmp) / name)
             print_large(name, batch, hand, flops, rec, args.device, args.context)
@@ -217,13 +227,18 @@ def print_large(name: str, batch: int, hand: float, flops: float, rec: dict, dev
     from pipeline.job.flops import peak_tflops
 
     peak = peak_tflops(device_name(device), "bf16")
-    unit, per = ("tokens/s", context) if name == "gpt2_small" else ("images/s", 1)
+    unit, per = ("tokens/s", context) if name.startswith("gpt2_small") else ("images/s", 1)
     pipe = rec["throughput_samples_per_s"]
-    print(f"\n{name}, batch {batch}, {rec['precision']}, compile {rec['fast_path']['compile']}\n"
-          f"  {'loop':48} {unit:>12} {'MFU':>8}")
-    for label, rate, fl in (("hand-written", hand, flops), ("pipeline", pipe, rec["flops_per_sample"])):
+    parallel = (rec.get("parallel") or {}).get("kind", "ddp")
+    memory = rec["ranks"][0].get("memory") or {}
+    # the pipeline's peak: CUDA's max_memory_allocated, or on a CPU the process's peak resident set
+    held = f"{memory['peak_bytes'] / 2**30:.2f} GiB" if memory.get("peak_bytes") else "-"
+    print(f"\n{name}, batch {batch}, {rec['precision']}, compile {rec['fast_path']['compile']}, {parallel}\n"
+          f"  {'loop':48} {unit:>12} {'MFU':>8} {'peak memory':>12}")
+    for label, rate, fl, mem in (("hand-written", hand, flops, "-"),
+                                 ("pipeline", pipe, rec["flops_per_sample"], held)):
         mfu = f"{fl * rate / 1e12 / peak:8.1%}" if peak else f"{'-':>8}"
-        print(f"  {label:48} {rate * per:12.0f} {mfu}")
+        print(f"  {label:48} {rate * per:12.0f} {mfu} {mem:>12}")
     print(f"  pipeline / hand-written: {pipe / hand:.3f}")
 
 
