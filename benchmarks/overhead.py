@@ -72,7 +72,7 @@ def hand_written(workload: str, steps: int, batch: int) -> None:
 
         for block in model.blocks:
             fully_shard(block)
-        fully_shard(model)
+        fully_shard(model, reshard_after_forward=False)  # torchtitan's and the pipeline's: backward needs it first
     else:
         model = DistributedDataParallel(model)
     # made after wrapping: FSDP's sharded parameters are not the ones the model was built with
