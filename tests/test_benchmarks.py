@@ -81,7 +81,10 @@ def test_the_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     assert "device: no CUDA device" in text and re.search(r"^\d+ skipped, \d+ deselected", text, flags=re.M), text
     rows = SEED_ROW.findall(text.split("\nmlp\n")[1].split("\nresnet50")[0])
     assert len(rows) == 6 and all(int(rate) > 0 for _, rate, _ in rows), text  # naive + 5 (no channels_last)
-    for model, unit in (("resnet50", "images/s"), ("gpt2_small", "tokens/s")):  # MFU: none without a GPU
-        assert re.search(rf"^{model}, batch 2, fp32, .*\n  loop +{unit} +MFU\n  hand-written +\d+ +-\n"
-                         rf"  pipeline +\d+ +-\n  pipeline / hand-written: \d+\.\d{{3}}$", text, flags=re.M), text
+    # MFU: none without a GPU; the pipeline's peak memory per rank (on a CPU its peak resident set)
+    for model, unit, parallel in (("resnet50", "images/s", "ddp"), ("gpt2_small", "tokens/s", "ddp"),
+                                  ("gpt2_small_fsdp", "tokens/s", "fsdp")):
+        assert re.search(rf"^{model}, batch 2, fp32, compile False, {parallel}\n  loop +{unit} +MFU +peak memory\n"
+                         rf"  hand-written +\d+ +- +-\n  pipeline +\d+ +- +\d+\.\d\d GiB\n"
+                         rf"  pipeline / hand-written: \d+\.\d{{3}}$", text, flags=re.M), text
     assert re.search(r"\ngpu check: every step ok, \d+ s in all\n$", text), text
