@@ -23,7 +23,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.config import ConfigError, register_configs  # noqa: E402
 from pipeline.launcher.errors import reported, run_reporting  # noqa: E402
-from pipeline.launcher.points import check_allocations, plan_from_hydra, start  # noqa: E402
+from pipeline.launcher.points import (check_allocations, plan_from_hydra, resubmit_without_bad_nodes,  # noqa: E402
+                                      start)
 from pipeline.point import prepare_run  # noqa: E402
 from pipeline.launcher.status import wait_for_sweep  # noqa: E402
 
@@ -39,7 +40,7 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"Slurm would reject this job: {problem}")
         start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
     if point.run.cluster.kind == "slurm" and point.run.wait and not point.run.dry_run:
-        wait_for_sweep(folder)
+        wait_for_sweep(folder, resubmit_without_bad_nodes)
 
 
 def cli() -> None:

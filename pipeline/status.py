@@ -14,8 +14,18 @@ import sys
 from pathlib import Path
 
 from pipeline.launcher.logs import tail
-from pipeline.launcher.status import format_table, resubmit_bad_nodes, sweep_status, wait_for_sweep
+from pipeline.launcher.status import PointStatus, format_table, sweep_status, wait_for_sweep
 from pipeline.rundir import MANIFEST_NAME, Failure
+
+
+def resubmit_bad_nodes(sweep_dir: Path, statuses: list[PointStatus]) -> list[str]:
+    """The points whose job stopped for a bad node, resubmitted without it (pipeline.launcher.points, imported only
+    then: Hydra and submitit); what was done, in words."""
+    if not any(s.state == "bad node" for s in statuses):
+        return []
+    from pipeline.launcher.points import resubmit_without_bad_nodes
+
+    return resubmit_without_bad_nodes(Path(sweep_dir), statuses)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="block until every point has ended")
     args = parser.parse_args(argv)
     try:
-        statuses = wait_for_sweep(args.sweep_dir) if args.wait else sweep_status(args.sweep_dir)
+        statuses = wait_for_sweep(args.sweep_dir, resubmit_bad_nodes) if args.wait else sweep_status(args.sweep_dir)
         said = [] if args.wait else resubmit_bad_nodes(args.sweep_dir, statuses)  # --wait resubmits as it goes
         if said:
             print("\n".join(said))

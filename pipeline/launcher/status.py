@@ -8,6 +8,7 @@ from collections import Counter
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from pipeline.badnodes import read_bad_nodes
@@ -207,14 +208,19 @@ def progress_line(statuses: list[PointStatus]) -> str:
     return "; ".join([summary_line(statuses), *running])
 
 
-def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list[PointStatus]:
+# resubmits the points whose job stopped for a bad node, and says what it did (launcher.points, which submits: this
+# module only reads, so that `status` need not import Hydra and submitit where nothing is resubmitted)
+Resubmit = Callable[[Path, list[PointStatus]], list[str]]
+
+
+def wait_for_sweep(sweep_dir: Path, resubmit: Resubmit, poll_s: float = 5.0, out=sys.stderr) -> list[PointStatus]:
     """Block until every point has ended, resubmitting the points whose job stopped for a bad node on the way
     (health.on_bad=exclude; each resubmission said). On a terminal one status line is rewritten in place;
     otherwise (a Slurm log file, a pipe) a plain timestamped line is printed whenever it changes."""
     tty, last = out.isatty(), None
     while True:
         statuses = sweep_status(sweep_dir)
-        said = resubmit_bad_nodes(sweep_dir, statuses)
+        said = resubmit(sweep_dir, statuses) if any(s.state == "bad node" for s in statuses) else []
         if said:
             print(("\n" if tty else "") + "\n".join(said), file=out, flush=True)
             statuses = sweep_status(sweep_dir)
@@ -230,12 +236,3 @@ def wait_for_sweep(sweep_dir: Path, poll_s: float = 5.0, out=sys.stderr) -> list
             return statuses
         time.sleep(poll_s)
 
-
-def resubmit_bad_nodes(sweep_dir: Path, statuses: list[PointStatus]) -> list[str]:
-    """The points whose job stopped for a bad node, resubmitted without it (pipeline.launcher.points, imported only
-    then: Hydra and submitit); what was done, in words."""
-    if not any(s.state == "bad node" for s in statuses):
-        return []
-    from pipeline.launcher.points import resubmit_without_bad_nodes
-
-    return resubmit_without_bad_nodes(Path(sweep_dir), statuses)

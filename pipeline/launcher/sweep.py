@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pipeline.config import ConfigError, RunConfig, plain_config
 from pipeline.launcher.errors import exit_on_config_error, one_line, reported
 from pipeline.launcher.manifest import add_skipped
-from pipeline.launcher.points import check_allocations, start
+from pipeline.launcher.points import check_allocations, resubmit_without_bad_nodes, start
 from pipeline.point import PlannedPoint, check_folder, prepare_run
 from pipeline.launcher.status import wait_for_sweep
 
@@ -76,7 +76,7 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
         log.info("%d point(s) submitted; sweep folder %s; follow with: python -m pipeline.status %s",
                  len(submitted), sweep_dir, sweep_dir)
         if any(p.run.wait for p in submitted):
-            wait_for_sweep(sweep_dir)
+            wait_for_sweep(sweep_dir, resubmit_without_bad_nodes)
 
 
 class Composer:
