@@ -342,7 +342,7 @@ def test_rejected_allocation_submits_nothing(slurm_cluster, tmp_path):
     r = launch("-m", "cluster=slurm", "nodes=1,8", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 2
     assert "point #1 (cluster=slurm nodes=8)" in r.stderr and "nothing was launched" in r.stderr
-    assert jobs_in_queue() == before and not (sweep / "manifest.json").exists()
+    assert set(jobs_in_queue()) <= set(before) and not (sweep / "manifest.json").exists()
     # allow_partial=true: the point Slurm accepts goes, the other is reported and kept in the manifest
     r = launch("-m", "cluster=slurm", "nodes=1,8", "allow_partial=true", "trainer.max_steps=5",
                "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -359,7 +359,7 @@ def test_dry_run_writes_the_scripts_and_submits_nothing(slurm_cluster, tmp_path)
     r = launch("-m", "cluster=slurm", "nodes=1,2", "dry_run=true", "cluster.time=30",
                "cluster.setup=['echo ready']", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert jobs_in_queue() == before
+    assert set(jobs_in_queue()) <= set(before)  # nothing new (an earlier test's job may end meanwhile)
     for point, nodes in (("0", 1), ("1", 2)):
         script = (sweep / point / "job.sbatch").read_text()
         assert f"#SBATCH --nodes={nodes}\n" in script and "#SBATCH --time=30\n" in script
