@@ -108,12 +108,18 @@ def test_seed_mlp_learns_the_default_data(tmp_path):
     assert "record:" in r.stderr + r.stdout
 
 
-def test_sweep_runs_points_one_after_another(tmp_path):
+def test_sweep_runs_points_one_after_another(tmp_path, monkeypatch):
+    """...with the same CPU threads per rank (the cores over the largest point's ranks), so that its points differ
+    in ranks alone and form one scaling group."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     sweep = tmp_path / "sweep"
     r = launch("-m", "nodes=1,2", "trainer.max_steps=10", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
     a, b = _record(sweep / "0"), _record(sweep / "1")
     assert (a["world_size"], b["world_size"]) == (1, 2)
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert {rank["threads"] for rec in (a, b) for rank in rec["ranks"]} == {threads}
+    assert f"every point's ranks get {threads} CPU thread(s)" in r.stdout + r.stderr
     assert a["sweep_id"] == b["sweep_id"] == "sweep" and a["run_id"] != b["run_id"]
     assert b["provenance"]["started_at"] > a["provenance"]["ended_at"]
     assert (a["point"], b["point"]) == (0, 1)

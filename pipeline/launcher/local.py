@@ -152,9 +152,20 @@ def prestart(argv: list[str]) -> None:
     _warm = WarmRanks(size["nodes"] * size["cluster.tasks_per_node"])
 
 
-def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> None:
+def sweep_threads(runs: list[RunConfig]) -> int | None:
+    """CPU threads per rank for every point of a local sweep: this machine's cores over the largest point's ranks.
+    Each point taking its own share would give a 1-rank point all the cores and a 2-rank point half each: runs that
+    are no longer alike (the collector keeps threads per rank in the group key) and a speedup that measures the
+    threads. None where the user set OMP_NUM_THREADS (the ranks keep it), or for no runs."""
+    if "OMP_NUM_THREADS" in os.environ or not runs:
+        return None
+    return max(1, (os.cpu_count() or 1) // max(r.world_size for r in runs))
+
+
+def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threads: int | None = None) -> None:
     """Start every rank of the point (or hand a warm one its part), wait for all of them; raise RunFailed when one
-    fails. `position` says which point of the sweep this is (e.g. "point 2 of 3"), for the progress bar."""
+    fails. `position` says which point of the sweep this is (e.g. "point 2 of 3"), for the progress bar; `threads`,
+    each rank's CPU threads (None: its share of the cores, pipeline.job.placement)."""
     tty = sys.stdout.isatty()
     tpn = run.cluster.tasks_per_node
     master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -164,7 +175,8 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str) -> No
         for local in range(tpn):
             rank = node * tpn + local
             path = rank_log_path(point_dir, node, rank)
-            env = {**master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local)}
+            env = {**master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local),
+                   **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
             proc = _warm.take()
             if proc is not None:
                 try:

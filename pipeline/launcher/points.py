@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from pipeline.config import ConfigError, RunConfig, to_plain
-from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env
+from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env, sweep_threads
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
 from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
@@ -81,9 +81,14 @@ def run_local_points(local: list[tuple[PlannedPoint, Point]], claims: dict[int, 
     fails does not stop the next: a point alone raises its RunFailed; of several, each failure is logged as it
     happens and one RunFailed names them at the end (each message said once)."""
     failed = []
+    threads = sweep_threads([p.run for p, _ in local if not p.run.dry_run])
+    if threads and len(local) > 1:
+        log.info("every point's ranks get %d CPU thread(s) (this machine's %d cores over the largest point's ranks), "
+                 "so that the points differ in their ranks alone; OMP_NUM_THREADS sets another", threads,
+                 os.cpu_count() or 1)
     for n, (p, point) in enumerate(local, start=1):
         try:
-            run_here(p, point, position=f"point {n} of {len(local)}")
+            run_here(p, point, position=f"point {n} of {len(local)}", threads=threads)
         except RunFailed as e:
             if len(local) == 1:
                 raise
@@ -159,9 +164,10 @@ def job_name(sweep_dir: Path, group: list[PlannedPoint]) -> str:
     return f"pipeline-{sweep_dir.name}-{group[0].index}"
 
 
-def run_here(p: PlannedPoint, point: Point, position: str) -> None:
-    """Local debug mode: the point's ranks as processes on this machine; returns when they have ended. A dry
-    run writes the processes it would start to POINT_DIR/dry_run.txt instead."""
+def run_here(p: PlannedPoint, point: Point, position: str, threads: int | None) -> None:
+    """Local debug mode: the point's ranks as processes on this machine, with `threads` CPU threads each (None:
+    their share of the cores); returns when they have ended. A dry run writes the processes it would start to
+    POINT_DIR/dry_run.txt instead."""
     run = p.run
     if run.dry_run:
         write_local_dry_run(p, point)
@@ -173,7 +179,7 @@ def run_here(p: PlannedPoint, point: Point, position: str) -> None:
                     "do not measure scaling", run.world_size, cores)
     log.info("point %s: %d node(s) x %d task(s) in local debug mode, folder %s",
              p.index, run.nodes, run.cluster.tasks_per_node, p.point_dir)
-    run_local_again_on_bad_nodes(p, point, position)
+    run_local_again_on_bad_nodes(p, point, position, threads)
     step = diverged_at(p.point_dir)
     if step is not None:  # the ranks stopped together and wrote the record: the run itself failed
         raise RunFailed(f"point {p.index} diverged: its loss was not finite at step {step}, so training stopped; "
@@ -181,7 +187,7 @@ def run_here(p: PlannedPoint, point: Point, position: str) -> None:
     log.info("record: %s", p.point_dir / RECORD_NAME)
 
 
-def run_local_again_on_bad_nodes(p: PlannedPoint, point: Point, position: str) -> None:
+def run_local_again_on_bad_nodes(p: PlannedPoint, point: Point, position: str, threads: int | None) -> None:
     """Run the point's ranks here. Local debug mode's nodes are all this machine, so under health.on_bad=exclude
     a bad node cannot be left out: the point is run again instead (what makes a simulated node slow is mostly
     load from elsewhere, which passes), at most health.max_resubmits times, each time said."""
@@ -189,7 +195,7 @@ def run_local_again_on_bad_nodes(p: PlannedPoint, point: Point, position: str) -
     for attempt in range(health.max_resubmits + 1):
         job_id = f"local-{point.run_id[:8]}" + (f"-{attempt}" if attempt else "")
         try:
-            run_local(p.point_dir, p.run, job_id=job_id, position=position)
+            run_local(p.point_dir, p.run, job_id=job_id, position=position, threads=threads)
             return
         except RunFailed:
             stopped = bad_nodes_or_empty(Path(point.sweep_dir) if point.sweep_dir else p.point_dir).of_job(job_id)
