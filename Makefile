@@ -21,7 +21,7 @@ run: install
 	$(PY) -m pipeline.launch $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun
