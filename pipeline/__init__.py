@@ -7,6 +7,7 @@ runs it:
     pipeline/worker.py              every rank      train, time, write the record  -> pipeline/job/
     pipeline/collect.py             anywhere        tables, plots, report          -> pipeline/collector/ (no torch)
 
-`pipeline/config.py` (the typed config) and `pipeline/rundir.py` (the run folder) are shared and import no torch;
+`pipeline/config.py` (the typed config), `pipeline/rundir.py` (the run folder's files) and `pipeline/result.py` (the
+record's types) are shared and import no torch;
 `pipeline/workloads/` holds the models and datasets that configs name by `_target_`.
 """

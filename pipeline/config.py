@@ -973,6 +973,17 @@ def check_resume_from(run: RunConfig) -> None:
                           "parallel=ddp")
 
 
+def target_of(node: Any) -> str:
+    """A config's `_target_`; `node` is a dict or a schema's dataclass."""
+    return node["_target_"] if isinstance(node, dict) else node._target_
+
+
+def target_name(node: Any) -> str:
+    """How records name a model, dataset or optimizer: its `_target_`'s last part, lower case
+    (`pipeline.workloads.models.MLP` -> `mlp`)."""
+    return target_of(node).rsplit(".", 1)[-1].lower()
+
+
 def data_vocab(dataset: Any) -> int:
     """The vocabulary of a built-in token dataset (ByteText's bytes: 256)."""
     return getattr(dataset, "vocab_size", 256)

@@ -21,8 +21,7 @@ from typing import Any, Callable
 
 from hydra.utils import instantiate
 
-from pipeline.config import FROM_DATASET, ConfigError, RunConfig, find_module, from_dataset_name
-from pipeline.rundir import target_of
+from pipeline.config import FROM_DATASET, ConfigError, RunConfig, find_module, from_dataset_name, target_of
 
 
 class BuildError(RuntimeError):

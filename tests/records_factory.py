@@ -1,12 +1,13 @@
 """Hand-made result records with chosen figures, for the collector's tests and benchmark. They are built as
-`pipeline.rundir.Result` objects, so a field renamed there breaks this factory (and its tests) at once."""
+`pipeline.result.Result` objects, so a field renamed there breaks this factory (and its tests) at once."""
 
 import uuid
 from pathlib import Path
 
-from pipeline.rundir import (BadNode, CollectiveProbe, CollectiveVolume, DeviceInfo, Fabric, FastPath, GitInfo,
-                             Health, HostShare, Memory, NodeHealth, ParallelInfo, PhaseSplit, ProbePoint, Provenance,
-                             RankResult, RankTiming, Result, RunTiming, SlurmInfo, StepTime, Utilisation, write_json)
+from pipeline.result import (BadNode, CollectiveProbe, CollectiveVolume, DeviceInfo, Fabric, FastPath, Health,
+                             HostShare, Memory, NodeHealth, ParallelInfo, PhaseSplit, ProbePoint, Provenance,
+                             RankResult, RankTiming, Result, RunTiming, SlurmInfo, StepTime, Utilisation)
+from pipeline.rundir import GitInfo, write_json
 
 def make_record(*, nodes: int, throughput: float, breakdown=(0.001, 0.006, 0.003), tasks_per_node: int = 1,
                 busy=None, node_names=None, scaling: str = "weak", per_rank_batch: int = 64, global_batch=None,

@@ -16,7 +16,8 @@ import torch
 from pipeline.config import parse_run_config
 from pipeline.job.checkpoint import Checkpoints
 from pipeline.launcher.local import run_local
-from pipeline.rundir import Point, Result
+from pipeline.result import Result
+from pipeline.rundir import Point
 from tests.conftest import launch, rank_pid
 
 

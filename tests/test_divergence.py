@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from pipeline.rundir import Result, finite, write_json
+from pipeline.result import Result
+from pipeline.rundir import finite, write_json
 from pipeline.typed import dotted
 from tests.conftest import launch
 

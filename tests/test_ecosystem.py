@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from pipeline.rundir import Result
+from pipeline.result import Result
 from tests.conftest import REPO
 
 YOUR_MODEL = (REPO / "docs/your-model.md").read_text()

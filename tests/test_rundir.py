@@ -6,9 +6,10 @@ import os
 
 import pytest
 
+from pipeline.result import Result
+from pipeline.rundir import (SCHEMA_VERSION, Failure, Manifest, ManifestPoint, Point, Progress, Submission,
+                             write_atomic, write_json)
 from pipeline.typed import SchemaError
-from pipeline.rundir import (SCHEMA_VERSION, Failure, Manifest, ManifestPoint, Point, Progress, Result,
-                             Submission, write_atomic, write_json)
 from tests.conftest import GOLDEN
 from tests.records_factory import make_record
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from pipeline.allreduce import Volume
-from pipeline.rundir import (RECORD_NAME, Result, SchemaError, parse_json, read_small, record_status,
-                             target_name)
+from pipeline.config import target_name
+from pipeline.result import Result, record_status
+from pipeline.rundir import RECORD_NAME, SchemaError, parse_json, read_small
 
 PARALLEL_FROM = 1000  # records; below this, starting worker processes costs more than it saves
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 
 from pipeline.config import LoaderConfig
 from pipeline.job.env import DistEnv
-from pipeline.rundir import LoaderInfo
+from pipeline.result import LoaderInfo
 
 log = logging.getLogger(__name__)
 DEVICE_DATA_SHARE = 0.5

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.rundir import Utilisation
+from pipeline.result import Utilisation
 
 # (device model as CUDA names it, {precision: dense TFLOP/s}); the first whose words all appear, in order and
 # whole (any case), in the device's name wins ("NVIDIA H100 80GB HBM3" is an H100 SXM5; "L4" is not "NVIDIA L40",

@@ -58,8 +58,8 @@ import torch.distributed as dist
 from pipeline.badnodes import add_bad_nodes, bad_nodes_or_empty
 from pipeline.config import HealthConfig, RunConfig
 from pipeline.job.env import DistEnv
-from pipeline.rundir import (EXIT_BAD_NODE, BadNode, BadNodeEntry, Failure, Health, LinkHealth, NodeHealth, Point,
-                             utc_now)
+from pipeline.result import BadNode, Health, LinkHealth, NodeHealth
+from pipeline.rundir import BadNodeEntry, Failure, Point, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ MAX_ROUNDS = 8  # each node meets this many others at most: enough to name a nod
 # share 2 loaded cores reached 0.9 ms against a median of 0.1 ms here (no fault: a latency fault cannot be made on
 # this kernel, which has no netem), while a fault worth leaving a node out for is milliseconds against microseconds
 LATENCY_FACTOR, LATENCY_SLACK_US = 10.0, 200.0
+
+
+# a job that stops before training because its health check found a bad node exits with this code (sacct, srun)
+EXIT_BAD_NODE = 3
 
 
 class BadNodesFound(Exception):

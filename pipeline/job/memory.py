@@ -18,7 +18,7 @@ import resource
 
 import torch
 
-from pipeline.rundir import Memory
+from pipeline.result import Memory
 
 # Linux counts ru_maxrss in KiB
 RSS_UNIT = 1024

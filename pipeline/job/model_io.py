@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import IOConfig
-from pipeline.rundir import ModelIOInfo
+from pipeline.result import ModelIOInfo
 from pipeline.workloads.losses import ModelLoss
 
 AUTO = "auto"

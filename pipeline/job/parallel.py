@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import RunConfig
-from pipeline.rundir import CollectiveVolume, ParallelInfo
+from pipeline.result import CollectiveVolume, ParallelInfo
 
 log = logging.getLogger(__name__)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

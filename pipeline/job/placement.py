@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from pipeline.job.env import DistEnv
 from pipeline.job.health import RankFacts
-from pipeline.rundir import TF32, DeviceInfo, HostShare
+from pipeline.result import TF32, DeviceInfo, HostShare
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import allreduce
-from pipeline.rundir import CollectiveProbe, Fabric, ProbePoint
+from pipeline.result import CollectiveProbe, Fabric, ProbePoint
 
 log = logging.getLogger(__name__)
 SMALLEST = 8  # bytes

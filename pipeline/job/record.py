@@ -1,4 +1,4 @@
-"""The result record rank 0 writes at the end of a run (`pipeline.rundir.Result`), built from its parts."""
+"""The result record rank 0 writes at the end of a run (`pipeline.result.Result`), built from its parts."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, target_name
+from pipeline.definitions import COMM_MEASUREMENT, FSDP_COMM_MEASUREMENT, FSDP_COMM_UNMEASURED, RECORD
 from pipeline.job.env import DistEnv
 from pipeline.job.flops import utilisation
 from pipeline.job.memory import host_share
 from pipeline.job.placement import device_info
-from pipeline.definitions import COMM_MEASUREMENT, FSDP_COMM_MEASUREMENT, FSDP_COMM_UNMEASURED, RECORD
 from pipeline.job.timing import rank_timing, summarize
 from pipeline.job.trainer import TrainOutcome
-from pipeline.rundir import (Fabric, Health, HostShare, Point, Provenance, RankResult, Result, SlurmInfo, target_name,
-                             utc_now)
+from pipeline.result import Fabric, Health, HostShare, Provenance, RankResult, Result, SlurmInfo
+from pipeline.rundir import Point, utc_now
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "submitit", "numpy")
 

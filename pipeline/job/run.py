@@ -29,16 +29,20 @@ from pipeline.job.env import DistEnv
 from pipeline.job.health import BadNodesFound, JobReporter, RankFacts, check_health
 from pipeline.job.heartbeat import silent_ranks, start_heartbeat
 from pipeline.job.observe import hparams_of, tensorboard_dir
+from pipeline.job.parallel import Parallel
 from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
-from pipeline.job.parallel import Parallel
 from pipeline.job.probe import describe, fell_back_to_sockets, nccl_interface, probe_sharded, route_interface, run_probe
 from pipeline.job.record import JobFacts, build_record, rank_result
-from pipeline.job.trainer import Trainer, TrainOutcome, gradient_bytes
-from pipeline.rundir import (ERROR_PREFIX, LOG_DIR, POINT_STORE_KEY, RECORD_NAME, WEIGHTS_NAME, Fabric, Failure,
-                             Health, Point, Result, failure_path, utc_now)
+from pipeline.job.trainer import TrainOutcome, Trainer, gradient_bytes
+from pipeline.result import Fabric, Health, Result
+from pipeline.rundir import LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Failure, Point, failure_path, utc_now
 
 log = logging.getLogger("pipeline.worker")
+# torchrun without a launch: rank 0 tells the others, through the rendezvous store, where it froze the point (or
+# the configuration error it found, after ERROR_PREFIX)
+POINT_STORE_KEY = "pipeline/point_dir"
+ERROR_PREFIX = "error:"
 
 
 

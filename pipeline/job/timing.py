@@ -37,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.rundir import PhaseSplit, RankTiming, RunTiming, StepTime
+from pipeline.result import PhaseSplit, RankTiming, RunTiming, StepTime
 
 PHASES = ("data", "compute", "comm")
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, target_of
 from pipeline.job.build import Workload, build_optimizer, build_scheduler, optimizer_info
 from pipeline.job.checkpoint import Checkpoints, segment
 from pipeline.job.data import (Batch, BatchSpec, InMemoryBatches, LoaderBatches, check_workers, collate,
@@ -30,8 +30,8 @@ from pipeline.job.observe import Phases, make_logger, make_profiler, write_progr
 from pipeline.job.parallel import Parallel, parallelize
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.timing import StepTimer
-from pipeline.rundir import (CollectiveVolume, Evaluation, FastPath, LoaderInfo, Memory, ModelIOInfo, OptimizerInfo,
-                             ParallelInfo, Segment, target_of)
+from pipeline.result import (CollectiveVolume, Evaluation, FastPath, LoaderInfo, Memory, ModelIOInfo, OptimizerInfo,
+                             ParallelInfo, Segment)
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0

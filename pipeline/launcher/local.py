@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline.config import RunConfig
 from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, oom_kills, process_state
 from pipeline.launcher.signals import GRACE_S, own, stop_sessions
-from pipeline.rundir import LAUNCHER_PID_VAR, WarmStart, LOG_DIR, Failure, Progress, rank_log_path
+from pipeline.rundir import LAUNCHER_PID_VAR, LOG_DIR, Failure, Progress, WarmStart, rank_log_path
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,17 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
+from pipeline.badnodes import bad_nodes_or_empty, read_bad_nodes
 from pipeline.config import ConfigError, RunConfig, to_plain
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env, sweep_threads
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
-from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
-from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
-from pipeline.runlock import Claim, claim, exclusive
 from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, group_by_allocation, max_array_size, preflight,
                                      submit, write_dry_run)
-from pipeline.badnodes import bad_nodes_or_empty, read_bad_nodes
-from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
+from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
+from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
+from pipeline.result import diverged_at
+from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, rank_log_path
+from pipeline.runlock import Claim, claim, exclusive
 
 log = logging.getLogger("pipeline.launch")
 DRY_RUN_NAME = "dry_run.txt"  # local debug mode's dry run: the processes it would have started
