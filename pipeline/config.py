@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import re
 import sys
@@ -23,7 +22,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Union
 
+from pipeline.checks import ConfigError, check_at_least, check_at_most, check_choice, check_positive
 from pipeline.rundir import CHECKSUMS_NAME, SHARDED_CHECKPOINT_NAME, non_finite
+from pipeline.slurm import check_slurm_values
 from pipeline.typed import SchemaError, decoder, dotted
 
 if TYPE_CHECKING:
@@ -32,30 +33,6 @@ if TYPE_CHECKING:
 # Hydra and OmegaConf are imported where they are used (composition, registration): every rank parses its frozen
 # config, as plain data, before its first step, and importing Hydra would add a tenth of a second to that.
 MISSING = "???"  # OmegaConf's mark of a required value
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error. The message names the key and what is allowed."""
-
-
-def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
-
-
-def check_at_least(key: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
-
-
-def check_at_most(key: str, value: float, maximum: float, why: str) -> None:
-    if value > maximum:
-        raise ConfigError(f"{key}={value!r} is not allowed; it must be <= {maximum} ({why})")
-
-
-def check_positive(key: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{key}={value!r} is not allowed; it must be a positive number")
 
 
 IO_OUTPUT_HELP = "auto, an attribute or mapping key name, or a tuple index"
@@ -379,69 +356,6 @@ class LocalClusterConfig:
 # torch's store and gloo count the timeout in milliseconds, in places as a 32-bit int: 2**31 - 1 ms is ~24.8 days
 # (a larger one overflows there, or in datetime.timedelta, on every rank; 2147483 s is tested to work)
 MAX_TIMEOUT_S = (2**31 - 1) // 1000
-
-
-# characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
-_SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
-_SAFE_TEXT = "letters, digits and _ . , : @ % + = / - [ ]"
-_SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]&|()*!]+$")
-_MEM = re.compile(r"^[0-9]+[KMGT]?B?$")
-_OPTION = re.compile(r"^[a-z][a-z0-9-]+$")  # a long option's name (single letters are short options' aliases)
-# options the pipeline sets itself from the config; sbatch_extra may not override them
-_OWN = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition", "account", "qos",
-        "constraint", "exclusive", "job-name", "output", "error", "signal", "open-mode", "requeue", "exclude"}
-# options that would break one folder and one job (or array task) per point, or the ranks' shape
-_BREAKING = {"array", "wrap", "chdir", "ntasks", "ntasks-per-core", "ntasks-per-socket", "ntasks-per-gpu",
-             "gpus-per-task", "export", "export-file", "input", "hold", "test-only", "parsable", "wait"}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def check_slurm_values(c: "SlurmClusterConfig") -> None:
-    """Every cluster value that reaches the sbatch script is a plain token. Raises ConfigError naming the key."""
-    for key, value, pattern, allowed in (("partition", c.partition, _SAFE, _SAFE_TEXT),
-                                         ("account", c.account, _SAFE, _SAFE_TEXT), ("qos", c.qos, _SAFE, _SAFE_TEXT),
-                                         ("constraint", c.constraint, _SAFE_CONSTRAINT, _SAFE_TEXT + " & | ( ) * !")):
-        if value is not None and not pattern.match(value):
-            raise ConfigError(f"cluster.{key}={value!r} is not allowed: use {allowed}")
-    if c.mem is not None and not _MEM.match(c.mem):
-        raise ConfigError(f"cluster.mem={c.mem!r} is not allowed: give a size such as 16G, 4000M or 64000")
-    if c.time < 1:
-        raise ConfigError(f"cluster.time={c.time} is not allowed: minutes, >= 1")
-    if c.cpus_per_task is not None and c.cpus_per_task < 1:
-        raise ConfigError(f"cluster.cpus_per_task={c.cpus_per_task} is not allowed: >= 1 or null")
-    if c.array_parallelism is not None and c.array_parallelism < 1:
-        raise ConfigError(f"cluster.array_parallelism={c.array_parallelism} is not allowed: >= 1 or null")
-    for key, value in c.sbatch_extra.items():
-        if key in _BREAKING:
-            raise ConfigError(f"cluster.sbatch_extra.{key} is not allowed: every point is its own job (or array task) "
-                              "with its own folder and the ranks nodes x cluster.tasks_per_node, which these "
-                              f"options would change: {', '.join(sorted(_BREAKING))}")
-        if not _OPTION.match(str(key)) or key in _OWN:
-            raise ConfigError(f"cluster.sbatch_extra key {key!r} is not allowed: an sbatch long option name "
-                              f"(lowercase, dashes) other than the ones set from the config: {', '.join(sorted(_OWN))}")
-        if value is not True and not _SAFE.match(str(value)):
-            raise ConfigError(f"cluster.sbatch_extra.{key}={value!r} is not allowed: use {_SAFE_TEXT}, "
-                              "or true for a flag")
-    for line in c.setup:
-        if "\n" in line or "\r" in line:
-            raise ConfigError("cluster.setup: give one shell line per list item (no embedded newlines)")
-    check_node_names("cluster.exclude", c.exclude)
-
-
-def check_node_names(key: str, names: List[str]) -> None:
-    """Slurm node names or host lists (`node[1-3]`), each a plain token."""
-    for name in names:
-        if not _SAFE.match(str(name)):
-            raise ConfigError(f"{key}: {name!r} is not allowed: give Slurm node names or host lists (node7, "
-                              f"node[1-3]) made of {_SAFE_TEXT}")
-
-
-def check_script_text(key: str, value: str) -> None:
-    """A value that reaches an sbatch script (a job name, a folder): no newline or other control character,
-    which would end the line it is on."""
-    if _CONTROL.search(value):
-        raise ConfigError(f"{key}={value!r} is not allowed: a newline or other control character in it would end a "
-                          "line of the sbatch script (and of the logs) that it reaches")
 
 
 @dataclass

@@ -21,10 +21,11 @@ from hydra.core.utils import setup_globals
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check_resume_from, check_script_text,
-                             parse_run_config, register_configs, to_plain)
+from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check_resume_from, parse_run_config,
+                             register_configs, to_plain)
 from pipeline.rundir import GitInfo, Point, utc_now
 from pipeline.runlock import claim, keep_until_exit
+from pipeline.slurm import check_script_text
 from pipeline.targets import build_datasets
 
 

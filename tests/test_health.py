@@ -12,10 +12,10 @@ import time
 import pytest
 
 from pipeline.config import HealthConfig
-from pipeline.job.health import (below, expand_hostlist, node_link_scores, suspect_links, tournament, turns_of,
-                                 verdict_of)
+from pipeline.job.health import below, node_link_scores, suspect_links, tournament, turns_of, verdict_of
 from pipeline.job.placement import binding_problem, cpu_list, parse_cpu_list
 from pipeline.result import BadNode, Health, LinkHealth
+from pipeline.slurm import expand_hostlist
 
 FAST = ["trainer.max_steps=8", "trainer.warmup_steps=2", "trainer.log_every=1000", "dataset.train_size=2048",
         "dataset.test_size=64", "trainer.tensorboard=false"]

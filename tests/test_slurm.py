@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, parse_run_config
-from pipeline.job.health import expand_hostlist
+from pipeline.slurm import expand_hostlist
 from pipeline.launcher.slurm import sbatch_parameters
 from tests.conftest import REPO, launch
 

@@ -41,9 +41,7 @@ import json
 import logging
 import math
 import os
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -56,10 +54,12 @@ import torch
 import torch.distributed as dist
 
 from pipeline.badnodes import add_bad_nodes, bad_nodes_or_empty
+from pipeline.cgroup import throttled_periods
 from pipeline.config import HealthConfig, RunConfig
 from pipeline.job.env import DistEnv
 from pipeline.result import BadNode, Health, LinkHealth, NodeHealth
 from pipeline.rundir import BadNodeEntry, Failure, Point, utc_now
+from pipeline.slurm import excluded_nodes
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def gemm(device: torch.device, seconds: float) -> dict:
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     c = torch.mm(a, b)  # warm-up, and the product to check
     checksum = float(c.double().abs().sum())
-    throttled, cpu, t0 = cgroup_throttled(), time.process_time(), time.perf_counter()
+    throttled, cpu, t0 = throttled_periods(), time.process_time(), time.perf_counter()
     iterations = 0
     while True:
         torch.mm(a, b, out=c)
@@ -195,35 +195,13 @@ def gemm(device: torch.device, seconds: float) -> dict:
         if time.perf_counter() - t0 >= seconds:
             break
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
-    after = cgroup_throttled()
+    after = throttled_periods()
     flops = 2 * n**3 * iterations
     out = {"gflops": flops / wall / 1e9, "checksum": checksum, "finite": bool(torch.isfinite(c).all())}
     if device.type == "cpu":
         out.update(cpu_share=cpu / wall, gflops_per_cpu_s=flops / max(cpu, 1e-9) / 1e9,
                    throttled=after - throttled if None not in (after, throttled) else None)
     return out
-
-
-def cgroup_throttled() -> int | None:
-    """nr_throttled of this process's CPU cgroup (v1's cpu controller, or v2's), None where it cannot be read: a
-    node whose check ran under a CPU quota says so."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(",") or controllers == "":
-            base = "/sys/fs/cgroup/cpu" if controllers else "/sys/fs/cgroup"
-            try:
-                with open(f"{base}{path}/cpu.stat") as f:
-                    for stat in f:
-                        if stat.startswith("nr_throttled"):
-                            return int(stat.split()[1])
-            except (OSError, ValueError):
-                continue
-    return None
 
 
 def last_level_cache_bytes() -> int | None:
@@ -712,33 +690,3 @@ def describe_node(n: NodeHealth) -> str:
     return (f"{n.node} (ranks {','.join(map(str, n.ranks))}, ready after {n.ready_s:.1f} s): GEMM "
             f"{f(n.gemm_gflops, '.3g')} GFLOP/s{cpu}, memory {f(n.membw_gb_s, '.3g')} GB/s, best link "
             f"{f(n.link_gb_s, '.3g')} GB/s, latency {f(n.latency_us, '.0f')} us" + (f"; {n.error}" if n.error else ""))
-
-
-def excluded_nodes(job_id: str | None) -> list[str]:
-    """The nodes Slurm was told to keep this job off (its ExcNodeList), as `scontrol show job` says; empty where
-    it cannot say."""
-    if not job_id:
-        return []
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    found = re.search(r"\bExcNodeList=(\S+)", out)
-    if not found or found.group(1) == "(null)":
-        return []
-    return expand_hostlist(found.group(1))
-
-
-def expand_hostlist(text: str) -> list[str]:
-    """Slurm's host list: qnode[1,3-4],gpu7 -> qnode1, qnode3, qnode4, gpu7."""
-    names = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", text):
-        if plain:
-            names.append(plain)
-            continue
-        for part in ranges.split(","):
-            first, _, last = part.partition("-")
-            width = len(first)
-            names += [f"{prefix}{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
-    return names

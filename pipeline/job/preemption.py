@@ -7,11 +7,11 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from typing import NoReturn
 
 from pipeline.job.env import DistEnv
+from pipeline.slurm import requeue
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUED = 75  # EX_TEMPFAIL: stopped on purpose, to be continued by the requeued job
@@ -52,5 +52,5 @@ class StopSignal:
             self._previous(self.signum, None)  # submitit: resubmits the callable (it resumes from the checkpoint)
         if on_slurm and env.job_id and shutil.which("scontrol"):
             log.warning("checkpoint saved; requeueing job %s", env.job_id)
-            subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+            requeue(env.job_id)
         sys.exit(EXIT_REQUEUED)

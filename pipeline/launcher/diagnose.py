@@ -1,7 +1,7 @@
 """What the local launcher can tell of its ranks from outside, to say why a run failed: a rank's process state (a
 stopped one is the rank the others waited for until their timeout), its memory use while it ran (a SIGKILL after
-a high peak is the OOM killer's mark), and whether the kernel's OOM killer ran in this launch's cgroup. Linux's
-/proc and cgroup files; where they cannot be read, less is said.
+a high peak is the OOM killer's mark; whether it ran in this launch's cgroup, pipeline.cgroup says). Linux's /proc
+files; where they cannot be read, less is said.
 """
 
 from __future__ import annotations
@@ -62,31 +62,6 @@ class MemoryWatch:
     def stop(self) -> None:
         self._done.set()
         self._thread.join()
-
-
-def oom_kills() -> int | None:
-    """How many processes the kernel's OOM killer has killed in this process's memory cgroup (cgroup v2
-    memory.events, v1 memory.oom_control); None where that cannot be read."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            files = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events",
-                     Path("/sys/fs/cgroup/unified") / path.lstrip("/") / "memory.events"]
-        elif "memory" in controllers.split(","):
-            files = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control"]
-        else:
-            continue
-        for f in files:
-            try:
-                counts = dict(x.split() for x in f.read_text().splitlines() if x.strip())
-                return int(counts["oom_kill"])
-            except (OSError, KeyError, ValueError):
-                continue
-    return None
 
 
 def how_it_ended(returncode: int, memory: Memory | None, oom_killer_ran: bool, ended_at: float) -> str:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, oom_kills, process_state
+from pipeline.cgroup import oom_kills
+from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, process_state
 from pipeline.launcher.signals import GRACE_S, own, stop_sessions
 from pipeline.rundir import LAUNCHER_PID_VAR, LOG_DIR, Failure, Progress, WarmStart, rank_log_path
 

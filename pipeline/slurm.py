@@ -1,0 +1,121 @@
+"""What the pipeline knows of Slurm, in one torch-free place that the launcher and the job both use:
+
+    names and values    what may reach an sbatch script (a plain token each: no whitespace, quote, `$`, `;` or
+                        newline), the options the pipeline sets itself, those that would break a point's one
+                        folder and one job
+    host lists          Slurm's compressed node lists (node[1,3-4]) expanded
+    its commands        what `scontrol` says of the cluster (MaxArraySize) and of a job (the nodes it was kept
+                        off), and the requeue a job asks for itself after its checkpoint
+
+Submitting (through submitit) stays with the launcher (pipeline.launcher.slurm); reading a job's environment with
+the job (pipeline.job.env).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import Any
+
+from pipeline.checks import ConfigError
+
+# ------------------------------------------------------------------------------------------ names and values
+# characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
+_SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
+_SAFE_TEXT = "letters, digits and _ . , : @ % + = / - [ ]"
+_SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]&|()*!]+$")
+_MEM = re.compile(r"^[0-9]+[KMGT]?B?$")
+_OPTION = re.compile(r"^[a-z][a-z0-9-]+$")  # a long option's name (single letters are short options' aliases)
+# options the pipeline sets itself from the config; sbatch_extra may not override them
+_OWN = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition", "account", "qos",
+        "constraint", "exclusive", "job-name", "output", "error", "signal", "open-mode", "requeue", "exclude"}
+# options that would break one folder and one job (or array task) per point, or the ranks' shape
+_BREAKING = {"array", "wrap", "chdir", "ntasks", "ntasks-per-core", "ntasks-per-socket", "ntasks-per-gpu",
+             "gpus-per-task", "export", "export-file", "input", "hold", "test-only", "parsable", "wait"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_slurm_values(c: Any) -> None:
+    """Every cluster value that reaches the sbatch script is a plain token. Raises ConfigError naming the key."""
+    for key, value, pattern, allowed in (("partition", c.partition, _SAFE, _SAFE_TEXT),
+                                         ("account", c.account, _SAFE, _SAFE_TEXT), ("qos", c.qos, _SAFE, _SAFE_TEXT),
+                                         ("constraint", c.constraint, _SAFE_CONSTRAINT, _SAFE_TEXT + " & | ( ) * !")):
+        if value is not None and not pattern.match(value):
+            raise ConfigError(f"cluster.{key}={value!r} is not allowed: use {allowed}")
+    if c.mem is not None and not _MEM.match(c.mem):
+        raise ConfigError(f"cluster.mem={c.mem!r} is not allowed: give a size such as 16G, 4000M or 64000")
+    if c.time < 1:
+        raise ConfigError(f"cluster.time={c.time} is not allowed: minutes, >= 1")
+    if c.cpus_per_task is not None and c.cpus_per_task < 1:
+        raise ConfigError(f"cluster.cpus_per_task={c.cpus_per_task} is not allowed: >= 1 or null")
+    if c.array_parallelism is not None and c.array_parallelism < 1:
+        raise ConfigError(f"cluster.array_parallelism={c.array_parallelism} is not allowed: >= 1 or null")
+    for key, value in c.sbatch_extra.items():
+        if key in _BREAKING:
+            raise ConfigError(f"cluster.sbatch_extra.{key} is not allowed: every point is its own job (or array task) "
+                              "with its own folder and the ranks nodes x cluster.tasks_per_node, which these "
+                              f"options would change: {', '.join(sorted(_BREAKING))}")
+        if not _OPTION.match(str(key)) or key in _OWN:
+            raise ConfigError(f"cluster.sbatch_extra key {key!r} is not allowed: an sbatch long option name "
+                              f"(lowercase, dashes) other than the ones set from the config: {', '.join(sorted(_OWN))}")
+        if value is not True and not _SAFE.match(str(value)):
+            raise ConfigError(f"cluster.sbatch_extra.{key}={value!r} is not allowed: use {_SAFE_TEXT}, "
+                              "or true for a flag")
+    for line in c.setup:
+        if "\n" in line or "\r" in line:
+            raise ConfigError("cluster.setup: give one shell line per list item (no embedded newlines)")
+    check_node_names("cluster.exclude", c.exclude)
+
+
+def check_node_names(key: str, names: list[str]) -> None:
+    """Slurm node names or host lists (`node[1-3]`), each a plain token."""
+    for name in names:
+        if not _SAFE.match(str(name)):
+            raise ConfigError(f"{key}: {name!r} is not allowed: give Slurm node names or host lists (node7, "
+                              f"node[1-3]) made of {_SAFE_TEXT}")
+
+
+def check_script_text(key: str, value: str) -> None:
+    """A value that reaches an sbatch script (a job name, a folder): no newline or other control character,
+    which would end the line it is on."""
+    if _CONTROL.search(value):
+        raise ConfigError(f"{key}={value!r} is not allowed: a newline or other control character in it would end a "
+                          "line of the sbatch script (and of the logs) that it reaches")
+
+
+# ------------------------------------------------------------------------------------------------ host lists
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm's host list: qnode[1,3-4],gpu7 -> qnode1, qnode3, qnode4, gpu7."""
+    names = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", text):
+        if plain:
+            names.append(plain)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            width = len(first)
+            names += [f"{prefix}{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
+    return names
+
+
+# -------------------------------------------------------------------------------------------- its commands
+def excluded_nodes(job_id: str | None) -> list[str]:
+    """The nodes Slurm was told to keep this job off (its ExcNodeList), as `scontrol show job` says; empty where
+    it cannot say."""
+    if not job_id:
+        return []
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = re.search(r"\bExcNodeList=(\S+)", out)
+    if not found or found.group(1) == "(null)":
+        return []
+    return expand_hostlist(found.group(1))
+
+
+def requeue(job_id: str) -> None:
+    """Put the job back in the queue (`scontrol requeue`): a job of a plain sbatch, with no submitit to do it, after
+    its checkpoint. Raises where scontrol fails."""
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
