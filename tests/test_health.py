@@ -1,4 +1,4 @@
-"""The health check before training (pipeline/job/health.py): its pure pieces with worked-out answers, and real
+"""The health check before training (pipeline/job/health/): its pure pieces with worked-out answers, and real
 local runs whose check finds a rank that raises in it (a fault injected through sitecustomize, in that process
 only) under each policy. The same on a real Slurm, with a real slow link (tc) and a real slow node (a CPU-quota
 cgroup): tests/test_slurm.py."""
@@ -12,7 +12,8 @@ import time
 import pytest
 
 from pipeline.config import HealthConfig
-from pipeline.job.health import below, node_link_scores, suspect_links, tournament, turns_of, verdict_of
+from pipeline.job.health.schedule import tournament, turns_of
+from pipeline.job.health.verdict import below, node_link_scores, suspect_links, verdict_of
 from pipeline.job.placement import binding_problem, cpu_list, parse_cpu_list
 from pipeline.result import BadNode, Health, LinkHealth
 from pipeline.slurm import expand_hostlist
@@ -95,7 +96,7 @@ def injected(tmp_path, node: str, once: bool = False) -> dict:
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "if b'pipeline.worker' in open('/proc/self/cmdline', 'rb').read():\n"
-        "    import pipeline.job.health as h\n"
+        "    import pipeline.job.health.measure as h\n"
         "    gemm = h.gemm\n"
         "    def failing_gemm(device, seconds):\n"
         f"        if os.environ.get('SLURMD_NODENAME') == {node!r}:\n"

@@ -427,7 +427,7 @@ def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('SLURMD_NODENAME') == 'nsnode4':\n"
-        "    import pipeline.job.health as h\n"
+        "    import pipeline.job.health.measure as h\n"
         "    def failing_gemm(device, seconds):\n"
         "        raise RuntimeError('injected failure in the GEMM')\n"
         "    h.gemm = failing_gemm\n")
