@@ -10,15 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 
-from pipeline.config import LoaderConfig
-from pipeline.job.env import DistEnv
-from pipeline.result import LoaderInfo
+from pipeline.config import LoaderConfig, target_of
+from pipeline.job.context import Job
+from pipeline.result import FastPath, LoaderInfo
+
+if TYPE_CHECKING:
+    from pipeline.job.build import Workload
 
 log = logging.getLogger(__name__)
 DEVICE_DATA_SHARE = 0.5
@@ -237,13 +241,13 @@ class LoaderBatches:
             yield to_device(spec.items.split(batch), spec.device, spec.pinned, spec.memory_format)
 
 
-def check_workers(loader: LoaderConfig, cpus: int, env: DistEnv) -> None:
+def check_workers(loader: LoaderConfig, cpus: int, rank: int) -> None:
     """Warn when the DataLoader's worker processes outnumber the CPUs this rank was given (they then compete with
     each other and with the training thread, and the data phase grows)."""
     if loader.num_workers > cpus:
         log.warning("rank %d: loader.num_workers=%d is more than the %d CPU(s) this rank has (its share of the "
                     "host's cores, or Slurm's --cpus-per-task); the workers will compete for them",
-                    env.rank, loader.num_workers, cpus)
+                    rank, loader.num_workers, cpus)
 
 
 def loader_info(kind: str, loader: LoaderConfig, pin: bool) -> LoaderInfo:
@@ -253,3 +257,111 @@ def loader_info(kind: str, loader: LoaderConfig, pin: bool) -> LoaderInfo:
                       persistent_workers=loader.persistent_workers,
                       prefetch_factor=loader.prefetch_factor if loader.prefetch_factor is not None
                       else (2 if loader.num_workers else None))
+
+
+class Batches:
+    """Where one rank's batches come from, chosen once: the split held in memory (on the GPU when it fits) when the
+    dataset offers its arrays and loader.kind allows, else torch's DataLoader; and the fast-path choices that go with
+    the choice (NHWC images, cuDNN's timing of its algorithms, pinned memory, the next batch's copy ahead)."""
+
+    def __init__(self, job: Job, work: Workload, model: torch.nn.Module):
+        t, loader, cuda, train = job.run.trainer, job.run.loader, job.cuda, work.train_set
+        self.job = job
+        has_arrays = callable(getattr(train, "arrays", None))
+        if loader.kind == "memory" and not has_arrays:
+            raise ValueError(f"rank {job.rank}: loader.kind=memory needs a dataset that offers its split as arrays (an "
+                             f"arrays() method, as the built-in datasets have), and dataset._target_="
+                             f"{target_of(job.run.dataset)} does not; use loader.kind=dataloader or auto")
+        self.in_memory = has_arrays and loader.kind != "dataloader"
+        # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
+        images = np.ndim(work.items.split(train[0]).inputs) == 3
+        convolutional = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+        # FSDP shards contiguous parameters only: NHWC is off under it (refused at launch when asked for)
+        auto = cuda and convolutional and job.run.parallel.kind == "ddp"
+        channels_last = images and (t.channels_last if t.channels_last is not None else auto)
+        # the batch shape is fixed (drop_last), so cuDNN's timing of its algorithms, once per shape, pays off
+        cudnn_benchmark = cuda and (t.cudnn_benchmark if t.cudnn_benchmark is not None else convolutional)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if self.in_memory:
+            held = [a for d in (train, work.test_set) if d is not None and hasattr(d, "arrays") for a in d.arrays()]
+            self.on_device = holds_on_device(t.data_on_device, sum(np.asarray(a).nbytes for a in held),
+                                             torch.cuda.mem_get_info(job.device)[0] if cuda else 0)
+            pinned = cuda and not self.on_device
+        else:
+            self.on_device, pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
+        self.spec = BatchSpec(size=job.run.micro_batch, device=job.device, items=work.items,
+                              channels_last=channels_last, pinned=pinned, collate_fn=work.collate_fn)
+        self.train = self.source(train, persistent=loader.persistent_workers)
+        if not self.in_memory:
+            check_workers(loader, torch.get_num_threads(), job.rank)
+        self.info = loader_info("memory" if self.in_memory else "dataloader", loader, pinned)
+        prefetch = cuda and not self.on_device and (t.prefetch if t.prefetch is not None else True)
+        self.fast_path = FastPath(data_on_device=self.on_device, channels_last=channels_last, compile=t.compile,
+                                  pinned_memory=pinned, cudnn_benchmark=cudnn_benchmark, prefetch=prefetch)
+        self.sample_set = train
+
+    def source(self, dataset: Any, persistent: bool) -> InMemoryBatches | LoaderBatches:
+        """A split's batches: in memory when the training's are and the split offers its arrays, else through the
+        DataLoader (its workers kept between passes when `persistent`)."""
+        if self.in_memory and callable(getattr(dataset, "arrays", None)):
+            return InMemoryBatches(dataset, self.spec, self.on_device)
+        loader = replace(self.job.run.loader, persistent_workers=persistent)
+        return LoaderBatches(dataset, self.spec, loader, worker_seed=self.job.run.trainer.seed * 1000 + self.job.rank)
+
+    def ahead(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The batches, the next one's copy to the GPU on a side stream while this one trains (fast_path.prefetch)."""
+        return prefetched(batches, self.job.device) if self.fast_path.prefetch else batches
+
+    def sample(self, n: int = 2) -> Batch:
+        """The first `n` training samples as a batch on the device, collated as the DataLoader would."""
+        items = [self.sample_set[i] for i in range(min(n, len(self.sample_set)))]
+        spec = self.spec
+        return to_device(collate(items, spec.items, spec.collate_fn), spec.device, False, spec.memory_format)
+
+    def tokens_per_sample(self) -> int | None:
+        """A token model's tokens per sample: the input's length when inputs are integer token ids."""
+        x = torch.as_tensor(self.spec.items.split(self.sample_set[0]).inputs)
+        return None if x.is_floating_point() or x.dim() != 1 else int(x.numel())
+
+    def close(self) -> None:
+        """Stop what outlives training: DataLoader worker processes (persistent ones wait for the next epoch)."""
+        if isinstance(self.train, LoaderBatches):
+            self.train.close()
+
+
+class StepOrder:
+    """Which samples each step takes: the DistributedSampler's order for (seed, epoch), `per_rank_batch` samples a
+    step in `accum` micro-batches. A run resumed at any step takes the batches an uninterrupted one would, and in
+    strong scaling every world size takes the same samples in a step (only which rank takes which changes)."""
+
+    def __init__(self, job: Job, samples: int):
+        run, t = job.run, job.run.trainer
+        self.batch, self.accum = run.per_rank_batch, run.accum_steps
+        self.sampler = DistributedSampler(range(samples), num_replicas=job.world_size, rank=job.rank, shuffle=True,
+                                          seed=t.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the train split has {samples} samples: {len(self.sampler)} per rank over {job.world_size} ranks, "
+                f"fewer than one per-rank batch of {self.batch}. Lower trainer.batch_size (weak scaling) or "
+                "trainer.global_batch_size (strong scaling), or use fewer ranks.")
+        epochs_steps = t.epochs * self.steps_per_epoch
+        self.total_steps = min(epochs_steps, t.max_steps) if t.max_steps else epochs_steps
+
+    def steps(self, start: int, batches: Batches) -> Iterator[tuple[int, int, list[Batch]]]:
+        """(step, epoch, micro-batches) for every step from `start` to the last, on the device."""
+        step = start
+        while step < self.total_steps:
+            epoch, first = divmod(step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)[first * self.batch:self.steps_per_epoch * self.batch]
+            micro = []
+            for batch in batches.ahead(batches.train.batches(order, drop_last=True)):
+                micro.append(batch)
+                if len(micro) < self.accum:
+                    continue
+                yield step, epoch, micro
+                micro = []
+                step += 1
+                if step == self.total_steps:
+                    return

@@ -1,19 +1,25 @@
-"""What rank 0 shows while a run goes on: TensorBoard scalars, a progress file, and torch.profiler traces with
-the training phases as named ranges (NVTX too, for Nsight Systems, when asked)."""
+"""What rank 0 shows while a run goes on: a log line, TensorBoard scalars and a progress file every trainer.log_every
+steps (`Reporter`), and torch.profiler traces with the training phases as named ranges (NVTX too, for Nsight
+Systems, when asked)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 from pathlib import Path
 
 import torch
 
+from pipeline.job.context import Job
+from pipeline.job.timing import StepTimer
+from pipeline.result import Evaluation
 from pipeline.rundir import PROFILE_DIR, TENSORBOARD_DIR, Point, Progress, utc_now
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 1.0
 
 
 class NullLogger:
@@ -90,6 +96,59 @@ def write_progress(point_dir: Path, *, step: int, total: int, samples_per_s: flo
     """Rank 0's latest position, for `launch ... wait=true` and `pipeline.status` to show without ssh."""
     Progress(step=step, total_steps=total, samples_per_s=samples_per_s, eta_s=eta_s, loss=loss, updated_at=utc_now(),
              updated_unix=time.time()).write(point_dir, durable=False)
+
+
+class Reporter:
+    """Rank 0's account of a run as it goes: at the start what it trains, then every trainer.log_every steps (and the
+    last) a log line, TensorBoard scalars (loss, samples/s, learning rate, the step's phases) and the progress file,
+    the evaluation's figures, and at the end TensorBoard's HParams view. On the other ranks it says nothing."""
+
+    def __init__(self, job: Job, tensorboard: Path):
+        self.job = job
+        self.metrics = make_logger(job.run.trainer.tensorboard, job.is_rank0, tensorboard)
+        self.total_steps, self.window, self.progress_at = 0, (0.0, 0), -PROGRESS_EVERY_S
+
+    def start(self, start_step: int, total_steps: int, steps_per_epoch: int, loader: str) -> None:
+        """Training begins at `start_step`: the next rate is measured from now."""
+        run = self.job.run
+        self.total_steps, self.window = total_steps, (time.perf_counter(), start_step)
+        if self.job.is_rank0:
+            log.info("training %d steps (%d per epoch), per-rank batch %d, global batch %d, %d ranks, batches from %s",
+                     total_steps, steps_per_epoch, run.per_rank_batch, run.global_batch, self.job.world_size,
+                     "the DataLoader" if loader == "dataloader" else "memory")
+
+    def due(self, step: int) -> bool:
+        return self.job.is_rank0 and (step % self.job.run.trainer.log_every == 0 or step == self.total_steps)
+
+    def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, timer: StepTimer) -> None:
+        """After `step` steps, when `due`: the samples/s since the last report, the ETA and the loss (its .item()
+        waits for the step: a report's only sync)."""
+        now, (since, since_step) = time.perf_counter(), self.window
+        global_batch = self.job.run.global_batch
+        rate = (step - since_step) * global_batch / (now - since)
+        eta = (self.total_steps - step) * global_batch / rate
+        value = loss.item()
+        log.info("step %d/%d epoch %d loss %.4f %.0f samples/s ETA %.0f s", step, self.total_steps, epoch, value,
+                 rate, eta)
+        recent = timer.phases(last=step - since_step).mean(axis=0) * 1e3
+        self.metrics.log({"train/loss": value, "train/samples_per_s": rate, "train/lr": lr,
+                          "time/step_ms": recent[0], "time/data_ms": recent[1], "time/compute_ms": recent[2],
+                          "time/comm_ms": recent[3]}, step)
+        # the progress file's readers poll every few seconds: rewriting it more often than each second is waste (a
+        # fast step notices, benchmarks/step_costs.py)
+        if now - self.progress_at >= PROGRESS_EVERY_S or step == self.total_steps:
+            write_progress(self.job.point_dir, step=step, total=self.total_steps, samples_per_s=rate, eta_s=eta,
+                           loss=value if math.isfinite(value) else None)
+            self.progress_at = now
+        self.window = (now, step)
+
+    def evaluation(self, evaluation: Evaluation, step: int) -> None:
+        self.metrics.log({f"test/{evaluation.metric}": evaluation.value, "test/loss": evaluation.loss}, step)
+
+    def close(self, hparams: dict, figures: dict[str, float]) -> None:
+        """TensorBoard's HParams view (the run's overrides beside its final figures), then the writer closed."""
+        self.metrics.hparams(hparams, figures)
+        self.metrics.close()
 
 
 class Phases:

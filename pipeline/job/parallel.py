@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -188,6 +189,7 @@ class Parallel:
     clock: CommClock | None = None  # FSDP on a CPU: the exposed communication, timed
     blocks: list[nn.Module] = field(default_factory=list)
     mesh: object = None  # FSDP's DeviceMesh
+    warmup_counts: tuple[dict, dict] = ({}, {})  # the clock's calls and bytes when the warm-up ended
 
     def probe_groups(self) -> list[tuple[str, str, int, object]]:
         """The collectives FSDP issues and on which of this rank's groups: (op, group name, ranks, group)."""
@@ -216,6 +218,34 @@ class Parallel:
             self.wrapped.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
+    def end_warmup(self) -> None:
+        """The collectives counted so far are the warm-up's: the per-step figures start after them."""
+        if self.clock is not None:
+            self.warmup_counts = (dict(self.clock.calls), dict(self.clock.bytes))
+
+    def measured_info(self, timed_steps: int) -> ParallelInfo:
+        """What the record states, with rank 0's collectives per timed step where they were counted."""
+        info, clock = self.info, self.clock
+        if clock is None or timed_steps <= 0:
+            return info
+        calls, sizes = per_step(clock.calls, self.warmup_counts[0], timed_steps), \
+            per_step(clock.bytes, self.warmup_counts[1], timed_steps)
+        planned = {c.op: c for c in info.collectives}
+        return replace(info, measured=[CollectiveVolume(op=op, group=planned[op].group if op in planned else "shard",
+                                                        ranks=planned[op].ranks if op in planned else 0,
+                                                        calls=calls[op], bytes=sizes[op]) for op in sorted(calls)])
+
+    def weights(self) -> dict:
+        """The trained model's state_dict on the CPU: it loads with a plain torch.load into the model as built, on
+        any machine (a login node, a laptop), not only where there is a GPU. A sharded model's is gathered whole on
+        rank 0 (every rank takes part; the others get {})."""
+        self.sync_buffers()
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+
     def reshard(self) -> None:
         """Every FSDP group back to its shards after a forward outside training (a check, the evaluation), whose
         root keeps its gathered parameters (it reshards only after backward), as a state dict or a step expects."""
@@ -231,6 +261,29 @@ class Parallel:
         if self.sharded and dist.get_world_size() > 1:
             for b in self.raw.buffers():
                 dist.broadcast(b, src=0)
+
+
+def per_step(counts: dict, before: dict, steps: int) -> dict:
+    return {k: (counts[k] - before.get(k, 0)) // steps for k in counts}
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP DTensor's local shard, any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def parameters_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes on this rank: equal on all ranks when DDP kept them in sync (FSDP: of
+    this rank's shards, which differ)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(local(p.detach()).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gradient_bytes(model: nn.Module) -> int:
+    """The whole model's gradient, one per parameter in the parameter's dtype: what DDP all-reduces every step."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def param_dtype(run: RunConfig, precision: str, model: nn.Module) -> str:
@@ -270,13 +323,13 @@ def _shard(run: RunConfig, model: nn.Module, blocks: list[nn.Module], device: to
 
 
 def collectives(run: RunConfig, model: nn.Module, blocks: list[nn.Module], dtype: str,
-                gradient_bytes: int) -> list[CollectiveVolume]:
+                grad_bytes: int) -> list[CollectiveVolume]:
     """What a step communicates, per optimizer step, from the groups' sizes (nccl-tests' sizes). DDP: one
     all-reduce of the gradient. FSDP, per group (every block, the root): its parameters all-gathered in forward for
     every micro-batch, again in backward where resharded (blocks, not the root), its gradients reduce-scattered
     (every micro-batch, or only the last); HSDP adds the all-reduce of the reduced shard across replicas."""
     if run.parallel.kind == "ddp":
-        return [CollectiveVolume(op="all_reduce", group="world", ranks=run.world_size, calls=1, bytes=gradient_bytes)]
+        return [CollectiveVolume(op="all_reduce", group="world", ranks=run.world_size, calls=1, bytes=grad_bytes)]
     p, accum = run.parallel, run.accum_steps
     reduces = accum if p.reduce_every_micro_batch else 1
     groups = [(b, p.reshard_after_forward) for b in blocks] + [(model, False)]
@@ -318,7 +371,7 @@ def parallelize(model: nn.Module, run: RunConfig, device: torch.device, precisio
             raise ValueError(f"trainer.activation_checkpointing=true: no blocks to checkpoint in {type(raw).__name__};"
                              " set parallel.block_classes=[ClassName] to name the modules to checkpoint")
         blocks = checkpoint_blocks(raw, blocks)
-    gradient_bytes = sum(q.numel() * q.element_size() for q in raw.parameters())
+    grads = gradient_bytes(raw)
     dtype = param_dtype(run, precision, raw) if p.kind != "ddp" else precision
     names = sorted({type(getattr(b, "_checkpoint_wrapped_module", b)).__name__ for b in blocks})
     info = dict(kind=p.kind, shard_ranks=run.shard_ranks, replicas=run.replicas, blocks=len(blocks),
@@ -333,12 +386,12 @@ def parallelize(model: nn.Module, run: RunConfig, device: torch.device, precisio
             gradient_as_bucket_view=d.gradient_as_bucket_view, static_graph=d.static_graph,
             find_unused_parameters=d.find_unused_parameters, **buffer_sync(d.broadcast_buffers))
         return Parallel(p.kind, wrapped, raw, autocast=precision == "bf16", blocks=blocks,
-                        info=ParallelInfo(**info, collectives=collectives(run, raw, blocks, dtype, gradient_bytes)))
+                        info=ParallelInfo(**info, collectives=collectives(run, raw, blocks, dtype, grads)))
     if compile_model:  # torchtitan's: each block compiled, then sharded (the root's hooks stay eager)
         for i, block in enumerate(blocks):
             blocks[i] = torch.compile(block)
             _replace(raw, block, blocks[i])
-    volume = collectives(run, raw, blocks, dtype, gradient_bytes)
+    volume = collectives(run, raw, blocks, dtype, grads)
     mesh = _shard(run, raw, blocks, device, dtype)
     clock = None
     if device.type == "cpu":

@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import NoReturn
 
-from pipeline.job.env import DistEnv
+from pipeline.job.context import Job
 from pipeline.slurm import requeue
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,14 @@ class StopSignal:
         if self._rank != 0:
             log.warning("stop signal received: training on until rank 0 checkpoints and the job is requeued")
 
-    def hand_over(self, env: DistEnv, on_slurm: bool) -> NoReturn:
+    def hand_over(self, job: Job) -> NoReturn:
         """After the checkpoint: rank 0 lets submitit requeue the job, or requeues it itself under a plain sbatch;
         the other ranks (which took part in a sharded checkpoint) just stop."""
-        if env.rank != 0:
+        if not job.is_rank0:
             sys.exit(EXIT_REQUEUED)
         if callable(self._previous):
             self._previous(self.signum, None)  # submitit: resubmits the callable (it resumes from the checkpoint)
-        if on_slurm and env.job_id and shutil.which("scontrol"):
-            log.warning("checkpoint saved; requeueing job %s", env.job_id)
-            requeue(env.job_id)
+        if job.on_slurm and job.env.job_id and shutil.which("scontrol"):
+            log.warning("checkpoint saved; requeueing job %s", job.env.job_id)
+            requeue(job.env.job_id)
         sys.exit(EXIT_REQUEUED)

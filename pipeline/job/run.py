@@ -1,5 +1,6 @@
-"""What every rank runs, in local debug mode, under submitit, under a plain `srun` and under torchrun:
-read the point's frozen config, join the process group, train, and (rank 0) write the record.
+"""What every rank runs, in local debug mode, under submitit, under a plain `srun` and under torchrun: read the point's
+frozen config, join the process group, check the nodes, build the workload and the trainer, probe the fabric,
+train, and (rank 0) write the record; each a named step of `run_point`.
 
 Entry: `python -m pipeline.worker POINT_DIR` (pipeline/worker.py), or `TrainingJob` under submitit.
 """
@@ -22,20 +23,21 @@ import torch
 import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 
-from pipeline.config import ConfigError, LocalClusterConfig, RunConfig, parse_run_config
+from pipeline.config import ConfigError, LocalClusterConfig, parse_run_config
 from pipeline.job.build import build_workload
 from pipeline.job.checkpoint import Checkpoints, save
+from pipeline.job.context import Job
 from pipeline.job.env import DistEnv
 from pipeline.job.health import BadNodesFound, JobReporter, RankFacts, check_health
 from pipeline.job.heartbeat import silent_ranks, start_heartbeat
-from pipeline.job.observe import hparams_of, tensorboard_dir
-from pipeline.job.parallel import Parallel
+from pipeline.job.observe import Reporter, hparams_of, tensorboard_dir
+from pipeline.job.parallel import Parallel, gradient_bytes
 from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.probe import describe, fell_back_to_sockets, nccl_interface, probe_sharded, route_interface, run_probe
-from pipeline.job.record import JobFacts, build_record, rank_result
-from pipeline.job.trainer import TrainOutcome, Trainer, gradient_bytes
-from pipeline.result import Fabric, Health, Result
+from pipeline.job.record import Finals, JobFacts, build_record, rank_result
+from pipeline.job.trainer import Trainer, TrainOutcome
+from pipeline.result import Fabric, Health, HostShare, Result
 from pipeline.rundir import LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Failure, Point, failure_path, utc_now
 
 log = logging.getLogger("pipeline.worker")
@@ -43,8 +45,6 @@ log = logging.getLogger("pipeline.worker")
 # the configuration error it found, after ERROR_PREFIX)
 POINT_STORE_KEY = "pipeline/point_dir"
 ERROR_PREFIX = "error:"
-
-
 
 
 class Stopwatch:
@@ -112,28 +112,28 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         env.check_world(run.nodes, run.cluster.tasks_per_node)
         setup_logging(env)
         device = pick_device(run.trainer.device, env, local_mode=point.launch_mode == "local")
+        job = Job(point=point, run=run, env=env, device=device, point_dir=point_dir)
         timeout = timedelta(seconds=run.cluster.timeout_s)
         store = store or rendezvous_store(env, timeout)
-        join_process_group(env, device, store, timeout, point_dir)
+        join_process_group(job, store, timeout)
         start_heartbeat(store, env.rank)
         clock.mark("rendezvous")
         host, roster = place_threads(env, device, clock.marks["ready"])
-        health = check_nodes(run, env, device, store, roster, JobReporter(point, point_dir, env, run))
+        health = check_nodes(job, store, roster)
         clock.mark("health")
         workload = build_workload(run, env.rank, clock.mark)
-        trainer = Trainer(run, env, device, workload, Checkpoints(point_dir, point.run_id, point.config),
-                          (point_dir, tensorboard_dir(point, point_dir)))
+        reporter = Reporter(job, tensorboard_dir(point, point_dir))
+        trainer = Trainer(job, workload, Checkpoints(point_dir, point.run_id, point.config), reporter)
         clock.mark("trainer")
         trainer.check_on_samples()
-        fabric = probe_fabric(run, env, trainer.parallel, device, point_dir)
+        fabric = probe_fabric(job, trainer.parallel)
         clock.mark("probe")
-        outcome = train(trainer, env, on_slurm=point.launch_mode == "slurm")
+        outcome = train(trainer, job)
         if outcome.first_step_at is not None:
             clock.marks["first_step"] = outcome.first_step_at - clock.origin
-        job = JobFacts(point_dir=point_dir, backend=dist.get_backend(), device=device, started_at=started_at,
-                       wall_s=time.perf_counter() - t0, startup=clock.marks, model_label=workload.label, host=host,
-                       fabric=fabric, health=health)
-        write_result(point, run, env, trainer, outcome, job)
+        facts = JobFacts(backend=dist.get_backend(), started_at=started_at, wall_s=time.perf_counter() - t0,
+                         startup=clock.marks, model_label=workload.label, fabric=fabric, health=health)
+        write_result(job, trainer, outcome, host, facts, reporter)
         trainer.close()
         dist.barrier()  # no rank tears the process group down while another still uses it
         finished = True
@@ -163,100 +163,97 @@ def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.TCPStore:
                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout)
 
 
-def join_process_group(env: DistEnv, device: torch.device, store: dist.TCPStore, timeout: timedelta,
-                       point_dir: Path) -> None:
+def join_process_group(job: Job, store: dist.TCPStore, timeout: timedelta) -> None:
     """NCCL on GPUs, gloo on CPUs. NCCL's INFO log (its choice of transport, and from the GRAPH lines whether the
     GPUs of a node are joined by NVLink, which the fabric probe reports) goes to POINT_DIR/logs/nccl-<host>-<pid>.log,
     unless the user set NCCL_DEBUG."""
-    if device.type == "cuda" and "NCCL_DEBUG" not in os.environ:
-        (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    logs = job.point_dir / LOG_DIR
+    if job.cuda and "NCCL_DEBUG" not in os.environ:
+        logs.mkdir(parents=True, exist_ok=True)
         os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET,GRAPH",
-                          NCCL_DEBUG_FILE=str(point_dir / LOG_DIR / "nccl-%h-%p.log"))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=env.rank,
-                            world_size=env.world_size, timeout=timeout)
+                          NCCL_DEBUG_FILE=str(logs / "nccl-%h-%p.log"))
+    dist.init_process_group("nccl" if job.cuda else "gloo", store=store, rank=job.rank, world_size=job.world_size,
+                            timeout=timeout)
 
 
-def check_nodes(run: RunConfig, env: DistEnv, device: torch.device, store: dist.TCPStore, roster: list[RankFacts],
-                reporter: JobReporter) -> Health | None:
+def check_nodes(job: Job, store: dist.TCPStore, roster: list[RankFacts]) -> Health | None:
     """A multi-node job's health check, before anything is built (health.enabled): rank 0's figures of every node
     for the record, or BadNodesFound on every rank when the policy stops the job."""
-    if env.num_nodes == 1 or not run.health.enabled:
+    if job.env.num_nodes == 1 or not job.run.health.enabled:
         return None
-    health, verdict = check_health(run.health, store, device, roster, env.rank, reporter)
+    health, verdict = check_health(job.run.health, store, job.device, roster, job.rank, JobReporter(job))
     if verdict.stop:
         raise BadNodesFound(verdict.message)
     return health
 
 
-def probe_fabric(run: RunConfig, env: DistEnv, parallel: Parallel, device: torch.device,
-                 point_dir: Path) -> Fabric | None:
+def probe_fabric(job: Job, parallel: Parallel) -> Fabric | None:
     """A multi-rank job's all-reduce (and a sharded job's collectives, on FSDP's groups), timed before training up
     to the model's gradient (probe.enabled); a multi-node NCCL job on TCP sockets is warned about in the log."""
-    if env.world_size == 1 or not run.probe.enabled:
+    if job.world_size == 1 or not job.run.probe.enabled:
         return None
-    logs = sorted((point_dir / LOG_DIR).glob("nccl-*.log"))
+    logs = sorted((job.point_dir / LOG_DIR).glob("nccl-*.log"))
     nbytes, start = gradient_bytes(parallel.raw), time.perf_counter()
-    fabric = run_probe(nbytes, device, dist.get_backend(), env.world_size, logs)
-    fabric = replace(fabric, collectives=probe_sharded(nbytes, device, parallel.probe_groups()),
+    fabric = run_probe(nbytes, job.device, dist.get_backend(), job.world_size, logs)
+    fabric = replace(fabric, collectives=probe_sharded(nbytes, job.device, parallel.probe_groups()),
                      interface=nccl_interface(logs) if fabric.backend == "nccl" else
-                     os.environ.get("GLOO_SOCKET_IFNAME") or route_interface(env.master_addr),
+                     os.environ.get("GLOO_SOCKET_IFNAME") or route_interface(job.env.master_addr),
                      seconds=time.perf_counter() - start)
-    if env.rank == 0:
+    if job.is_rank0:
         for line in describe(fabric):
             log.info(line)
-        if fell_back_to_sockets(fabric, env.num_nodes):
+        if fell_back_to_sockets(fabric, job.env.num_nodes):
             log.warning("NCCL uses TCP sockets between the nodes: no InfiniBand (or it is disabled, NCCL_IB_DISABLE); "
                         "expect multi-node steps to be slow")
     return fabric
 
 
-def train(trainer: Trainer, env: DistEnv, on_slurm: bool) -> TrainOutcome:
+def train(trainer: Trainer, job: Job) -> TrainOutcome:
     """Fit; on the preemption / time-limit signal rank 0 checkpoints at a step boundary and the job is requeued."""
-    stop = StopSignal(env.rank)
+    stop = StopSignal(job.rank)
     try:
         return trainer.fit(stop)
     except Interrupted as e:
         log.warning("%s; checkpoint %s", e, trainer.save_checkpoint(e.step))
-        stop.hand_over(env, on_slurm)  # does not return
+        stop.hand_over(job)  # does not return
 
 
-def write_result(point: Point, run: RunConfig, env: DistEnv, trainer: Trainer, outcome: TrainOutcome,
-                 job: JobFacts) -> None:
+def write_result(job: Job, trainer: Trainer, outcome: TrainOutcome, host: HostShare, facts: JobFacts,
+                 reporter: Reporter) -> None:
     """Every rank's entry goes to rank 0, which saves the weights, counts the FLOPs, writes the record, and gives
     TensorBoard the run's overrides and final figures (its HParams view). Once training has finished nothing but
     writing the record itself can fail the run: a step that fails is logged, and the record says what is missing
     and why."""
-    mine = rank_result(env, job.device, job.host, run, outcome)
+    mine = rank_result(job, host, outcome)
     sharded = trainer.parallel.sharded
     if sharded:  # gathering FSDP's shards is a collective: every rank takes part, before rank 0 goes on alone
-        weights = final_weights(trainer, outcome, job)
-    ranks = [None] * env.world_size if env.rank == 0 else None
+        finals = make_finals(job, trainer, outcome)
+    ranks = [None] * job.world_size if job.is_rank0 else None
     dist.gather_object(mine, ranks, dst=0)
-    if env.rank != 0:
+    if not job.is_rank0:
         return
     if not sharded:
-        weights = final_weights(trainer, outcome, job)
-    point_dir = job.point_dir
-    if weights is not None:
-        job.weights = attempt("weights", job.missing, lambda: save(weights, point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
-    record = build_record(point, run, env, outcome, ranks, job)
-    path = record.write(point_dir)
-    attempt("tensorboard", {}, lambda: trainer.close_metrics(hparams_of(point), final_figures(record)))
+        finals = make_finals(job, trainer, outcome)
+    record = build_record(job, trainer.setup(), outcome, ranks, facts, finals)
+    path = record.write(job.point_dir)
+    attempt("tensorboard", {}, lambda: reporter.close(hparams_of(job.point), final_figures(record)))
     ev = outcome.evaluation
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
              record.timing.throughput_samples_per_s or 0.0, path)
 
 
-def final_weights(trainer: Trainer, outcome: TrainOutcome, job: JobFacts) -> dict | None:
-    """The trained weights (None when the run diverged, or they could not be made: `missing` says why), and the
-    FLOPs per sample into `job`: on rank 0 under DDP, on every rank under FSDP (whose forward gathers)."""
-    weights = None
+def make_finals(job: Job, trainer: Trainer, outcome: TrainOutcome) -> Finals:
+    """The trained weights saved (rank 0; not those of a run that diverged) and the FLOPs per sample counted: on
+    rank 0 under DDP, on every rank under FSDP (whose state dict and forward gather)."""
+    missing, saved = {}, None
     if outcome.diverged_at_step is None:
-        weights = attempt("weights", job.missing, trainer.weights)
+        weights = attempt("weights", missing, trainer.parallel.weights)
+        if weights is not None and job.is_rank0:
+            saved = attempt("weights", missing, lambda: save(weights, job.point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
     else:
-        job.missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
-    job.flops_per_sample = attempt("flops_per_sample", job.missing, trainer.count_flops)
-    return weights
+        missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
+    flops = attempt("flops_per_sample", missing, trainer.count_flops)
+    return Finals(weights=saved, flops_per_sample=flops, missing=missing)
 
 
 def attempt(name: str, missing: dict[str, str], make):

@@ -12,11 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.badnodes import add_bad_nodes, bad_nodes_or_empty
-from pipeline.config import RunConfig
-from pipeline.job.env import DistEnv
+from pipeline.job.context import Job
 from pipeline.job.health.verdict import Verdict
 from pipeline.result import Health, NodeHealth
-from pipeline.rundir import BadNodeEntry, Failure, Point, utc_now
+from pipeline.rundir import BadNodeEntry, Failure, utc_now
 from pipeline.slurm import excluded_nodes
 
 log = logging.getLogger(__name__)
@@ -39,20 +38,20 @@ class JobReporter(Reporter):
     avoided and this run's earlier stops (for the record), and under health.on_bad=exclude the bad nodes on the
     sweep's list, written before any rank learns the verdict."""
 
-    def __init__(self, point: Point, point_dir: Path, env: DistEnv, cfg: RunConfig):
-        self.point, self.point_dir, self.env, self.cfg = point, point_dir, env, cfg
-        self.sweep_dir = Path(point.sweep_dir) if point.sweep_dir else point_dir
+    def __init__(self, job: Job):
+        self.job = job
+        self.sweep_dir = Path(job.point.sweep_dir) if job.point.sweep_dir else job.point_dir
 
     def hang(self, message: str) -> None:
-        print(f"pipeline: rank {self.env.rank} ({self.env.node_name}): {message}", file=sys.stderr, flush=True)
-        Failure(rank=self.env.rank, node_rank=self.env.node_rank, at_unix=time.time(), error=message).write(
-            self.point_dir)
+        env = self.job.env
+        print(f"pipeline: rank {env.rank} ({env.node_name}): {message}", file=sys.stderr, flush=True)
+        Failure(rank=env.rank, node_rank=env.node_rank, at_unix=time.time(), error=message).write(self.job.point_dir)
 
     def decided(self, health: Health, verdict: Verdict) -> Health:
-        simulated = self.point.launch_mode == "local"
-        if verdict.stop and self.cfg.health.on_bad == "exclude":
-            add_bad_nodes(self.sweep_dir, [BadNodeEntry(node=b.node, reason=b.reason, job_id=self.env.job_id,
-                                                        run_id=self.point.run_id, point=self.point.point, at=utc_now(),
+        point, job_id, simulated = self.job.point, self.job.env.job_id, self.job.local_mode
+        if verdict.stop and self.job.run.health.on_bad == "exclude":
+            add_bad_nodes(self.sweep_dir, [BadNodeEntry(node=b.node, reason=b.reason, job_id=job_id,
+                                                        run_id=point.run_id, point=point.point, at=utc_now(),
                                                         simulated=simulated) for b in verdict.bad])
         for n in health.nodes:
             log.info("health: %s", describe_node(n))
@@ -60,8 +59,8 @@ class JobReporter(Reporter):
             "health check of %d nodes (%.1f s, %s): %s", len(health.nodes), health.seconds, health.mode,
             verdict.message or "every node within " f"{health.threshold} x the median")
         earlier = [e for e in bad_nodes_or_empty(self.sweep_dir).entries
-                   if e.run_id == self.point.run_id and e.job_id != self.env.job_id]
-        return replace(health, left_out=[] if simulated else excluded_nodes(self.env.job_id), earlier=earlier)
+                   if e.run_id == point.run_id and e.job_id != job_id]
+        return replace(health, left_out=[] if simulated else excluded_nodes(job_id), earlier=earlier)
 
 
 def describe_node(n: NodeHealth) -> str:
