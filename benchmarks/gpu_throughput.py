@@ -56,15 +56,15 @@ def naive(model_name: str, steps: int, warmup: int, batch: int, device: str, tra
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.config import CNNConfig, MLPConfig, schema_defaults
     from pipeline.workloads.datasets import Synthetic
-    from pipeline.workloads.models import CNN, MLP
+    from pipeline.workloads.models import CNN, MLP, CNNConfig, MLPConfig
+    from pipeline.workloads.registry import defaults
 
     shape = SHAPES[model_name]
     x, y = (torch.from_numpy(a) for a in Synthetic(shape, 10, train_size, 16, 6.0, 0, distinct=0).arrays())
     torch.manual_seed(0)
-    model = (MLP(shape, 10, **schema_defaults(MLPConfig)) if model_name == "mlp"
-             else CNN(shape, 10, **schema_defaults(CNNConfig))).to(device)
+    model = (MLP(shape, 10, **defaults(MLPConfig)) if model_name == "mlp"
+             else CNN(shape, 10, **defaults(CNNConfig))).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True)
     step = 0
@@ -120,15 +120,15 @@ def large_hand_written(name: str, steps: int, warmup: int, batch: int, device: s
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.config import ResNetConfig, schema_defaults
     from pipeline.workloads.datasets import Synthetic, SyntheticTokens
-    from pipeline.workloads.models import GPT, ResNet
+    from pipeline.workloads.models import GPT, ResNet, ResNetConfig
+    from pipeline.workloads.registry import defaults
 
     torch.manual_seed(0)
     if name == "resnet50":
         shape = (3, image_size, image_size)
         x, y = (torch.as_tensor(a).to(device) for a in Synthetic(shape, 1000, 256, 16, 6.0, 0, distinct=0).arrays())
-        model = ResNet(shape, 1000, **{**schema_defaults(ResNetConfig), "depth": 50}).to(
+        model = ResNet(shape, 1000, **{**defaults(ResNetConfig), "depth": 50}).to(
             device, memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

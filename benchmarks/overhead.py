@@ -51,9 +51,9 @@ def hand_written(workload: str, steps: int, batch: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from pipeline.config import GPTConfig, MLPConfig, ResNetConfig, schema_defaults
     from pipeline.workloads.datasets import Synthetic, SyntheticTokens
-    from pipeline.workloads.models import GPT, MLP, ResNet
+    from pipeline.workloads.models import GPT, MLP, GPTConfig, MLPConfig, ResNet, ResNetConfig
+    from pipeline.workloads.registry import defaults
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -61,12 +61,12 @@ def hand_written(workload: str, steps: int, batch: int) -> None:
     torch.manual_seed(0)
     if workload.startswith("gpt"):
         dataset = SyntheticTokens(256, 64, 4096, 16, 4, 0)
-        model = GPT(256, **schema_defaults(GPTConfig))
+        model = GPT(256, **defaults(GPTConfig))
     else:
         shape = (3, 32, 32) if workload == "resnet" else (1, 28, 28)
         dataset = Synthetic(shape, 10, 2048 if workload == "resnet" else 8192, 16, 6.0, 0, distinct=0)
-        model = (ResNet(shape, 10, **schema_defaults(ResNetConfig)) if workload == "resnet"
-                 else MLP(shape, 10, **schema_defaults(MLPConfig)))
+        model = (ResNet(shape, 10, **defaults(ResNetConfig)) if workload == "resnet"
+                 else MLP(shape, 10, **defaults(MLPConfig)))
     if workload == "gpt_fsdp":  # torchtitan's order: each block, then the root (embeddings, tied head)
         from torch.distributed.fsdp import fully_shard
 

@@ -24,14 +24,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
-from pipeline.config import GPTConfig, MLPConfig, schema_defaults  # noqa: E402
 from pipeline.job.data import BatchSpec, InMemoryBatches, ItemFormat  # noqa: E402
 from pipeline.job.observe import Phases, make_logger, write_progress  # noqa: E402
 from pipeline.job.timing import StepTimer  # noqa: E402
 from pipeline.job.trainer import dropout_seed  # noqa: E402
 from pipeline.workloads.datasets import Synthetic, SyntheticTokens  # noqa: E402
 from pipeline.workloads.losses import CrossEntropy  # noqa: E402
-from pipeline.workloads.models import GPT, MLP  # noqa: E402
+from pipeline.workloads.models import GPT, MLP, GPTConfig, MLPConfig  # noqa: E402
+from pipeline.workloads.registry import defaults  # noqa: E402
 
 ROWS = ["bare", "bare, again", "+ loss module (flattening)", "+ dropout reseed", "+ timer marks",
         "+ gradient hooks (comm mark)", "+ batches from InMemoryBatches, phase ranges", "+ report every 50 steps"]
@@ -41,8 +41,8 @@ LOG_EVERY = 50
 def make(workload: str):
     torch.manual_seed(0)
     if workload == "gpt":
-        return SyntheticTokens(256, 64, 4096, 16, 4, 0), GPT(256, **schema_defaults(GPTConfig)), 16
-    mlp = MLP((1, 28, 28), 10, **schema_defaults(MLPConfig))
+        return SyntheticTokens(256, 64, 4096, 16, 4, 0), GPT(256, **defaults(GPTConfig)), 16
+    mlp = MLP((1, 28, 28), 10, **defaults(MLPConfig))
     return Synthetic((1, 28, 28), 10, 8192, 16, 6.0, 0, distinct=0), mlp, 64
 
 

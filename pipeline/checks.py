@@ -31,3 +31,9 @@ def check_at_most(key: str, value: float, maximum: float, why: str) -> None:
 def check_positive(key: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{key}={value!r} is not allowed; it must be a positive number")
+
+
+def check_image_shape(shape: list[int], key: str = "dataset.image_shape") -> None:
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"{key}={list(shape)} is not allowed; give [channels, height, width], "
+                          "e.g. [1,28,28] (MNIST-shaped), [3,32,32] (CIFAR-shaped) or [3,224,224] (ImageNet-shaped)")

@@ -5,8 +5,10 @@ frozen point.json a rank reads) and the dataclasses the rest of the code takes. 
 login nodes.
 
 The model, the dataset, the optimizer, the learning-rate schedule and the loss are Hydra `_target_`s. The
-built-in ones have schemas here, with their checks; any other `_target_` (the user's own class, in their package
-or on PYTHONPATH) is kept as given, its module looked up at launch without being imported (`check_target`).
+built-in ones have schemas beside them, in pipeline/workloads/ (their registry: pipeline.workloads.registry); any
+other `_target_` (the user's own class, in their package or on PYTHONPATH) is kept as given, its module looked up
+at launch without being imported (`check_target`). The rest of the run's keys (trainer, loader, cluster, parallel,
+health, ...) have their schemas here.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from pipeline.checks import ConfigError, check_at_least, check_at_most, check_choice, check_positive
 from pipeline.rundir import CHECKSUMS_NAME, SHARDED_CHECKPOINT_NAME, non_finite
 from pipeline.slurm import check_slurm_values
 from pipeline.typed import SchemaError, decoder, dotted
+from pipeline.workloads.losses import IO_OUTPUT_HELP
+from pipeline.workloads.registry import schema_name, schemas
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -33,312 +37,7 @@ if TYPE_CHECKING:
 # Hydra and OmegaConf are imported where they are used (composition, registration): every rank parses its frozen
 # config, as plain data, before its first step, and importing Hydra would add a tenth of a second to that.
 MISSING = "???"  # OmegaConf's mark of a required value
-
-
-IO_OUTPUT_HELP = "auto, an attribute or mapping key name, or a tuple index"
 LOSS_ON = ("logits", "output")
-
-
-def check_image_shape(shape: List[int], key: str = "dataset.image_shape") -> None:
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"{key}={list(shape)} is not allowed; give [channels, height, width], "
-                          "e.g. [1,28,28] (MNIST-shaped), [3,32,32] (CIFAR-shaped) or [3,224,224] (ImageNet-shaped)")
-
-
-def check_image_model(model: Any) -> None:
-    """A built-in image model's explicit input size and class count, when given (null: the dataset's)."""
-    if model.input_shape is not None:
-        check_image_shape(model.input_shape, "model.input_shape")
-    if model.num_classes is not None:
-        check_at_least("model.num_classes", model.num_classes, 2)
-
-
-# ---------------------------------------------------------------------------------------------- models
-# `needs` says which kind of dataset a built-in model trains on: image classification or language modelling.
-@dataclass
-class MLPConfig:
-    """flatten -> hidden ReLU -> dropout -> classes (the input size comes from the dataset)."""
-
-    needs: ClassVar[str] = "images"
-    _target_: str = "pipeline.workloads.models.MLP"
-    hidden: int = 128
-    dropout: float = 0.2
-    input_shape: Optional[List[int]] = None  # null: the dataset's
-    num_classes: Optional[int] = None  # null: the dataset's
-
-    def __post_init__(self) -> None:
-        check_at_least("model.hidden", self.hidden, 1)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout!r} is not allowed; it must be in [0, 1)")
-        check_image_model(self)
-
-
-@dataclass
-class CNNConfig:
-    """conv3x3 c0, pool, conv3x3 c1, pool, conv3x3 c2, dense hidden, dense classes."""
-
-    needs: ClassVar[str] = "images"
-    _target_: str = "pipeline.workloads.models.CNN"
-    channels: List[int] = field(default_factory=lambda: [32, 64, 64])
-    hidden: int = 64
-    input_shape: Optional[List[int]] = None  # null: the dataset's
-    num_classes: Optional[int] = None  # null: the dataset's
-
-    def __post_init__(self) -> None:
-        if len(self.channels) != 3 or min(self.channels) < 1:
-            raise ConfigError(f"model.channels={list(self.channels)} is not allowed; give 3 positive ints")
-        check_at_least("model.hidden", self.hidden, 1)
-        check_image_model(self)
-
-
-RESNET_DEPTHS = (18, 34, 50, 101)
-RESNET_STEMS = ("auto", "cifar", "imagenet")
-
-
-@dataclass
-class ResNetConfig:
-    """He et al.'s ResNet: basic blocks (18, 34) or bottlenecks (50, 101); the stem is the ImageNet one (7x7
-    stride 2 and max pool) or the CIFAR one (3x3 stride 1); `auto` picks by image size (ImageNet from 64 px)."""
-
-    needs: ClassVar[str] = "images"
-    _target_: str = "pipeline.workloads.models.ResNet"
-    depth: int = 18
-    stem: str = "auto"
-    width: int = 64  # channels of the first stage; each stage doubles them
-    input_shape: Optional[List[int]] = None  # null: the dataset's
-    num_classes: Optional[int] = None  # null: the dataset's
-
-    def __post_init__(self) -> None:
-        if self.depth not in RESNET_DEPTHS:
-            raise ConfigError(f"model.depth={self.depth!r} is not allowed; choose one of: "
-                              f"{', '.join(map(str, RESNET_DEPTHS))}")
-        check_choice("model.stem", self.stem, RESNET_STEMS)
-        check_at_least("model.width", self.width, 1)
-        check_image_model(self)
-
-
-@dataclass
-class GPTConfig:
-    """A GPT-2-style decoder-only transformer: pre-LayerNorm blocks of causal self-attention and a 4x MLP,
-    learned positions, the output layer tied to the token embedding."""
-
-    needs: ClassVar[str] = "tokens"
-    _target_: str = "pipeline.workloads.models.GPT"
-    layers: int = 2
-    heads: int = 4
-    width: int = 128  # the embedding size; a multiple of `heads`
-    context_length: int = 64
-    vocab_size: Optional[int] = None  # null: the dataset's
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_at_least("model.layers", self.layers, 1)
-        check_at_least("model.heads", self.heads, 1)
-        check_at_least("model.context_length", self.context_length, 1)
-        if self.width < 1 or self.width % self.heads:
-            raise ConfigError(f"model.width={self.width} is not allowed; it must be a positive multiple of "
-                              f"model.heads={self.heads}")
-        if self.vocab_size is not None:
-            check_at_least("model.vocab_size", self.vocab_size, 2)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout!r} is not allowed; it must be in [0, 1)")
-
-
-# -------------------------------------------------------------------------------------------- datasets
-# `provides` says what a built-in dataset holds: images with class labels, or token sequences.
-@dataclass
-class SyntheticConfig:
-    """Smooth class prototypes plus Gaussian noise, generated from `seed`: learnable, no download."""
-
-    provides: ClassVar[str] = "images"
-    _target_: str = "pipeline.workloads.datasets.Synthetic"
-    image_shape: List[int] = field(default_factory=lambda: [1, 28, 28])
-    num_classes: int = 10
-    train_size: int = 8192
-    test_size: int = 2048
-    separation: float = 6.0  # expected distance between class prototypes, in units of the pixel noise
-    seed: int = 0
-    distinct: int = 0  # > 0: generate only this many samples per split and cycle through them (throughput studies)
-
-    def __post_init__(self) -> None:
-        check_image_shape(self.image_shape)
-        check_at_least("dataset.distinct", self.distinct, 0)
-        check_at_least("dataset.num_classes", self.num_classes, 2)
-        check_at_least("dataset.train_size", self.train_size, 1)
-        check_at_least("dataset.test_size", self.test_size, 1)
-        check_at_least("dataset.separation", self.separation, 0.0)
-        check_at_least("dataset.seed", self.seed, 0)  # numpy's generators take no negative seed
-
-
-@dataclass
-class MNISTConfig:
-    """torchvision's layout: ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
-
-    provides: ClassVar[str] = "images"
-    _target_: str = "pipeline.workloads.datasets.MNIST"
-    root: str = "data"
-
-
-@dataclass
-class CIFAR10Config:
-    """torchvision's layout: ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}."""
-
-    provides: ClassVar[str] = "images"
-    _target_: str = "pipeline.workloads.datasets.CIFAR10"
-    root: str = "data"
-
-
-@dataclass
-class SyntheticTokensConfig:
-    """Token sequences from a random sparse bigram table (each token has `branching` equally likely successors),
-    generated from `seed`: learnable down to a known loss of ln(branching), no download."""
-
-    provides: ClassVar[str] = "tokens"
-    _target_: str = "pipeline.workloads.datasets.SyntheticTokens"
-    vocab_size: int = 256
-    seq_len: int = 64
-    train_size: int = 4096  # sequences
-    test_size: int = 512
-    branching: int = 4
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_at_least("dataset.vocab_size", self.vocab_size, 2)
-        check_at_least("dataset.seq_len", self.seq_len, 1)
-        check_at_least("dataset.train_size", self.train_size, 1)
-        check_at_least("dataset.test_size", self.test_size, 1)
-        if not 1 <= self.branching <= self.vocab_size:
-            raise ConfigError(f"dataset.branching={self.branching} is not allowed; it must be in [1, "
-                              f"dataset.vocab_size={self.vocab_size}]")
-        check_at_least("dataset.seed", self.seed, 0)
-
-
-@dataclass
-class TokenFileConfig:
-    """nanoGPT's token files: ROOT/train.bin and ROOT/val.bin, flat uint16 arrays (np.memmap), read through a
-    DataLoader; every value must be below `vocab_size` (checked when the job starts)."""
-
-    provides: ClassVar[str] = "tokens"
-    _target_: str = "pipeline.workloads.datasets.TokenFile"
-    root: str = "data"
-    vocab_size: int = 50257  # GPT-2's tokenizer
-    seq_len: int = 1024
-
-    def __post_init__(self) -> None:
-        check_at_least("dataset.vocab_size", self.vocab_size, 2)
-        if self.vocab_size > 65536:
-            raise ConfigError(f"dataset.vocab_size={self.vocab_size} is not allowed: uint16 token files hold "
-                              "values below 65536")
-        check_at_least("dataset.seq_len", self.seq_len, 1)
-
-
-@dataclass
-class ByteTextConfig:
-    """Byte-level text (vocabulary 256) from the `*.py` files under `root` (default: this Python's standard
-    library, which every machine has), in sorted path order; the last `test_share` of the bytes is held out."""
-
-    provides: ClassVar[str] = "tokens"
-    _target_: str = "pipeline.workloads.datasets.ByteText"
-    root: Optional[str] = None
-    seq_len: int = 128
-    max_bytes: int = 4_000_000
-    test_share: float = 0.1
-
-    def __post_init__(self) -> None:
-        check_at_least("dataset.seq_len", self.seq_len, 1)
-        check_at_least("dataset.max_bytes", self.max_bytes, 1)
-        if not 0.0 < self.test_share < 1.0:
-            raise ConfigError(f"dataset.test_share={self.test_share!r} is not allowed; it must be in (0, 1)")
-
-
-# ------------------------------------------------------------------------------------------ optimizers
-# torch's optimizers as `_partial_` targets: the trainer calls them with the model's parameters.
-@dataclass
-class SGDConfig:
-    _target_: str = "torch.optim.SGD"
-    _partial_: bool = True
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    nesterov: bool = False
-
-    def __post_init__(self) -> None:
-        check_positive("optimizer.lr", self.lr)
-        check_at_least("optimizer.momentum", self.momentum, 0.0)
-        check_at_least("optimizer.weight_decay", self.weight_decay, 0.0)
-
-
-@dataclass
-class AdamConfig:
-    _target_: str = "torch.optim.Adam"
-    _partial_: bool = True
-    lr: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_positive("optimizer.lr", self.lr)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optimizer.betas={list(self.betas)} is not allowed; give two numbers in [0, 1)")
-        check_positive("optimizer.eps", self.eps)
-        check_at_least("optimizer.weight_decay", self.weight_decay, 0.0)
-
-
-@dataclass
-class AdamWConfig(AdamConfig):
-    _target_: str = "torch.optim.AdamW"
-    weight_decay: float = 0.01
-
-
-# ------------------------------------------------------------------------------------------- schedules
-@dataclass
-class CosineConfig:
-    """torch's cosine decay of the learning rate to `eta_min`, over `T_max` steps (null: the run's steps)."""
-
-    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
-    _partial_: bool = True
-    eta_min: float = 0.0
-    T_max: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        check_at_least("scheduler.eta_min", self.eta_min, 0.0)
-        if self.T_max is not None:
-            check_at_least("scheduler.T_max", self.T_max, 1)
-
-
-# ------------------------------------------------------------------------------------------------ losses
-@dataclass
-class CrossEntropyConfig:
-    """Cross-entropy over the output's last dimension, with torch's label smoothing."""
-
-    _target_: str = "pipeline.workloads.losses.CrossEntropy"
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ConfigError(f"loss.label_smoothing={self.label_smoothing!r} is not allowed; it must be in [0, 1]")
-
-
-TARGETS_FROM = ("targets", "inputs")
-
-
-@dataclass
-class ModelLossConfig:
-    """loss=model: the model computes its own loss, given the targets (pipeline.workloads.losses.ModelLoss)."""
-
-    _target_: str = "pipeline.workloads.losses.ModelLoss"
-    targets_as: Optional[str] = "labels"  # the keyword (Hugging Face: labels, nanoGPT: targets); null: positional
-    targets_from: str = "targets"  # or inputs: Hugging Face's causal LMs shift their labels inside
-    output: str = "auto"  # where its loss is: auto (.loss, ["loss"], a tuple's 0-dim tensor), a name or an index
-
-    def __post_init__(self) -> None:
-        check_choice("loss.targets_from", self.targets_from, TARGETS_FROM)
-        if self.targets_as is not None and not self.targets_as.isidentifier():
-            raise ConfigError(f"loss.targets_as={self.targets_as!r} is not allowed; give the keyword the model "
-                              "takes its targets by (labels, targets), or null to pass them positionally")
-        if not self.output.strip():
-            raise ConfigError(f"loss.output={self.output!r} is not allowed; give {IO_OUTPUT_HELP}")
 
 
 # --------------------------------------------------------------------------------------------- cluster
@@ -666,19 +365,10 @@ class HealthConfig:
 
 
 # ------------------------------------------------------------------------------------------------- run
-MODEL_SCHEMAS = {c._target_: c for c in (MLPConfig, CNNConfig, ResNetConfig, GPTConfig)}
-DATASET_SCHEMAS = {c._target_: c for c in (SyntheticConfig, MNISTConfig, CIFAR10Config, SyntheticTokensConfig,
-                                           TokenFileConfig, ByteTextConfig)}
-OPTIMIZER_SCHEMAS = {c._target_: c for c in (SGDConfig, AdamConfig, AdamWConfig)}
-SCHEDULER_SCHEMAS = {c._target_: c for c in (CosineConfig,)}
-LOSS_SCHEMAS = {c._target_: c for c in (CrossEntropyConfig, ModelLossConfig)}
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
 PARALLEL_SCHEMAS = {c.kind: c for c in (DDPParallelConfig, FSDPParallelConfig, HSDPParallelConfig)}
-# built-in models without repeated blocks (FSDP shards them as one group; nothing to checkpoint per block)
-BLOCKLESS_MODELS = (MLPConfig, CNNConfig)
-# the groups whose `_target_` may be any importable class, and the schemas of their built-in targets
-TARGET_GROUPS = {"model": MODEL_SCHEMAS, "dataset": DATASET_SCHEMAS, "optimizer": OPTIMIZER_SCHEMAS,
-                 "scheduler": SCHEDULER_SCHEMAS, "loss": LOSS_SCHEMAS}
+# the groups whose `_target_` may be any importable class; their built-in targets' schemas are the registry's
+TARGET_GROUPS = ("model", "dataset", "optimizer", "scheduler", "loss")
 
 
 @dataclass
@@ -813,7 +503,7 @@ class RunConfig:
         if p.kind != "ddp" and t.channels_last:
             raise ConfigError(f"trainer.channels_last=true is not allowed with parallel={p.kind}: FSDP shards only "
                               "contiguous parameters; set trainer.channels_last=null (off under FSDP) or parallel=ddp")
-        if p.block_classes is None and isinstance(self.model, BLOCKLESS_MODELS) and t.activation_checkpointing:
+        if p.block_classes is None and getattr(self.model, "blockless", False) and t.activation_checkpointing:
             raise ConfigError(f"trainer.activation_checkpointing=true: model._target_={self.model._target_} has no "
                               "repeated blocks to checkpoint; name the modules to checkpoint with "
                               "parallel.block_classes=[ClassName], or use a model with blocks (resnet18, gpt_tiny)")
@@ -854,7 +544,7 @@ class RunConfig:
         if not (hasattr(model, "needs") and hasattr(data, "provides")):
             return
         if model.needs != data.provides:
-            fitting = [n for n, s in DATASET_SCHEMAS.items() if s.provides == model.needs]
+            fitting = [n for n, s in schemas("dataset").items() if s.provides == model.needs]
             raise ConfigError(f"model._target_={model._target_} trains on {model.needs}, but dataset._target_="
                               f"{data._target_} holds {data.provides}; choose a dataset among: {', '.join(fitting)}")
         if model.needs != "tokens":
@@ -985,8 +675,8 @@ def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     if not isinstance(cfg, dict):
         cfg = plain_config(cfg)
     check_finite(cfg)
-    groups = {group: _typed(group, cfg.get(group), schemas, "_target_", open_targets=True)
-              for group, schemas in TARGET_GROUPS.items() if group != "scheduler" or cfg.get(group) is not None}
+    groups = {group: _typed(group, cfg.get(group), schemas(group), "_target_", open_targets=True)
+              for group in TARGET_GROUPS if group != "scheduler" or cfg.get(group) is not None}
     groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
     groups["parallel"] = _typed("parallel", cfg.get("parallel", {"kind": "ddp"}), PARALLEL_SCHEMAS, "kind",
                                 open_targets=False)
@@ -1027,15 +717,6 @@ def config_hash(config: dict) -> str:
     with it, and a launch into a folder whose unfinished run has the same one continues that run."""
     trained = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
     return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
-
-
-def schema_defaults(schema: type) -> dict:
-    """A built-in schema's defaults as its target's keyword arguments (what the dataset gives, and its `_target_`,
-    left out): for code that builds a built-in model or dataset directly, as the benchmarks' hand-written loops
-    do, with the defaults the pipeline's runs have."""
-    values = dataclasses.asdict(schema())
-    return {k: v for k, v in values.items() if k not in ("_target_", "_partial_", "input_shape", "num_classes")
-            and not (k == "vocab_size" and v is None)}
 
 
 def to_plain(run: RunConfig) -> dict:
@@ -1082,10 +763,16 @@ def known_keys() -> list[str]:
                 keys.add(f"{prefix}{name}")
 
     walk(RunConfig, "")
-    for group, schemas in {**TARGET_GROUPS, "cluster": CLUSTER_SCHEMAS, "parallel": PARALLEL_SCHEMAS}.items():
-        for schema in schemas.values():
+    for group, schemas_of_group in group_schemas().items():
+        for schema in schemas_of_group.values():
             walk(schema, f"{group}.")
     return sorted(keys)
+
+
+def group_schemas() -> dict[str, dict[str, type]]:
+    """Every config group's schemas: the built-in workloads' (the registry's) and the cluster's and parallel's."""
+    return {**{group: schemas(group) for group in TARGET_GROUPS}, "cluster": CLUSTER_SCHEMAS,
+            "parallel": PARALLEL_SCHEMAS}
 
 
 def register_configs() -> None:
@@ -1095,8 +782,6 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("from_dataset", from_dataset, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for group, schemas in (("model", MODEL_SCHEMAS), ("dataset", DATASET_SCHEMAS), ("optimizer", OPTIMIZER_SCHEMAS),
-                           ("scheduler", SCHEDULER_SCHEMAS), ("loss", LOSS_SCHEMAS), ("cluster", CLUSTER_SCHEMAS),
-                           ("parallel", PARALLEL_SCHEMAS)):
-        for schema in schemas.values():
-            cs.store(group=group, name=f"{schema.__name__.removesuffix('Config').lower()}_schema", node=schema)
+    for group, schemas_of_group in group_schemas().items():
+        for schema in schemas_of_group.values():
+            cs.store(group=group, name=schema_name(schema), node=schema)

@@ -12,8 +12,9 @@ import pipeline.collector
 import pipeline.launcher
 from tests.conftest import REPO
 
+# the built-in workloads' schemas (pipeline.workloads.models, .losses) are torch-free; their modules are not
 HEAVY = ("sorted(m for m in sys.modules if m == 'torch' or "
-         "m.startswith(('torch.', 'pipeline.job', 'pipeline.workloads.models')))")
+         "m.startswith(('torch.', 'pipeline.job', 'pipeline.workloads.models.', 'pipeline.workloads.losses.')))")
 
 
 def loaded_after(code: str) -> str:
@@ -25,8 +26,10 @@ def loaded_after(code: str) -> str:
 
 def test_entry_points_and_every_login_side_module_import_neither_torch_nor_the_job_side():
     modules = ["pipeline.launch", "pipeline.status", "pipeline.collect", "pipeline.config", "pipeline.rundir",
-               "pipeline.typed", "pipeline.point", "pipeline.runlock", "pipeline.targets", "pipeline.allreduce",
-               "pipeline.definitions", "pipeline.worker", "pipeline.workloads.datasets",
+               "pipeline.result", "pipeline.typed", "pipeline.point", "pipeline.runlock", "pipeline.targets",
+               "pipeline.allreduce", "pipeline.definitions", "pipeline.worker", "pipeline.checks", "pipeline.slurm",
+               "pipeline.cgroup", "pipeline.workloads.registry", "pipeline.workloads.models",
+               "pipeline.workloads.datasets", "pipeline.workloads.losses", "pipeline.workloads.optimizers",
                "hydra_plugins.pipeline_launcher.pipeline_launcher"]
     for package in (pipeline.launcher, pipeline.collector):
         modules += [m.name for m in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + ".")]

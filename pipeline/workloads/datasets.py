@@ -14,6 +14,11 @@ The built-in ones also offer what the pipeline uses when present:
 Constructing one only checks that its files exist (cheap and torch-free, so `launch` can check before
 submitting). Images are float32 (C, H, W) normalised, labels int64; token inputs and targets are int64 (seq_len,),
 the targets the inputs shifted by one.
+
+Each dataset's schema stands just above its class: its `_target_`, its arguments with their defaults and checks, and
+what it `provides` (images with class labels, or token sequences), registered with `@builtin("dataset")`
+(pipeline.workloads.registry). Adding a dataset: its schema and its class here, and a config file in conf/dataset/
+that extends the schema (`defaults: [<name>_schema]`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import hashlib
 import os
 import pickle
 import sysconfig
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, List, Optional
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.checks import ConfigError, check_at_least, check_image_shape
 from pipeline.rundir import write_atomic
+from pipeline.workloads.registry import builtin
 
 SPLITS = ("train", "test")
 
@@ -102,6 +110,31 @@ class InMemory:
 
 
 # ------------------------------------------------------------------------------------------------ images
+@builtin("dataset")
+@dataclass
+class SyntheticConfig:
+    """Smooth class prototypes plus Gaussian noise, generated from `seed`: learnable, no download."""
+
+    provides: ClassVar[str] = "images"
+    _target_: str = "pipeline.workloads.datasets.Synthetic"
+    image_shape: List[int] = field(default_factory=lambda: [1, 28, 28])
+    num_classes: int = 10
+    train_size: int = 8192
+    test_size: int = 2048
+    separation: float = 6.0  # expected distance between class prototypes, in units of the pixel noise
+    seed: int = 0
+    distinct: int = 0  # > 0: generate only this many samples per split and cycle through them (throughput studies)
+
+    def __post_init__(self) -> None:
+        check_image_shape(self.image_shape)
+        check_at_least("dataset.distinct", self.distinct, 0)
+        check_at_least("dataset.num_classes", self.num_classes, 2)
+        check_at_least("dataset.train_size", self.train_size, 1)
+        check_at_least("dataset.test_size", self.test_size, 1)
+        check_at_least("dataset.separation", self.separation, 0.0)
+        check_at_least("dataset.seed", self.seed, 0)  # numpy's generators take no negative seed
+
+
 class Synthetic(InMemory):
     """Each class is a smooth random prototype image; a sample is its prototype plus unit Gaussian pixel noise.
 
@@ -156,6 +189,16 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+@builtin("dataset")
+@dataclass
+class MNISTConfig:
+    """torchvision's layout: ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
+
+    provides: ClassVar[str] = "images"
+    _target_: str = "pipeline.workloads.datasets.MNIST"
+    root: str = "data"
+
+
 class MNIST(InMemory):
     input_shape = (1, 28, 28)
     num_classes = 10
@@ -181,6 +224,16 @@ class MNIST(InMemory):
         images, labels = (_read_idx(self._find(n)) for n in self.FILES[self.split])
         x = (images.astype(np.float32)[:, None] / 255.0 - self.mean) / self.std
         return x, labels.astype(np.int64)
+
+
+@builtin("dataset")
+@dataclass
+class CIFAR10Config:
+    """torchvision's layout: ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}."""
+
+    provides: ClassVar[str] = "images"
+    _target_: str = "pipeline.workloads.datasets.CIFAR10"
+    root: str = "data"
 
 
 class CIFAR10(InMemory):
@@ -220,6 +273,32 @@ def windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     return w[:, :-1], w[:, 1:]
 
 
+@builtin("dataset")
+@dataclass
+class SyntheticTokensConfig:
+    """Token sequences from a random sparse bigram table (each token has `branching` equally likely successors),
+    generated from `seed`: learnable down to a known loss of ln(branching), no download."""
+
+    provides: ClassVar[str] = "tokens"
+    _target_: str = "pipeline.workloads.datasets.SyntheticTokens"
+    vocab_size: int = 256
+    seq_len: int = 64
+    train_size: int = 4096  # sequences
+    test_size: int = 512
+    branching: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_at_least("dataset.vocab_size", self.vocab_size, 2)
+        check_at_least("dataset.seq_len", self.seq_len, 1)
+        check_at_least("dataset.train_size", self.train_size, 1)
+        check_at_least("dataset.test_size", self.test_size, 1)
+        if not 1 <= self.branching <= self.vocab_size:
+            raise ConfigError(f"dataset.branching={self.branching} is not allowed; it must be in [1, "
+                              f"dataset.vocab_size={self.vocab_size}]")
+        check_at_least("dataset.seed", self.seed, 0)
+
+
 class SyntheticTokens(InMemory):
     """A random sparse bigram language: token t is followed by one of `branching` successors drawn for it from
     `seed`, each equally likely. A model that learns the table reaches a loss of ln(branching) nats per token (a
@@ -246,6 +325,26 @@ class SyntheticTokens(InMemory):
         for t in range(self.seq_len):
             seq[:, t + 1] = successors[seq[:, t], choice[:, t]]
         return seq[:, :-1], seq[:, 1:]
+
+
+@builtin("dataset")
+@dataclass
+class TokenFileConfig:
+    """nanoGPT's token files: ROOT/train.bin and ROOT/val.bin, flat uint16 arrays (np.memmap), read through a
+    DataLoader; every value must be below `vocab_size` (checked when the job starts)."""
+
+    provides: ClassVar[str] = "tokens"
+    _target_: str = "pipeline.workloads.datasets.TokenFile"
+    root: str = "data"
+    vocab_size: int = 50257  # GPT-2's tokenizer
+    seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        check_at_least("dataset.vocab_size", self.vocab_size, 2)
+        if self.vocab_size > 65536:
+            raise ConfigError(f"dataset.vocab_size={self.vocab_size} is not allowed: uint16 token files hold "
+                              "values below 65536")
+        check_at_least("dataset.seq_len", self.seq_len, 1)
 
 
 class TokenFile:
@@ -288,6 +387,26 @@ class TokenFile:
         if top >= self.vocab_size:
             raise ValueError(f"{self.path} holds token {top}, outside dataset.vocab_size={self.vocab_size} (tokens "
                              f"0..{self.vocab_size - 1}); set dataset.vocab_size to the tokenizer's vocabulary")
+
+
+@builtin("dataset")
+@dataclass
+class ByteTextConfig:
+    """Byte-level text (vocabulary 256) from the `*.py` files under `root` (default: this Python's standard
+    library, which every machine has), in sorted path order; the last `test_share` of the bytes is held out."""
+
+    provides: ClassVar[str] = "tokens"
+    _target_: str = "pipeline.workloads.datasets.ByteText"
+    root: Optional[str] = None
+    seq_len: int = 128
+    max_bytes: int = 4_000_000
+    test_share: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_at_least("dataset.seq_len", self.seq_len, 1)
+        check_at_least("dataset.max_bytes", self.max_bytes, 1)
+        if not 0.0 < self.test_share < 1.0:
+            raise ConfigError(f"dataset.test_share={self.test_share!r} is not allowed; it must be in (0, 1)")
 
 
 class ByteText(InMemory):
