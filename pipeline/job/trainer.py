@@ -92,6 +92,11 @@ class FiniteCheck:
         self.first = None  # the step of the window's first slot
 
     def note(self, step: int, loss: torch.Tensor) -> None:
+        if self.first is not None and step - self.first == self.every:
+            # a full window that nobody checked (train_step called on its own, not by fit): checked now
+            bad, _ = self.check()
+            if bad is not None:
+                raise Diverged(bad)
         if self.first is None:
             self.first = step
         self.flags[step - self.first] = (~torch.isfinite(loss.detach())).float()
