@@ -143,3 +143,97 @@ def test_the_key_pattern_reads_spans_as_the_docs_write_them():
     assert key_of("model.pt") is None and key_of("trainer.py") is None
     assert key_of("pipeline.workloads.schedules.with_warmup") is None and key_of("nodes=1,2,4") is None
     assert not known("trainer.batch_sise") and not known("cluster.sbatch_extras.x")
+
+
+# ------------------------------------------------------------------------------------------ pointers in any text
+# Every text of the repository that points somewhere (docs, configs' comments, docstrings, scripts): a pointer to a
+# file, to a name in a file, to a module's name or to a section of a page must land on something that is there, so
+# moving a file, a class or a section without the pointers that name it fails here.
+# (the tests are not among them: they build paths of their own, in temporary folders)
+TEXTS = sorted({README, *PAGES, REPO / "Makefile", REPO / "pyproject.toml",
+                *(p for top in ("pipeline", "conf", "benchmarks", "slurm", "hydra_plugins")
+                  for p in (REPO / top).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".sh",
+                                                                                    ".sbatch"))})
+TOPS_OF_THE_TREE = "pipeline|docs|conf|slurm|benchmarks|tests|hydra_plugins"
+# a path of the tree (not the tail of another path, nor a pattern), and a name that follows it: `path, Name`
+PATH = re.compile(rf"(?<![\w/.$*<>{{}}-])((?:{TOPS_OF_THE_TREE})/[\w/.-]*\w\.(?:py|md|yaml|sh|sbatch))(?![\w/*<>-])"
+                  r"(?:`?,? `?([A-Z]\w+)`?(?=[\s,.);`]|$))?")
+# a module or a name in one, dotted: pipeline.job.health, pipeline.result.Result
+DOTTED = re.compile(r"(?<![\w./-])(pipeline(?:\.\w+)+)")
+# a section of a page, by its heading: README, "The two commands"; docs/slurm.md, "Status"
+SECTION = re.compile(r"(README(?:\.md)?|docs/[\w-]+\.md),? (?:section )?\"([^\"]+)\"")
+
+
+def texts_pointing(pattern: re.Pattern):
+    for path in TEXTS:
+        for line_number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for match in pattern.finditer(line):
+                yield f"{path.relative_to(REPO)}:{line_number}", match
+
+
+def defines(path: Path, name: str) -> bool:
+    """`name` is defined in the module (a class, a function, an assignment), imported into it, or one of the names
+    it exports lazily (a key of its table of them)."""
+    found = rf"^\s*(?:class|def) {name}\b|^{name}\b[^=\n]*=|^\s*from \S+ import [^\n]*\b{name}\b|[\"']{name}[\"']:"
+    return re.search(found, path.read_text(), re.M) is not None
+
+
+def test_every_file_a_text_points_to_is_there_with_the_name_it_names():
+    bad = []
+    for where, match in texts_pointing(PATH):
+        target, name = REPO / match[1], match[2]
+        if not target.is_file():
+            bad.append(f"{where}: {match[1]} is not a file of the repository")
+        elif name and target.suffix == ".py" and not defines(target, name):
+            bad.append(f"{where}: {match[1]} defines no {name}")
+    assert not bad, "\n".join(bad)
+
+
+def module_and_rest(dotted: str) -> tuple[Path | None, list[str]]:
+    """The longest prefix of a dotted name that is a module of the tree (its file), and the names after it. conf/ is
+    installed as the package pipeline.conf (pyproject's package-dir)."""
+    parts = dotted.split(".")
+    if parts[:2] == ["pipeline", "conf"]:
+        parts = ["conf", *parts[2:]]
+    for n in range(len(parts), 0, -1):
+        base = REPO.joinpath(*parts[:n])
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate, parts[n:]
+    return None, parts
+
+
+def test_every_module_and_name_a_text_names_dotted_is_there():
+    bad = []
+    for where, match in texts_pointing(DOTTED):
+        dotted = match[1].rstrip(".")
+        module, rest = module_and_rest(dotted)
+        if module is None:
+            bad.append(f"{where}: {dotted} is no module of the repository")
+        elif rest and not defines(module, rest[0]):
+            bad.append(f"{where}: {dotted}: {module.relative_to(REPO)} has no {rest[0]}")
+    assert not bad, "\n".join(bad)
+
+
+def headings(page: Path) -> set[str]:
+    return {line.lstrip("#").strip() for line in FENCE.sub("", page.read_text()).splitlines() if line.startswith("#")}
+
+
+def test_every_section_a_text_points_to_is_a_heading_of_its_page():
+    bad = []
+    for where, match in texts_pointing(SECTION):
+        page = README if match[1].startswith("README") else REPO / match[1]
+        if not page.is_file() or match[2] not in headings(page):
+            bad.append(f"{where}: {match[1]} has no section \"{match[2]}\"")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_pointer_patterns_read_pointers_as_the_texts_write_them():
+    assert PATH.search("see pipeline/workloads/models/__init__.py, MLPConfig (the").groups() == (
+        "pipeline/workloads/models/__init__.py", "MLPConfig")
+    assert PATH.search("defaults in `pipeline/config.py`, `DDPParallelConfig`,").groups() == (
+        "pipeline/config.py", "DDPParallelConfig")
+    assert PATH.search("$PIPELINE_SLURM_DIR/env.sh") is None and PATH.search("SWEEP_DIR/array-*.sbatch") is None
+    assert SECTION.search('see README, "Your model, your data".').groups() == ("README", "Your model, your data")
+    assert DOTTED.search("(pipeline.job.health):").group(1) == "pipeline.job.health"
+    assert not defines(REPO / "pipeline/rundir.py", "Result") and defines(REPO / "pipeline/result.py", "Result")
