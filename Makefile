@@ -1,4 +1,5 @@
 # The two commands (README.md):  make run   (the main job on the embedded default)   make test   (the test suite)
+# make test-fast: the tests that start no process of the pipeline and no cluster, in about a minute
 # Both create .venv and install what they need. Extra launch overrides: make run ARGS="-m nodes=1,2,4"
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build). Elsewhere, point PIP_EXTRA_INDEX_URL at https://download.pytorch.org/whl/cpu for it.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install run test clean
+.PHONY: install run test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+
+# the fast tier, for iterating: the tests that start no process of the pipeline and no cluster (tests/conftest.py)
+test-fast: install
+	$(PY) -m pytest -q --durations=10 -m "not e2e and not slurm and not gpu and not bench and not install" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

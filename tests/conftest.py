@@ -1,6 +1,10 @@
+"""What every test file shares: the tiers the suite runs in, the one local Slurm cluster a test run brings up, the
+composed config, and the helpers that launch the pipeline as a user would and watch its processes."""
+
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,88 @@ from pipeline.launcher.local import RANK_HEADER
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 GOLDEN = REPO / "tests" / "golden"  # files written by real runs, which the current readers must keep reading
+
+# ----------------------------------------------------------------------------------------------------- tiers
+# `make test` runs every test; `make test-fast` those of none of these tiers (pyproject.toml names them): no
+# process of the pipeline, no cluster, no GPU. A test is marked where it says so (a module's pytestmark, a
+# decorator) and where it can be told: one that uses the Slurm cluster needs Slurm, and Slurm, a benchmark or the
+# wheel's install start processes too (e2e). A test of the fast tier slower than FAST_LIMIT_S fails, saying so: it
+# is to be made faster, or marked.
+SLOW_TIERS = ("e2e", "slurm", "gpu", "bench", "install")
+FAST_LIMIT_S = 5.0
+SETUP_S = pytest.StashKey[float]()  # a test's fixtures' set-up time, which counts with its own
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "slurm_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.slurm)
+        if any(item.get_closest_marker(tier) for tier in ("slurm", "bench", "install")):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.when == "setup":
+        item.stash[SETUP_S] = report.duration
+    elif report.when == "call" and report.passed and not any(item.get_closest_marker(t) for t in SLOW_TIERS):
+        took = item.stash.get(SETUP_S, 0.0) + report.duration
+        if took > FAST_LIMIT_S:
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} took {took:.1f} s, and a test of the fast tier (none of the markers "
+                               f"{', '.join(SLOW_TIERS)}) takes at most {FAST_LIMIT_S:.0f} s: make it faster, or mark "
+                               "it (e2e when it starts processes of the pipeline)")
+
+
+
+# --------------------------------------------------------------------------------------------- the cluster
+@dataclass(frozen=True)
+class LocalCluster:
+    """The test run's Slurm: slurm/local-cluster.sh's 4 nodes, each in a network namespace of its own (its own
+    address in 10.232.0.0/24 and its own hostname, NODE1..4), on this one machine."""
+
+    folder: Path
+    bridge: str
+    prefix: str
+
+    @property
+    def conf(self) -> str:
+        return str(self.folder / "etc/slurm.conf")
+
+    def node(self, i: int) -> str:
+        return f"{self.prefix}{i}"
+
+
+CLUSTER = LocalCluster(Path("/tmp/pipeline-slurm-tests"), bridge="plslurmt0", prefix="nsnode")
+CLUSTER_PORTS = 6947  # its own ports (and folder), so that it can run beside a cluster started by hand
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Brought up once per test run (root needed: it starts munged, MariaDB, slurmctld and slurmd; skipped, saying
+    why, otherwise), SLURM_CONF set for the test process and what it starts; taken down at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (it starts munged, slurmctld and slurmd)")
+    ports = CLUSTER_PORTS
+    env = {**os.environ, "PIPELINE_SLURM_DIR": str(CLUSTER.folder), "PIPELINE_SLURM_CTLD_PORT": str(ports),
+           "PIPELINE_SLURM_DBD_PORT": str(ports + 2), "PIPELINE_SLURM_DB_PORT": str(ports + 26000),
+           "PIPELINE_SLURM_BASE_PORT": str(ports + 10000), "PIPELINE_SLURM_SUBNET": "10.232.0",
+           "PIPELINE_SLURM_BRIDGE": CLUSTER.bridge, "PIPELINE_SLURM_NODE_PREFIX": CLUSTER.prefix}
+    script = str(REPO / "slurm/local-cluster.sh")
+    subprocess.run(["bash", script, "up", "--nodes", "4", "--netns"], env=env, check=True, timeout=600)
+    # safe as root: secrets readable by root alone, a password of its own, no world-writable folder
+    dbd = CLUSTER.folder / "etc/slurmdbd.conf"
+    assert dbd.stat().st_mode & 0o777 == 0o600 and "StoragePass=slurmpw" not in dbd.read_text()
+    assert not any(p.stat().st_mode & 0o002 for p in CLUSTER.folder.rglob("*") if p.is_dir() and not p.is_symlink())
+    before = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = CLUSTER.conf
+    yield CLUSTER
+    subprocess.run(["bash", script, "down"], env=env, timeout=120)
+    if before is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = before
 
 
 @pytest.fixture
@@ -29,12 +115,10 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
-def launch(*args: str, cwd: Path, timeout: float = 300, slurm_conf: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline.launch ARGS` as a user would, in `cwd` (with another cluster's SLURM_CONF if given)."""
+def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline.launch ARGS` as a user would, in `cwd`."""
     # as from a login shell: no job's variables (SLURM_CONF, which names the cluster, stays)
     env = {k: v for k, v in os.environ.items() if k == "SLURM_CONF" or not k.startswith(("SLURM", "MASTER_"))}
-    if slurm_conf:
-        env["SLURM_CONF"] = slurm_conf
     return subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout)
 

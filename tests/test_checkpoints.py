@@ -71,7 +71,7 @@ def test_another_runs_checkpoint_is_refused(tmp_path, caplog):
     assert Checkpoints(tmp_path, "run-a", {"x": 2}).load()["step"] == 40
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_truncated_last_checkpoint_resumes_from_the_one_before_to_the_same_weights(tmp_path):
     common = ["nodes=2", "trainer.epochs=40", "trainer.max_steps=500", "trainer.log_every=20", "model.dropout=0.1",
               "dataset.train_size=2048", "dataset.test_size=256"]

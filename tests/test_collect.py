@@ -342,6 +342,7 @@ def test_regression_check_against_a_baseline(tmp_path):
     assert regressions(rows_new, baseline, tolerance=0.3) == []
 
 
+@pytest.mark.e2e
 def test_cli_on_a_real_local_sweep_with_a_regression_gate(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # a local sweep gives its points the same threads per rank

@@ -21,7 +21,7 @@ def strict_json(path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_diverging_run_stops_within_the_check_interval_and_says_where(tmp_path):
     out = tmp_path / "run"
     r = launch("optimizer.lr=1e10", "nodes=2", "trainer.max_steps=60", "trainer.finite_check_every=8", *FAST,

@@ -204,7 +204,7 @@ def test_the_docs_have_the_worked_examples():
 
 
 # ----------------------------------------------------------------------------- models nobody here wrote
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("own_loss", [False, True], ids=["default-loss", "model-loss"])
 def test_hugging_face_causal_lm(user_folder, own_loss):
     pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
@@ -232,7 +232,7 @@ def test_hugging_face_causal_lm(user_folder, own_loss):
     assert no_decay.parameters == exempt and decay.parameters + no_decay.parameters == rec.model_parameters
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("own_loss", [False, True], ids=["default-loss", "model-loss"])
 def test_hugging_face_sequence_classifier_on_mapping_items(user_folder, own_loss):
     pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
@@ -249,7 +249,7 @@ def test_hugging_face_sequence_classifier_on_mapping_items(user_folder, own_loss
     assert rec.evaluation.samples == 256 and rec.tokens_per_sample == 24
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_nanogpt_style_model_with_its_own_loss_and_optimizer(user_folder):
     r, logs = run(user_folder, "nano", commands("nanogpt")[0])
     assert r.returncode == 0, r.stderr + logs
@@ -262,7 +262,7 @@ def test_nanogpt_style_model_with_its_own_loss_and_optimizer(user_folder):
     assert {g.lr for g in rec.optimizer.groups} == {1e-3}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_timm_style_factory_gets_the_class_count_only_when_asked(user_folder):
     r, logs = run(user_folder, "timm", commands("timmish")[0])
     assert r.returncode == 0, r.stderr + logs
@@ -278,7 +278,7 @@ def test_timm_style_factory_gets_the_class_count_only_when_asked(user_folder):
     assert record(user_folder, "timm-unasked").model_parameters == 16 * 27 + 16 + 16 * 1000 + 1000
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("model, block", [("hf_gpt2", "GPT2Block"), ("nanogpt", "TransformerEncoderLayer")])
 def test_models_nobody_here_wrote_shard_per_block_under_fsdp(user_folder, model, block):
     """The worked examples' Hugging Face GPT-2 (its _no_split_modules names its blocks) and nanoGPT-style model
@@ -297,7 +297,7 @@ def test_models_nobody_here_wrote_shard_per_block_under_fsdp(user_folder, model,
 
 
 # ------------------------------------------------------------------ paths that trained and lost the record
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_loss_of_the_whole_output_and_an_unused_parameter_under_static_graph(user_folder):
     """A user loss reading the output dict (io.loss_on=output), a parameter nothing uses, DDP's static graph: it
     trains, evaluates from the dict's logits, and counts FLOPs over the parameters that have gradients."""
@@ -316,7 +316,7 @@ def test_a_loss_of_the_whole_output_and_an_unused_parameter_under_static_graph(u
     assert record(user_folder, "dict-unused").config["ddp"]["find_unused_parameters"] is True
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_evaluation_that_fails_leaves_a_record_that_says_why(user_folder):
     args = ["~model", "+model._target_=mypkg.odd.DictNet", "+model.fail_in_eval=true", "nodes=2",
             "ddp.find_unused_parameters=true", "dataset.train_size=1024", "dataset.test_size=256"]
@@ -329,7 +329,7 @@ def test_an_evaluation_that_fails_leaves_a_record_that_says_why(user_folder):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, expected", [
     (["~model", "+model._target_=mypkg.broken.Net"],
      "model._target_=mypkg.broken.Net could not be imported on rank 0: ModuleNotFoundError: No module named "

@@ -114,7 +114,7 @@ def run_launch(tmp_path, env, *args):
                           text=True, timeout=240)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_rank_that_raises_in_the_check_is_named_and_each_policy_acts(tmp_path):
     """warn: the record names local2 and training goes on; fail: the run stops before training, exit 1, naming
     local2 and why (the ranks exit 3)."""
@@ -137,7 +137,7 @@ def test_a_rank_that_raises_in_the_check_is_named_and_each_policy_acts(tmp_path)
     assert not (tmp_path / "run/result.json").exists() and not (tmp_path / "run/bad-nodes.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_exclude_in_local_mode_runs_the_point_again_and_its_record_says_why(tmp_path):
     """Local debug mode cannot leave a simulated node out (they are all this machine): under exclude the point
     runs again, said; here the fault happens once, so the second run trains, and its record names the first."""

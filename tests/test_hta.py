@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import launch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 # HTA and what its trace loading imports (its jupyterlab and pytest requirements are not needed to read traces)
 HTA = ["HolisticTraceAnalysis", "pandas", "plotly", "networkx", "pydot", "pytz", "tzdata", "python-dateutil", "six",

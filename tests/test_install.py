@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.install
 
 
 def test_the_wheel_installs_and_launches_from_an_empty_folder(tmp_path):

@@ -103,7 +103,7 @@ def test_an_unwritable_run_folder_is_a_configuration_error(tmp_path, unwritable,
     assert f"{folder / 'run'} cannot be written ({reason})" in one_error_line(r)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failed_run_is_one_message_and_exit_1(tmp_path):
     """A rank that fails (an optimizer class its module lacks, which the launch cannot see without importing torch):
     its message once, no Hydra "Error executing job", no traceback of the launcher's."""
@@ -131,7 +131,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", str(folder)], check=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_full_disk_is_said_as_such(tmp_path, small_tmpfs):
     """600 KB: the point and the logs fit, the first checkpoint (the weights and their momentum, 820 KB) does not;
     torch.save says "unexpected pos", the launcher "No space left on device"."""
@@ -143,7 +143,7 @@ def test_a_full_disk_is_said_as_such(tmp_path, small_tmpfs):
     assert not list(run.glob(".*.tmp"))  # the interrupted write left nothing to block the next run
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_stopped_rank_is_named_as_the_one_that_did_not_arrive(tmp_path):
     run = tmp_path / "run"
     launcher = start_launch("nodes=2", "trainer.epochs=500", "trainer.log_every=10", "cluster.timeout_s=5", *SMALL,
@@ -182,7 +182,7 @@ def memory_cgroup():
     group.rmdir()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_rank_killed_by_the_oom_killer_is_said_to_be(tmp_path, memory_cgroup):
     """A 159M-parameter MLP (its weights, gradients and momentum: 1.9 GB) in a 1.5 GB cgroup: the kernel's OOM
     killer kills the rank with SIGKILL, and the launcher says so, with the rank's memory."""

@@ -37,7 +37,7 @@ def test_entry_points_and_every_login_side_module_import_neither_torch_nor_the_j
     assert loaded_after("\n".join(f"import {m}" for m in modules)) == "[]"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_real_launch_imports_neither_torch_nor_the_job_side(tmp_path):
     """The launcher process itself, through a whole local run (its ranks, other processes, do import torch)."""
     code = (f"import runpy\nsys.argv = ['pipeline.launch', 'trainer.max_steps=3', 'trainer.warmup_steps=1', "

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import launch, rank_pid
 from tests.dataset_files import write_mnist
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
 

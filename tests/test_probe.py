@@ -184,7 +184,7 @@ def test_a_multi_node_job_on_sockets_is_flagged():
     assert fell_back_to_sockets(fabric, nodes=2) and not fell_back_to_sockets(fabric, nodes=1)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_two_rank_job_records_its_probe(tmp_path):
     r = launch("nodes=2", "trainer.max_steps=8", "trainer.log_every=1000", "dataset.train_size=1024",
                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

@@ -12,7 +12,7 @@ import torch
 from pipeline.runlock import RunLock
 from tests.conftest import launch, start_launch, wait_for_step
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SMALL = ["trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=256"]
 

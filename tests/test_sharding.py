@@ -20,7 +20,7 @@ from pipeline.result import Result
 from pipeline.rundir import Point
 from tests.conftest import launch, rank_pid
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 # the tiny GPT (no BatchNorm, no dropout) on the synthetic language, 8 steps of SGD with momentum, 2 of warm-up
 GPT = ["model=gpt_tiny", "dataset=synthetic_tokens", "dataset.train_size=1024", "dataset.test_size=64",

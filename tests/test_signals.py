@@ -9,7 +9,7 @@ import pytest
 from pipeline.runlock import RunLock
 from tests.conftest import live_in_group, start_launch, wait_for_step
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 TRAIN = ["nodes=2", "trainer.epochs=500", "trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=256"]
 

@@ -1,4 +1,5 @@
-"""The Slurm path through a real Slurm: slurm/local-cluster.sh brings up 4 nodes once per test run."""
+"""The Slurm path through a real Slurm: the test run's 4-node cluster (tests/conftest.py, slurm_cluster), each node
+in a network namespace of its own."""
 
 import contextlib
 import json
@@ -15,44 +16,9 @@ import torch
 from pipeline.config import ConfigError, parse_run_config
 from pipeline.slurm import expand_hostlist
 from pipeline.launcher.slurm import sbatch_parameters
-from tests.conftest import REPO, launch
+from tests.conftest import CLUSTER, REPO, launch
 
-SLURM_DIR = "/tmp/pipeline-slurm-tests"
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
-
-
-def local_cluster(folder: str, ports: int, *flags: str, **env_extra: str):
-    """slurm/local-cluster.sh up with its own folder and ports (so it can run beside one started by hand);
-    yields its SLURM_CONF, then takes it down."""
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (it starts munged, slurmctld and slurmd)")
-    env = {**os.environ, "PIPELINE_SLURM_DIR": folder, "PIPELINE_SLURM_CTLD_PORT": str(ports),
-           "PIPELINE_SLURM_DBD_PORT": str(ports + 2), "PIPELINE_SLURM_DB_PORT": str(ports + 26000),
-           "PIPELINE_SLURM_BASE_PORT": str(ports + 10000), **env_extra}
-    subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "up", *flags], env=env, check=True, timeout=600)
-    # safe as root: secrets readable by root alone, a password of its own, no world-writable folder
-    dbd = Path(folder) / "etc/slurmdbd.conf"
-    assert dbd.stat().st_mode & 0o777 == 0o600 and "StoragePass=slurmpw" not in dbd.read_text()
-    assert not any(p.stat().st_mode & 0o002 for p in Path(folder).rglob("*") if p.is_dir() and not p.is_symlink())
-    yield f"{folder}/etc/slurm.conf"
-    subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "down"], env=env, timeout=120)
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    for conf in local_cluster(SLURM_DIR, 6927, "--nodes", "4"):
-        os.environ["SLURM_CONF"] = conf
-        yield
-
-
-NETNS_DIR, NETNS_BRIDGE, NETNS_PREFIX = "/tmp/pipeline-slurm-netns-tests", "plslurmt0", "nsnode"
-
-
-@pytest.fixture(scope="session")
-def netns_cluster():
-    """4 nodes, each in a network namespace with its own address (in 10.232.0.0/24) and hostname, on one machine."""
-    yield from local_cluster(NETNS_DIR, 6947, "--nodes", "4", "--netns", PIPELINE_SLURM_SUBNET="10.232.0",
-                             PIPELINE_SLURM_BRIDGE=NETNS_BRIDGE, PIPELINE_SLURM_NODE_PREFIX=NETNS_PREFIX)
 
 
 @contextlib.contextmanager
@@ -60,8 +26,8 @@ def slow_link(node: int, rate: str = "200mbit"):
     """A real slow link: tc's token bucket on both directions of netns node `node`'s interface, the host side of
     its veth (traffic into the node) and its eth0 (out of it). This kernel has no netem (CONFIG_NET_SCH_NETEM is
     not set: `tc qdisc add ... netem` says "Specified qdisc kind is unknown"), so latency cannot be added here."""
-    sides = [[], ["nsenter", f"--net=/run/netns/{NETNS_BRIDGE}-{NETNS_PREFIX}{node}"]]
-    devices = [f"{NETNS_BRIDGE}v{node}", "eth0"]
+    sides = [[], ["nsenter", f"--net=/run/netns/{CLUSTER.bridge}-{CLUSTER.node(node)}"]]
+    devices = [f"{CLUSTER.bridge}v{node}", "eth0"]
     try:
         for enter, dev in zip(sides, devices):
             subprocess.run([*enter, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb",
@@ -79,12 +45,12 @@ def cpu_quota(node: int, share: float = 0.1):
     root = Path("/sys/fs/cgroup/cpu")
     if not (root / "cpu.cfs_quota_us").exists():
         pytest.skip("no cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
-    group = root / f"pipeline-tests-slow-{NETNS_PREFIX}{node}"
+    group = root / f"pipeline-tests-slow-{CLUSTER.node(node)}"
     group.mkdir(exist_ok=True)
     try:
         (group / "cpu.cfs_period_us").write_text("100000")
         (group / "cpu.cfs_quota_us").write_text(str(int(share * 100000)))
-        (group / "cgroup.procs").write_text(Path(f"{NETNS_DIR}/run/slurmd-{NETNS_PREFIX}{node}.pid").read_text())
+        (group / "cgroup.procs").write_text((CLUSTER.folder / f"run/slurmd-{CLUSTER.node(node)}.pid").read_text())
         yield
     finally:
         for pid in (group / "cgroup.procs").read_text().split():
@@ -95,13 +61,12 @@ def cpu_quota(node: int, share: float = 0.1):
         group.rmdir()
 
 
-def sacct_nodes(job: str, slurm_conf: str) -> list[str]:
+def sacct_nodes(job: str) -> list[str]:
     """The nodes a finished job ran on, as sacct says once it has settled (for about a second after a short job
     ends, it names only the first)."""
-    env = {**os.environ, "SLURM_CONF": slurm_conf}
     for _ in range(50):
         out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "NodeList,State"], capture_output=True,
-                             text=True, env=env).stdout.strip().splitlines()
+                             text=True).stdout.strip().splitlines()
         if out and "," in out[-1] or out and "[" in out[-1]:
             nodelist = out[-1].split("|")[0]
             return expand_hostlist(nodelist)
@@ -109,10 +74,9 @@ def sacct_nodes(job: str, slurm_conf: str) -> list[str]:
     raise AssertionError(f"sacct gave no node list for job {job}: {out}")
 
 
-def status(sweep, *args, slurm_conf=None):
-    env = {**os.environ, **({"SLURM_CONF": slurm_conf} if slurm_conf else {})}
+def status(sweep, *args):
     return subprocess.run([sys.executable, "-m", "pipeline.status", str(sweep), *args], capture_output=True,
-                          text=True, timeout=600, env=env)
+                          text=True, timeout=600)
 
 
 def wait(sweep, with_progress=False):
@@ -372,10 +336,10 @@ def test_dry_run_writes_the_scripts_and_submits_nothing(slurm_cluster, tmp_path)
 
 
 @pytest.mark.slurm
-def test_nodes_in_their_own_network_namespaces(netns_cluster, tmp_path):
+def test_nodes_in_their_own_network_namespaces(slurm_cluster, tmp_path):
     """--netns: each node has its own address and hostname; the ranks rendezvous over the bridge."""
     r = launch("nodes=2", "cluster=slurm", "trainer.max_steps=10", *FAST, "wait=true",
-               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, slurm_conf=netns_cluster)
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rec = record(tmp_path / "run")
     assert [(x["node_name"], x["hostname"]) for x in rec["ranks"]] == [("nsnode1", "nsnode1"), ("nsnode2", "nsnode2")]
@@ -387,7 +351,7 @@ def test_nodes_in_their_own_network_namespaces(netns_cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(netns_cluster, tmp_path):
+def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(slurm_cluster, tmp_path):
     """nsnode3's interface at 200 Mbit/s (tc tbf, both ways): its links, and only its, are slow. A 3-node job
     (nsnode1-3) finds it in its health check, stops before training (exit 3) and puts it on the sweep's list; the
     launch's wait resubmits the point with --exclude, and the new job runs on nsnode1, 2 and 4 (sacct) and says
@@ -395,14 +359,13 @@ def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(netns
     run = tmp_path / "run"
     with slow_link(3):
         r = launch("nodes=3", "cluster=slurm", "health.on_bad=exclude", "trainer.max_steps=6",
-                   "trainer.warmup_steps=1", *FAST, "wait=true", f"hydra.run.dir={run}", cwd=tmp_path,
-                   slurm_conf=netns_cluster)
+                   "trainer.warmup_steps=1", *FAST, "wait=true", f"hydra.run.dir={run}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     first, second = [j["job_id"] for j in json.loads((run / "manifest.json").read_text())["points"]["0"]["jobs"]]
     assert f"point 0: its job {first} stopped before training for a bad node; resubmitted without nsnode3 as job " \
            f"{second} (1 of 2 resubmissions, health.max_resubmits)" in r.stderr
-    assert sacct_nodes(first, netns_cluster) == ["nsnode1", "nsnode2", "nsnode3"]
-    assert sacct_nodes(second, netns_cluster) == ["nsnode1", "nsnode2", "nsnode4"]
+    assert sacct_nodes(first) == ["nsnode1", "nsnode2", "nsnode3"]
+    assert sacct_nodes(second) == ["nsnode1", "nsnode2", "nsnode4"]
     (entry,) = json.loads((run / "bad-nodes.json").read_text())["entries"]
     assert (entry["node"], entry["job_id"], entry["simulated"]) == ("nsnode3", first, False)
     assert entry["reason"].startswith("links 0.") and "x the median node's" in entry["reason"]
@@ -411,13 +374,13 @@ def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(netns
     health = rec["health"]
     assert health["left_out"] == ["nsnode3"] and health["bad"] == []
     assert [(e["node"], e["job_id"]) for e in health["earlier"]] == [("nsnode3", first)]
-    s = status(run, slurm_conf=netns_cluster)
+    s = status(run)
     assert re.search(rf"^0 +3 +{second} +completed +resubmitted 1x without nsnode3 \(bad node\)", s.stdout, re.M), \
         s.stdout
 
 
 @pytest.mark.slurm
-def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(netns_cluster, tmp_path):
+def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(slurm_cluster, tmp_path):
     """A 4-node job: nsnode2's slurmd runs under a 10% CPU quota (a cgroup), so its job step does; nsnode4's rank
     raises in its GEMM (a fault injected through sitecustomize, on that node only). Under health.on_bad=fail the
     job stops before training, and status names both nodes, each with its cause. (At 20% the quota's node measured
@@ -435,9 +398,9 @@ def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(
     with cpu_quota(2), pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", f"{inject}:{os.environ.get('PYTHONPATH', '')}")  # sbatch passes it to the job
         r = launch("nodes=4", "cluster=slurm", "health.on_bad=fail", *FAST, "wait=true", f"hydra.run.dir={run}",
-                   cwd=tmp_path, slurm_conf=netns_cluster)
+                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    s = status(run, slurm_conf=netns_cluster)
+    s = status(run)
     assert re.search(r"^0 +4 +\d+ +failed", s.stdout, re.M), s.stdout
     said = re.search(r"first failed rank's log .* \(rank \d+: BadNodesFound: health check: (.*)\), last lines",
                      s.stdout)
@@ -452,7 +415,7 @@ def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(
 
 
 @pytest.mark.slurm
-def test_the_forecast_on_a_shaped_fabric_holds_its_measurement(netns_cluster, tmp_path):
+def test_the_forecast_on_a_shaped_fabric_holds_its_measurement(slurm_cluster, tmp_path):
     """Every link at 1 Gbit/s (tc tbf), a comm-bound MLP (3.3 MB of gradient), 1 and 2 nodes twice: the probe model's
     prediction at 2 nodes has an interval, and the measurement is inside it; the held-out forecast says why there
     is none (no multi-rank node count below 2). What holds on this loaded 2-core machine: 3 and 4 nodes put 3 and 4
@@ -466,7 +429,7 @@ def test_the_forecast_on_a_shaped_fabric_holds_its_measurement(netns_cluster, tm
             mp.setenv("OMP_NUM_THREADS", "1")
             r = launch("-m", "nodes=1,2", "trainer.seed=0,1", "cluster=slurm", "cluster.array_parallelism=1",
                        "model.hidden=1024", "trainer.max_steps=30", *FAST, "wait=true", f"hydra.sweep.dir={sweep}",
-                       cwd=tmp_path, slurm_conf=netns_cluster)
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(tmp_path / "out"),
                         "--no-plots"], capture_output=True, text=True, timeout=120)

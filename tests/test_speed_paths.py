@@ -90,7 +90,7 @@ def test_a_pool_smaller_than_the_batch_is_gathered_into_a_whole_batch_that_keeps
     assert labels.shape == (8,) and labels.dtype == torch.int64
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fast_path_options_run_and_keep_replicas_identical(tmp_path):
     out = tmp_path / "run"
     r = launch("nodes=2", "model=cnn", "trainer.max_steps=8", "trainer.data_on_device=true",
@@ -105,7 +105,7 @@ def test_fast_path_options_run_and_keep_replicas_identical(tmp_path):
     assert rec["flops_per_sample"] > 0 and rec["achieved_tflops_per_device"] > 0 and rec["mfu"] is None
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compiled_model_trains_to_the_same_weights_as_eager(tmp_path):
     weights = {}
     for compiled in (False, True):
@@ -121,7 +121,7 @@ def test_compiled_model_trains_to_the_same_weights_as_eager(tmp_path):
         torch.testing.assert_close(weights[True][name], eager, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_defaults_on_cpu_take_the_plain_path(tmp_path):
     r = launch("trainer.max_steps=5", "trainer.warmup_steps=1", *FAST, f"hydra.run.dir={tmp_path / 'run'}",
                cwd=tmp_path)

@@ -19,7 +19,7 @@ from pipeline.result import Result
 from pipeline.rundir import Point
 from tests.conftest import launch, rank_pid
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=1024", "dataset.test_size=256"]
 
