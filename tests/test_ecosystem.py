@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,26 @@ EXAMPLES = YOUR_MODEL[YOUR_MODEL.index("### Worked examples"):YOUR_MODEL.index("
 LEARNED = math.exp(math.log(256) - 0.1)  # perplexity: 0.1 nats below an untrained model's ln(256) in 30 steps
 FAST = ["trainer.max_steps=30", "trainer.log_every=1000", "trainer.warmup_steps=3", "trainer.eval_samples=256",
         "trainer.tensorboard=false"]
+
+FIRST_MODEL = re.search(r"```python\n# ~/mycode/mypkg/models.py\n(.*?)```", YOUR_MODEL, re.S).group(1)
+FIRST_COMMAND = re.search(r"^python -m pipeline.launch ('~model' .*?)   #", YOUR_MODEL, re.M).group(1)
+
+
+@pytest.mark.e2e
+def test_the_first_model_of_the_page_trains_as_its_command_says(tmp_path):
+    """The page's first nn.Module, in a package of the user's on PYTHONPATH, trained by the page's command line."""
+    (tmp_path / "mycode/mypkg").mkdir(parents=True)
+    (tmp_path / "mycode/mypkg/__init__.py").write_text("")
+    (tmp_path / "mycode/mypkg/models.py").write_text(FIRST_MODEL)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "mycode")}
+    r = subprocess.run([sys.executable, "-m", "pipeline.launch", *shlex.split(FIRST_COMMAND), "trainer.max_steps=30",
+                        "trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512",
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = Result.read(tmp_path / "run")
+    assert record.model == "net" and record.model_label.startswith("Net ") and record.test_accuracy > 0.5
+
 
 USER_CODE = {
     "data.py": '''
