@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_check.sh [--out FILE] [--device cuda|cpu]
 #
 #   --out FILE     the results file (default: gpu-check-<date>-<time>.txt in the current folder)
-#   --device cpu   a smoke run of the same steps at a tiny size on a CPU (the GPU tests then skip, saying why)
+#   --device cpu   a smoke run of the same steps at a tiny size on a CPU (the GPU tests then skip, saying why;
+#                  the seed rows are the CNN's, which take the MLP's path and channels_last)
 #
 # Environment: GPU_CHECK_TORCH, the torch requirement installed (default torch==2.13.0: on a machine with a GPU,
 # PyPI's build is a CUDA one; the project takes torch>=2.3,<2.15); GPU_CHECK_VENV, the venv's folder (default
@@ -86,9 +87,13 @@ step gpu-tests "$py" -m pytest -q -m gpu -rs
 if [ "$device" = cuda ]; then
     # the large rows eager: compiling ResNet-50 and GPT-2 small takes minutes a side, the MLP's seconds
     sizes=(--steps 200 --large-steps 60 --no-compile)
+    models=(mlp)
 else
+    # the smoke: the CNN's seed rows (the MLP's and channels_last), the large models' layouts at a tiny size
     sizes=(--device cpu --steps 4 --warmup 2 --batch 32 --train-size 1024 --large-steps 4 --large-batch 2
-        --image-size 32 --context 32 --no-compile)
+        --image-size 32 --context 32 --no-compile --tiny)
+    models=(cnn)
 fi
-step throughput "$py" benchmarks/gpu_throughput.py --models mlp --large resnet50 gpt2_small gpt2_small_fsdp "${sizes[@]}"
+step throughput "$py" benchmarks/gpu_throughput.py --models "${models[@]}" --large resnet50 gpt2_small gpt2_small_fsdp \
+    "${sizes[@]}"
 finish

@@ -2,10 +2,10 @@
 models worth scaling (ResNet-50 on 224x224 images, GPT-2 small on 1024-token sequences): a hand-written bf16
 loop against the pipeline with the same settings, with MFU.
 
-    python benchmarks/gpu_throughput.py [--steps 300] [--batch 512] [--models mlp cnn] [--large resnet50 gpt2_small gpt2_small_fsdp]
-        [--large-steps 120] [--warmup 20]
+    python benchmarks/gpu_throughput.py [--steps 300] [--batch 512] [--models mlp cnn]
+        [--large resnet50 gpt2_small gpt2_small_fsdp] [--large-steps 120] [--warmup 20]
     python benchmarks/gpu_throughput.py --device cpu --steps 22 --large-steps 22 --models cnn --large resnet50 \
-        gpt2_small --large-batch 2 --image-size 32 --context 32 --no-compile    # a smoke run of the same code on a CPU
+        gpt2_small --large-batch 2 --image-size 32 --context 32 --no-compile --tiny  # a smoke run of the same code
 
 benchmarks/gpu_check.sh runs the essential rows of it, sized for a short lease of a GPU machine.
 
@@ -21,7 +21,9 @@ the usual one (no DDP wrapper, as on one GPU). MFU = FLOPs per sample (torch's f
 backward) x samples/s / the GPU's dense bf16 peak (pipeline/job/flops.py); tokens/s = samples/s x context.
 `gpt2_small_fsdp` is the pipeline's GPT-2 small under parallel=fsdp (bf16 parameters through FSDP2's
 MixedPrecisionPolicy) beside the same hand-written loop; every large row prints the pipeline's peak memory per rank
-(CUDA's max_memory_allocated; a CPU's peak resident set).
+(CUDA's max_memory_allocated; a CPU's peak resident set). `--tiny`, for smoke runs on a CPU: the large models' own
+layouts at a fraction of their size (ResNet-50's blocks at width 8, GPT-2 small's at 2 layers of width 64), said
+in each row's heading; the code that runs is the same.
 """
 
 import argparse
@@ -111,10 +113,12 @@ LARGE = {
 # the same under FSDP2 (each block, then the root; bf16 parameters through FSDP's MixedPrecisionPolicy), on one
 # rank: FSDP's own cost and memory beside DDP's, against the same hand-written loop
 LARGE["gpt2_small_fsdp"] = [*LARGE["gpt2_small"], "parallel=fsdp"]
+# --tiny: the same layouts, smaller (the hand-written loop's models and the pipeline's alike)
+TINY = {"resnet": {"width": 8}, "gpt": {"layers": 2, "heads": 2, "width": 64}}
 
 
 def large_hand_written(name: str, steps: int, warmup: int, batch: int, device: str, image_size: int, context: int,
-                       compile_: bool) -> tuple[float, float]:
+                       compile_: bool, tiny: bool) -> tuple[float, float]:
     """(samples/s, FLOPs per sample) of the usual bf16 loop: data on the device, autocast, compiled model."""
     import torch
     import torch.nn.functional as F
@@ -128,13 +132,14 @@ def large_hand_written(name: str, steps: int, warmup: int, batch: int, device: s
     if name == "resnet50":
         shape = (3, image_size, image_size)
         x, y = (torch.as_tensor(a).to(device) for a in Synthetic(shape, 1000, 256, 16, 6.0, 0, distinct=0).arrays())
-        model = ResNet(shape, 1000, **{**defaults(ResNetConfig), "depth": 50}).to(
+        model = ResNet(shape, 1000, **{**defaults(ResNetConfig), "depth": 50, **(TINY["resnet"] if tiny else {})}).to(
             device, memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     else:
         x, y = (torch.as_tensor(a).to(device) for a in SyntheticTokens(50304, context, 256, 16, 4, 0).arrays())
-        model = GPT(50304, layers=12, heads=12, width=768, context_length=context, dropout=0.0).to(device)
+        size = TINY["gpt"] if tiny else {"layers": 12, "heads": 12, "width": 768}
+        model = GPT(50304, **size, context_length=context, dropout=0.0).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
@@ -161,9 +166,11 @@ def large_hand_written(name: str, steps: int, warmup: int, batch: int, device: s
 
 
 def large_pipeline(name: str, steps: int, warmup: int, batch: int, device: str, image_size: int, context: int,
-                   compile_: bool, out: Path) -> dict:
+                   compile_: bool, tiny: bool, out: Path) -> dict:
     size = [f"dataset.image_shape=[3,{image_size},{image_size}]"] if name == "resnet50" else \
         [f"model.context_length={context}", f"dataset.seq_len={context}"]
+    if tiny:
+        size += [f"model.{k}={v}" for k, v in TINY["resnet" if name == "resnet50" else "gpt"].items()]
     subprocess.run([*LAUNCH, *LARGE[name], *size, f"trainer.batch_size={batch}",
                     f"trainer.max_steps={steps}", "trainer.epochs=1000", f"trainer.warmup_steps={warmup}",
                     "trainer.log_every=100000", "trainer.eval_samples=16", f"trainer.device={device}",
@@ -193,6 +200,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="the large models' layouts at a smoke size (CPU)")
     args = parser.parse_args()
     steps, large_steps = (max(n, args.warmup + 2) for n in (args.steps, args.large_steps))
     print(f"{device_name(args.device)}, {date.today()}, per-step batch {args.batch}, {steps} steps "
@@ -216,14 +224,15 @@ def main() -> None:
             loop = name.removesuffix("_fsdp")
             if loop not in hand_written:
                 hand_written[loop] = large_hand_written(loop, large_steps, args.warmup, batch, args.device,
-                                                        args.image_size, args.context, not args.no_compile)
+                                                        args.image_size, args.context, not args.no_compile, args.tiny)
             hand, flops = hand_written[loop]
             rec = large_pipeline(name, large_steps, args.warmup, batch, args.device, args.image_size, args.context,
-                                 not args.no_compile, Path(tmp) / name)
-            print_large(name, batch, hand, flops, rec, args.device, args.context)
+                                 not args.no_compile, args.tiny, Path(tmp) / name)
+            print_large(name, batch, hand, flops, rec, args.device, args.context, args.tiny)
 
 
-def print_large(name: str, batch: int, hand: float, flops: float, rec: dict, device: str, context: int) -> None:
+def print_large(name: str, batch: int, hand: float, flops: float, rec: dict, device: str, context: int,
+                tiny: bool) -> None:
     from pipeline.job.flops import peak_tflops
 
     peak = peak_tflops(device_name(device), "bf16")
@@ -233,7 +242,9 @@ def print_large(name: str, batch: int, hand: float, flops: float, rec: dict, dev
     memory = rec["ranks"][0].get("memory") or {}
     # the pipeline's peak: CUDA's max_memory_allocated, or on a CPU the process's peak resident set
     held = f"{memory['peak_bytes'] / 2**30:.2f} GiB" if memory.get("peak_bytes") else "-"
-    print(f"\n{name}, batch {batch}, {rec['precision']}, compile {rec['fast_path']['compile']}, {parallel}\n"
+    size = f" (tiny: {', '.join(f'{k} {v}' for k, v in TINY['resnet' if name == 'resnet50' else 'gpt'].items())})"
+    print(f"\n{name}{size if tiny else ''}, batch {batch}, {rec['precision']}, compile {rec['fast_path']['compile']}, "
+          f"{parallel}\n"
           f"  {'loop':48} {unit:>12} {'MFU':>8} {'peak memory':>12}")
     for label, rate, fl, mem in (("hand-written", hand, flops, "-"),
                                  ("pipeline", pipe, rec["flops_per_sample"], held)):

@@ -22,7 +22,8 @@ def bench(*args: str) -> str:
 @pytest.mark.parametrize("flags, first, rows", [([], "pipeline", ("mlp", "loader", "resnet", "gpt", "gpt_fsdp")),
                                                (["--aa", "--workload", "mlp"], "hand-written", ("mlp",))])
 def test_overhead(flags, first, rows):
-    out = bench("benchmarks/overhead.py", "--steps", "22", "--repeats", "1", *flags)
+    """Every row once, each side one rank (the rows' multi-rank figures are the benchmark's own runs)."""
+    out = bench("benchmarks/overhead.py", "--steps", "22", "--repeats", "1", "--ranks", "1", *flags)
     for row in rows:
         assert re.search(rf"^{row} +median ratio {first} / hand-written: \d+\.\d{{3}}", out, re.M), out
 
@@ -56,19 +57,10 @@ def test_collect_speed():
 SEED_ROW = re.compile(r"^  (\S.*?)\s{2,}(\d+)\s+(\d+\.\d\d)$", flags=re.M)
 
 
-def test_gpu_throughput_runs_the_convolutional_seed_rows_on_a_cpu():
-    """The CNN's seed rows, channels_last among them (gpu_check.sh's smoke run, below, takes the MLP's and the large
-    models')."""
-    out = bench("benchmarks/gpu_throughput.py", "--device", "cpu", "--models", "cnn", "--steps", "4", "--warmup", "2",
-                "--batch", "32", "--train-size", "1024", "--large")
-    rows = SEED_ROW.findall(out)
-    assert len(rows) == 7 and all(int(rate) > 0 for _, rate, _ in rows), out  # naive + 6 cumulative options
-    assert [name for name, _, _ in rows][4] == "+ channels_last", out
-
-
 def test_the_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     """benchmarks/gpu_check.sh's smoke mode, its own steps, with this Python (the project installed) in place of
-    the venv it would make and fill; the GPU tests skip, saying why (no GPU is visible, on a GPU machine too)."""
+    the venv it would make and fill; the GPU tests skip, saying why (no GPU is visible, on a GPU machine too). Its
+    throughput step takes the CNN's seed rows (channels_last among them) and the large models at a tiny size."""
     out = tmp_path / "results" / "check.txt"
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--out", str(out)], cwd=REPO,
                        env={**os.environ, "GPU_CHECK_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
@@ -79,12 +71,15 @@ def test_the_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     assert re.findall(r"^-- (\S+): (\w+)", text, flags=re.M) == [("device", "ok"), ("gpu-tests", "ok"),
                                                                   ("throughput", "ok")], text
     assert "device: no CUDA device" in text and re.search(r"^\d+ skipped, \d+ deselected", text, flags=re.M), text
-    rows = SEED_ROW.findall(text.split("\nmlp\n")[1].split("\nresnet50")[0])
-    assert len(rows) == 6 and all(int(rate) > 0 for _, rate, _ in rows), text  # naive + 5 (no channels_last)
+    rows = SEED_ROW.findall(text.split("\ncnn\n")[1].split("\nresnet50")[0])
+    assert len(rows) == 7 and all(int(rate) > 0 for _, rate, _ in rows), text  # naive + 6 cumulative options
+    assert [name for name, _, _ in rows][4] == "+ channels_last", text
     # MFU: none without a GPU; the pipeline's peak memory per rank (on a CPU its peak resident set)
-    for model, unit, parallel in (("resnet50", "images/s", "ddp"), ("gpt2_small", "tokens/s", "ddp"),
-                                  ("gpt2_small_fsdp", "tokens/s", "fsdp")):
-        assert re.search(rf"^{model}, batch 2, fp32, compile False, {parallel}\n  loop +{unit} +MFU +peak memory\n"
+    for model, tiny, unit, parallel in (("resnet50", "width 8", "images/s", "ddp"),
+                                        ("gpt2_small", "layers 2, heads 2, width 64", "tokens/s", "ddp"),
+                                        ("gpt2_small_fsdp", "layers 2, heads 2, width 64", "tokens/s", "fsdp")):
+        assert re.search(rf"^{model} \(tiny: {tiny}\), batch 2, fp32, compile False, {parallel}\n"
+                         rf"  loop +{unit} +MFU +peak memory\n"
                          rf"  hand-written +\d+ +- +-\n  pipeline +\d+ +- +\d+\.\d\d GiB\n"
                          rf"  pipeline / hand-written: \d+\.\d{{3}}$", text, flags=re.M), text
     assert re.search(r"\ngpu check: every step ok, \d+ s in all\n$", text), text
