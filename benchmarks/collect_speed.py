@@ -1,10 +1,10 @@
 """How long `pipeline.collect` takes on a large collection: 10,000 records, each rank with 100 step times.
 
-    python benchmarks/collect_speed.py [--records 10000]
+    python benchmarks/collect_speed.py [--records 10000] [--repeats 3]
 
 Generates the records in a temporary folder, then times the collector in a fresh process (as a user runs it):
 reading, aggregating, fitting, writing the tables and report, with `--no-plots` and then with the plots (4 figures
-per 4 groups: 20 figures for the 20 groups here). Prints the wall time of each of 3 repeats.
+per 4 groups: 20 figures for the 20 groups here). Prints the wall time of each repeat.
 """
 
 import argparse
@@ -34,6 +34,7 @@ def generate(root: Path, n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -41,7 +42,7 @@ def main() -> None:
         generate(root / "runs", args.records)
         size = sum(p.stat().st_size for p in (root / "runs").rglob("result.json")) / 1e6
         print(f"generated {args.records} records ({size:.0f} MB) in {time.perf_counter() - t0:.1f} s")
-        for repeat in range(3):
+        for repeat in range(args.repeats):
             for label, extra in (("without plots", ["--no-plots"]), ("with plots", [])):
                 t0 = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "pipeline.collect", str(root / "runs"), "--out",

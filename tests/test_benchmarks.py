@@ -34,7 +34,7 @@ def test_step_costs():
 
 
 def test_startup():
-    out = bench("benchmarks/startup.py", "--repeats", "1")
+    out = bench("benchmarks/startup.py", "--repeats", "1", "--ranks", "1", "--no-slurm")
     assert re.search(r"launch -> first training step\s+median\s+\d+\.\d+ s", out), out
 
 
@@ -50,7 +50,7 @@ def test_health_cost():
 
 
 def test_collect_speed():
-    out = bench("benchmarks/collect_speed.py", "--records", "100")
+    out = bench("benchmarks/collect_speed.py", "--records", "100", "--repeats", "1")
     assert "process start to exit" in out, out
 
 
