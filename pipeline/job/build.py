@@ -25,7 +25,7 @@ import torch
 from hydra.utils import get_object
 
 from pipeline.config import ParamGroupsConfig, RunConfig, target_of
-from pipeline.job.data import ItemFormat, check_datasets
+from pipeline.job.data import Data, ItemFormat, check_datasets
 from pipeline.job.memory import resident_bytes
 from pipeline.result import OptimizerInfo, ParamGroupInfo
 from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, partial_of,
@@ -175,16 +175,12 @@ def build_scheduler(run: RunConfig, optimizer: torch.optim.Optimizer, total_step
 
 @dataclass
 class Workload:
-    """What a job trains, built from the config's `_target_`s: the model, the splits and how their items are
-    read, the loss and the collate_fn."""
+    """What a job trains, built from the config's `_target_`s: the model, the data (the splits, how their items are
+    read and collated) and the loss."""
 
     model: torch.nn.Module
-    train_set: Any
-    test_set: Any | None
+    data: Data
     loss_fn: Callable
-    collate_fn: Callable | None
-    items: ItemFormat
-    batch_kind: str  # what the items are, in words (the record's io.batch)
     label: str  # the model as people name it (model_label)
     baseline_rss: int | None = None  # this process's resident set before the model was built (the memory baseline)
 
@@ -202,9 +198,10 @@ def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None]) -> Wo
     model = build_model(run, train_set, rank)
     mark("model")
     facts = dataset_facts(train_set)
-    return Workload(model=model, train_set=train_set, test_set=test_set, loss_fn=build_loss(run, rank, facts),
-                    collate_fn=build_collate(run, rank, facts), items=items, batch_kind=kind,
-                    label=model_label(run, model), baseline_rss=baseline)
+    data = Data(train_set=train_set, test_set=test_set, items=items, collate_fn=build_collate(run, rank, facts),
+                kind=kind)
+    return Workload(model=model, data=data, loss_fn=build_loss(run, rank, facts), label=model_label(run, model),
+                    baseline_rss=baseline)
 
 
 def _targets(node: Any, depth: int = 0) -> list[tuple[int, str]]:

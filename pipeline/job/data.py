@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +20,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_co
 from pipeline.config import LoaderConfig, target_of
 from pipeline.job.context import Job
 from pipeline.result import FastPath, LoaderInfo
-
-if TYPE_CHECKING:
-    from pipeline.job.build import Workload
 
 log = logging.getLogger(__name__)
 DEVICE_DATA_SHARE = 0.5
@@ -99,6 +96,18 @@ class ItemFormat:
         raise TypeError(f"{where}: item 0 is {kind}, not an (input, target) pair or a mapping; a dataset's "
                         "__getitem__ must return (input, target), or a mapping with the keys io.input_key and "
                         "io.target_key")
+
+
+@dataclass(frozen=True)
+class Data:
+    """A job's data as its config built it: the splits (no test split when the dataset holds nothing out), how their
+    items are read, how they are collated (None: torch's default_collate)."""
+
+    train_set: Any
+    test_set: Any | None
+    items: ItemFormat
+    collate_fn: Callable | None
+    kind: str  # what the items are, in words (the record's io.batch)
 
 
 def check_datasets(train: Any, test: Any | None, target: str, rank: int, items: ItemFormat) -> str:
@@ -264,8 +273,8 @@ class Batches:
     dataset offers its arrays and loader.kind allows, else torch's DataLoader; and the fast-path choices that go with
     the choice (NHWC images, cuDNN's timing of its algorithms, pinned memory, the next batch's copy ahead)."""
 
-    def __init__(self, job: Job, work: Workload, model: torch.nn.Module):
-        t, loader, cuda, train = job.run.trainer, job.run.loader, job.cuda, work.train_set
+    def __init__(self, job: Job, data: Data, model: torch.nn.Module):
+        t, loader, cuda, train = job.run.trainer, job.run.loader, job.cuda, data.train_set
         self.job = job
         has_arrays = callable(getattr(train, "arrays", None))
         if loader.kind == "memory" and not has_arrays:
@@ -274,7 +283,7 @@ class Batches:
                              f"{target_of(job.run.dataset)} does not; use loader.kind=dataloader or auto")
         self.in_memory = has_arrays and loader.kind != "dataloader"
         # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
-        images = np.ndim(work.items.split(train[0]).inputs) == 3
+        images = np.ndim(data.items.split(train[0]).inputs) == 3
         convolutional = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
         # FSDP shards contiguous parameters only: NHWC is off under it (refused at launch when asked for)
         auto = cuda and convolutional and job.run.parallel.kind == "ddp"
@@ -283,14 +292,14 @@ class Batches:
         cudnn_benchmark = cuda and (t.cudnn_benchmark if t.cudnn_benchmark is not None else convolutional)
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if self.in_memory:
-            held = [a for d in (train, work.test_set) if d is not None and hasattr(d, "arrays") for a in d.arrays()]
+            held = [a for d in (train, data.test_set) if d is not None and hasattr(d, "arrays") for a in d.arrays()]
             self.on_device = holds_on_device(t.data_on_device, sum(np.asarray(a).nbytes for a in held),
                                              torch.cuda.mem_get_info(job.device)[0] if cuda else 0)
             pinned = cuda and not self.on_device
         else:
             self.on_device, pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
-        self.spec = BatchSpec(size=job.run.micro_batch, device=job.device, items=work.items,
-                              channels_last=channels_last, pinned=pinned, collate_fn=work.collate_fn)
+        self.spec = BatchSpec(size=job.run.micro_batch, device=job.device, items=data.items,
+                              channels_last=channels_last, pinned=pinned, collate_fn=data.collate_fn)
         self.train = self.source(train, persistent=loader.persistent_workers)
         if not self.in_memory:
             check_workers(loader, torch.get_num_threads(), job.rank)

@@ -127,9 +127,9 @@ class Trainer:
         self.job, self.work, self.checkpoints, self.reporter = job, work, checkpoints, reporter
         t = job.run.trainer
         self.precision = t.precision if t.precision != "auto" else ("bf16" if job.cuda else "fp32")
-        self.io = ModelIO(job.run.io, work.loss_fn, work.batch_kind)
-        self.order = StepOrder(job, len(work.train_set))
-        self.batches = Batches(job, work, work.model)
+        self.io = ModelIO(job.run.io, work.loss_fn, work.data.kind)
+        self.order = StepOrder(job, len(work.data.train_set))
+        self.batches = Batches(job, work.data, work.model)
         self.timer = StepTimer(job.device)
         self.parallel = self._wrap_model(work.model)
         # after wrapping: FSDP's sharded parameters are not the ones the model was built with
@@ -145,7 +145,7 @@ class Trainer:
             log.info("resumed from %s at step %d", checkpoints.loaded, self.start_step)
         self.finite = FiniteCheck(t.finite_check_every, job.device, job.world_size)
         self.phases = self._phases()
-        self.evaluator = Evaluator(job, work.test_set, self.batches, self.io, self.autocast)
+        self.evaluator = Evaluator(job, work.data.test_set, self.batches, self.io, self.autocast)
         self.first_step_at: float | None = None
 
     # ------------------------------------------------------------------------------------------ set-up steps
