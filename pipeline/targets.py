@@ -14,13 +14,13 @@ where the building happens: a rank's number in a job, None at launch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
 from typing import Any, Callable
 
 from hydra.utils import instantiate
 
+from pipeline.callables import takes
 from pipeline.config import FROM_DATASET, ConfigError, RunConfig, find_module, from_dataset_name, target_of
 
 
@@ -159,14 +159,3 @@ def build_datasets(run: RunConfig, rank: int | None) -> tuple[Any, Any | None]:
 
 def where(rank: int | None) -> str:
     return "at launch" if rank is None else f"on rank {rank}"
-
-
-def takes(fn: Any) -> set[str]:
-    """The parameter names a callable takes (a functools.partial's function, less what its config set: a keyword
-    bound to None is unset, e.g. a schedule's `T_max: null`, the run's length); none if its signature cannot be
-    read."""
-    bound = {k for k, v in fn.keywords.items() if v is not None} if isinstance(fn, functools.partial) else set()
-    try:
-        return set(inspect.signature(fn).parameters) - bound
-    except (TypeError, ValueError):
-        return set()

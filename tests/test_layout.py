@@ -28,7 +28,7 @@ def test_entry_points_and_every_login_side_module_import_neither_torch_nor_the_j
     modules = ["pipeline.launch", "pipeline.status", "pipeline.collect", "pipeline.config", "pipeline.rundir",
                "pipeline.result", "pipeline.typed", "pipeline.point", "pipeline.runlock", "pipeline.targets",
                "pipeline.allreduce", "pipeline.definitions", "pipeline.worker", "pipeline.checks", "pipeline.slurm",
-               "pipeline.cgroup", "pipeline.workloads.registry", "pipeline.workloads.models",
+               "pipeline.cgroup", "pipeline.callables", "pipeline.workloads.registry", "pipeline.workloads.models",
                "pipeline.workloads.datasets", "pipeline.workloads.losses", "pipeline.workloads.optimizers",
                "hydra_plugins.pipeline_launcher.pipeline_launcher"]
     for package in (pipeline.launcher, pipeline.collector):

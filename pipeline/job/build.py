@@ -24,12 +24,13 @@ from typing import Any, Callable
 import torch
 from hydra.utils import get_object
 
+from pipeline.callables import takes
 from pipeline.config import ParamGroupsConfig, RunConfig, target_of
 from pipeline.job.data import Data, ItemFormat, check_datasets
 from pipeline.job.memory import resident_bytes
 from pipeline.result import OptimizerInfo, ParamGroupInfo
 from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, partial_of,
-                              reported, takes, takes_any_keyword)
+                              reported, takes_any_keyword)
 from pipeline.workloads.losses import ModelLoss
 from pipeline.workloads.schedules import run_length
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
-from pipeline.targets import takes
+from pipeline.callables import takes
 
 LENGTH_NAMES = ("T_max", "total_steps", "total_iters", "num_training_steps")
 
