@@ -29,11 +29,15 @@ FAST_LIMIT_S = 5.0
 SETUP_S = pytest.StashKey[float]()  # a test's fixtures' set-up time, which counts with its own
 
 
+RUN_FIXTURES = {"profiled_run"}  # runs of the pipeline that several tests read
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "slurm_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.slurm)
-        if any(item.get_closest_marker(tier) for tier in ("slurm", "bench", "install")):
+        if RUN_FIXTURES & set(item.fixturenames) or any(item.get_closest_marker(tier)
+                                                         for tier in ("slurm", "bench", "install")):
             item.add_marker(pytest.mark.e2e)
 
 
@@ -50,6 +54,22 @@ def pytest_runtest_makereport(item, call):
                                f"{', '.join(SLOW_TIERS)}) takes at most {FAST_LIMIT_S:.0f} s: make it faster, or mark "
                                "it (e2e when it starts processes of the pipeline)")
 
+
+
+# ------------------------------------------------------------------------------------------- shared runs
+PROFILED = ["nodes=2", "trainer.epochs=2", "trainer.max_steps=20", "trainer.log_every=5", "trainer.warmup_steps=3",
+            "profiler.enabled=true", "profiler.steps=4", "dataset.train_size=2048", "dataset.test_size=512"]
+
+
+@pytest.fixture(scope="session")
+def profiled_run(tmp_path_factory) -> Path:
+    """One real 2-node local run (a rank each), profiled over 4 steps after a warm-up of 3, TensorBoard on, that the
+    tests of its TensorBoard scalars, its traces (ours and Holistic Trace Analysis's reading), its fabric probe and
+    a worker started with the wrong world all read: its folder, which they must not change."""
+    out = tmp_path_factory.mktemp("profiled") / "run"
+    r = launch(*PROFILED, f"hydra.run.dir={out}", cwd=out.parent)
+    assert r.returncode == 0, r.stderr
+    return out
 
 
 # --------------------------------------------------------------------------------------------- the cluster

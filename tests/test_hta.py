@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from tests.conftest import launch
-
 pytestmark = pytest.mark.e2e
 
 # HTA and what its trace loading imports (its jupyterlab and pytest requirements are not needed to read traces)
@@ -44,13 +42,9 @@ def hta_path(tmp_path_factory):
     return target
 
 
-def test_a_profiled_two_rank_run_loads_in_hta(tmp_path, hta_path):
-    out = tmp_path / "run"
-    r = launch("nodes=2", "trainer.max_steps=12", "trainer.warmup_steps=3", "profiler.enabled=true",
-               "profiler.steps=4", "trainer.tensorboard=false", "trainer.log_every=1000", "dataset.train_size=2048",
-               f"hydra.run.dir={out}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    read = subprocess.run([sys.executable, "-c", READ, str(out / "profile")], capture_output=True, text=True,
+def test_a_profiled_two_rank_run_loads_in_hta(profiled_run, hta_path):
+    """The test run's profiled 2-rank run (tests/conftest.py): 4 steps profiled after a warm-up of 3."""
+    read = subprocess.run([sys.executable, "-c", READ, str(profiled_run / "profile")], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(hta_path)})
     assert read.returncode == 0, read.stderr[-3000:]
     result = json.loads(read.stdout.split("RESULT ", 1)[1])

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,11 +179,11 @@ def test_real_mnist_format_end_to_end(tmp_path):
     assert rec["config"]["dataset"]["root"] == str(tmp_path / "data")
 
 
-def test_world_size_mismatch_fails_fast(tmp_path):
+def test_world_size_mismatch_fails_fast(tmp_path, profiled_run):
     """A worker started with fewer tasks than the config asks for says so instead of waiting for peers."""
     out = tmp_path / "run"
-    r = launch("nodes=2", "trainer.max_steps=1", "trainer.warmup_steps=0", *FAST, f"hydra.run.dir={out}", cwd=tmp_path)
-    assert r.returncode == 0
+    out.mkdir()
+    shutil.copy(profiled_run / "point.json", out)  # a 2-node point, frozen as launch froze it
     env = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
            "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
     w = subprocess.run([sys.executable, "-m", "pipeline.worker", str(out)], env=env, capture_output=True,
@@ -190,13 +191,10 @@ def test_world_size_mismatch_fails_fast(tmp_path):
     assert w.returncode != 0 and "nodes(2) x cluster.tasks_per_node(1) = 2" in w.stderr
 
 
-def test_tensorboard_scalars_and_profiler_trace(tmp_path):
+def test_tensorboard_scalars_and_profiler_trace(profiled_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = tmp_path / "run"
-    r = launch("nodes=2", "trainer.epochs=2", "trainer.max_steps=20", "trainer.log_every=5", "trainer.warmup_steps=3",
-               "profiler.enabled=true", "profiler.steps=4", *FAST[1:], f"hydra.run.dir={out}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    out = profiled_run  # nodes=2, 20 steps, log_every 5, warm-up 3, 4 profiled steps (tests/conftest.py)
     # the run is named by its overrides, and carries them and its final figures for the HParams view
     (run,) = (out / "tensorboard").iterdir()
     assert run.name.startswith("000_nodes=2,trainer.epochs=2,trainer.max_steps=20")

@@ -185,17 +185,14 @@ def test_a_multi_node_job_on_sockets_is_flagged():
 
 
 @pytest.mark.e2e
-def test_a_two_rank_job_records_its_probe(tmp_path):
-    r = launch("nodes=2", "trainer.max_steps=8", "trainer.log_every=1000", "dataset.train_size=1024",
-               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    fabric = json.loads((tmp_path / "run/result.json").read_text())["fabric"]
+def test_a_two_rank_job_records_its_probe(tmp_path, profiled_run):
+    fabric = json.loads((profiled_run / "result.json").read_text())["fabric"]
     assert (fabric["backend"], fabric["world_size"], fabric["transport"]) == ("gloo", 2, "tcp")
     assert fabric["points"][-1]["bytes"] >= 407_080 and 0 < fabric["seconds"] < 10
     assert fabric["bandwidth_gb_s"] is None or fabric["bandwidth_gb_s"] > 0
     assert fabric["interface"] == "lo"  # gloo's, towards the local rendezvous address
     # what explains a slow rank: its machine (boot id), the CPUs it may run on and their NUMA nodes
-    ranks = json.loads((tmp_path / "run/result.json").read_text())["ranks"]
+    ranks = json.loads((profiled_run / "result.json").read_text())["ranks"]
     assert len({r["machine"] for r in ranks}) == 1 and all(r["cpus"] and r["cpu_numa_nodes"] for r in ranks)
     assert all(r["gpu_numa_node"] is None and r["binding"] is None for r in ranks)  # no GPU: nothing to bind to
     one = launch("trainer.max_steps=8", "trainer.log_every=1000", "dataset.train_size=1024",
