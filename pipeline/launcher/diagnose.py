@@ -64,9 +64,11 @@ class MemoryWatch:
         self._thread.join()
 
 
-def how_it_ended(returncode: int, memory: Memory | None, oom_killer_ran: bool, ended_at: float) -> str:
+def how_it_ended(returncode: int | None, memory: Memory | None, oom_killer_ran: bool, ended_at: float) -> str:
     """'exit code 1', 'killed by SIGSEGV', or for SIGKILL what points to the OOM killer (`ended_at`: when its
-    exit was seen, time.monotonic())."""
+    exit was seen, time.monotonic()); for one that has not exited even when killed, that."""
+    if returncode is None:
+        return "it did not exit, even when killed (a process the kernel cannot stop at once)"
     if returncode >= 0:
         return f"exit code {returncode}"
     try:

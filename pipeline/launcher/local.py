@@ -264,8 +264,14 @@ def first_failure(first_exit: Rank, ranks: list[Rank], point_dir: Path) -> Rank:
 
 
 def _stop(ranks: list[Rank]) -> None:
-    """Every rank and what it started (DataLoader workers), whether it exited or not."""
+    """Every rank and what it started (DataLoader workers), whether it exited or not; each rank's exit status known
+    when this returns (stop_sessions counts a zombie as gone before the thread that waits on it has reaped it)."""
     stop_sessions([r.proc for r in ranks])
+    for r in ranks:
+        try:
+            r.proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:  # a process the kernel cannot kill at once (waiting on a dead file server)
+            pass
 
 
 def _failure_message(rank: Rank, how: str, point_dir: Path, stopped: list[tuple[Rank, str]]) -> str:
