@@ -274,40 +274,58 @@ class Batches:
     the choice (NHWC images, cuDNN's timing of its algorithms, pinned memory, the next batch's copy ahead)."""
 
     def __init__(self, job: Job, data: Data, model: torch.nn.Module):
-        t, loader, cuda, train = job.run.trainer, job.run.loader, job.cuda, data.train_set
-        self.job = job
-        has_arrays = callable(getattr(train, "arrays", None))
-        if loader.kind == "memory" and not has_arrays:
-            raise ValueError(f"rank {job.rank}: loader.kind=memory needs a dataset that offers its split as arrays (an "
-                             f"arrays() method, as the built-in datasets have), and dataset._target_="
-                             f"{target_of(job.run.dataset)} does not; use loader.kind=dataloader or auto")
-        self.in_memory = has_arrays and loader.kind != "dataloader"
-        # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
-        images = np.ndim(data.items.split(train[0]).inputs) == 3
-        convolutional = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
-        # FSDP shards contiguous parameters only: NHWC is off under it (refused at launch when asked for)
-        auto = cuda and convolutional and job.run.parallel.kind == "ddp"
-        channels_last = images and (t.channels_last if t.channels_last is not None else auto)
-        # the batch shape is fixed (drop_last), so cuDNN's timing of its algorithms, once per shape, pays off
-        cudnn_benchmark = cuda and (t.cudnn_benchmark if t.cudnn_benchmark is not None else convolutional)
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        if self.in_memory:
-            held = [a for d in (train, data.test_set) if d is not None and hasattr(d, "arrays") for a in d.arrays()]
-            self.on_device = holds_on_device(t.data_on_device, sum(np.asarray(a).nbytes for a in held),
-                                             torch.cuda.mem_get_info(job.device)[0] if cuda else 0)
-            pinned = cuda and not self.on_device
-        else:
-            self.on_device, pinned = False, loader.pin_memory if loader.pin_memory is not None else cuda
+        t, loader, cuda = job.run.trainer, job.run.loader, job.cuda
+        self.job, self.train_set = job, data.train_set
+        self.in_memory = self._from_memory(data.train_set)
+        channels_last, cudnn_benchmark = self._layout(data, model)
+        self.on_device, pinned = self._placement(data)
         self.spec = BatchSpec(size=job.run.micro_batch, device=job.device, items=data.items,
                               channels_last=channels_last, pinned=pinned, collate_fn=data.collate_fn)
-        self.train = self.source(train, persistent=loader.persistent_workers)
+        self.train = self.source(data.train_set, persistent=loader.persistent_workers)
         if not self.in_memory:
             check_workers(loader, torch.get_num_threads(), job.rank)
         self.info = loader_info("memory" if self.in_memory else "dataloader", loader, pinned)
         prefetch = cuda and not self.on_device and (t.prefetch if t.prefetch is not None else True)
         self.fast_path = FastPath(data_on_device=self.on_device, channels_last=channels_last, compile=t.compile,
                                   pinned_memory=pinned, cudnn_benchmark=cudnn_benchmark, prefetch=prefetch)
-        self.sample_set = train
+
+    def _from_memory(self, train: Any) -> bool:
+        """Batches indexed from the split held in memory: when the dataset offers its arrays and loader.kind allows."""
+        kind, has_arrays = self.job.run.loader.kind, callable(getattr(train, "arrays", None))
+        if kind == "memory" and not has_arrays:
+            raise ValueError(f"rank {self.job.rank}: loader.kind=memory needs a dataset that offers its split as "
+                             "arrays (an arrays() method, as the built-in datasets have), and dataset._target_="
+                             f"{target_of(self.job.run.dataset)} does not; use loader.kind=dataloader or auto")
+        return has_arrays and kind != "dataloader"
+
+    def _layout(self, data: Data, model: torch.nn.Module) -> tuple[bool, bool]:
+        """(NHWC images, cuDNN's timing of its algorithms), each as trainer.* says or, when null, for a convolutional
+        model on CUDA; cuDNN is set so here."""
+        t, cuda = self.job.run.trainer, self.job.cuda
+        # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
+        images = np.ndim(data.items.split(data.train_set[0]).inputs) == 3
+        convolutional = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+        # FSDP shards contiguous parameters only: NHWC is off under it (refused at launch when asked for)
+        auto = cuda and convolutional and self.job.run.parallel.kind == "ddp"
+        channels_last = images and (t.channels_last if t.channels_last is not None else auto)
+        # the batch shape is fixed (drop_last), so cuDNN's timing of its algorithms, once per shape, pays off
+        cudnn_benchmark = cuda and (t.cudnn_benchmark if t.cudnn_benchmark is not None else convolutional)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        return channels_last, cudnn_benchmark
+
+    def _placement(self, data: Data) -> tuple[bool, bool]:
+        """(the splits held on the GPU, batches through pinned host memory): in memory, the splits go to the GPU when
+        they fit (trainer.data_on_device), else they come pinned; through the DataLoader, as loader.pin_memory says
+        (null: on a GPU)."""
+        job = self.job
+        if not self.in_memory:
+            pin = job.run.loader.pin_memory
+            return False, pin if pin is not None else job.cuda
+        held = [a for split in (data.train_set, data.test_set) if split is not None and hasattr(split, "arrays")
+                for a in split.arrays()]
+        on_device = holds_on_device(job.run.trainer.data_on_device, sum(np.asarray(a).nbytes for a in held),
+                                    torch.cuda.mem_get_info(job.device)[0] if job.cuda else 0)
+        return on_device, job.cuda and not on_device
 
     def source(self, dataset: Any, persistent: bool) -> InMemoryBatches | LoaderBatches:
         """A split's batches: in memory when the training's are and the split offers its arrays, else through the
@@ -323,13 +341,13 @@ class Batches:
 
     def sample(self, n: int = 2) -> Batch:
         """The first `n` training samples as a batch on the device, collated as the DataLoader would."""
-        items = [self.sample_set[i] for i in range(min(n, len(self.sample_set)))]
+        items = [self.train_set[i] for i in range(min(n, len(self.train_set)))]
         spec = self.spec
         return to_device(collate(items, spec.items, spec.collate_fn), spec.device, False, spec.memory_format)
 
     def tokens_per_sample(self) -> int | None:
         """A token model's tokens per sample: the input's length when inputs are integer token ids."""
-        x = torch.as_tensor(self.spec.items.split(self.sample_set[0]).inputs)
+        x = torch.as_tensor(self.spec.items.split(self.train_set[0]).inputs)
         return None if x.is_floating_point() or x.dim() != 1 else int(x.numel())
 
     def close(self) -> None:
