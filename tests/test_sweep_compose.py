@@ -1,6 +1,6 @@
 """A sweep point's config the quick way (pipeline/launcher/overrides.py: its changes set on the plain data of its group
-choice) is what composing it in full gives: for each sweep here, every point's plain config and folder (or its error,
-word for word) are compared both ways. In process, through Hydra's own sweeper and
+choice; its folder named by its number) is what composing it in full gives: for each sweep here, every point's plain
+config and folder (or its error, word for word) are compared both ways. In process, through Hydra's own sweeper and
 the sweep's Composer; no launch, no training."""
 
 import pytest
@@ -36,13 +36,14 @@ SWEEPS = [
     (("scheduler=warmup_cosine", "scheduler.then.eta_min=0.1,0.2", "~scheduler.then"), False),  # order matters
     (("trainer.seed=0,abc",), False),  # a bad type: the error names the key
     (("nodes=1,x", "trainer.nosuchkey=1,2"), False),
+    (("hydra.sweep.subdir=${hydra.job.override_dirname}", "trainer.seed=0,1"), False),  # the folder needs the node
 ]
 
 
 @pytest.fixture
 def sweep_points(monkeypatch):
     """sweep_points(*arguments, quick) -> each point's (config, folder) or error, as the Composer gives them with
-    the quick way on (quick=True) or off; and whether any point's config was composed in full."""
+    the quick way on (quick=True) or off; and whether any point's config or folder was composed in full."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
@@ -57,7 +58,9 @@ def sweep_points(monkeypatch):
             with monkeypatch.context() as m:
                 if not quick:
                     m.setattr(PlainBase, "apply", lambda self, changes: None)
+                    m.setattr(sweep, "numbered_in", lambda full: None)
                 m.setattr(sweep.Composer, "_in_full", spy(sweep.Composer._in_full, in_full))
+                m.setattr(sweep.Composer, "_point_dir", spy(sweep.Composer._point_dir, in_full, static=False))
                 composer = sweep.Composer(HydraContext(hydra.config_loader, None), master)
                 return [outcome(composer, i, job) for i, job in enumerate(jobs)], bool(in_full)
 
@@ -65,11 +68,11 @@ def sweep_points(monkeypatch):
     GlobalHydra.instance().clear()
 
 
-def spy(method, calls: list):
+def spy(method, calls: list, static: bool = True):
     def called(*args):
         calls.append(args)
         return method(*args)
-    return staticmethod(called)
+    return staticmethod(called) if static else called
 
 
 def outcome(composer: sweep.Composer, idx: int, overrides: list[str]):
