@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from pipeline.config import ConfigError, RunConfig, to_plain
+from pipeline.config import ConfigError, RunConfig
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env, sweep_threads
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
@@ -114,7 +114,7 @@ def claim_folders(points: list[PlannedPoint], sweep_dir: Path, held: contextlib.
             continue
         seen[p.point_dir] = p.index
         try:
-            claims[p.index] = claim(p.point_dir, to_plain(p.run), p.run.overwrite, key)
+            claims[p.index] = claim(p.point_dir, p.config, p.run.overwrite, key)
         except ConfigError as e:
             refused.append(str(e) if len(points) == 1 else f"point #{p.index}: {e}")
             continue
