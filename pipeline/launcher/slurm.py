@@ -159,10 +159,11 @@ def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple
     """Submit the points with one `sbatch` call: a job, or a job array with a task per point. Returns each
     point's Slurm job id ("123", or "123_4" for task 4 of array 123)."""
     executor, log_dir = _executor(group, sweep_dir, job_name, avoid)
+    if len(group) > 1:
+        log_dir.mkdir(parents=True, exist_ok=True)
     for task, p in enumerate(group):
         (p.point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
         if len(group) > 1:  # srun writes the task's logs through this link, into its own point's folder
-            log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / str(task)).symlink_to(os.path.relpath(p.point_dir / LOG_DIR, log_dir))
     with executor.batch():
         jobs = [executor.submit(TrainingJob(), str(p.point_dir)) for p in group]
