@@ -20,8 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from pipeline.config import ConfigError, RunConfig
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env, sweep_threads
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
+from pipeline.launcher.overlap import overlapped
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
-from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
+from pipeline.point import PlannedPoint, check_folder, freeze_point, git_info, prepare_run
 from pipeline.runlock import Claim, claim, exclusive
 from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, group_by_allocation, max_array_size, preflight,
                                      submit, write_dry_run)
@@ -68,12 +69,19 @@ def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
     ones here (run_local_points)."""
     with contextlib.ExitStack() as held:
         claims = claim_folders(points, sweep_dir, held)
-        frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind, claims[p.index].resumes) for p in points]
+        frozen = freeze_points(points, sweep_dir, claims)
         slurm = [p for p in points if p.run.cluster.kind == "slurm"]
         submit_points(slurm, sweep_dir)
         for p in slurm:
             claims[p.index].lock.release()  # the job's rank 0 takes it when the job starts (runlock.lock_for_job)
         run_local_points([(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"], claims)
+
+
+def freeze_points(points: list[PlannedPoint], sweep_dir: Path, claims: dict[int, Claim]) -> list[Point]:
+    """Every point's point.json, each written durably (fsynced, file and folder), several at once (overlapped: a
+    durable write mostly waits for the disk)."""
+    git_info()  # asked once, before the threads that all want it
+    return overlapped(lambda p: freeze_point(p, sweep_dir, p.run.cluster.kind, claims[p.index].resumes), points)
 
 
 def run_local_points(local: list[tuple[PlannedPoint, Point]], claims: dict[int, Claim]) -> None:
