@@ -5,10 +5,10 @@ after `slurm/local-cluster.sh up --nodes 4`), and how many times it calls sbatch
 
 Two sweeps, each launched `--repeats` times: `-m nodes=1,2,4` (3 points, 3 allocations) and
 `-m trainer.seed=range(SEEDS) nodes=1,2` (2 x SEEDS points, 2 allocations). The jobs are submitted to start an
-hour later (`sbatch --begin`) and cancelled at once, so nothing runs. Prints the median, min and max wall time
-from process start to exit, the median CPU time (user + system, the launch's and its sbatch calls': steadier than the
-wall time where other work shares the machine), and the sbatch calls of the last repeat (counted by a shim in front
-of sbatch).
+hour later (`sbatch --begin`) and cancelled at once, so nothing runs; the sweep folders go in a temporary folder
+(TMPDIR). Prints the median, min and max wall time from process start to exit, the median CPU time (user + system,
+the launch's and its sbatch calls': steadier than the wall time where other work shares the machine), and the sbatch
+calls of the last repeat (counted by a shim in front of sbatch).
 
 `--python` launches with other interpreters too (each the venv of another checkout, e.g. the code before a change),
 interleaved repeat by repeat with this one, so that the load of a shared machine falls on each alike.
@@ -44,18 +44,16 @@ def cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def launch(python: str, args: list[str], env: dict, folder: Path) -> tuple[float, float, list[str]]:
-    """(wall time, CPU time, the sbatch calls) of one launch."""
+def launch(python: str, args: list[str], env: dict, folder: Path, sweep: Path) -> tuple[float, float, list[str]]:
+    """(wall time, CPU time, the sbatch calls) of one launch into the new folder `sweep`."""
     (folder / "calls").unlink(missing_ok=True)
     t0, cpu0 = time.perf_counter(), cpu_of_children()
-    subprocess.run([python, "-m", "pipeline.launch", "-m", *args, "cluster=slurm", *HOLD,
-                    f"hydra.sweep.dir={folder / 'sweep'}"], check=True, cwd=folder, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([python, "-m", "pipeline.launch", "-m", *args, "cluster=slurm", *HOLD, f"hydra.sweep.dir={sweep}"],
+                   check=True, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     elapsed, cpu = time.perf_counter() - t0, cpu_of_children() - cpu0
-    manifest = json.loads((folder / "sweep/manifest.json").read_text())
+    manifest = json.loads((sweep / "manifest.json").read_text())
     jobs = {job["job_id"].split("_")[0] for point in manifest["points"].values() for job in point["jobs"]}
     subprocess.run(["scancel", *sorted(jobs)], check=False)  # the sweep's own jobs, nobody else's
-    shutil.rmtree(folder / "sweep")
     return elapsed, cpu, (folder / "calls").read_text().splitlines()
 
 
@@ -71,14 +69,18 @@ def main() -> None:
     sweeps = {"3 points (-m nodes=1,2,4)": ["nodes=1,2,4"],
               f"{2 * args.seeds} points (-m trainer.seed=range({args.seeds}) nodes=1,2)":
                   [f"trainer.seed=range({args.seeds})", "nodes=1,2"]}
-    pythons = [sys.executable, *args.python]
+    pythons, launches = [sys.executable, *args.python], 0
+    # every launch into a folder of its own, all removed at the end: ext4 makes a new file slow to create for a few
+    # seconds after thousands were deleted nearby (it skips their inodes), which a sweep removed between repeats
+    # would charge to the next launch
     with tempfile.TemporaryDirectory() as tmp:
         env = shim(Path(tmp))
         for name, sweep in sweeps.items():
             times, cpus, calls = {py: [] for py in pythons}, {py: [] for py in pythons}, {}
             for _ in range(args.repeats):
                 for py in pythons:
-                    elapsed, cpu, calls[py] = launch(py, sweep, env, Path(tmp))
+                    launches += 1
+                    elapsed, cpu, calls[py] = launch(py, sweep, env, Path(tmp), Path(tmp) / f"sweep-{launches}")
                     times[py].append(elapsed)
                     cpus[py].append(cpu)
             for py, t in times.items():
