@@ -93,6 +93,14 @@ def test_arrays_are_split_at_max_array_size(slurm, tmp_path):
     assert "_" not in job_ids(tmp_path / "sweep")[4][0]
 
 
+def test_single_points_go_as_plain_jobs_without_asking_the_array_limit(slurm, tmp_path):
+    r = slurm.run("-m", "nodes=1,2,4", "cluster=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert r.returncode == 0, r.stderr
+    # 3 allocations of a point each: no array, so no scontrol for MaxArraySize
+    assert len(slurm.submissions()) == 3 and len(slurm.calls("sbatch")) == 6 and slurm.calls("scontrol") == []
+    assert all("_" not in ids[0] for ids in job_ids(tmp_path / "sweep").values())
+
+
 def test_a_rejected_allocation_submits_nothing_unless_allow_partial(slurm, tmp_path):
     r = slurm.run("-m", "trainer.seed=0,1", "nodes=1,8", "cluster=slurm", f"hydra.sweep.dir={tmp_path / 'a'}")
     assert r.returncode == 2 and "nothing was launched" in r.stderr and "Requested node configuration" in r.stderr

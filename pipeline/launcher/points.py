@@ -24,8 +24,7 @@ from pipeline.launcher.overlap import overlapped
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
 from pipeline.point import PlannedPoint, check_folder, freeze_point, git_info, prepare_run
 from pipeline.runlock import Claim, claim, exclusive
-from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, group_by_allocation, max_array_size, preflight,
-                                     submit, write_dry_run)
+from pipeline.launcher.slurm import DEFAULT_MAX_ARRAY, allocation, group_by_allocation, preflight, submit, write_dry_run
 from pipeline.badnodes import bad_nodes_or_empty, read_bad_nodes
 from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
 
@@ -42,7 +41,7 @@ def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, 
     avoid = sweep_avoids(sweep_dir) if slurm else ()
     # the arrays as they will be submitted (split at MaxArraySize), each allocation asked about once, for its
     # first (largest) array
-    groups = group_by_allocation(slurm, max_array=max_array_size() if slurm else DEFAULT_MAX_ARRAY)
+    groups = group_by_allocation(slurm)
     first = {}  # allocation -> its first array
     for group in groups:
         first.setdefault(allocation(group[0].run), group)
@@ -159,7 +158,7 @@ def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int
         log.info("dry run, nothing submitted: %d point(s) would go as %s; its sbatch script: %s", len(group),
                  "one job" if len(group) == 1 else "one job array", script)
     real = [p for p in points if not p.run.dry_run]
-    groups = group_by_allocation(real, max_array=max_array_size() if real else DEFAULT_MAX_ARRAY)
+    groups = group_by_allocation(real)
     done, failed = [], []
     for group, outcome in zip(groups, overlapped(lambda group: submitted(group, sweep_dir, avoid), groups)):
         if isinstance(outcome, Exception):
