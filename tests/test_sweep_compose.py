@@ -43,17 +43,20 @@ SWEEPS = [
 @pytest.fixture
 def sweep_points(monkeypatch):
     """sweep_points(*arguments, quick) -> each point's (config, folder) or error, as the Composer gives them with
-    the quick way on (quick=True) or off; and whether any point's config or folder was composed in full."""
+    the quick way on (quick=True) or off; whether any point's config or folder was composed in full; and how many
+    configs the Composer had Hydra compose (beside the sweep's own, which Hydra composed before the sweep)."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
 
-        def points(*arguments: str, quick: bool) -> tuple[list, bool]:
+        def points(*arguments: str, quick: bool) -> tuple[list, bool, int]:
             if not any(a.startswith("hydra.sweep.dir=") for a in arguments):
                 arguments = (*arguments, "hydra.sweep.dir=sweeps")
             master = hydra.compose_config("config", list(arguments), run_mode=RunMode.MULTIRUN)
-            jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(list(arguments)), None)[0]
+            # as Hydra's multirun hands them to the sweeper: the task's overrides (Hydra's own are in every config)
+            task = list(master.hydra.overrides.task)
+            jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None)[0]
             in_full = []
             with monkeypatch.context() as m:
                 if not quick:
@@ -62,7 +65,8 @@ def sweep_points(monkeypatch):
                 m.setattr(sweep.Composer, "_in_full", spy(sweep.Composer._in_full, in_full))
                 m.setattr(sweep.Composer, "_point_dir", spy(sweep.Composer._point_dir, in_full, static=False))
                 composer = sweep.Composer(HydraContext(hydra.config_loader, None), master)
-                return [outcome(composer, i, job) for i, job in enumerate(jobs)], bool(in_full)
+                outcomes = [outcome(composer, i, job) for i, job in enumerate(jobs)]
+                return outcomes, bool(in_full), len(composer.composed)
 
         yield points
     GlobalHydra.instance().clear()
@@ -84,17 +88,26 @@ def outcome(composer: sweep.Composer, idx: int, overrides: list[str]):
 
 @pytest.mark.parametrize("arguments, all_quick", SWEEPS, ids=[" ".join(a) for a, _ in SWEEPS])
 def test_each_point_gets_the_config_composing_in_full_gives(sweep_points, arguments, all_quick):
-    quick, any_in_full = sweep_points(*arguments, quick=True)
-    full, _ = sweep_points(*arguments, quick=False)
+    quick, any_in_full, _ = sweep_points(*arguments, quick=True)
+    full, _, _ = sweep_points(*arguments, quick=False)
     assert quick == full
     assert any_in_full != all_quick
 
 
+def test_a_sweep_of_values_is_composed_once_by_hydra_alone(sweep_points):
+    """Every point's group choice and shared overrides are those Hydra composed the sweep's own config with."""
+    points, _, composed = sweep_points("cluster=slurm", "+cluster.sbatch_extra.begin=now+1hour", "nodes=1,2",
+                                       "trainer.seed=range(3)", quick=True)
+    assert len(points) == 6 and composed == 0
+    _, _, composed = sweep_points("model=mlp,cnn", "trainer.seed=0,1", quick=True)
+    assert composed == 2  # one for each model
+
+
 def test_an_interpolation_follows_the_key_it_reads(sweep_points):
-    points, _ = sweep_points(*GPT, "model.context_length=32,128", quick=True)
+    points, _, _ = sweep_points(*GPT, "model.context_length=32,128", quick=True)
     assert [config["dataset"]["seq_len"] for config, _ in points] == [32, 128]
 
 
 def test_a_bad_value_names_its_key(sweep_points):
-    points, _ = sweep_points("trainer.seed=0,abc", quick=True)
+    points, _, _ = sweep_points("trainer.seed=0,abc", quick=True)
     assert isinstance(points[0], tuple) and "trainer.seed=abc" in points[1]

@@ -83,15 +83,9 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
             wait_for_sweep(sweep_dir, resubmit_without_bad_nodes)
 
 
-@dataclass
-class GroupChoice:
-    """A choice of config groups, composed: the whole config (Hydra's node included), its task part, and the folder
-    every point's folder is in, named by the point's number, where that is all the folder depends on (None: each
-    point's folder is resolved in Hydra's node, set for the point)."""
-
-    full: DictConfig
-    task: DictConfig
-    numbered_in: Path | None
+def task_part(cfg: DictConfig) -> DictConfig:
+    """A composed config less Hydra's node."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 # interpolations that give every point of a sweep the same value (Hydra caches `now` for the launch)
@@ -124,8 +118,10 @@ class Composer:
         self.parser = OverridesParser.create(config_loader=self.loader)
         # the config groups: the top-level ones, and every group the defaults list chose from (nested ones too)
         self.groups = set(self.loader.list_groups("")) | set(master.hydra.runtime.choices)
-        self.composed: dict[tuple[str, ...], GroupChoice] = {}
+        self.composed: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
+        self.numbered: dict[tuple[str, ...], Path | None] = {}
         self.bases: dict[tuple[tuple[str, ...], tuple[str, ...]], PlainBase | None] = {}
+        self.fixed = self._fixed()
 
     def point(self, idx: int, overrides: list[str]) -> SweepPoint:
         cfg, point_dir, run, problem = None, None, None, None
@@ -144,22 +140,43 @@ class Composer:
         parsed = [self._parse(o) for o in overrides]
         choices = tuple(o.input_line for o in parsed if self._is_choice(o))
         values = [o for o in parsed if not self._is_choice(o)]
-        group = self._composed(choices)
         config = self._quickly(choices, values)
-        if config is not None and group.numbered_in is not None:
-            return config, check_folder("hydra.sweep.dir", (group.numbered_in / str(idx)).absolute())
-        point_dir = self._point_dir(group.full, idx, parsed)  # before _in_full, which may read the node
+        numbered = self._numbered_in(choices) if config is not None else None
+        if numbered is not None:
+            return config, check_folder("hydra.sweep.dir", (numbered / str(idx)).absolute())
+        full, task = self._composed(choices)
+        point_dir = self._point_dir(full, idx, parsed)  # before _in_full, which may read the node
         if config is None:
-            config = self._in_full(group.full, group.task, values)
+            config = self._in_full(full, task, values)
         return config, point_dir
 
-    def _composed(self, choices: tuple[str, ...]) -> GroupChoice:
+    def _composed(self, choices: tuple[str, ...]) -> tuple[DictConfig, DictConfig]:
+        """The config of a choice of groups (Hydra's node included), and its task part."""
         if choices not in self.composed:
             full = self.loader.load_sweep_config(self.master, list(choices))
             HydraConfig.instance().set_config(full)  # for ${hydra:...} resolvers in the points' configs
-            self.composed[choices] = GroupChoice(full, OmegaConf.masked_copy(full, [k for k in full if k != "hydra"]),
-                                                 numbered_in(full))
+            self.composed[choices] = (full, task_part(full))
         return self.composed[choices]
+
+    def _fixed(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(choices, other value overrides) of what every point is given as it is, not swept: the overrides Hydra
+        composed the sweep's own config with (`master`, its sweeps left out), written as the sweeper writes them into
+        each point's overrides. None where the sweeper may put them in another order (a key given twice)."""
+        given = [self._parse(o) for o in self.master.hydra.overrides.task]
+        if len({o.get_key_element() for o in given}) < len(given):
+            return None
+        fixed = [self._parse(f"{o.get_key_element()}={o.get_value_element_as_str()}")
+                 for o in given if not o.is_sweep_override()]
+        return (tuple(o.input_line for o in fixed if self._is_choice(o)),
+                tuple(o.input_line for o in fixed if not self._is_choice(o) and not is_plain_change(o)))
+
+    def _numbered_in(self, choices: tuple[str, ...]) -> Path | None:
+        """The folder of each point of this group choice when that is all its number makes it (numbered_in);
+        Hydra's node is the sweep's own where that is the same."""
+        if choices not in self.numbered:
+            fixed = self.fixed is not None and choices == self.fixed[0]
+            self.numbered[choices] = numbered_in(self.master if fixed else self._composed(choices)[0])
+        return self.numbered[choices]
 
     def _point_dir(self, full: DictConfig, idx: int, parsed: list[Override]) -> Path:
         """The point's folder, resolved in Hydra's node set for the point: what the folder name may use is its
@@ -185,12 +202,17 @@ class Composer:
             return None
         key = (choices, tuple(o.input_line for o in others))
         if key not in self.bases:
-            self.bases[key] = self._base(self._composed(choices).task, others)
+            self.bases[key] = self._base(key, others)
         return self.bases[key].apply(changes) if self.bases[key] else None
 
-    @staticmethod
-    def _base(task: DictConfig, others: list[Override]) -> PlainBase | None:
-        """The plain base of the points that share a group choice and these other value overrides."""
+    def _base(self, key: tuple[tuple[str, ...], tuple[str, ...]], others: list[Override]) -> PlainBase | None:
+        """The plain base of the points that share a group choice and these other value overrides: the sweep's own
+        config where these are the overrides it was composed with (Hydra composed it before the sweep: it applied
+        its plain changes too, which the points set again), else the group choice's with these applied."""
+        if key == self.fixed:
+            task = task_part(self.master)
+            return PlainBase.of(task, nodes=task)
+        task = self._composed(key[0])[1]
         if not others:
             return PlainBase.of(task, nodes=task)
         cfg = copy.deepcopy(task)
