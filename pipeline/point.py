@@ -38,6 +38,12 @@ class PlannedPoint:
     run: RunConfig
     point_dir: Path
 
+    @functools.cached_property
+    def config(self) -> dict:
+        """The run's config as plain data (to_plain): what point.json holds and what claiming the folder compares
+        with an earlier run's; made once (0.2 to 0.5 ms, dataclasses.asdict), not for each."""
+        return to_plain(self.run)
+
 
 def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     """Type and check one point's config, the built-in datasets' files included (constructing them checks their
@@ -77,9 +83,8 @@ def freeze_point(p: PlannedPoint, sweep_dir: Path, launch_mode: str, run_id: str
     new unless this point continues an earlier launch's run (`run_id`)."""
     point = Point(run_id=run_id or uuid.uuid4().hex, sweep_id=sweep_dir.name, point=p.index, overrides=p.overrides,
                   launch_mode=launch_mode, launched_at=utc_now(), launch_host=platform.node(), launch_argv=sys.argv,
-                  git=git_info(), config=to_plain(p.run), sweep_dir=str(sweep_dir))
-    p.point_dir.mkdir(parents=True, exist_ok=True)
-    point.write(p.point_dir)
+                  git=git_info(), config=p.config, sweep_dir=str(sweep_dir))
+    point.write(p.point_dir)  # into the folder its claim made
     return point
 
 
@@ -97,9 +102,9 @@ def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
     HydraConfig.instance().set_config(cfg)
     run = prepare_run(cfg)
     point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
-    folder = claim(point_dir, to_plain(run), run.overwrite, "hydra.run.dir")
+    planned = PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir)
+    folder = claim(point_dir, planned.config, run.overwrite, "hydra.run.dir")
     folder.prepare()
     keep_until_exit(folder.lock)  # this process (rank 0) runs the point: the folder is its until it exits
-    freeze_point(PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir), point_dir,
-                 launch_mode=launch_mode, run_id=folder.resumes)
+    freeze_point(planned, point_dir, launch_mode=launch_mode, run_id=folder.resumes)
     return point_dir

@@ -85,9 +85,20 @@ def test_arrays_are_split_at_max_array_size(slurm, tmp_path):
     r = slurm.run("-m", "trainer.seed=range(5)", "cluster=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                   extra_env={"FAKE_SLURM_MAX_ARRAY": "2"})
     assert r.returncode == 0, r.stderr
-    arrays = [re.search(r"--array=(\S+)", slurm.script(str(1000 + i))) for i in range(3)]
+    # the three submissions, made at once: their job ids in no particular order
+    arrays = sorted(str(a and a.group(1)) for a in (re.search(r"--array=(\S+)", slurm.script(str(1000 + i)))
+                                                    for i in range(3)))
     # 2 + 2 + 1: the last, a single point, a plain job
-    assert [a and a.group(1) for a in arrays] == ["0-1%2", "0-1%2", None] and len(slurm.submissions()) == 3
+    assert arrays == ["0-1%2", "0-1%2", "None"] and len(slurm.submissions()) == 3
+    assert "_" not in job_ids(tmp_path / "sweep")[4][0]
+
+
+def test_single_points_go_as_plain_jobs_without_asking_the_array_limit(slurm, tmp_path):
+    r = slurm.run("-m", "nodes=1,2,4", "cluster=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert r.returncode == 0, r.stderr
+    # 3 allocations of a point each: no array, so no scontrol for MaxArraySize
+    assert len(slurm.submissions()) == 3 and len(slurm.calls("sbatch")) == 6 and slurm.calls("scontrol") == []
+    assert all("_" not in ids[0] for ids in job_ids(tmp_path / "sweep").values())
 
 
 def test_a_rejected_allocation_submits_nothing_unless_allow_partial(slurm, tmp_path):

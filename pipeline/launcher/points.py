@@ -18,13 +18,13 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from pipeline.badnodes import bad_nodes_or_empty, read_bad_nodes
-from pipeline.config import ConfigError, RunConfig, to_plain
+from pipeline.config import ConfigError, RunConfig
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env, sweep_threads
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
-from pipeline.launcher.slurm import (DEFAULT_MAX_ARRAY, allocation, group_by_allocation, max_array_size, preflight,
-                                     submit, write_dry_run)
+from pipeline.launcher.overlap import overlapped
+from pipeline.launcher.slurm import DEFAULT_MAX_ARRAY, allocation, group_by_allocation, preflight, submit, write_dry_run
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
-from pipeline.point import PlannedPoint, check_folder, freeze_point, prepare_run
+from pipeline.point import PlannedPoint, check_folder, freeze_point, git_info, prepare_run
 from pipeline.result import diverged_at
 from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, rank_log_path
 from pipeline.runlock import Claim, claim, exclusive
@@ -36,20 +36,24 @@ RESUBMIT_LOCK = ".resubmit.lock"  # in the sweep folder
 
 def check_allocations(points: list[PlannedPoint], sweep_dir: Path) -> dict[int, str]:
     """Would Slurm accept them? One `sbatch --test-only` per distinct allocation (dry runs are not asked: they
-    also work where no cluster is reachable), kept off the nodes the sweep avoids. Returns the reason for each
-    point it would not."""
-    problems, asked = {}, {}
+    also work where no cluster is reachable), kept off the nodes the sweep avoids; the allocations are asked at
+    once (overlapped). Returns the reason for each point it would not."""
     slurm = [p for p in points if p.run.cluster.kind == "slurm" and not p.run.dry_run]
     avoid = sweep_avoids(sweep_dir) if slurm else ()
     # the arrays as they will be submitted (split at MaxArraySize), each allocation asked about once, for its
     # first (largest) array
-    for group in group_by_allocation(slurm, max_array=max_array_size() if slurm else DEFAULT_MAX_ARRAY):
-        key = allocation(group[0].run)
-        if key not in asked:
-            asked[key] = preflight(group, sweep_dir, "pipeline-preflight", avoid)
-            if asked[key] and avoid:
-                asked[key] += f" (the sweep leaves out {', '.join(avoid)}: {sweep_dir / BAD_NODES_NAME})"
-        problems.update({p.index: asked[key] for p in group if asked[key]})
+    groups = group_by_allocation(slurm)
+    first = {}  # allocation -> its first array
+    for group in groups:
+        first.setdefault(allocation(group[0].run), group)
+    answers = overlapped(lambda group: preflight(group, sweep_dir, "pipeline-preflight", avoid), first.values())
+    left_out = f" (the sweep leaves out {', '.join(avoid)}: {sweep_dir / BAD_NODES_NAME})" if avoid else ""
+    refusals = {key: answer + left_out for key, answer in zip(first, answers) if answer}
+    problems = {}
+    for group in groups:
+        refusal = refusals.get(allocation(group[0].run))
+        if refusal:
+            problems.update({p.index: refusal for p in group})
     return problems
 
 
@@ -69,12 +73,19 @@ def start(points: list[PlannedPoint], sweep_dir: Path) -> None:
     ones here (run_local_points)."""
     with contextlib.ExitStack() as held:
         claims = claim_folders(points, sweep_dir, held)
-        frozen = [freeze_point(p, sweep_dir, p.run.cluster.kind, claims[p.index].resumes) for p in points]
+        frozen = freeze_points(points, sweep_dir, claims)
         slurm = [p for p in points if p.run.cluster.kind == "slurm"]
         submit_points(slurm, sweep_dir)
         for p in slurm:
             claims[p.index].lock.release()  # the job's rank 0 takes it when the job starts (runlock.lock_for_job)
         run_local_points([(p, point) for p, point in zip(points, frozen) if p.run.cluster.kind == "local"], claims)
+
+
+def freeze_points(points: list[PlannedPoint], sweep_dir: Path, claims: dict[int, Claim]) -> list[Point]:
+    """Every point's point.json, each written durably (fsynced, file and folder), several at once (overlapped: a
+    durable write mostly waits for the disk)."""
+    git_info()  # asked once, before the threads that all want it
+    return overlapped(lambda p: freeze_point(p, sweep_dir, p.run.cluster.kind, claims[p.index].resumes), points)
 
 
 def run_local_points(local: list[tuple[PlannedPoint, Point]], claims: dict[int, Claim]) -> None:
@@ -115,7 +126,7 @@ def claim_folders(points: list[PlannedPoint], sweep_dir: Path, held: contextlib.
             continue
         seen[p.point_dir] = p.index
         try:
-            claims[p.index] = claim(p.point_dir, to_plain(p.run), p.run.overwrite, key)
+            claims[p.index] = claim(p.point_dir, p.config, p.run.overwrite, key)
         except ConfigError as e:
             refused.append(str(e) if len(points) == 1 else f"point #{p.index}: {e}")
             continue
@@ -139,7 +150,8 @@ def allow_open_files(locks: int) -> None:
 
 def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int, str]]:
     """Submit points (already frozen) with one `sbatch` per distinct allocation (split at the cluster's
-    MaxArraySize), adding each to the manifest; dry runs write the scripts instead. Returns (point, job id)."""
+    MaxArraySize; the allocations at once: overlapped), adding each to the manifest; dry runs write the scripts
+    instead. Returns (point, job id)."""
     avoid = sweep_avoids(sweep_dir) if points else ()
     dry = [p for p in points if p.run.dry_run]
     for group in group_by_allocation(dry, max_array=DEFAULT_MAX_ARRAY):
@@ -147,18 +159,32 @@ def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int
         log.info("dry run, nothing submitted: %d point(s) would go as %s; its sbatch script: %s", len(group),
                  "one job" if len(group) == 1 else "one job array", script)
     real = [p for p in points if not p.run.dry_run]
-    done = []
-    for group in group_by_allocation(real, max_array=max_array_size() if real else DEFAULT_MAX_ARRAY):
-        job_ids = submit(group, sweep_dir, job_name(sweep_dir, group), avoid)
+    groups = group_by_allocation(real)
+    done, failed = [], []
+    for group, outcome in zip(groups, overlapped(lambda group: submitted(group, sweep_dir, avoid), groups)):
+        if isinstance(outcome, Exception):
+            failed.append(outcome)
+            continue
         r = group[0].run
         left_out = sorted({*r.cluster.exclude, *avoid})
         add_submissions(sweep_dir, [(p.index, p.point_dir, p.overrides, p.run.nodes, job)
-                                    for p, job in zip(group, job_ids)], left_out)
+                                    for p, job in zip(group, outcome)], left_out)
         log.info("%d point(s) submitted as %s %s (%d node(s) x %d task(s) each%s)", len(group),
-                 "Slurm job" if len(group) == 1 else "Slurm job array", job_ids[0].split("_")[0], r.nodes,
+                 "Slurm job" if len(group) == 1 else "Slurm job array", outcome[0].split("_")[0], r.nodes,
                  r.cluster.tasks_per_node, f", leaving out {', '.join(left_out)}" if left_out else "")
-        done += [(p.index, job) for p, job in zip(group, job_ids)]
+        done += [(p.index, job) for p, job in zip(group, outcome)]
+    if failed:
+        raise failed[0]
     return done
+
+
+def submitted(group: list[PlannedPoint], sweep_dir: Path, avoid: tuple[str, ...]) -> list[str] | Exception:
+    """The group's job ids, or the error that stopped its submission, raised once the other groups' submissions
+    (made at the same time) are in the manifest."""
+    try:
+        return submit(group, sweep_dir, job_name(sweep_dir, group), avoid)
+    except Exception as e:
+        return e
 
 
 def job_name(sweep_dir: Path, group: list[PlannedPoint]) -> str:

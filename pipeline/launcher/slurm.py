@@ -82,19 +82,22 @@ def allocation(run: RunConfig, avoid: tuple[str, ...] = ()) -> str:
     return json.dumps(sbatch_parameters(run, job_name="", log_dir=Path(), avoid=avoid), sort_keys=True, default=str)
 
 
-def group_by_allocation(points: list[SlurmPoint], max_array: int) -> list[list[SlurmPoint]]:
-    """Points with identical allocations together, in sweep order, at most `max_array` to a group (the nodes a
-    sweep avoids are the same for all of its points, so they split no group)."""
+def group_by_allocation(points: list[SlurmPoint], max_array: int | None = None) -> list[list[SlurmPoint]]:
+    """Points with identical allocations together, in sweep order, at most `max_array` to a group (None: the
+    cluster's MaxArraySize, asked only where some allocation has several points; one point alone is a plain job,
+    whatever the size). The nodes a sweep avoids are the same for all of its points, so they split no group."""
     groups: dict[str, list[SlurmPoint]] = {}
     for p in points:
         groups.setdefault(allocation(p.run), []).append(p)
+    if max_array is None:
+        max_array = max_array_size() if any(len(g) > 1 for g in groups.values()) else DEFAULT_MAX_ARRAY
     return [g[i:i + max_array] for g in groups.values() for i in range(0, len(g), max_array)]
 
 
 @functools.cache
 def max_array_size() -> int:
     """The cluster's MaxArraySize (task ids run 0 .. MaxArraySize - 1); Slurm's default where it cannot say. Asked
-    once per launch: the preflight and the submission split arrays alike."""
+    at most once per launch: the preflight and the submission split arrays alike."""
     try:
         out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -159,10 +162,11 @@ def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple
     """Submit the points with one `sbatch` call: a job, or a job array with a task per point. Returns each
     point's Slurm job id ("123", or "123_4" for task 4 of array 123)."""
     executor, log_dir = _executor(group, sweep_dir, job_name, avoid)
+    if len(group) > 1:
+        log_dir.mkdir(parents=True, exist_ok=True)
     for task, p in enumerate(group):
         (p.point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
         if len(group) > 1:  # srun writes the task's logs through this link, into its own point's folder
-            log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / str(task)).symlink_to(os.path.relpath(p.point_dir / LOG_DIR, log_dir))
     with executor.batch():
         jobs = [executor.submit(TrainingJob(), str(p.point_dir)) for p in group]

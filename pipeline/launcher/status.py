@@ -12,7 +12,6 @@ from typing import Callable
 from pathlib import Path
 
 from pipeline.badnodes import read_bad_nodes
-from pipeline.collector.records import Diverged, Problem, read_record
 from pipeline.launcher.logs import first_failed_log
 from pipeline.launcher.manifest import read_manifest
 from pipeline.rundir import BAD_NODES_NAME, RECORD_NAME, BadNodes, ManifestPoint, Point, Progress
@@ -90,6 +89,10 @@ def expand_job_ids(job: str) -> list[str]:
 def record_state(folder: Path) -> tuple[str | None, str]:
     """What a point's record says, and why: (None, "") without one; "completed", "diverged" (with its reason) or
     "bad record" (with what is wrong with it)."""
+    # imported here: the collector's reader brings numpy (pipeline.allreduce), which a launch imports this module
+    # without needing, unless a built-in dataset's check brings it
+    from pipeline.collector.records import Diverged, Problem, read_record
+
     path = folder / RECORD_NAME
     if not (path.exists() or path.is_symlink()):
         return None, ""

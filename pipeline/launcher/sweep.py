@@ -8,8 +8,10 @@ launch returns once they all are, or waits with `wait=true`), local points run h
 options are read from each point's own config, so `-m cluster=local,slurm` does what it says.
 
 Composition is what a large sweep costs: Hydra composes a config in about 80 ms. Here Hydra composes once per
-distinct choice of config groups, and each point's value overrides (`trainer.seed=7`) are applied to a copy, as
-Hydra itself applies them once it has composed, so a 1,000-point sweep of seeds takes about a second to compose.
+distinct choice of config groups; a point's value overrides that change a leaf (`trainer.seed=7`) are set on the
+plain data of that composition (pipeline/launcher/overrides.py: tens of microseconds a point), the others applied to
+a copy, as Hydra itself applies them once it has composed (milliseconds a point). A point's folder is the sweep's
+folder and its number (hydra.sweep.subdir's default), or else is resolved in Hydra's node, set for the point.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copy
 from collections import Counter
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pipeline.config import ConfigError, RunConfig, plain_config
 from pipeline.launcher.errors import exit_on_config_error, one_line, reported
 from pipeline.launcher.manifest import add_skipped
+from pipeline.launcher.overrides import PlainBase, commute, is_plain_change
 from pipeline.launcher.points import check_allocations, resubmit_without_bad_nodes, start
 from pipeline.point import PlannedPoint, check_folder, prepare_run
 from pipeline.launcher.status import wait_for_sweep
@@ -79,11 +83,35 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
             wait_for_sweep(sweep_dir, resubmit_without_bad_nodes)
 
 
+def task_part(cfg: DictConfig) -> DictConfig:
+    """A composed config less Hydra's node."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+# interpolations that give every point of a sweep the same value (Hydra caches `now` for the launch)
+_SAME_FOR_EVERY_POINT = re.compile(r"\$\{(?:now|oc\.env):[^${}\\]*\}")
+
+
+def numbered_in(full: DictConfig) -> Path | None:
+    """hydra.sweep.dir, resolved, when the point's folder is that and the point's number: hydra.sweep.subdir is
+    `${hydra.job.num}` (Hydra's default) and hydra.sweep.dir the same for every point (no interpolation but
+    ${now:...} and ${oc.env:...})."""
+    raw = OmegaConf.to_container(full.hydra.sweep, resolve=False)
+    if raw.get("subdir") != "${hydra.job.num}" or "${" in _SAME_FOR_EVERY_POINT.sub("", str(raw.get("dir"))):
+        return None
+    try:
+        return Path(str(full.hydra.sweep.dir))
+    except Exception:  # (an unset variable) each point's folder is resolved, and its error said, as without this
+        return None
+
+
 class Composer:
     """Each point's config, typed and checked. Hydra composes once per distinct choice of config groups (and of
-    Hydra's own settings); a point's value overrides are then applied to a copy of that config's task part, as
-    Hydra applies them after composing (ConfigLoaderImpl._apply_overrides_to_config: the same code, the same
-    errors). A point whose config reaches into Hydra's node (an interpolation of hydra.*) is composed in full."""
+    Hydra's own settings). A point's value overrides then go the quick way where they can (overrides.PlainBase: set
+    on the plain data of its group choice, resolved once), else they are applied to a copy of that config's task
+    part, as Hydra applies them after composing (ConfigLoaderImpl._apply_overrides_to_config: the same code, the
+    same errors). A point whose config reaches into Hydra's node (an interpolation of hydra.*) is composed in
+    full."""
 
     def __init__(self, hydra_context: HydraContext, master: DictConfig):
         self.loader, self.master = hydra_context.config_loader, master
@@ -91,6 +119,9 @@ class Composer:
         # the config groups: the top-level ones, and every group the defaults list chose from (nested ones too)
         self.groups = set(self.loader.list_groups("")) | set(master.hydra.runtime.choices)
         self.composed: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
+        self.numbered: dict[tuple[str, ...], Path | None] = {}
+        self.bases: dict[tuple[tuple[str, ...], tuple[str, ...]], PlainBase | None] = {}
+        self.fixed = self._fixed()
 
     def point(self, idx: int, overrides: list[str]) -> SweepPoint:
         cfg, point_dir, run, problem = None, None, None, None
@@ -109,12 +140,47 @@ class Composer:
         parsed = [self._parse(o) for o in overrides]
         choices = tuple(o.input_line for o in parsed if self._is_choice(o))
         values = [o for o in parsed if not self._is_choice(o)]
+        config = self._quickly(choices, values)
+        numbered = self._numbered_in(choices) if config is not None else None
+        if numbered is not None:
+            return config, check_folder("hydra.sweep.dir", (numbered / str(idx)).absolute())
+        full, task = self._composed(choices)
+        point_dir = self._point_dir(full, idx, parsed)  # before _in_full, which may read the node
+        if config is None:
+            config = self._in_full(full, task, values)
+        return config, point_dir
+
+    def _composed(self, choices: tuple[str, ...]) -> tuple[DictConfig, DictConfig]:
+        """The config of a choice of groups (Hydra's node included), and its task part."""
         if choices not in self.composed:
             full = self.loader.load_sweep_config(self.master, list(choices))
             HydraConfig.instance().set_config(full)  # for ${hydra:...} resolvers in the points' configs
-            self.composed[choices] = (full, OmegaConf.masked_copy(full, [k for k in full if k != "hydra"]))
-        full, task = self.composed[choices]
-        # what the point's folder name may use: its number and overrides (HydraConfig leaves the node read-only)
+            self.composed[choices] = (full, task_part(full))
+        return self.composed[choices]
+
+    def _fixed(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(choices, other value overrides) of what every point is given as it is, not swept: the overrides Hydra
+        composed the sweep's own config with (`master`, its sweeps left out), written as the sweeper writes them into
+        each point's overrides. None where the sweeper may put them in another order (a key given twice)."""
+        given = [self._parse(o) for o in self.master.hydra.overrides.task]
+        if len({o.get_key_element() for o in given}) < len(given):
+            return None
+        fixed = [self._parse(f"{o.get_key_element()}={o.get_value_element_as_str()}")
+                 for o in given if not o.is_sweep_override()]
+        return (tuple(o.input_line for o in fixed if self._is_choice(o)),
+                tuple(o.input_line for o in fixed if not self._is_choice(o) and not is_plain_change(o)))
+
+    def _numbered_in(self, choices: tuple[str, ...]) -> Path | None:
+        """The folder of each point of this group choice when that is all its number makes it (numbered_in);
+        Hydra's node is the sweep's own where that is the same."""
+        if choices not in self.numbered:
+            fixed = self.fixed is not None and choices == self.fixed[0]
+            self.numbered[choices] = numbered_in(self.master if fixed else self._composed(choices)[0])
+        return self.numbered[choices]
+
+    def _point_dir(self, full: DictConfig, idx: int, parsed: list[Override]) -> Path:
+        """The point's folder, resolved in Hydra's node set for the point: what the folder name may use is its
+        number and overrides (HydraConfig leaves the node read-only). 1 to 2 ms a point."""
         with read_write(full.hydra), open_dict(full.hydra):
             full.hydra.job.num = full.hydra.job.id = idx
             full.hydra.overrides.task = [o.input_line for o in parsed]
@@ -122,16 +188,52 @@ class Composer:
                 overrides=parsed, kv_sep=full.hydra.job.config.override_dirname.kv_sep,
                 item_sep=full.hydra.job.config.override_dirname.item_sep,
                 exclude_keys=full.hydra.job.config.override_dirname.exclude_keys)
-        point_dir = check_folder("hydra.sweep.dir",
-                                 (Path(str(full.hydra.sweep.dir)) / str(full.hydra.sweep.subdir)).absolute())
+        return check_folder("hydra.sweep.dir",
+                            (Path(str(full.hydra.sweep.dir)) / str(full.hydra.sweep.subdir)).absolute())
+
+    def _quickly(self, choices: tuple[str, ...], values: list[Override]) -> dict | None:
+        """The point's config with its plain changes set on plain data (overrides.PlainBase), after its other value
+        overrides (+key, ~key, ...), which points often share (`+cluster.sbatch_extra.begin=...` on every point) and
+        are applied once for all of them; None where this is not certain to give what _in_full gives."""
+        changes, others = [], []
+        for o in values:
+            (changes if is_plain_change(o) else others).append(o)
+        if not commute(changes, others):
+            return None
+        key = (choices, tuple(o.input_line for o in others))
+        if key not in self.bases:
+            self.bases[key] = self._base(key, others)
+        return self.bases[key].apply(changes) if self.bases[key] else None
+
+    def _base(self, key: tuple[tuple[str, ...], tuple[str, ...]], others: list[Override]) -> PlainBase | None:
+        """The plain base of the points that share a group choice and these other value overrides: the sweep's own
+        config where these are the overrides it was composed with (Hydra composed it before the sweep: it applied
+        its plain changes too, which the points set again), else the group choice's with these applied."""
+        if key == self.fixed:
+            task = task_part(self.master)
+            return PlainBase.of(task, nodes=task)
+        task = self._composed(key[0])[1]
+        if not others:
+            return PlainBase.of(task, nodes=task)
+        cfg = copy.deepcopy(task)
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(others, cfg)
+        except Exception:  # said by _in_full, which the point is composed with
+            return None
+        return PlainBase.of(cfg, nodes=task)
+
+    @staticmethod
+    def _in_full(full: DictConfig, task: DictConfig, values: list[Override]) -> dict:
+        """The point's config the slow way: its value overrides applied to a copy of the task part, or of the whole
+        config where the task part cannot be resolved alone."""
         cfg = copy.deepcopy(task)
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         try:
-            return plain_config(cfg), point_dir
+            return plain_config(cfg)
         except ConfigError:  # an interpolation into hydra.*, which the task part lacks: the point in full
             cfg = copy.deepcopy(full)
             ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-            return plain_config(cfg), point_dir
+            return plain_config(cfg)
 
     @functools.lru_cache(maxsize=None)
     def _parse(self, override: str) -> Override:

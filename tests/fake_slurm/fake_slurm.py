@@ -8,6 +8,8 @@ the states it wants with `set_state` and reads the scripts sbatch was given.
     FAKE_SLURM_MAX_ARRAY      scontrol show config's MaxArraySize (default 1001)
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -26,6 +28,17 @@ def save(state: dict) -> None:
     tmp = _state().with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, _state())
+
+
+@contextlib.contextmanager
+def changing():
+    """The state, read and written back with no other change in between: a launch submits its arrays at once, and
+    slurmctld takes one submission at a time."""
+    with open(_state().with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = load()
+        yield state
+        save(state)
 
 
 def option(script: str, name: str) -> str | None:
@@ -47,7 +60,6 @@ def tasks_of(spec: str | None) -> list[int]:
 def sbatch(args: list[str]) -> int:
     script_path = args[-1]
     script = Path(script_path).read_text()
-    state = load()
     nodes = int(option(script, "nodes") or 1)
     excluded = [n for n in (option(script, "exclude") or "").split(",") if n]
     if "--test-only" in args:
@@ -58,11 +70,11 @@ def sbatch(args: list[str]) -> int:
         print("sbatch: Job 99999 to start at 2026-01-01T00:00:00 using 1 processors on nodes node1",
               file=sys.stderr)
         return 0
-    job_id = str(state["next_id"])
-    state["next_id"] += 1
-    state["jobs"][job_id] = {"script": script, "nodes": nodes,
-                             "tasks": {str(t): ["PENDING"] for t in tasks_of(option(script, "array"))}}
-    save(state)
+    with changing() as state:
+        job_id = str(state["next_id"])
+        state["next_id"] += 1
+        state["jobs"][job_id] = {"script": script, "nodes": nodes,
+                                 "tasks": {str(t): ["PENDING"] for t in tasks_of(option(script, "array"))}}
     print(job_id if "--parsable" in args else f"Submitted batch job {job_id}")
     return 0
 
@@ -110,10 +122,9 @@ def scontrol(args: list[str]) -> int:
 
 def set_state(job_id: str, *history: str) -> None:
     """For tests: `job_id` ("123" or "123_4") went through these states, the current one last."""
-    state = load()
     base, _, task = job_id.partition("_")
-    state["jobs"][base]["tasks"][task or "None"] = list(history)
-    save(state)
+    with changing() as state:
+        state["jobs"][base]["tasks"][task or "None"] = list(history)
 
 
 def install(bin_dir: Path, state: Path, calls: Path) -> dict:
