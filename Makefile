@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m pipeline.launch $(ARGS)
 
+# the suite on PYTEST_WORKERS xdist workers (each file's tests on one; tests/conftest.py), then the few tests that
+# measure the machine, alone (pytest's exit status 5: PYTEST_ARGS chose none of a phase's tests)
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not alone" --durations=20 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m alone --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # the fast tier, for iterating: the tests that start no process of the pipeline and no cluster (tests/conftest.py)
 test-fast: install

@@ -43,12 +43,25 @@ def main(cfg: DictConfig) -> None:
         wait_for_sweep(folder, resubmit_without_bad_nodes)
 
 
+def mode_from_the_command_line(argv: list[str]) -> None:
+    """A sweep asked for on the command line (-m, --multirun) is one whatever the config's hydra.mode says (Hydra's
+    _run_app makes it one), yet Hydra composes the whole config a first time only to read that key (Hydra.get_mode:
+    a fifth of a 3-point launch). Asked for with -m, the key is not read; without, Hydra reads it as it does.
+    Hydra's internals: hydra-core is pinned to 1.3 (pyproject.toml), and tests/test_pins.py fails if they change."""
+    if "-m" in argv or "--multirun" in argv:
+        from hydra._internal.hydra import Hydra
+
+        Hydra.get_mode = lambda self, config_name, overrides: None
+
+
 def cli() -> None:
     """The `pipeline-launch` command: the same, its ranks started once this module is imported."""
     signals.install()
     prestart(sys.argv[1:])
+    mode_from_the_command_line(sys.argv[1:])
     run_reporting(main)
 
 
 if __name__ == "__main__":
+    mode_from_the_command_line(sys.argv[1:])
     run_reporting(main)

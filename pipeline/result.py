@@ -10,32 +10,10 @@ Imports no torch: the collector runs on login nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from pipeline.rundir import RECORD_NAME, BadNodeEntry, GitInfo, JsonFile, parse_json, read_small
-from pipeline.typed import SCHEMA_VERSION, SchemaError, flat
-
-
-RECORD_STATUSES = ("completed", "diverged")
-
-
-def record_status(data: Any) -> str:
-    """A record's `status`, read from its raw JSON before it is typed (a diverged run's record may lack figures
-    a completed one has): "completed" or "diverged"; records from before the field existed are completed ones."""
-    status = data.get("status", "completed") if type(data) is dict else "completed"
-    if status not in RECORD_STATUSES:
-        raise SchemaError(f"expected one of {', '.join(RECORD_STATUSES)}, got {status!r}", ["status"])
-    return status
-
-
-def diverged_at(point_dir: Path) -> int | None:
-    """The step a point's run diverged at, when its record says it did; None otherwise (or without a record)."""
-    try:
-        data = parse_json(read_small(Path(point_dir) / RECORD_NAME))
-        return data.get("diverged_at_step", -1) if record_status(data) == "diverged" else None
-    except (OSError, ValueError):
-        return None
+from pipeline.rundir import RECORD_NAME, BadNodeEntry, GitInfo, JsonFile
+from pipeline.typed import SCHEMA_VERSION, flat
 
 
 

@@ -221,6 +221,29 @@ def parse_json(raw: bytes) -> Any:
                           path) from None
 
 
+# The record's status, read from its raw JSON by those that need no more of it (the launcher, status): its types are
+# pipeline.result's.
+RECORD_STATUSES = ("completed", "diverged")
+
+
+def record_status(data: Any) -> str:
+    """A record's `status`, read from its raw JSON before it is typed (a diverged run's record may lack figures
+    a completed one has): "completed" or "diverged"; records from before the field existed are completed ones."""
+    status = data.get("status", "completed") if type(data) is dict else "completed"
+    if status not in RECORD_STATUSES:
+        raise SchemaError(f"expected one of {', '.join(RECORD_STATUSES)}, got {status!r}", ["status"])
+    return status
+
+
+def diverged_at(point_dir: Path) -> int | None:
+    """The step a point's run diverged at, when its record says it did; None otherwise (or without a record)."""
+    try:
+        data = parse_json(read_small(Path(point_dir) / RECORD_NAME))
+        return data.get("diverged_at_step", -1) if record_status(data) == "diverged" else None
+    except (OSError, ValueError):
+        return None
+
+
 # -------------------------------------------------------------------------------------------- the files
 @dataclass(frozen=True)
 class GitInfo:

@@ -19,16 +19,14 @@ CONF = REPO / "conf"
 GOLDEN = REPO / "tests" / "golden"  # files written by real runs, which the current readers must keep reading
 
 # ----------------------------------------------------------------------------------------------------- tiers
-# `make test` runs every test; `make test-fast` those of none of these tiers (pyproject.toml names them): no
-# process of the pipeline, no cluster, no GPU. A test is marked where it says so (a module's pytestmark, a
-# decorator) and where it can be told: one that uses the Slurm cluster needs Slurm, and Slurm, a benchmark or the
-# wheel's install start processes too (e2e). A test of the fast tier slower than FAST_LIMIT_S fails, saying so: it
-# is to be made faster, or marked.
+# `make test-fast` runs the tests of none of these tiers (pyproject.toml names them): no process of the pipeline, no
+# cluster, no GPU. A test is marked where it says so (a module's pytestmark, a decorator) and where it can be told:
+# one that uses the Slurm cluster needs Slurm, and Slurm, a benchmark, the wheel's install or a shared run start
+# processes too (e2e). Run on its own (no xdist worker beside it), a test of the fast tier slower than FAST_LIMIT_S
+# fails, saying so: it is to be made faster, or marked.
 SLOW_TIERS = ("e2e", "slurm", "gpu", "bench", "install")
 FAST_LIMIT_S = 5.0
 SETUP_S = pytest.StashKey[float]()  # a test's fixtures' set-up time, which counts with its own
-
-
 RUN_FIXTURES = {"profiled_run"}  # runs of the pipeline that several tests read
 
 
@@ -36,9 +34,14 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "slurm_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.slurm)
-        if RUN_FIXTURES & set(item.fixturenames) or any(item.get_closest_marker(tier)
-                                                         for tier in ("slurm", "bench", "install")):
+        shared = RUN_FIXTURES & set(item.fixturenames)
+        if shared or any(item.get_closest_marker(tier) for tier in ("slurm", "bench", "install")):
             item.add_marker(pytest.mark.e2e)
+        # `make test` runs the suite on two xdist workers (--dist loadgroup): a file's tests on one worker, so that its
+        # module's fixtures are made once; the Slurm tests on one (they share the cluster); the readers of a shared
+        # run on one
+        group = "slurm" if item.get_closest_marker("slurm") else min(shared) if shared else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -46,14 +49,14 @@ def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     if report.when == "setup":
         item.stash[SETUP_S] = report.duration
-    elif report.when == "call" and report.passed and not any(item.get_closest_marker(t) for t in SLOW_TIERS):
+    elif report.when == "call" and report.passed and not os.environ.get("PYTEST_XDIST_WORKER") and \
+            not any(item.get_closest_marker(t) for t in SLOW_TIERS):
         took = item.stash.get(SETUP_S, 0.0) + report.duration
         if took > FAST_LIMIT_S:
             report.outcome = "failed"
             report.longrepr = (f"{item.nodeid} took {took:.1f} s, and a test of the fast tier (none of the markers "
                                f"{', '.join(SLOW_TIERS)}) takes at most {FAST_LIMIT_S:.0f} s: make it faster, or mark "
                                "it (e2e when it starts processes of the pipeline)")
-
 
 
 # ------------------------------------------------------------------------------------------- shared runs

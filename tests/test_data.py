@@ -42,7 +42,8 @@ def test_cifar10_reads_python_pickles(tmp_path):
     x, y = CIFAR10(str(tmp_path)).arrays()
     assert x.shape == (10, 3, 32, 32) and x.dtype == np.float32
     np.testing.assert_array_equal(y, train[1])
-    np.testing.assert_allclose(x, (train[0] / 255.0 - CIFAR10.mean) / CIFAR10.std, rtol=1e-5)
+    mean, std = (np.asarray(v, dtype=np.float32).reshape(1, 3, 1, 1) for v in (CIFAR10.mean, CIFAR10.std))
+    np.testing.assert_allclose(x, (train[0] / 255.0 - mean) / std, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls, name", [(MNIST, "MNIST"), (CIFAR10, "CIFAR-10")])

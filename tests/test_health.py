@@ -115,6 +115,7 @@ def run_launch(tmp_path, env, *args):
 
 
 @pytest.mark.e2e
+@pytest.mark.alone  # every other node must measure clean: no test beside it
 def test_a_rank_that_raises_in_the_check_is_named_and_each_policy_acts(tmp_path):
     """warn: the record names local2 and training goes on; fail: the run stops before training, exit 1, naming
     local2 and why (the ranks exit 3)."""
@@ -138,6 +139,7 @@ def test_a_rank_that_raises_in_the_check_is_named_and_each_policy_acts(tmp_path)
 
 
 @pytest.mark.e2e
+@pytest.mark.alone  # every other node must measure clean: no test beside it
 def test_exclude_in_local_mode_runs_the_point_again_and_its_record_says_why(tmp_path):
     """Local debug mode cannot leave a simulated node out (they are all this machine): under exclude the point
     runs again, said; here the fault happens once, so the second run trains, and its record names the first."""

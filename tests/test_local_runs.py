@@ -72,7 +72,7 @@ def test_ranks_leave_together_without_an_abort(tmp_path):
     for attempt in range(3):
         out = tmp_path / f"run{attempt}"
         r = launch("nodes=2", "cluster.tasks_per_node=2", "trainer.max_steps=4", "trainer.warmup_steps=1",
-                   "probe.enabled=false", *FAST, f"hydra.run.dir={out}", cwd=tmp_path)
+                   "probe.enabled=false", "health.enabled=false", *FAST, f"hydra.run.dir={out}", cwd=tmp_path)
         logs = "".join(p.read_text() for p in (out / "logs").glob("node*-rank*.log"))
         assert r.returncode == 0 and "terminate called" not in logs + r.stderr, r.stderr + logs
         assert not list((out / "logs").glob("*.failed.json"))
@@ -81,8 +81,7 @@ def test_ranks_leave_together_without_an_abort(tmp_path):
 def test_strong_scaling_one_and_four_ranks_agree(tmp_path):
     """Same seed, same global batch: 1 rank and 4 ranks take the same SGD steps up to float summation order."""
     common = ["trainer.scaling=strong", "trainer.global_batch_size=128", "trainer.epochs=2", "trainer.max_steps=24",
-              "model.dropout=0",
-              *FAST]
+              "model.dropout=0", "health.enabled=false", *FAST]
     outs = {}
     for nodes, tpn in [(1, 1), (2, 2)]:
         outs[nodes] = tmp_path / f"n{nodes}"

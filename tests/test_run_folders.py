@@ -14,7 +14,8 @@ from tests.conftest import launch, start_launch, wait_for_step
 
 pytestmark = pytest.mark.e2e
 
-SMALL = ["trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=256"]
+# (the nodes' health check, tests/test_health.py's subject, left out of these multi-node runs: 2 s each)
+SMALL = ["trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=256", "health.enabled=false"]
 
 
 def test_a_second_launch_into_a_folder_in_use_is_refused_and_the_first_keeps_its_run(tmp_path):

@@ -11,7 +11,9 @@ from tests.conftest import live_in_group, start_launch, wait_for_step
 
 pytestmark = pytest.mark.e2e
 
-TRAIN = ["nodes=2", "trainer.epochs=500", "trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=256"]
+# (the nodes' health check, tests/test_health.py's subject, left out of these multi-node runs: 2 s each)
+TRAIN = ["nodes=2", "trainer.epochs=500", "trainer.log_every=10", "dataset.train_size=2048", "dataset.test_size=256",
+         "health.enabled=false"]
 
 
 def assert_nothing_left(pids: list[int], within_s: float) -> None:

@@ -351,6 +351,7 @@ def test_nodes_in_their_own_network_namespaces(slurm_cluster, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.alone  # every other node must measure clean: no test beside it
 def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(slurm_cluster, tmp_path):
     """nsnode3's interface at 200 Mbit/s (tc tbf, both ways): its links, and only its, are slow. A 3-node job
     (nsnode1-3) finds it in its health check, stops before training (exit 3) and puts it on the sweep's list; the
@@ -380,6 +381,7 @@ def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(slurm
 
 
 @pytest.mark.slurm
+@pytest.mark.alone  # every other node must measure clean: no test beside it
 def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(slurm_cluster, tmp_path):
     """A 4-node job: nsnode2's slurmd runs under a 10% CPU quota (a cgroup), so its job step does; nsnode4's rank
     raises in its GEMM (a fault injected through sitecustomize, on that node only). Under health.on_bad=fail the
@@ -415,6 +417,7 @@ def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(
 
 
 @pytest.mark.slurm
+@pytest.mark.alone  # a measurement against its forecast: no test beside it
 def test_the_forecast_on_a_shaped_fabric_holds_its_measurement(slurm_cluster, tmp_path):
     """Every link at 1 Gbit/s (tc tbf), a comm-bound MLP (3.3 MB of gradient), 1 and 2 nodes twice: the probe model's
     prediction at 2 nodes has an interval, and the measurement is inside it; the held-out forecast says why there

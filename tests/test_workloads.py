@@ -128,7 +128,8 @@ def test_dataloader_and_memory_take_the_same_batches_and_resume_exactly(tmp_path
     """The same run three times: from memory, uninterrupted; through the DataLoader (2 workers), preempted by
     USR2 on every rank mid-run and resumed from its checkpoint; all end with identical weights."""
     common = ["nodes=2", "trainer.epochs=40", "trainer.max_steps=600", "trainer.log_every=20", "model.dropout=0.1",
-              "dataset.train_size=2048", "dataset.test_size=256", "scheduler=cosine"]
+              "dataset.train_size=2048", "dataset.test_size=256", "scheduler=cosine",
+              "health.enabled=false"]  # the nodes' health check is tests/test_health.py's
     memory = tmp_path / "memory"
     r = launch(*common, "loader.kind=memory", f"hydra.run.dir={memory}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

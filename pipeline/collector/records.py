@@ -15,8 +15,8 @@ from typing import Iterator, NamedTuple
 
 from pipeline.allreduce import Volume
 from pipeline.config import target_name
-from pipeline.result import Result, record_status
-from pipeline.rundir import RECORD_NAME, SchemaError, parse_json, read_small
+from pipeline.result import Result
+from pipeline.rundir import RECORD_NAME, SchemaError, parse_json, read_small, record_status
 
 PARALLEL_FROM = 1000  # records; below this, starting worker processes costs more than it saves
 

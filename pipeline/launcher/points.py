@@ -25,8 +25,7 @@ from pipeline.launcher.overlap import overlapped
 from pipeline.launcher.slurm import DEFAULT_MAX_ARRAY, allocation, group_by_allocation, preflight, submit, write_dry_run
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
 from pipeline.point import PlannedPoint, check_folder, freeze_point, git_info, prepare_run
-from pipeline.result import diverged_at
-from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, rank_log_path
+from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
 from pipeline.runlock import Claim, claim, exclusive
 
 log = logging.getLogger("pipeline.launch")

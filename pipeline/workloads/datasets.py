@@ -30,13 +30,16 @@ import pickle
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, List, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, ClassVar, List, Optional
 
 from pipeline.checks import ConfigError, check_at_least, check_image_shape
 from pipeline.rundir import write_atomic
 from pipeline.workloads.registry import builtin
+
+# numpy is imported where the data is read, not where a dataset is made: making one only checks its files, which the
+# launch does on the login node for every point of a sweep, and numpy would add a twentieth of a second to it
+if TYPE_CHECKING:
+    import numpy as np
 
 SPLITS = ("train", "test")
 
@@ -82,6 +85,8 @@ class InMemory:
         return self._arrays
 
     def _cached(self) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         name = self.cache_name()
         if name is None:
             return self._load()
@@ -163,11 +168,15 @@ class Synthetic(InMemory):
     def coarse_prototypes(self) -> np.ndarray:
         """(classes, C, H/4, W/4): each pixel ~ N(0, sep^2 / 2d), so two prototypes differ by `separation` in
         expectation over the image's d pixels once upsampled."""
+        import numpy as np
+
         c, h, w = self.input_shape
         coarse = np.random.default_rng(self.seed).standard_normal((self.num_classes, c, -(-h // 4), -(-w // 4)))
         return (coarse * self.separation / np.sqrt(2 * c * h * w)).astype(np.float32)
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         c, h, w = self.input_shape
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split) + 1])
         y = rng.integers(0, self.num_classes, size=self.rows, dtype=np.int64)
@@ -179,6 +188,8 @@ class Synthetic(InMemory):
 
 def _read_idx(path: Path) -> np.ndarray:
     """The IDX format: 2 zero bytes, a type code (0x08 = uint8), the rank, big-endian int32 dims, then data."""
+    import numpy as np
+
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
@@ -221,6 +232,8 @@ class MNIST(InMemory):
         return None
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         images, labels = (_read_idx(self._find(n)) for n in self.FILES[self.split])
         x = (images.astype(np.float32)[:, None] / 255.0 - self.mean) / self.std
         return x, labels.astype(np.int64)
@@ -240,8 +253,7 @@ class CIFAR10(InMemory):
     input_shape = (3, 32, 32)
     num_classes = 10
     FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
-    mean = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def __init__(self, root: str, split: str = "train"):
         _check_split(split)
@@ -252,19 +264,24 @@ class CIFAR10(InMemory):
             raise _missing_error("CIFAR-10", root, missing)
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         xs, ys = [], []
         for name in self.FILES[self.split]:
             with open(self.folder / name, "rb") as f:
                 batch = pickle.load(f, encoding="bytes")  # the python-version pickles, as torchvision reads them
             xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        x = (np.concatenate(xs).astype(np.float32) / 255.0 - self.mean) / self.std
+        mean, std = (np.array(v, dtype=np.float32).reshape(1, 3, 1, 1) for v in (self.mean, self.std))
+        x = (np.concatenate(xs).astype(np.float32) / 255.0 - mean) / std
         return x, np.concatenate(ys)
 
 
 # ------------------------------------------------------------------------------------------------ tokens
 def windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Consecutive windows of seq_len + 1 tokens: (inputs, targets) = (window[:-1], window[1:]), int64."""
+    import numpy as np
+
     n = (len(tokens) - 1) // seq_len
     if n < 1:
         raise ValueError(f"{len(tokens)} tokens make no window of dataset.seq_len + 1 = {seq_len + 1}")
@@ -317,6 +334,8 @@ class SyntheticTokens(InMemory):
         return repr((self.vocab_size, self.seq_len, self.size, self.branching, self.split, self.seed))
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         successors = np.random.default_rng(self.seed).integers(0, self.vocab_size, (self.vocab_size, self.branching))
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split) + 1])
         seq = np.empty((self.size, self.seq_len + 1), dtype=np.int64)
@@ -369,6 +388,8 @@ class TokenFile:
 
     @property
     def tokens(self) -> np.ndarray:
+        import numpy as np
+
         if self._tokens is None:  # opened on first use, in the process that uses it (DataLoader workers too)
             self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
         return self._tokens
@@ -377,6 +398,8 @@ class TokenFile:
         return (self.path.stat().st_size // 2 - 1) // self.seq_len
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         w = self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1].astype(np.int64)
         return w[:-1], w[1:]
 
@@ -429,6 +452,8 @@ class ByteText(InMemory):
                       if not {"site-packages", "dist-packages"} & set(p.relative_to(self.root).parts))
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         chunks, size = [], 0
         for path in self.files():
             if size >= self.max_bytes:
