@@ -5,7 +5,8 @@
                         folder and one job
     host lists          Slurm's compressed node lists (node[1,3-4]) expanded
     its commands        what `scontrol` says of the cluster (MaxArraySize) and of a job (the nodes it was kept
-                        off), and the requeue a job asks for itself after its checkpoint
+                        off), whether `sbatch --test-only` would take a script, the jobs' states as squeue and sacct
+                        say, and the requeue a job asks for itself after its checkpoint
 
 Submitting (through submitit) stays with the launcher (pipeline.launcher.slurm); reading a job's environment with
 the job (pipeline.job.env).
@@ -13,11 +14,17 @@ the job (pipeline.job.env).
 
 from __future__ import annotations
 
+import functools
 import re
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from pipeline.checks import ConfigError
+
+DEFAULT_MAX_ARRAY = 1001  # Slurm's default MaxArraySize
 
 # ------------------------------------------------------------------------------------------ names and values
 # characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines
@@ -83,7 +90,25 @@ def check_script_text(key: str, value: str) -> None:
                           "line of the sbatch script (and of the logs) that it reaches")
 
 
+def excluded(exclude: list[str], avoid: tuple[str, ...] = ()) -> list[str]:
+    """The nodes a submission keeps off (`--exclude`): cluster.exclude's and those the sweep avoids (its bad-node
+    list), each once."""
+    return sorted({*exclude, *avoid})
+
+
 # ------------------------------------------------------------------------------------------------ host lists
+def expand_job_ids(job: str) -> list[str]:
+    """Slurm folds an array's pending tasks into one id: 123_[4-6,9%2] -> 123_4, 123_5, 123_6, 123_9."""
+    base, sep, tasks = job.partition("_[")
+    if not sep:
+        return [job]
+    out = []
+    for part in tasks.rstrip("]").split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        out += [f"{base}_{t}" for t in range(int(first), int(last or first) + 1)]
+    return out
+
+
 def expand_hostlist(text: str) -> list[str]:
     """Slurm's host list: qnode[1,3-4],gpu7 -> qnode1, qnode3, qnode4, gpu7."""
     names = []
@@ -113,6 +138,63 @@ def excluded_nodes(job_id: str | None) -> list[str]:
     if not found or found.group(1) == "(null)":
         return []
     return expand_hostlist(found.group(1))
+
+
+@functools.cache
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (task ids run 0 .. MaxArraySize - 1); Slurm's default where it cannot say. Asked
+    at most once per launch: the preflight and the submission split arrays alike."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return DEFAULT_MAX_ARRAY
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
+
+
+def would_accept(script: str) -> str | None:
+    """Whether Slurm would take this sbatch script (`sbatch --test-only`): None, or its reason not to."""
+    if shutil.which("sbatch") is None:
+        return "sbatch not found: submit from a Slurm login node (or use cluster=local)"
+    with tempfile.TemporaryDirectory(prefix="pipeline-preflight-") as tmp:
+        path = Path(tmp) / "job.sbatch"
+        path.write_text(script)
+        try:
+            out = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return "sbatch --test-only did not answer within 60 s (is slurmctld reachable? is SLURM_CONF right?)"
+    if out.returncode != 0:
+        return (out.stderr.strip() or out.stdout.strip()).replace("sbatch: error: ", "")
+    return None
+
+
+def job_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """({job: live state} from squeue, {job: every state in its history, oldest first} from sacct), each for
+    every job and array task of `job_ids` in one call, however many points the sweep has."""
+    if not job_ids:
+        return {}, {}
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))  # an array's id stands for all of its tasks
+    live = {}
+    # -r: one line per array task, pending ones too
+    for line in (_run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T"]) or "").splitlines():
+        job, _, state = line.partition("|")
+        for one in expand_job_ids(job.strip()):
+            live[one] = state.strip()
+    history: dict[str, list[str]] = {}
+    # -D lists each requeued run of a job as its own row
+    for line in (_run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State"]) or "").splitlines():
+        job, _, state = line.partition("|")
+        for one in expand_job_ids(job.strip()):
+            history.setdefault(one, []).append(state.split()[0] if state.strip() else "UNKNOWN")
+    return live, history
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
 
 
 def requeue(job_id: str) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, parse_run_config
 from pipeline.badnodes import add_bad_nodes
+from pipeline.config import ConfigError, parse_run_config
 from pipeline.launcher.manifest import add_submissions, read_manifest
-from pipeline.point import PlannedPoint
 from pipeline.launcher.slurm import render_sbatch
-from pipeline.launcher.status import expand_job_ids
+from pipeline.point import PlannedPoint
 from pipeline.rundir import BadNodeEntry, Failure
+from pipeline.slurm import expand_job_ids
 from tests.conftest import GOLDEN, REPO
 from tests.fake_slurm.fake_slurm import calls, install, set_state
 from tests.records_factory import make_record, write_record

@@ -22,11 +22,12 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env, sweep_threads
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
 from pipeline.launcher.overlap import overlapped
-from pipeline.launcher.slurm import DEFAULT_MAX_ARRAY, allocation, group_by_allocation, preflight, submit, write_dry_run
+from pipeline.launcher.slurm import allocation, group_by_allocation, preflight, submit, write_dry_run
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
 from pipeline.point import PlannedPoint, check_folder, freeze_point, git_info, prepare_run
 from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
 from pipeline.runlock import Claim, claim, exclusive
+from pipeline.slurm import DEFAULT_MAX_ARRAY, excluded
 
 log = logging.getLogger("pipeline.launch")
 DRY_RUN_NAME = "dry_run.txt"  # local debug mode's dry run: the processes it would have started
@@ -165,7 +166,7 @@ def submit_points(points: list[PlannedPoint], sweep_dir: Path) -> list[tuple[int
             failed.append(outcome)
             continue
         r = group[0].run
-        left_out = sorted({*r.cluster.exclude, *avoid})
+        left_out = excluded(r.cluster.exclude, avoid)
         add_submissions(sweep_dir, [(p.index, p.point_dir, p.overrides, p.run.nodes, job)
                                     for p, job in zip(group, outcome)], left_out)
         log.info("%d point(s) submitted as %s %s (%d node(s) x %d task(s) each%s)", len(group),

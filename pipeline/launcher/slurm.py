@@ -3,20 +3,16 @@ whose allocations are identical (every sbatch value) go out as one job array, on
 `sbatch` call (split where the array would pass the cluster's MaxArraySize).
 
 `sbatch_parameters` is the one mapping from config to sbatch options; submitit renders them (its own
-whitelisted, quoted `#SBATCH` lines). Values that reach the script are checked here first, since a newline in a
-quoted `#SBATCH` value would still start a new shell line. `cluster.setup` is the one place for raw shell.
-Nothing here imports torch: it runs on login nodes.
+whitelisted, quoted `#SBATCH` lines). The values that reach the script are checked when the config is typed
+(pipeline.slurm), since a newline in a quoted `#SBATCH` value would still start a new shell line; `cluster.setup`
+is the one place for raw shell. What Slurm's own commands say (the array limit, a test-only submission) is
+pipeline.slurm's too. Nothing here imports torch: it runs on login nodes.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
-import shutil
-import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -25,10 +21,10 @@ import submitit
 
 from pipeline.config import RunConfig
 from pipeline.rundir import LOG_DIR, SBATCH_NAME, SRUN_LOG_PATTERN, SUBMITIT_DIR
+from pipeline.slurm import DEFAULT_MAX_ARRAY, excluded, max_array_size, would_accept
 from pipeline.worker import TrainingJob
 
 SIGNAL_DELAY_S = 90  # Slurm sends the preemption / time-limit signal this long before the end
-DEFAULT_MAX_ARRAY = 1001  # Slurm's default MaxArraySize
 ARRAY_LOGS = ".array-logs"  # SWEEP_DIR/.array-logs/<array>/<task> -> the task's POINT_DIR/logs
 
 
@@ -53,7 +49,7 @@ def sbatch_parameters(run: RunConfig, job_name: str, log_dir: Path, avoid: tuple
     optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "cpus_per_task": c.cpus_per_task,
                 "mem": c.mem, "constraint": c.constraint, "gpus_per_node": c.gpus_per_node or None,
                 "exclusive": True if c.exclusive else None,
-                "exclude": ",".join(sorted({*c.exclude, *avoid})) or None}
+                "exclude": ",".join(excluded(c.exclude, avoid)) or None}
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
 
@@ -94,18 +90,6 @@ def group_by_allocation(points: list[SlurmPoint], max_array: int | None = None) 
     return [g[i:i + max_array] for g in groups.values() for i in range(0, len(g), max_array)]
 
 
-@functools.cache
-def max_array_size() -> int:
-    """The cluster's MaxArraySize (task ids run 0 .. MaxArraySize - 1); Slurm's default where it cannot say. Asked
-    at most once per launch: the preflight and the submission split arrays alike."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return DEFAULT_MAX_ARRAY
-    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
-    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
-
-
 def _executor(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = (),
               kind=submitit.SlurmExecutor):
     """One point: its own job, submitit's files in POINT_DIR/submitit, its ranks' logs in POINT_DIR/logs. Several:
@@ -144,18 +128,7 @@ def write_dry_run(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid
 
 def preflight(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> str | None:
     """Ask Slurm whether it would accept these points' job or array (`sbatch --test-only`); the reason if not."""
-    if shutil.which("sbatch") is None:
-        return "sbatch not found: submit from a Slurm login node (or use cluster=local)"
-    with tempfile.TemporaryDirectory(prefix="pipeline-preflight-") as tmp:
-        script = Path(tmp) / "job.sbatch"
-        script.write_text(render_sbatch(group, sweep_dir, job_name, avoid))
-        try:
-            out = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
-        except subprocess.TimeoutExpired:
-            return "sbatch --test-only did not answer within 60 s (is slurmctld reachable? is SLURM_CONF right?)"
-    if out.returncode != 0:
-        return (out.stderr.strip() or out.stdout.strip()).replace("sbatch: error: ", "")
-    return None
+    return would_accept(render_sbatch(group, sweep_dir, job_name, avoid))
 
 
 def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> list[str]:

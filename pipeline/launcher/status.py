@@ -3,7 +3,6 @@ the result records; waiting for a sweep, and resubmitting the points that ended 
 
 from __future__ import annotations
 
-import subprocess
 from collections import Counter
 import sys
 import time
@@ -15,6 +14,7 @@ from pipeline.badnodes import read_bad_nodes
 from pipeline.launcher.logs import first_failed_log
 from pipeline.launcher.manifest import read_manifest
 from pipeline.rundir import BAD_NODES_NAME, RECORD_NAME, BadNodes, ManifestPoint, Point, Progress
+from pipeline.slurm import job_states
 
 LIVE = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
         "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued",
@@ -43,47 +43,6 @@ class PointStatus:
     def has_record(self) -> bool:
         """A usable record: the point completed or diverged."""
         return self.state in RECORDED
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def slurm_states(job_ids: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """({job: live state} from squeue, {job: every state in its history, oldest first} from sacct), each for
-    every job and array task of `job_ids` in one call, however many points the sweep has."""
-    if not job_ids:
-        return {}, {}
-    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))  # an array's id stands for all of its tasks
-    live = {}
-    # -r: one line per array task, pending ones too
-    for line in (_run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T"]) or "").splitlines():
-        job, _, state = line.partition("|")
-        for one in expand_job_ids(job.strip()):
-            live[one] = state.strip()
-    history: dict[str, list[str]] = {}
-    # -D lists each requeued run of a job as its own row
-    for line in (_run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State"]) or "").splitlines():
-        job, _, state = line.partition("|")
-        for one in expand_job_ids(job.strip()):
-            history.setdefault(one, []).append(state.split()[0] if state.strip() else "UNKNOWN")
-    return live, history
-
-
-def expand_job_ids(job: str) -> list[str]:
-    """Slurm folds an array's pending tasks into one id: 123_[4-6,9%2] -> 123_4, 123_5, 123_6, 123_9."""
-    base, sep, tasks = job.partition("_[")
-    if not sep:
-        return [job]
-    out = []
-    for part in tasks.rstrip("]").split("%")[0].split(","):
-        first, _, last = part.partition("-")
-        out += [f"{base}_{t}" for t in range(int(first), int(last or first) + 1)]
-    return out
 
 
 def record_state(folder: Path) -> tuple[str | None, str]:
@@ -135,7 +94,7 @@ def sweep_status(sweep_dir: Path) -> list[PointStatus]:
               "for a bad node", file=sys.stderr)
         bad = BadNodes()
     job_of = {p: (e.jobs[-1].job_id if e.jobs else None) for p, e in points.items()}
-    live, history = slurm_states([j for j in job_of.values() if j])
+    live, history = job_states([j for j in job_of.values() if j])
     out = []
     for p, entry in sorted(points.items()):
         folder = sweep_dir / entry.dir if entry.dir else None
