@@ -28,8 +28,12 @@ SLOW_TIERS = ("e2e", "slurm", "gpu", "bench", "install")
 FAST_LIMIT_S = 5.0
 SETUP_S = pytest.StashKey[float]()  # a test's fixtures' set-up time, which counts with its own
 RUN_FIXTURES = {"profiled_run"}  # runs of the pipeline that several tests read
+# Two workers' ranks share the two cores: an OpenMP thread that spins while waiting for work (libgomp's default) takes
+# the core from a rank of the other worker that has some. Passive waiting changes no result, only who waits.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks given here
 def pytest_collection_modifyitems(items):
     for item in items:
         if "slurm_cluster" in item.fixturenames:
@@ -42,6 +46,15 @@ def pytest_collection_modifyitems(items):
         # run on one
         group = "slurm" if item.get_closest_marker("slurm") else min(shared) if shared else item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """On the controller: the ids a worker collected carry their group (xdist's loadgroup puts it there), or the
+    groups above are lost without a word, and each file's fixtures made on both workers."""
+    if node.config.getoption("dist") == "loadgroup" and ids and "@" not in ids[0]:
+        pytest.exit("--dist loadgroup did not group the tests (no @group in their ids): this pytest and pytest-xdist "
+                    "do not work together (pytest-dev/pytest-xdist#1386); install the versions pyproject.toml's dev "
+                    "extra names", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.hookimpl(hookwrapper=True)
