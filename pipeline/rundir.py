@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import socket
 import stat
 import tempfile
 import time
@@ -58,7 +59,7 @@ SBATCH_NAME = "job.sbatch"  # dry run: the script that would be submitted
 # one log per rank, named alike in local debug mode and on Slurm: N the node's index in the job, R the global rank
 LOG_DIR = "logs"
 SRUN_LOG_PATTERN = "node%n-rank%t.log"  # srun's spelling of rank_log_path's name
-# in every local-mode rank's environment: the launcher whose death the rank follows (pipeline.job.lifeline)
+# in every local-mode rank's environment: the launcher whose death the rank follows (pipeline.lifeline)
 LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"
 
 
@@ -343,22 +344,23 @@ def causes(error: BaseException) -> list[BaseException]:
 
 
 @dataclass(frozen=True)
-class WarmStart:
-    """Local debug mode's head start: the launcher starts a rank before it has composed the config (the rank imports
-    torch meanwhile), then sends it its point and its variables, one JSON line on the rank's stdin."""
+class RankStart:
+    """Local debug mode: the launcher asks its fork server (pipeline/launcher/forkserver.py) for one rank of a point,
+    with the rank's variables; the write end of the rank's output pipe comes with the message (SCM_RIGHTS). One
+    message each way on a SOCK_SEQPACKET socket: this, then the rank's pid (or the error that stopped its fork)."""
 
     point_dir: str
     env: dict[str, str]
+    MAX_BYTES: ClassVar[int] = 1 << 20
 
-    def send(self, stream: typing.TextIO) -> None:
-        stream.write(json.dumps(encode(self)) + "\n")
-        stream.close()
+    def send(self, sock: socket.socket, output_fd: int) -> None:
+        socket.send_fds(sock, [json.dumps(encode(self)).encode()], [output_fd])
 
     @classmethod
-    def receive(cls, stream: typing.TextIO) -> Optional["WarmStart"]:
-        """The launcher's message, or None when it closed the stream unsent (it did not need this rank)."""
-        line = stream.readline()
-        return decoder(cls)(json.loads(line)) if line else None
+    def receive(cls, sock: socket.socket) -> Optional[tuple["RankStart", int]]:
+        """The request and the output pipe's fd, or None once the launcher has closed its end."""
+        message, fds, _, _ = socket.recv_fds(sock, cls.MAX_BYTES, 1)
+        return (decoder(cls)(json.loads(message)), fds[0]) if message and fds else None
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,27 @@ def wait_for_step(point_dir: Path, step: int, launcher: subprocess.Popen, ranks:
         time.sleep(0.05)
 
 
+def fork_server_of(launcher_pid: int, ranks: list[int]) -> int | None:
+    """The pid of a local launcher's fork server (pipeline/launcher/forkserver.py), from /proc; None if none runs.
+    The ranks it forked (their pids given) are the launcher's children too, with the server's command line."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent == launcher_pid and b"--fork-server" in args and int(stat.parent.name) not in ranks:
+            return int(stat.parent.name)
+    return None
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
 def live_in_group(pgid: int) -> list[int]:
     """The processes of process group `pgid` that still run (zombies, which run nothing, left out), from /proc."""
     found = []

@@ -30,3 +30,17 @@ def test_the_first_rank_to_fail_is_returned_and_a_slow_clean_one_waited_for(tmp_
     _stop(ranks)
     ranks = [_rank(0, "pass", tmp_path), _rank(1, "import time; time.sleep(1)", tmp_path)]
     assert _wait_all(ranks) is None and ranks[1].proc.returncode == 0  # within LEAVE_S: waited for
+
+
+def test_the_fork_server_starts_early_only_for_a_command_line_that_means_local_runs(monkeypatch):
+    """A login node's launch to Slurm must not import torch: the server starts before the composition only where
+    nothing on the command line can make a point run elsewhere (or not run: a dry run)."""
+    started = []
+    monkeypatch.setattr(local.forkserver, "start_early", lambda: started.append(True))
+    for argv in (["nodes=2"], ["-m", "nodes=1,2,4"], ["cluster=local", "trainer.max_steps=5"]):
+        local.prestart(argv)
+        assert started.pop(), argv
+    for argv in (["cluster=slurm"], ["-m", "cluster=local,slurm"], ["dry_run=true"], ["+experiment=scaling"],
+                 ["--config-name", "mine"], ["hydra.searchpath=[file:///x]"], ["-cd", "elsewhere"]):
+        local.prestart(argv)
+        assert not started, argv

@@ -366,3 +366,24 @@ def test_the_worker_under_torchrun(tmp_path):
     rec = _record(out)
     assert (rec["world_size"], rec["steps"], rec["provenance"]["slurm"]) == (2, 10, None)
     assert len({x["parameters_sha256"] for x in rec["ranks"]}) == 1
+
+
+def test_a_fork_server_that_loaded_cudas_driver_forks_no_rank(tmp_path, monkeypatch):
+    """CUDA's driver does not work in a forked child: a fork server whose imports loaded it (here a library of that
+    name, loaded by a sitecustomize in the server alone) forks no rank; the ranks start as processes of their own,
+    with a warning saying why, and the run completes."""
+    site = tmp_path / "site"
+    site.mkdir()
+    libm = next(p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6",
+                            "/lib64/libm.so.6") if os.path.exists(p))
+    shutil.copy(libm, site / "libcuda.so.1")
+    (site / "sitecustomize.py").write_text(
+        "if b'--fork-server' in open('/proc/self/cmdline', 'rb').read():\n"
+        f"    import ctypes; ctypes.CDLL({str(site / 'libcuda.so.1')!r})\n")
+    monkeypatch.setenv("PYTHONPATH", f"{site}:{os.environ.get('PYTHONPATH', '')}")
+    r = launch("nodes=2", "trainer.max_steps=6", "trainer.warmup_steps=1", "health.enabled=false", *FAST,
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "not forking: CUDA's driver was loaded while importing" in r.stdout + r.stderr
+    assert "each rank starts on its own" in r.stdout + r.stderr
+    assert (tmp_path / "run" / "result.json").is_file()

@@ -10,7 +10,6 @@ the point.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import logging
 import os
@@ -25,17 +24,16 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.cgroup import oom_kills
+from pipeline.launcher import forkserver
 from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, process_state
-from pipeline.launcher.signals import GRACE_S, own, stop_sessions
-from pipeline.rundir import LAUNCHER_PID_VAR, LOG_DIR, Failure, Progress, WarmStart, rank_log_path
+from pipeline.launcher.signals import GRACE_S, Process, stop_sessions
+from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
 
 log = logging.getLogger(__name__)
 
 LEAVE_S = 10.0  # see _wait_all
 TAIL_LINES = 20  # of the failed rank's output, in the failure message
 RANK_HEADER = "pipeline: rank"  # the first line of each rank's log in local mode: see _copy
-# variables that would make a spawned rank believe it is part of some other job
-_FOREIGN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RunFailed(RuntimeError):
@@ -47,7 +45,7 @@ class Rank:
     rank: int
     node: int
     log_path: Path
-    proc: subprocess.Popen
+    proc: Process  # a subprocess.Popen, or a forkserver.ForkedRank
     # its last lines of output, for the failure message (kept here too: a full disk may have stopped its log)
     last_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
 
@@ -101,56 +99,18 @@ def _open_log(path: Path, header: str):
         return None
 
 
-def _base_env() -> dict:
-    """The launcher's environment, less what would make a rank believe it belongs to another job, plus the
-    launcher's pid (a rank dies with its launcher: pipeline/job/lifeline.py)."""
-    return {**{k: v for k, v in os.environ.items() if not (k.startswith("SLURM") or k in _FOREIGN)},
-            "PYTHONUNBUFFERED": "1", LAUNCHER_PID_VAR: str(os.getpid())}
-
-
-def _spawn(args: list[str], stdin, env: dict) -> subprocess.Popen:
-    """A rank process, owned by this launch (stopped on its signals), leading a session of its own that its
-    DataLoader workers share (so they are stopped with it, and a terminal's Ctrl-C reaches the launcher alone)."""
-    return own(subprocess.Popen([sys.executable, "-m", "pipeline.worker", *args], env=env, stdin=stdin,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
-
-
-class WarmRanks:
-    """Rank processes started when the launcher starts (`python -m pipeline.worker --warm`): they import torch
-    and the job side while the launcher imports Hydra and composes the config, which would otherwise come first.
-    Each is then sent its point and its variables on stdin; those not needed are stopped. Started only for a
-    command line that can only mean a single local run (see `prestart`)."""
-
-    def __init__(self, count: int):
-        self.procs = [_spawn(["--warm"], subprocess.PIPE, _base_env()) for _ in range(count)]
-        atexit.register(self.release)
-
-    def take(self) -> subprocess.Popen | None:
-        return self.procs.pop(0) if self.procs else None
-
-    def release(self) -> None:
-        """Stop those not needed (they have done nothing but import)."""
-        stop_sessions(self.procs)
-        self.procs = []
-
-
-_warm = WarmRanks(0)
-
-
 def prestart(argv: list[str]) -> None:
-    """Start the ranks of a single local run before the launcher's own work, when its command line says how many
-    and can mean nothing else: no sweep, no dry run, no other cluster, no experiment or config of the user's (which
-    could say otherwise: a login node must not import torch for a Slurm launch)."""
-    global _warm
-    size = {"nodes": 1, "cluster.tasks_per_node": 1}
+    """Start the fork server before the launcher's own work, when the command line can only mean local runs (one,
+    or a sweep): no dry run, no other cluster, no experiment or config of the user's (which could say otherwise: a
+    login node must not import torch for a Slurm launch). Otherwise it starts with the first local point."""
     for arg in argv:
-        key, eq, value = arg.partition("=")
-        if key in size and value.isdigit() and 0 < int(value) <= 64:
-            size[key] = int(value)
-        elif arg.startswith("-") or not eq or key.startswith(("+", "~", "hydra.searchpath", "cluster", "dry_run")) \
+        key, eq, _ = arg.partition("=")
+        if arg in ("-m", "--multirun"):
+            continue
+        if arg.startswith("-") or not eq or key.startswith(("+", "~", "hydra.searchpath", "cluster", "dry_run")) \
                 and arg != "cluster=local":
             return
-    _warm = WarmRanks(size["nodes"] * size["cluster.tasks_per_node"])
+    forkserver.start_early()
 
 
 def sweep_threads(runs: list[RunConfig]) -> int | None:
@@ -178,20 +138,12 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threa
             path = rank_log_path(point_dir, node, rank)
             env = {**master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local),
                    **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-            proc = _warm.take()
-            if proc is not None:
-                try:
-                    WarmStart(point_dir=str(point_dir), env=env).send(proc.stdin)
-                except BrokenPipeError:  # it died importing: its exit and its output say why
-                    pass
-            else:
-                proc = _spawn([str(point_dir)], subprocess.DEVNULL, {**_base_env(), **env})
+            proc = forkserver.start_rank(point_dir, env)
             header = f"{RANK_HEADER} {rank} (simulated node {node}) is process {proc.pid}"
             ranks.append(Rank(rank, node, path, proc))
             echoes.append(threading.Thread(target=_copy, args=(proc.stdout, ranks[-1], rank == 0 and not tty, header),
                                            daemon=True))
             echoes[-1].start()
-    _warm.release()
     done = threading.Event()
     if tty:
         echoes.append(threading.Thread(target=_progress_bar, args=(point_dir, position, done), daemon=True))
@@ -206,6 +158,7 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threa
         memory.stop()
         done.set()
         _stop(ranks)
+        forkserver.reap_adopted([r.proc.pid for r in ranks])
         for t in echoes:
             t.join(timeout=GRACE_S)
     if failed:

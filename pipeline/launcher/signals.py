@@ -3,29 +3,46 @@ SSH session and Ctrl-C send) stop every one of them and their children, and the 
 with one line saying so. Each rank is started as the leader of a session of its own, which its DataLoader workers
 share, so stopping a rank's process group stops them too (and Ctrl-C at a terminal reaches the launcher alone).
 
-A launcher killed outright (SIGKILL) can do none of this; its ranks then stop themselves (pipeline/job/lifeline.py:
-Linux's parent-death signal). On Slurm, Slurm owns the ranks; what the launcher owns there is the warm ranks it
-may have started before it knew (see local.prestart).
+A launcher killed outright (SIGKILL) can do none of this; its ranks then stop themselves (pipeline/lifeline.py:
+Linux's parent-death signal), and so does the fork server they are forked from. On Slurm, Slurm owns the ranks;
+what the launcher may own there is a fork server it started before it knew (see local.prestart).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol, TypeVar
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 GRACE_S = 5.0  # SIGTERM first; whatever is left of a rank's session after this gets SIGKILL
-_owned: list[subprocess.Popen] = []  # every process this launch started, in the order it started them
 
 
-def own(proc: subprocess.Popen) -> subprocess.Popen:
-    """Note a process (started with start_new_session=True) as this launch's to stop."""
+class Process(Protocol):
+    """What is used here of a process this launch started: a subprocess.Popen, or a rank forked for it
+    (pipeline/launcher/forkserver.py)."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+P = TypeVar("P", bound=Process)
+_owned: list[Process] = []  # every process this launch started, in the order it started them
+_helpers: set[int] = set()  # the pids of those that are no rank (the fork server)
+
+
+def own(proc: P, helper: bool = False) -> P:
+    """Note a process (the leader of a session of its own) as this launch's to stop."""
     _owned.append(proc)
+    if helper:
+        _helpers.add(proc.pid)
     return proc
 
 
@@ -38,7 +55,7 @@ def install() -> None:
 def _stop_and_exit(signum: int, frame) -> NoReturn:
     for sig in STOP_SIGNALS:  # a second Ctrl-C must not cut the stopping short
         signal.signal(sig, signal.SIG_IGN)
-    running = [p for p in _owned if p.poll() is None]
+    running = [p for p in _owned if p.poll() is None and p.pid not in _helpers]
     stop_sessions(_owned)
     what = (f"stopped the {len(running)} rank process(es) this launch was running (pids "
             f"{', '.join(str(p.pid) for p in running)}) and their children" if running else "no rank was running")
@@ -48,7 +65,7 @@ def _stop_and_exit(signum: int, frame) -> NoReturn:
     os._exit(128 + signum)  # at once: the interpreter's teardown would wait on the threads copying rank output
 
 
-def stop_sessions(procs: list[subprocess.Popen], grace_s: float = GRACE_S) -> None:
+def stop_sessions(procs: list[Process], grace_s: float = GRACE_S) -> None:
     """Stop each process and its session: SIGTERM (and SIGCONT, so that a stopped one takes it), then SIGKILL to
     whatever is left after `grace_s`. Returns once nothing of them is left (or, for a process the kernel cannot
     kill at once, one that waits in the kernel on a dead file server, `grace_s` after the SIGKILL)."""
@@ -61,7 +78,7 @@ def stop_sessions(procs: list[subprocess.Popen], grace_s: float = GRACE_S) -> No
         _wait_gone(procs, grace_s)
 
 
-def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+def _signal_all(procs: list[Process], sig: int) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(sig)
@@ -72,14 +89,14 @@ def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
             pass
 
 
-def _wait_gone(procs: list[subprocess.Popen], timeout_s: float) -> bool:
+def _wait_gone(procs: list[Process], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while (left := _left(procs)) and time.monotonic() < deadline:
         time.sleep(0.02)
     return not left
 
 
-def _left(procs: list[subprocess.Popen]) -> bool:
+def _left(procs: list[Process]) -> bool:
     """Whether any of the processes, or anything in their process groups, still runs. An exited process counts as
     gone once it is a zombie: whichever thread waits on it reaps it (poll reaps those nobody waits on)."""
     for p in procs:
