@@ -25,7 +25,7 @@ run: install
 # measure the machine, alone (pytest's exit status 5: PYTEST_ARGS chose none of a phase's tests)
 PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not alone" --durations=20 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not alone" --durations=20 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(PY) -m pytest -q -m alone --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # the fast tier, for iterating: the tests that start no process of the pipeline and no cluster (tests/conftest.py)

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ConfigError, parse_run_config
 from pipeline.slurm import expand_hostlist
 from pipeline.launcher.slurm import sbatch_parameters
-from tests.conftest import CLUSTER, REPO, launch
+from tests.conftest import CLUSTER, REPO, launch, start_launch
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
 
@@ -232,6 +232,8 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     args = ["nodes=2", "trainer.epochs=80", "trainer.log_every=50", *FAST[1:]]
     run_dir = tmp_path / "slurm"
     log0 = preempt_at(args, run_dir, "step 100/")
+    # meanwhile, the same run never interrupted (local debug mode: same world size, same seeds, same worker)
+    uninterrupted = start_launch(*args, f"hydra.run.dir={tmp_path / 'local'}", cwd=tmp_path)
     out, progress = wait(run_dir, with_progress=True)
     assert "completed" in out and "requeued 1x" in out
     # progress while it ran, as plain lines (stderr is not a terminal here): counts, then the running point's step
@@ -244,9 +246,8 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     assert rec["restart_count"] == 1 and 100 <= rec["resumed_from_step"] < rec["steps"] == 80 * 16
     assert rec["earlier_segments"][0]["start_step"] == 0
     assert rec["timed_steps"] == rec["steps"] - rec["resumed_from_step"] - rec["warmup_steps"]
-    # the same run, never interrupted (local debug mode: same world size, same seeds, same worker)
-    r = launch(*args, f"hydra.run.dir={tmp_path / 'local'}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    _, said = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, said
     resumed, straight = (torch.load(d / "model.pt", weights_only=True) for d in (run_dir, tmp_path / "local"))
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
@@ -263,14 +264,15 @@ def test_a_preempted_fsdp_job_resumes_to_the_same_parameters(slurm_cluster, tmp_
             "trainer.tensorboard=false", "probe.enabled=false"]
     run_dir = tmp_path / "slurm"
     preempt_at(args, run_dir, "step 50/")
+    uninterrupted = start_launch(*args, f"hydra.run.dir={tmp_path / 'local'}", cwd=tmp_path)  # never interrupted
     out = wait(run_dir)
     assert "completed" in out and "requeued 1x" in out
     rec = record(run_dir)
     assert rec["parallel"]["kind"] == "fsdp" and rec["restart_count"] == 1
     assert 50 <= rec["resumed_from_step"] < rec["steps"] == 200
     assert (run_dir / "checkpoint.dcp" / "checksums.json").is_file()
-    r = launch(*args, f"hydra.run.dir={tmp_path / 'local'}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    _, said = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, said
     resumed, straight = (torch.load(d / "model.pt", weights_only=True) for d in (run_dir, tmp_path / "local"))
     assert resumed.keys() == straight.keys()
     for name in straight:
