@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pipeline.launcher.forkserver import ForkedRank
 from pipeline.runlock import RunLock
 from tests.conftest import fork_server_of, live_in_group, parent_of, start_launch, wait_for_step
 
@@ -77,3 +78,15 @@ def test_a_sweep_whose_fork_server_is_killed_goes_on_with_ranks_started_alone(tm
     assert launcher.returncode == 0, err
     assert f"the fork server (pid {server}) stopped serving" in out and "each rank starts on its own" in out, out
     assert all((sweep / point / "result.json").is_file() for point in ("0", "1"))
+
+
+def test_a_signal_to_a_forked_rank_that_another_thread_just_reaped_is_a_no_op():
+    """The race behind a preempted run's "ProcessLookupError" (seen in CI): one thread waits on a rank in the kernel
+    and reaps it; another, stopping the ranks, polls (None: the waiter holds the rank) and signals a pid that no
+    longer exists. Popen ignores that (bpo-40550); a ForkedRank must too."""
+    pid = os.posix_spawn("/bin/true", ["true"], os.environ)
+    rank = ForkedRank(pid, stdout=None)
+    with rank._waiting:  # the waiting thread, between its waitpid and setting returncode
+        os.waitpid(pid, 0)
+        rank.send_signal(signal.SIGTERM)
+        assert rank.returncode is None

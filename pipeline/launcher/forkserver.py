@@ -152,7 +152,10 @@ class ForkedRank:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # reaped meanwhile by the thread waiting on it, as Popen allows (bpo-40550)
+                pass
 
     def _reap(self, flags: int) -> None:
         if self.returncode is not None:
