@@ -26,7 +26,9 @@ def test_the_wheel_installs_and_launches_from_an_empty_folder(tmp_path):
     bin_dir = tmp_path / "venv/bin"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("SLURM")}
     env |= {"PATH": f"{bin_dir}:{env['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q"]
+    # --no-compile: pip's byte-compiling of torch's every module (13 s of the test's 20 s of installing) is not
+    # what this test is about; the few modules the commands import compile as they are imported
+    pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-compile"]
     # this torch first (on CPU machines a plain `torch` requirement would pull a multi-GB CUDA build), then the wheel
     subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True, env=env, timeout=900)
     subprocess.run([*pip, str(wheel)], check=True, env=env, timeout=900)
