@@ -23,7 +23,9 @@ run: install
 
 # the suite on PYTEST_WORKERS xdist workers (each file's tests on one; tests/conftest.py), then the few tests that
 # measure the machine, alone (pytest's exit status 5: PYTEST_ARGS chose none of a phase's tests)
-PYTEST_WORKERS ?= 2
+# Three workers on two cores: a third of the suite's time is spent waiting (on Slurm, on ranks' start-up), and
+# a third worker fills it (the first phase took 537 s on three, 642 s on two: docs/development.md).
+PYTEST_WORKERS ?= 3
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not alone" --durations=20 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(PY) -m pytest -q -m alone --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ]

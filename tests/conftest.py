@@ -30,11 +30,11 @@ FAST_LIMIT_S = 5.0
 SETUP_S = pytest.StashKey[float]()  # a test's fixtures' set-up time, which counts with its own
 RUN_FIXTURES = {"profiled_run"}  # runs of the pipeline that several tests read
 # the groups that took longest under `make test` (2026-12-06: 260 s down to 40 s), longest first: the Slurm tests,
-# which also wait on Slurm while the other worker runs; an out-of-date list costs balance, never a test
+# which also wait on Slurm while the other workers run; an out-of-date list costs balance, never a test
 LONGEST = ("slurm", "test_ecosystem.py", "test_benchmarks.py", "test_local_runs.py", "test_sharding.py",
            "test_workloads.py", "test_launch_errors.py", "test_speed_paths.py", "test_install.py")
-# Two workers' ranks share the two cores: an OpenMP thread that spins while waiting for work (libgomp's default) takes
-# the core from a rank of the other worker that has some. Passive waiting changes no result, only who waits.
+# Three workers' ranks share the two cores: an OpenMP thread that spins while waiting for work (libgomp's default)
+# takes the core from a rank of another worker that has some. Passive waiting changes no result, only who waits.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
         shared = RUN_FIXTURES & set(item.fixturenames)
         if shared or any(item.get_closest_marker(tier) for tier in ("slurm", "bench", "install")):
             item.add_marker(pytest.mark.e2e)
-        # `make test` runs the suite on two xdist workers (--dist loadgroup): a file's tests on one worker, so that its
+        # `make test` runs the suite on three xdist workers (--dist loadgroup): a file's tests on one worker, so that its
         # module's fixtures are made once; the Slurm tests on one (they share the cluster); the readers of a shared
         # run on one
         groups[item] = "slurm" if item.get_closest_marker("slurm") else min(shared) if shared else item.path.name
@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_xdist_node_collection_finished(node, ids):
     """On the controller: the ids a worker collected carry their group (xdist's loadgroup puts it there), or the
-    groups above are lost without a word, and each file's fixtures made on both workers."""
+    groups above are lost without a word, and each file's fixtures made on every worker."""
     if node.config.getoption("dist") == "loadgroup" and ids and "@" not in ids[0]:
         pytest.exit("--dist loadgroup did not group the tests (no @group in their ids): this pytest and pytest-xdist "
                     "do not work together (pytest-dev/pytest-xdist#1386); install the versions pyproject.toml's dev "
