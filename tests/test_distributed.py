@@ -1,5 +1,7 @@
 """Reading the distributed environment: Slurm's variables, torchrun's, none."""
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.job.env import DistEnv, port_for_job
@@ -31,8 +33,14 @@ def test_slurm_variables(environ):
     assert (env.node_rank, env.num_nodes, env.node_name, env.restart_count) == (1, 3, "gpu08", 2)
     # the first node of the allocation, and a port derived from the job id (the same on every rank)
     assert env.master_addr == "gpu07"
-    assert env.master_port == port_for_job("4242") and 20000 <= env.master_port <= 60000
+    assert env.master_port == port_for_job("4242")
     env.check_world(nodes=3, tasks_per_node=2)
+
+
+def test_the_rendezvous_port_is_never_one_the_kernel_hands_out_to_outgoing_connections():
+    """A port in the ephemeral range may be held by any connection of the node: the store would fail to listen."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(1024 < port_for_job(str(job)) < low for job in range(1, 5001))
 
 
 def test_exported_master_address_wins(environ):

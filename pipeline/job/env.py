@@ -15,8 +15,11 @@ from typing import Mapping, Optional
 
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-# submitit derives the rendezvous port from the job id in this range (helpers.TorchDistributedEnvironment)
-PORT_RANGE = (20000, 60000)
+# The rendezvous port, derived from the job id (as submitit's helpers.TorchDistributedEnvironment does), below
+# Linux's default range of ephemeral ports (32768-60999, net.ipv4.ip_local_port_range): a port in that range can be
+# held by any outgoing connection of the node (Slurm's, a previous job's), and the store then fails with EADDRINUSE
+# (seen in CI with submitit's range, 20000-60000)
+PORT_RANGE = (20000, 32767)
 
 
 def port_for_job(job_id: str) -> int:
