@@ -365,8 +365,52 @@ class HealthConfig:
 
 
 # ------------------------------------------------------------------------------------------------- run
+# --------------------------------------------------------------------------------------------- search
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "nsgaii")
+PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
+
+
+@dataclass
+class OptunaSearchConfig:
+    """search=optuna: an asynchronous search (pipeline/search/): `workers` jobs, each with the point's allocation,
+    each asking Optuna for a trial, training it as a point of its own, telling its objective, and asking again,
+    until `trials` have ended. `space`: a parameter per dotted key, in the syntax of Hydra's Optuna sweeper
+    (interval(0.001, 0.1), tag(log, interval(...)), int(interval(1, 8)), range(1, 5), choice(a, b))."""
+
+    kind: str = "optuna"
+    trials: int = 20
+    workers: int = 2
+    space: Dict[str, Any] = field(default_factory=dict)
+    # the objectives' directions: auto (accuracy up, perplexity down, cost down), minimize or maximize, one for
+    # each of `objective`'s figures
+    direction: Any = "auto"
+    sampler: str = "tpe"
+    seed: Optional[int] = None  # the sampler's
+    pruner: str = "none"
+    storage: Optional[str] = None  # a database URL; null: Optuna's journal file in the search's folder
+    study: Optional[str] = None  # the study's name; null: the folder's
+    max_retries: int = 2  # times a trial whose worker died is tried again with its parameters
+    heartbeat_s: float = 30.0  # a worker's sign of life, in its folder
+    # a trial whose worker gave no sign of life this long, and whose Slurm job is gone, failed
+    stale_after_s: float = 300.0
+    lock_grace_s: int = 30  # the journal's lock, not renewed this long, was left by a killed worker: taken
+
+    def __post_init__(self) -> None:
+        check_at_least("search.trials", self.trials, 1)
+        check_at_least("search.workers", self.workers, 1)
+        check_choice("search.sampler", self.sampler, SAMPLERS)
+        check_choice("search.pruner", self.pruner, PRUNERS)
+        check_at_least("search.max_retries", self.max_retries, 0)
+        check_positive("search.heartbeat_s", self.heartbeat_s)
+        check_at_least("search.lock_grace_s", self.lock_grace_s, 3)
+        if self.stale_after_s < 3 * self.heartbeat_s:
+            raise ConfigError(f"search.stale_after_s={self.stale_after_s} is not allowed; it must be at least three "
+                              f"heartbeats (3 x search.heartbeat_s = {3 * self.heartbeat_s})")
+
+
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
 PARALLEL_SCHEMAS = {c.kind: c for c in (DDPParallelConfig, FSDPParallelConfig, HSDPParallelConfig)}
+SEARCH_SCHEMAS = {c.kind: c for c in (OptunaSearchConfig,)}
 # the groups whose `_target_` may be any importable class; their built-in targets' schemas are the registry's
 TARGET_GROUPS = ("model", "dataset", "optimizer", "scheduler", "loss")
 
@@ -396,6 +440,10 @@ class RunConfig:
     wait: bool = False
     allow_partial: bool = False
     overwrite: bool = False  # replace the run a folder holds (its record, weights, checkpoints, logs)
+    # what a search optimises (Hydra's optimisation sweepers, search=...): a record's figure by its dotted name
+    # (pipeline/objective.py), or a list of them
+    objective: Any = "evaluation.value"
+    search: Any = None  # search=optuna: a schema of SEARCH_SCHEMAS
 
     @property
     def world_size(self) -> int:
@@ -442,6 +490,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_at_least("nodes", self.nodes, 1)
+        from pipeline.objective import objectives  # it reads the record's schema, which imports this module
+
+        self.objective = objectives(self.objective)[0] if isinstance(self.objective, str) else \
+            objectives(self.objective)
         check_at_least("cluster.tasks_per_node", self.cluster.tasks_per_node, 1)
         check_at_least("cluster.gpus_per_node", self.cluster.gpus_per_node, 0)
         check_at_least("cluster.timeout_s", self.cluster.timeout_s, 1)
@@ -680,6 +732,8 @@ def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
     groups["parallel"] = _typed("parallel", cfg.get("parallel", {"kind": "ddp"}), PARALLEL_SCHEMAS, "kind",
                                 open_targets=False)
+    if cfg.get("search") is not None:
+        groups["search"] = _typed("search", cfg["search"], SEARCH_SCHEMAS, "kind", open_targets=False)
     return build_typed(RunConfig, {**{k: v for k, v in cfg.items() if k not in groups}, **groups})
 
 
@@ -709,7 +763,8 @@ def plain_config(cfg: "DictConfig") -> dict:
         raise ConfigError(str(e).strip()) from None
 
 
-LAUNCH_OPTIONS = ("dry_run", "wait", "allow_partial", "overwrite")  # how a point is launched, not what it trains
+# how a point is launched (and what a search makes of it), not what it trains
+LAUNCH_OPTIONS = ("dry_run", "wait", "allow_partial", "overwrite", "objective", "search")
 
 
 def config_hash(config: dict) -> str:
@@ -772,7 +827,7 @@ def known_keys() -> list[str]:
 def group_schemas() -> dict[str, dict[str, type]]:
     """Every config group's schemas: the built-in workloads' (the registry's) and the cluster's and parallel's."""
     return {**{group: schemas(group) for group in TARGET_GROUPS}, "cluster": CLUSTER_SCHEMAS,
-            "parallel": PARALLEL_SCHEMAS}
+            "parallel": PARALLEL_SCHEMAS, "search": SEARCH_SCHEMAS}
 
 
 def register_configs() -> None:

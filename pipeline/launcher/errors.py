@@ -59,6 +59,9 @@ def run_reporting(entry: Callable[[], None]) -> None:
     hydra_utils.run_and_report = lambda func: func()
     try:
         entry()
+    except RunFailed as e:  # raised through a sweeper of Hydra's (a trial that failed), past `reported`
+        print(f"{PROGRAM}: {e}", file=sys.stderr)
+        sys.exit(1)
     except Exception as e:
         line = one_line(e)
         if line is None:

@@ -35,10 +35,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from pipeline.config import ConfigError, RunConfig, plain_config
 from pipeline.launcher.errors import exit_on_config_error, one_line, reported
+from pipeline.launcher.local import RunFailed
+from pipeline.launcher.logs import first_failed_log
 from pipeline.launcher.manifest import add_skipped
 from pipeline.launcher.overrides import PlainBase, commute, is_plain_change
 from pipeline.launcher.points import check_allocations, resubmit_without_bad_nodes, start
 from pipeline.point import PlannedPoint, check_folder, prepare_run
+from pipeline.rundir import RECORD_NAME
 from pipeline.launcher.status import wait_for_sweep
 
 log = logging.getLogger(__name__)
@@ -61,26 +64,79 @@ class SweepPoint:
         return PlannedPoint(self.index, self.overrides, self.run, self.point_dir)
 
 
-def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> None:
+@dataclass
+class PointOutcome:
+    """What became of a point, for a sweeper that chooses the next points from it (Hydra's optimisation sweepers):
+    its objective's values, read from its record, or why it has none (it failed, diverged, was cancelled, or could
+    not run)."""
+
+    index: int
+    overrides: list[str]
+    point_dir: Path | None
+    values: list[float] | None
+    failure: str | None = None
+
+
+def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
+                 initial_job_idx: int = 0, outcomes: bool = False) -> list[PointOutcome]:
+    """Check, start and (on Slurm) submit the points; numbered from `initial_job_idx`, which a sweeper that
+    launches batch after batch advances, so no folder is used twice. With `outcomes` (a sweeper that reads them),
+    a point that fails is an outcome, not the launch's end: the launch waits for Slurm's points and returns each
+    point's outcome, in order."""
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     composer = Composer(hydra_context, config)
-    points = [composer.point(idx, list(overrides)) for idx, overrides in enumerate(job_overrides)]
+    points = [composer.point(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
+    by_index = {p.index: p for p in points}
     sweep_dir = check_folder("hydra.sweep.dir", Path(str(config.hydra.sweep.dir)).absolute())
     ok = [p for p in points if not p.problem]
     for index, problem in check_allocations([p.planned() for p in ok], sweep_dir).items():
-        points[index].problem = f"Slurm would reject it: {problem}"
-    runnable = refuse_or_skip(points, sweep_dir)
+        by_index[index].problem = f"Slurm would reject it: {problem}"
+    for p in points:  # a search's points are its own: it runs them itself
+        if p.run is not None and p.run.search is not None and not p.problem:
+            p.problem = ("search=optuna chooses its trials itself: launch it without -m (docs/searching.md)"
+                         if not outcomes else "search=optuna cannot run under another sweeper: set search=null")
+    runnable = refuse_or_skip(points, sweep_dir, failing_is_an_outcome=outcomes)
     log.info("%d point(s): %s", len(runnable), ", ".join(
         f"{n} {kind}" for kind, n in Counter(p.run.cluster.kind for p in runnable).items()))
     with reported():  # a folder that cannot be used (nothing was started), a point that failed
-        start([p.planned() for p in runnable], sweep_dir)
+        try:
+            start([p.planned() for p in runnable], sweep_dir)
+        except RunFailed:
+            if not outcomes:
+                raise  # the points' outcomes are read below, from their records
     submitted = [p for p in runnable if p.run.cluster.kind == "slurm" and not p.run.dry_run]
     if submitted:
         log.info("%d point(s) submitted; sweep folder %s; follow with: python -m pipeline.status %s",
                  len(submitted), sweep_dir, sweep_dir)
-        if any(p.run.wait for p in submitted):
+        if outcomes or any(p.run.wait for p in submitted):
             wait_for_sweep(sweep_dir, resubmit_without_bad_nodes)
+    return [outcome_of(p) for p in points] if outcomes else []
+
+
+def outcome_of(p: SweepPoint) -> PointOutcome:
+    """The point's objective from its record (pipeline/objective.py), or why there is none."""
+    from pipeline.collector.records import Problem, read_record
+    from pipeline.objective import NoValue, value_of
+
+    def failed(why: str) -> PointOutcome:
+        return PointOutcome(p.index, p.overrides, p.point_dir, None, f"{p.label}: {why}")
+
+    if p.problem:
+        return failed(p.problem)
+    if p.run.dry_run:
+        return failed("a dry run: nothing was trained")
+    path = p.point_dir / RECORD_NAME
+    if not (path.exists() or path.is_symlink()):
+        return failed(f"it ended without a record ({first_failed_log(p.point_dir) or 'no rank log'})")
+    rec = read_record(str(path))
+    if isinstance(rec, Problem):
+        return failed(rec.reason)
+    names = p.run.objective if isinstance(p.run.objective, list) else [p.run.objective]
+    try:
+        return PointOutcome(p.index, p.overrides, p.point_dir, [value_of(rec, name) for name in names])
+    except NoValue as e:
+        return failed(str(e))
 
 
 def task_part(cfg: DictConfig) -> DictConfig:
@@ -246,14 +302,18 @@ class Composer:
         return override.is_hydra_override() or override.key_or_group.split("@")[0] in self.groups
 
 
-def refuse_or_skip(points: list[SweepPoint], sweep_dir: Path) -> list[SweepPoint]:
+def refuse_or_skip(points: list[SweepPoint], sweep_dir: Path, failing_is_an_outcome: bool = False
+                   ) -> list[SweepPoint]:
     """The points that can run. If some cannot, nothing is launched (exit 2, listing them), unless each of them
-    says allow_partial=true and some other point can run; those are then skipped and listed in the manifest."""
+    says allow_partial=true, or `failing_is_an_outcome` (a sweeper's trial whose parameters cannot run is a failed
+    trial), and some other point can run; those are then skipped and listed in the manifest."""
     bad = [p for p in points if p.problem]
-    if bad and (not all(p.allow_partial for p in bad) or len(bad) == len(points)):
+    allowed = all(p.allow_partial or failing_is_an_outcome for p in bad)
+    if bad and (not allowed or len(bad) == len(points)):
         exit_on_config_error(ConfigError(f"{len(bad)} of {len(points)} sweep points cannot run, nothing was launched:"
                                          "\n" + "\n".join(f"{p.label}: {p.problem}" for p in bad)))
     for p in bad:
-        log.warning("allow_partial=true, skipping %s: %s", p.label, p.problem)
+        log.warning("%s, skipping %s: %s", "allow_partial=true" if p.allow_partial else "a failed trial", p.label,
+                    p.problem)
         add_skipped(sweep_dir, p.index, p.overrides, f"{p.label}: {p.problem}")
     return [p for p in points if not p.problem]
