@@ -26,6 +26,7 @@ from pipeline.launcher.errors import reported, run_reporting  # noqa: E402
 from pipeline.launcher.points import (check_allocations, plan_from_hydra, resubmit_without_bad_nodes,  # noqa: E402
                                       start)
 from pipeline.point import prepare_run  # noqa: E402
+from pipeline.search.launch import launch_search  # noqa: E402
 from pipeline.launcher.status import wait_for_sweep  # noqa: E402
 
 register_configs()
@@ -35,6 +36,8 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     with reported():
         point, folder = plan_from_hydra(prepare_run(cfg))
+        if point.run.search is not None:  # its workers ask for trials and train them
+            return launch_search(point, folder)
         problem = check_allocations([point], folder).get(point.index)
         if problem:
             raise ConfigError(f"Slurm would reject this job: {problem}")

@@ -7,6 +7,8 @@
     holder   -> launches    POINT_DIR/.run.lock      LockHolder  who runs the point now (the file is flocked)
     rank 0   -> launcher    SWEEP_DIR/bad-nodes.json BadNodes  nodes a health check found bad (health.on_bad=exclude)
     a rank   -> launcher    POINT_DIR/logs/rank{R}.failed.json  Failure  a rank that raised, and when
+    launcher -> workers     SEARCH_DIR/search.json   SearchPlan  a search's base config, space and objectives
+    worker   -> its restart SEARCH_DIR/workers/{K}/worker.json  WorkerState  its job and the trial it trains
 
 Each file is a frozen dataclass with `to_json` (a JSON-ready dict) and `from_json` (which checks every field's
 type and names the one it cannot use: `ranks[1].busy_time_median_s: expected a number, got str`). Writers,
@@ -53,6 +55,12 @@ PREVIOUS_SHARDED_CHECKPOINT_NAME = "checkpoint.prev.dcp"
 CHECKSUMS_NAME = "checksums.json"
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
+SEARCH_NAME = "search.json"  # a search's folder (search=optuna)
+WORKERS_DIR = "workers"  # SEARCH_DIR/workers/<k>: each worker's state and heartbeat
+TRIALS_DIR = "trials"  # SEARCH_DIR/trials/<number>: each trial, a point folder
+WORKER_NAME = "worker.json"
+HEARTBEAT_NAME = "heartbeat"  # touched by a live worker: its mtime is its last sign of life
+STUDY_JOURNAL_NAME = "study.journal"  # Optuna's journal file, where search.storage is not given
 RUN_LOCK_NAME = ".run.lock"  # held (flock) by whoever runs the folder's point: one run per folder
 SUBMITIT_DIR = "submitit"  # cluster=slurm: submitit's script, pickles and the batch step's log
 SBATCH_NAME = "job.sbatch"  # dry run: the script that would be submitted
@@ -443,3 +451,47 @@ class BadNodes(JsonFile):
 
     def of_job(self, job_id: str | None) -> list[BadNodeEntry]:
         return [e for e in self.entries if job_id is not None and e.job_id == job_id]
+
+
+# ------------------------------------------------------------------------------------------------- a search
+@dataclass(frozen=True, kw_only=True)
+class SearchParam:
+    """One parameter of a search's space (pipeline.search.space.Param, as search.json keeps it)."""
+
+    name: str
+    type: str  # "float" | "int" | "categorical"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[list[Any]] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchPlan(JsonFile):
+    """SEARCH_DIR/search.json: what the launch of a search (search=optuna) fixed for its workers."""
+
+    FILE: ClassVar[str] = SEARCH_NAME
+    schema_version: int = SCHEMA_VERSION
+    config: dict[str, Any]  # every trial's config before its parameters are set (search: the search's own)
+    overrides: list[str]
+    space: list[SearchParam]
+    objectives: list[str]  # the record's figures (pipeline.objective)
+    directions: list[str]  # "minimize" | "maximize", one per objective
+    storage: str  # Optuna's storage: a database URL, or the journal file's path
+    study: str
+    launch_mode: str  # "local" | "slurm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerState(JsonFile):
+    """SEARCH_DIR/workers/<k>/worker.json: the worker's job, and the trial it trains (null between trials), which
+    its requeued job resumes."""
+
+    FILE: ClassVar[str] = WORKER_NAME
+    worker: int
+    job_id: Optional[str]  # Slurm's (an array task: "123_4"); None in local debug mode
+    host: str
+    pid: int
+    trial: Optional[int] = None
+    started_trials: list[int] = field(default_factory=list)

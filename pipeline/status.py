@@ -1,4 +1,5 @@
 """Where a sweep stands:  python -m pipeline.status SWEEP_DIR [--resubmit-failed] [--wait]
+(and a search, search=optuna: its study's trials, the best so far and its workers)
 
 Reconciles the sweep's manifest with Slurm and the result records, prints a line per point, points to the first
 failed rank's log of each point that ended without a usable record, and resubmits those points if asked. A point
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pipeline.launcher.logs import tail
 from pipeline.launcher.status import PointStatus, format_table, sweep_status, wait_for_sweep
-from pipeline.rundir import MANIFEST_NAME, Failure
+from pipeline.rundir import MANIFEST_NAME, SEARCH_NAME, Failure
 
 
 def resubmit_bad_nodes(sweep_dir: Path, statuses: list[PointStatus]) -> list[str]:
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --resubmit-failed: the points whose training diverged too")
     parser.add_argument("--wait", action="store_true", help="block until every point has ended")
     args = parser.parse_args(argv)
+    if (args.sweep_dir / SEARCH_NAME).is_file():
+        return search_status(args.sweep_dir)
     try:
         statuses = wait_for_sweep(args.sweep_dir, resubmit_bad_nodes) if args.wait else sweep_status(args.sweep_dir)
         said = [] if args.wait else resubmit_bad_nodes(args.sweep_dir, statuses)  # --wait resubmits as it goes
@@ -63,6 +66,22 @@ def main(argv: list[str] | None = None) -> int:
 
         for point, job in resubmit_failed(args.sweep_dir, statuses, args.include_diverged):
             print(f"point {point}: resubmitted as job {job}")
+    return 0
+
+
+def search_status(search_dir: Path) -> int:
+    """A search's folder (search=optuna): its study and its workers (pipeline.search.summary)."""
+    try:
+        from pipeline.search.summary import study_lines
+
+        print("\n".join(study_lines(search_dir)))
+    except ImportError as e:
+        print(f"pipeline.status: {search_dir} holds a search, read with Optuna, which cannot be imported ({e}): "
+              "pip install 'pipeline[search]'", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"pipeline.status: {search_dir / SEARCH_NAME} or its study cannot be read: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

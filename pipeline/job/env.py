@@ -82,11 +82,13 @@ class DistEnv:
         # An explicitly exported MASTER_ADDR wins (local debug mode exports one); otherwise the allocation's
         # first node, never a silent fallback to localhost.
         master = environ.get("MASTER_ADDR") or hostnames[0]
-        local_world = slurm.num_tasks // slurm.num_nodes
+        # a step on some of the allocation's nodes (a search's trial: pipeline/search/worker.py) has its own count
+        num_nodes = _int(environ, "SLURM_STEP_NUM_NODES", slurm.num_nodes)
+        local_world = slurm.num_tasks // num_nodes
         per_task = _gpu_count(environ.get("SLURM_GPUS_PER_TASK"))
         return cls(source="slurm", rank=slurm.global_rank, world_size=slurm.num_tasks,
                    local_rank=slurm.local_rank, local_world_size=local_world,
-                   node_rank=slurm.node, num_nodes=slurm.num_nodes, master_addr=master,
+                   node_rank=slurm.node, num_nodes=num_nodes, master_addr=master,
                    master_port=_int(environ, "MASTER_PORT", port_for_job(slurm.job_id)),
                    node_name=environ.get("SLURMD_NODENAME", socket.gethostname()),
                    job_id=slurm.job_id, nodelist=environ.get("SLURM_JOB_NODELIST"),

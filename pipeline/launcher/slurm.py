@@ -144,3 +144,24 @@ def submit(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple
     with executor.batch():
         jobs = [executor.submit(TrainingJob(), str(p.point_dir)) for p in group]
     return [job.job_id for job in jobs]
+
+
+def submit_search(run: RunConfig, search_dir: Path, workers: int, dry_run: bool = False) -> list[str] | Path:
+    """A search's workers (pipeline.search.worker.SearchWorker) as one job array of `workers` tasks, each with the
+    allocation `run` asks for. The worker runs on the batch step (no srun: its trials are the job's steps), so
+    submitit's files and its log are in SEARCH_DIR/submitit. A dry run writes the script, SEARCH_DIR/workers.sbatch,
+    and returns its path."""
+    from pipeline.search.worker import SearchWorker
+
+    kind = _ScriptWriter if dry_run else submitit.SlurmExecutor
+    executor = kind(folder=search_dir / SUBMITIT_DIR, max_num_timeout=3)
+    params = sbatch_parameters(run, f"pipeline-search-{search_dir.name}", search_dir / LOG_DIR)
+    del params["srun_args"]  # the trials' steps set their own (pipeline.search.worker.srun_command)
+    executor.update_parameters(**params, use_srun=False, array_parallelism=workers)
+    if dry_run:
+        executor.parameters["map_count"] = workers
+        path = search_dir / "workers.sbatch"
+        path.write_text(executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run"))
+        return path
+    jobs = executor.map_array(SearchWorker(), [str(search_dir)] * workers, list(range(workers)))
+    return [job.job_id for job in jobs]

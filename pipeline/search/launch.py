@@ -1,0 +1,143 @@
+"""The launch of a search (`python -m pipeline.launch search=optuna ...`), in named steps: check the search (its
+space, objectives and directions, and that Optuna is installed) before anything is written, claim the folder,
+write search.json, create the study, then start the workers: on Slurm one job array of search.workers tasks, each
+with the point's allocation (with `nodes` in the space, the largest), and return; in local debug mode the
+workers as processes here, waited for. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.objective import auto_direction
+from pipeline.point import PlannedPoint
+from pipeline.rundir import WORKERS_DIR, SearchParam, SearchPlan, WorkerState
+from pipeline.runlock import claim
+from pipeline.search.space import Param, parse_space
+from pipeline.search.study import journal_path
+
+log = logging.getLogger("pipeline.launch")
+MIN_OPTUNA = (4, 2)  # the journal file's lock with a grace period (a killed worker's lock is taken over)
+
+
+def launch_search(point: PlannedPoint, search_dir: Path) -> None:
+    plan = plan_search(point, search_dir)
+    run = point.run
+    held = claim(search_dir, point.config, run.overwrite, "hydra.run.dir")
+    try:
+        held.prepare()
+        plan.write(search_dir)
+        from pipeline.search.study import open_study
+
+        open_study(plan, run.search, create=True)
+    finally:
+        held.lock.release()
+    log.info("search: %d trial(s) by %d worker(s); study %s in %s; follow with: python -m pipeline.status %s",
+             run.search.trials, run.search.workers, plan.study, plan.storage, search_dir)
+    if plan.launch_mode == "local":
+        run_local_workers(search_dir, run.search.workers)
+    else:
+        submit_workers(point, search_dir)
+
+
+def plan_search(point: PlannedPoint, search_dir: Path) -> SearchPlan:
+    """Everything a worker needs, checked: ConfigError (exit 2, before anything is written) names the key."""
+    run = point.run
+    check_optuna()
+    space = parse_space(run.search.space, point.config)
+    nodes = next((p for p in space if p.name == "nodes"), None)
+    whole = nodes is None or (nodes.type == "int" and nodes.low >= 1) or (
+        nodes.type == "categorical" and all(isinstance(c, int) and c >= 1 for c in nodes.choices))
+    if not whole:
+        raise ConfigError("search.space.nodes must be whole node counts of at least 1, e.g. int(interval(1, 4)) or "
+                          "choice(1, 2, 4)")
+    objectives = run.objective if isinstance(run.objective, list) else [run.objective]
+    storage = run.search.storage or journal_path(search_dir)
+    return SearchPlan(config=point.config, overrides=point.overrides,
+                      space=[SearchParam(**vars(p)) for p in space], objectives=objectives,
+                      directions=directions(run, objectives), storage=storage,
+                      study=run.search.study or search_dir.name, launch_mode=run.cluster.kind)
+
+
+def check_optuna() -> None:
+    try:
+        version = importlib.metadata.version("optuna")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError("search=optuna needs Optuna, which is not installed: pip install 'pipeline[search]'") \
+            from None
+    if tuple(int(x) for x in version.split(".")[:2]) < MIN_OPTUNA:
+        raise ConfigError(f"search=optuna needs optuna>={'.'.join(map(str, MIN_OPTUNA))} (its journal lock's grace "
+                          f"period), found {version} (hydra-optuna-sweeper pins optuna<3: install it with --no-deps): "
+                          "pip install 'pipeline[search]'")
+
+
+def directions(run: RunConfig, objectives: list[str]) -> list[str]:
+    given = run.search.direction
+    given = [given] * len(objectives) if isinstance(given, str) else list(given)
+    if len(given) != len(objectives):
+        raise ConfigError(f"search.direction={run.search.direction!r} gives {len(given)} direction(s) for "
+                          f"{len(objectives)} objective(s) ({', '.join(objectives)})")
+    provides = getattr(run.dataset, "provides", None)
+    out = []
+    for name, direction in zip(objectives, given):
+        if direction == "auto":
+            direction = auto_direction(name, provides)
+            if direction is None:
+                raise ConfigError(f"search.direction=auto cannot tell which way {name} is better for dataset."
+                                  f"_target_={run.dataset['_target_']} (accuracy is maximised, perplexity and loss "
+                                  "minimised): set search.direction=maximize or minimize")
+        elif direction not in ("minimize", "maximize"):
+            raise ConfigError(f"search.direction={direction!r} is not allowed; choose one of: auto, minimize, "
+                              "maximize (or a list, one per objective)")
+        out.append(direction)
+    return out
+
+
+def largest(run: RunConfig, space: list[Param]) -> RunConfig:
+    """The worker's allocation: the point's, with as many nodes as the space's largest node count."""
+    nodes = next((p for p in space if p.name == "nodes"), None)
+    if nodes is None:
+        return run
+    return replace(run, nodes=int(max(nodes.choices) if nodes.type == "categorical" else nodes.high))
+
+
+def run_local_workers(search_dir: Path, workers: int) -> None:
+    """Local debug mode: the workers as processes of this launch, at once; returns when all have ended."""
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.search.worker", str(search_dir), str(k)])
+             for k in range(workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        from pipeline.launcher.local import RunFailed
+
+        raise RunFailed(f"search worker(s) {', '.join(str(k) for k, c in enumerate(codes) if c)} failed (exit codes "
+                        f"{codes}); the study keeps what was told: python -m pipeline.status {search_dir}")
+
+
+def submit_workers(point: PlannedPoint, search_dir: Path) -> list[str]:
+    """One job array of search.workers tasks, each running a SearchWorker on its allocation's first node; each
+    worker's job id is written to its folder before the job can start."""
+    from pipeline.launcher.slurm import submit_search
+
+    plan = SearchPlan.read(search_dir)
+    from pipeline.search.study import params_of
+
+    run = largest(point.run, params_of(plan))
+    if point.run.dry_run:
+        script = submit_search(run, search_dir, point.run.search.workers, dry_run=True)
+        log.info("dry run, nothing submitted: the workers' sbatch script: %s", script)
+        return []
+    jobs = submit_search(run, search_dir, point.run.search.workers)
+    for k, job in enumerate(jobs):
+        folder = search_dir / WORKERS_DIR / str(k)
+        folder.mkdir(parents=True, exist_ok=True)
+        WorkerState(worker=k, job_id=job, host=socket.gethostname(), pid=0).write(folder)
+    log.info("%d search worker(s) submitted as Slurm job array %s (%d node(s) x %d task(s) each)", len(jobs),
+             jobs[0].split("_")[0], run.nodes, run.cluster.tasks_per_node)
+    return jobs
