@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
 	$(PY) -m pip install -q -e ".[dev]"
+	# Hydra's Optuna sweeper, which the tests run through the launcher: its release pins optuna<3, which lacks what
+	# search=optuna needs (pyproject.toml); it works with the optuna installed above
+	$(PY) -m pip install -q --no-deps "hydra-optuna-sweeper==1.3.0"
 	touch $@
 
 run: install
