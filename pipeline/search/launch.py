@@ -18,10 +18,9 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 from pipeline.objective import auto_direction
 from pipeline.point import PlannedPoint
-from pipeline.rundir import WORKERS_DIR, SearchParam, SearchPlan, WorkerState
+from pipeline.rundir import STUDY_JOURNAL_NAME, WORKERS_DIR, SearchParam, SearchPlan, WorkerState
 from pipeline.runlock import claim
 from pipeline.search.space import Param, parse_space
-from pipeline.search.study import journal_path
 
 log = logging.getLogger("pipeline.launch")
 MIN_OPTUNA = (4, 2)  # the journal file's lock with a grace period (a killed worker's lock is taken over)
@@ -59,7 +58,7 @@ def plan_search(point: PlannedPoint, search_dir: Path) -> SearchPlan:
         raise ConfigError("search.space.nodes must be whole node counts of at least 1, e.g. int(interval(1, 4)) or "
                           "choice(1, 2, 4)")
     objectives = run.objective if isinstance(run.objective, list) else [run.objective]
-    storage = run.search.storage or journal_path(search_dir)
+    storage = run.search.storage or str(search_dir / STUDY_JOURNAL_NAME)  # Optuna's journal file: no server
     return SearchPlan(config=point.config, overrides=point.overrides,
                       space=[SearchParam(**vars(p)) for p in space], objectives=objectives,
                       directions=directions(run, objectives), storage=storage,

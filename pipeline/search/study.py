@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import OptunaSearchConfig
-from pipeline.rundir import HEARTBEAT_NAME, STUDY_JOURNAL_NAME, WORKERS_DIR, SearchPlan, WorkerState
+from pipeline.rundir import HEARTBEAT_NAME, WORKERS_DIR, SearchPlan, WorkerState
 from pipeline.runlock import exclusive
 from pipeline.search.space import Param
 
@@ -46,10 +46,6 @@ def storage_of(plan: SearchPlan, settings: OptunaSearchConfig):
 
     lock = JournalFileSymlinkLock(plan.storage, grace_period=settings.lock_grace_s)
     return optuna.storages.JournalStorage(JournalFileBackend(plan.storage, lock_obj=lock))
-
-
-def journal_path(search_dir: Path) -> str:
-    return str(search_dir / STUDY_JOURNAL_NAME)
 
 
 def sampler_of(settings: OptunaSearchConfig, worker: int):
