@@ -14,7 +14,6 @@ import collections
 import logging
 import os
 import queue
-import random
 import socket
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from pipeline.cgroup import oom_kills
 from pipeline.launcher import forkserver
 from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, process_state
 from pipeline.launcher.signals import GRACE_S, Process, stop_sessions
-from pipeline.job.env import PORT_RANGE
 from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
 
 log = logging.getLogger(__name__)
@@ -68,17 +66,9 @@ def simulated_slurm_env(job_id: str, nodes: int, tasks_per_node: int, node: int,
 
 
 def _free_port() -> int:
-    """A free port below the kernel's ephemeral ports (pipeline.job.env.PORT_RANGE): a port the kernel picked
-    (bind to 0) is one an outgoing connection can take before rank 0 listens on it (EADDRINUSE, seen)."""
-    for _ in range(100):
-        port = random.randint(*PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port in {PORT_RANGE} on 127.0.0.1 after 100 tries")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _copy(stream, rank: Rank, echo: bool, header: str) -> None:
