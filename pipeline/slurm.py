@@ -3,6 +3,7 @@
     names and values    what may reach an sbatch script (a plain token each: no whitespace, quote, `$`, `;` or
                         newline), the options the pipeline sets itself, those that would break a point's one
                         folder and one job
+    rendezvous ports    the range a job's rendezvous port is drawn from, and the port of a job id
     host lists          Slurm's compressed node lists (node[1,3-4]) expanded
     its commands        what `scontrol` says of the cluster (MaxArraySize) and of a job (the nodes it was kept
                         off), whether `sbatch --test-only` would take a script, the jobs' states as squeue and sacct
@@ -15,6 +16,7 @@ the job (pipeline.job.env).
 from __future__ import annotations
 
 import functools
+import random
 import re
 import shutil
 import subprocess
@@ -94,6 +96,18 @@ def excluded(exclude: list[str], avoid: tuple[str, ...] = ()) -> list[str]:
     """The nodes a submission keeps off (`--exclude`): cluster.exclude's and those the sweep avoids (its bad-node
     list), each once."""
     return sorted({*exclude, *avoid})
+
+
+# ---------------------------------------------------------------------------------------- rendezvous ports
+# The rendezvous port, derived from the job id (as submitit's helpers.TorchDistributedEnvironment does), below
+# Linux's default range of ephemeral ports (32768-60999, net.ipv4.ip_local_port_range): a port in that range can be
+# held by any outgoing connection of the node (Slurm's, a previous job's), and the store then fails with EADDRINUSE
+# (seen in CI with submitit's range, 20000-60000). Local debug mode draws from the same range for the same reason.
+PORT_RANGE = (20000, 32767)
+
+
+def port_for_job(job_id: str) -> int:
+    return random.Random(job_id).randint(*PORT_RANGE)
 
 
 # ------------------------------------------------------------------------------------------------ host lists

@@ -47,9 +47,9 @@ def pytest_collection_modifyitems(config, items):
         shared = RUN_FIXTURES & set(item.fixturenames)
         if shared or any(item.get_closest_marker(tier) for tier in ("slurm", "bench", "install")):
             item.add_marker(pytest.mark.e2e)
-        # `make test` runs the suite on three xdist workers (--dist loadgroup): a file's tests on one worker, so that its
-        # module's fixtures are made once; the Slurm tests on one (they share the cluster); the readers of a shared
-        # run on one
+        # `make test` runs the suite on three xdist workers (--dist loadgroup): a file's tests on one worker, so that
+        # its module's fixtures are made once; the Slurm tests on one (they share the cluster); the readers of a
+        # shared run on one
         groups[item] = "slurm" if item.get_closest_marker("slurm") else min(shared) if shared else item.path.name
         item.add_marker(pytest.mark.xdist_group(groups[item]))
     if getattr(config.option, "loadgroup", False):

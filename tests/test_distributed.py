@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.job.env import DistEnv, port_for_job
+from pipeline.job.env import DistEnv
+from pipeline.slurm import port_for_job
 from pipeline.job.placement import gpu_index
 from pipeline.launcher.local import simulated_slurm_env
 

@@ -8,23 +8,13 @@ Everything below this module receives plain ints.
 from __future__ import annotations
 
 import os
-import random
 import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-# The rendezvous port, derived from the job id (as submitit's helpers.TorchDistributedEnvironment does), below
-# Linux's default range of ephemeral ports (32768-60999, net.ipv4.ip_local_port_range): a port in that range can be
-# held by any outgoing connection of the node (Slurm's, a previous job's), and the store then fails with EADDRINUSE
-# (seen in CI with submitit's range, 20000-60000)
-PORT_RANGE = (20000, 32767)
-
-
-def port_for_job(job_id: str) -> int:
-    return random.Random(job_id).randint(*PORT_RANGE)
-
+from pipeline.slurm import port_for_job
 
 @dataclass(frozen=True)
 class DistEnv:

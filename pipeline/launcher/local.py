@@ -14,6 +14,7 @@ import collections
 import logging
 import os
 import queue
+import random
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pipeline.launcher import forkserver
 from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, process_state
 from pipeline.launcher.signals import GRACE_S, Process, stop_sessions
 from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
+from pipeline.slurm import PORT_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,18 @@ def simulated_slurm_env(job_id: str, nodes: int, tasks_per_node: int, node: int,
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now in PORT_RANGE: the kernel's own choice (port 0) is an ephemeral port, which any outgoing
+    connection may take before rank 0's store binds it (EADDRINUSE, seen in CI)."""
+    draw = random.Random()
+    for _ in range(100):
+        port = draw.randint(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1]} on 127.0.0.1 after 100 tries")
 
 
 def _copy(stream, rank: Rank, echo: bool, header: str) -> None:

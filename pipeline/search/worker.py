@@ -32,6 +32,7 @@ from pipeline.rundir import (LOG_DIR, RECORD_NAME, SRUN_LOG_PATTERN, TRIALS_DIR,
                              WorkerState, record_status, parse_json, read_small)
 from pipeline.runlock import claim
 from pipeline.search import study as studies
+from pipeline.slurm import port_for_job
 
 log = logging.getLogger("pipeline.search")
 
@@ -238,8 +239,6 @@ def srun_command(point: PlannedPoint) -> list[str]:
     run = point.run
     hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                            capture_output=True, text=True, check=True).stdout.split()[:run.nodes]
-    from pipeline.job.env import port_for_job
-
     env = f"ALL,MASTER_ADDR={hosts[0]},MASTER_PORT={port_for_job(f'{slurm_job_id()}-{point.index}')}"
     return ["srun", f"--nodes={run.nodes}", f"--ntasks={run.world_size}",
             f"--ntasks-per-node={run.cluster.tasks_per_node}",
