@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.collector.memory import parse_size
 from pipeline.collector.forecast import PREDICT_AT
 from pipeline.collector.nodes import find_bad_node_lists, node_histories
-from pipeline.collector.records import Diverged, load_runs
+from pipeline.collector.records import Diverged, Pruned, load_runs
 from pipeline.collector.report import Collected, load_baseline, terminal_table, write_report
 from pipeline.collector.scaling import aggregate, regressions
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     runs, problems = load_runs(args.paths)
     lists, unreadable = find_bad_node_lists(args.paths)
     for p in problems:
-        print(f"{'diverged' if isinstance(p, Diverged) else 'skipped'} {p.path}: {p.reason}", file=sys.stderr)
+        kind = "diverged" if isinstance(p, Diverged) else "pruned" if isinstance(p, Pruned) else "skipped"
+        print(f"{kind} {p.path}: {p.reason}", file=sys.stderr)
     for line in unreadable:
         print(f"skipped bad-node list {line}", file=sys.stderr)
     if not runs:
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     collected = Collected(rows, models, problems, node_histories(runs, lists))
     report = write_report(args.out, collected, found, with_plots=not args.no_plots)
     print(terminal_table(rows))
-    diverged = sum(isinstance(p, Diverged) for p in problems)
+    diverged, pruned = (sum(isinstance(p, kind) for p in problems) for kind in (Diverged, Pruned))
     print(f"\n{len(runs)} runs in {len({r.group for r in rows})} groups, {diverged} diverged, "
-          f"{len(problems) - diverged} records skipped; report: {report}")
+          + (f"{pruned} pruned, " if pruned else "") + f"{len(problems) - diverged - pruned} records skipped; "
+          f"report: {report}")
     for line in found:
         print(f"REGRESSION {line}", file=sys.stderr)
     return 1 if found else 0

@@ -109,6 +109,9 @@ class TrainerConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # > 0: rank 0 also checkpoints every N steps (always on the preemption signal)
     eval_samples: int = 0  # evaluate on at most this many held-out samples; 0: all of them
+    # > 0: also evaluate every this many steps during training (the record's `evaluations`; a search's pruner
+    # judges a trial by them), the step timer stopped meanwhile; 0: at the end only
+    eval_every: int = 0
     tensorboard: bool = True  # rank 0 writes scalars when the tensorboard package is installed
     # every this many steps the ranks agree whether any loss was not finite (NaN, inf): the run then stops as
     # diverged; a sharded run's ranks agree then too whether any caught the stop signal, and checkpoint together.
@@ -137,6 +140,7 @@ class TrainerConfig:
         check_at_least("trainer.log_every", self.log_every, 1)
         check_at_least("trainer.checkpoint_every", self.checkpoint_every, 0)
         check_at_least("trainer.eval_samples", self.eval_samples, 0)
+        check_at_least("trainer.eval_every", self.eval_every, 0)
         check_at_least("trainer.finite_check_every", self.finite_check_every, 1)
         check_at_least("trainer.grad_accum_steps", self.grad_accum_steps, 0)
         if self.grad_accum_steps == 0 and self.scaling != "strong":

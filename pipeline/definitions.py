@@ -81,7 +81,11 @@ RECORD = {
                          "throughput_samples_per_s",
     "status": "completed, or diverged: a loss was not finite (NaN, infinite) at diverged_at_step; the ranks agree "
               "on it every trainer.finite_check_every steps and stop together, and no figure of the record is then "
-              "NaN (null, with the reason in missing)",
+              "NaN (null, with the reason in missing); or pruned: a search's pruner (search.pruner) stopped the trial "
+              "after its evaluation at pruned_at_step, which is then the record's evaluation",
+    "evaluations": "the evaluations during training, every trainer.eval_every steps, as evaluation defines it, each "
+                   "after `step` steps, across restarts; the step timer is stopped while they run, so no timing "
+                   "figure includes them (wall_time_s does)",
     "missing": "a figure or file the run did not produce after training (the evaluation, flops_per_sample, the "
                "weights, TensorBoard), and why: the record is written regardless",
     "io": "how batches met the model: the items (pairs, or mappings and their keys), where the logits were read "

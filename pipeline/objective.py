@@ -26,6 +26,9 @@ DERIVED = {
     * rec.wall_time_s / 3600,
 }
 DIRECTIONS = ("minimize", "maximize")
+# the objectives a trial also reports during training (trainer.eval_every), which a pruner can judge it by: the
+# figure of each evaluation that is the objective's
+INTERMEDIATE = {"evaluation.value": "value", "evaluation.loss": "loss"}
 
 
 class NoValue(Exception):

@@ -102,6 +102,17 @@ class Evaluation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StepEvaluation:
+    """An evaluation during training (trainer.eval_every), as Evaluation, after `step` steps."""
+
+    step: int
+    samples: int
+    loss: float
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelIOInfo:
     """How batches met the model (pipeline.job.model_io), in words."""
 
@@ -394,7 +405,9 @@ class Result(JsonFile):
     # rank 0's start-up: seconds from its process's start to ready (imports done), rendezvous, datasets, model,
     # trainer (DDP and all), probe, first_step
     startup: Optional[dict[str, float]] = None
-    status: str = "completed"  # or "diverged": the loss stopped being finite at diverged_at_step
+    # or "diverged": the loss stopped being finite at diverged_at_step; or "pruned": a search's pruner stopped the
+    # trial at pruned_at_step, after that step's evaluation (the record's `evaluation`)
+    status: str = "completed"
     diverged_at_step: Optional[int] = None
     missing: dict[str, str] = field(default_factory=dict)  # a figure or file not produced, and why
     model_label: Optional[str] = None  # the model as people name it: its class and size (GPT2LMHeadModel 2x64)
@@ -405,3 +418,5 @@ class Result(JsonFile):
     parallel: Optional[ParallelInfo] = None
     micro_batch: Optional[int] = None
     grad_accum_steps: int = 1
+    evaluations: list[StepEvaluation] = field(default_factory=list)  # during training, every trainer.eval_every
+    pruned_at_step: Optional[int] = None

@@ -59,6 +59,7 @@ SEARCH_NAME = "search.json"  # a search's folder (search=optuna)
 WORKERS_DIR = "workers"  # SEARCH_DIR/workers/<k>: each worker's state and heartbeat
 TRIALS_DIR = "trials"  # SEARCH_DIR/trials/<number>: each trial, a point folder
 WORKER_NAME = "worker.json"
+TRIAL_NAME = "trial.json"  # in a trial's point folder: the search and trial it is, for its pruner
 HEARTBEAT_NAME = "heartbeat"  # touched by a live worker: its mtime is its last sign of life
 STUDY_JOURNAL_NAME = "study.journal"  # Optuna's journal file, where search.storage is not given
 RUN_LOCK_NAME = ".run.lock"  # held (flock) by whoever runs the folder's point: one run per folder
@@ -232,12 +233,13 @@ def parse_json(raw: bytes) -> Any:
 
 # The record's status, read from its raw JSON by those that need no more of it (the launcher, status): its types are
 # pipeline.result's.
-RECORD_STATUSES = ("completed", "diverged")
+RECORD_STATUSES = ("completed", "diverged", "pruned")
 
 
 def record_status(data: Any) -> str:
     """A record's `status`, read from its raw JSON before it is typed (a diverged run's record may lack figures
-    a completed one has): "completed" or "diverged"; records from before the field existed are completed ones."""
+    a completed one has): "completed", "diverged" or "pruned" (a search's trial its pruner stopped); records from
+    before the field existed are completed ones."""
     status = data.get("status", "completed") if type(data) is dict else "completed"
     if status not in RECORD_STATUSES:
         raise SchemaError(f"expected one of {', '.join(RECORD_STATUSES)}, got {status!r}", ["status"])
@@ -481,6 +483,16 @@ class SearchPlan(JsonFile):
     storage: str  # Optuna's storage: a database URL, or the journal file's path
     study: str
     launch_mode: str  # "local" | "slurm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialRef(JsonFile):
+    """POINT_DIR/trial.json in a search's trial: the search (its search.json names the study) and the trial's
+    number, so that the trial's rank 0 reports its evaluations to the study and asks its pruner."""
+
+    FILE: ClassVar[str] = TRIAL_NAME
+    search_dir: str
+    number: int
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,7 +31,8 @@ def test_the_golden_files_of_a_real_run_read():
     golden = set(json.loads((RUN / "result.json").read_text()))
     assert set(result.to_json()) - golden == {"evaluation", "loader", "tokens_per_sample", "fabric", "startup",
                                              "status", "diverged_at_step", "missing", "model_label", "io", "optimizer",
-                                             "parallel", "micro_batch", "grad_accum_steps", "health"}
+                                             "parallel", "micro_batch", "grad_accum_steps", "health", "evaluations",
+                                             "pruned_at_step"}
     assert result.health is None and result.ranks[0].host.machine is None  # added later: their defaults
     assert result.evaluation is None and result.test_accuracy == 0.625
     # records from before sharding: all DDP, one micro-batch per step, no memory

@@ -97,6 +97,10 @@ def test_the_built_in_search_trains_its_trials_in_local_debug_mode(tmp_path):
     (["search=optuna", '+search.space.nodes="interval(0.5, 2.5)"'], "search.space.nodes"),
     (["search=optuna", "search.direction=[maximize, minimize]", LR], "search.direction"),
     (["-m", "search=optuna", LR, "trainer.seed=1,2"], "without -m"),
+    (["search=optuna", LR, "search.pruner=median"], "trainer.eval_every"),
+    (["search=optuna", LR, "search.pruner=hyperband", "trainer.eval_every=5",
+      "objective=[evaluation.value,cost.node_hours]", "search.direction=[maximize,minimize]"], "search.pruner=none"),
+    (["trainer.eval_every=-1"], "trainer.eval_every"),
 ])
 def test_bad_search_input_is_refused_at_launch(tmp_path, args, said):
     out = launch(*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)

@@ -139,6 +139,12 @@ class Diverged(Problem):
     nodes: int | None = None
 
 
+@dataclass(frozen=True)
+class Pruned(Problem):
+    """The record of a search's trial that its pruner stopped early: fewer steps than its config asks, so no
+    scaling measurement; listed apart (a search's report shows it in its study section)."""
+
+
 def optimizer_name(cfg: dict) -> str:
     """The optimizer's name: its `_target_`'s class (sgd, adamw, lars); records written before the optimizer
     became a `_target_` name it as trainer.optimizer."""
@@ -230,7 +236,7 @@ def _probe(rec: Result) -> Probe | None:
                  ops=tuple(ops.items()))
 
 
-def read_record(path: str) -> Result | Diverged | Problem:
+def read_record(path: str) -> Result | Diverged | Pruned | Problem:
     """One record, typed and checked, or why it cannot be used."""
     try:
         data = parse_json(read_small(Path(path)))
@@ -241,8 +247,12 @@ def read_record(path: str) -> Result | Diverged | Problem:
     except ValueError as e:  # corrupt or truncated
         return Problem(path, f"not valid JSON ({type(e).__name__}: {e})")
     try:
-        if record_status(data) == "diverged":
+        status = record_status(data)
+        if status == "diverged":
             return diverged(path, data)
+        if status == "pruned":
+            return Pruned(path, f"pruned by the search's pruner after its evaluation at step "
+                                f"{data.get('pruned_at_step', '?')}")
         rec = Result.from_json(data)  # SchemaError names a missing or mistyped field (or the wrong schema_version)
     except ValueError as e:
         return Problem(path, str(e))

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.collector.cost import COST_FRACTION
 from pipeline.collector.memory import size_text as _size
 from pipeline.collector.nodes import DEFINITIONS as NODES, NodeHistory
-from pipeline.collector.records import Diverged, Problem
+from pipeline.collector.records import Diverged, Problem, Pruned
 from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
 
@@ -317,8 +317,9 @@ def markdown(c: Collected, plots: list[str], regressions: list[str]) -> str:
                   f"{_f(p.marginal, '.0%')} |" for p in a.cost.points] + [""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in {**DEFINITIONS, **NODES}.items()] + [""]
     diverged = [p for p in problems if isinstance(p, Diverged)]
-    unusable = [p for p in problems if not isinstance(p, Diverged)]
-    for title, listed in (("Diverged runs", diverged), ("Records not used", unusable)):
+    pruned = [p for p in problems if isinstance(p, Pruned)]
+    unusable = [p for p in problems if not isinstance(p, (Diverged, Pruned))]
+    for title, listed in (("Diverged runs", diverged), ("Pruned trials", pruned), ("Records not used", unusable)):
         if listed:
             lines += [f"## {title}", ""] + [f"- `{p.path}`: {p.reason}" for p in listed] + [""]
     return "\n".join(lines)

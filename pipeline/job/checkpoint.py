@@ -252,6 +252,8 @@ def _load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.O
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def segment(start_step: int, phases: np.ndarray) -> dict:
-    """Rank 0's step timings of one uninterrupted stretch of a run (seconds: step, data, compute, comm)."""
-    return {"start_step": start_step, "phases": torch.from_numpy(np.asarray(phases, dtype=np.float64))}
+def segment(start_step: int, phases: np.ndarray, evaluations: list[dict]) -> dict:
+    """Rank 0's step timings of one uninterrupted stretch of a run (seconds: step, data, compute, comm), and the
+    evaluations made during it (trainer.eval_every; checkpoints from before them have none)."""
+    return {"start_step": start_step, "phases": torch.from_numpy(np.asarray(phases, dtype=np.float64)),
+            "evaluations": evaluations}

@@ -104,8 +104,10 @@ def build_record(job: Job, setup: TrainingSetup, outcome: TrainOutcome, ranks: l
         oversubscribed=any(r.host.oversubscribed for r in ranks), weights=finals.weights, ranks=ranks,
         provenance=provenance(job, outcome, ranks, facts.started_at), definitions=RECORD,
         fabric=facts.fabric, health=facts.health, startup=facts.startup, io=setup.io, optimizer=setup.optimizer,
-        status="diverged" if outcome.diverged_at_step is not None else "completed",
-        diverged_at_step=outcome.diverged_at_step, missing={**outcome.missing, **finals.missing, **unmeasured(job)},
+        status="diverged" if outcome.diverged_at_step is not None else
+        "pruned" if outcome.pruned_at_step is not None else "completed",
+        diverged_at_step=outcome.diverged_at_step, pruned_at_step=outcome.pruned_at_step,
+        evaluations=outcome.evaluations, missing={**outcome.missing, **finals.missing, **unmeasured(job)},
         parallel=outcome.parallel, micro_batch=run.micro_batch, grad_accum_steps=run.accum_steps)
 
 

@@ -36,9 +36,10 @@ from pipeline.job.placement import pick_device, place_threads
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.probe import describe, fell_back_to_sockets, nccl_interface, probe_sharded, route_interface, run_probe
 from pipeline.job.record import Finals, JobFacts, build_record, rank_result
-from pipeline.job.trainer import Trainer, TrainOutcome
+from pipeline.job.trainer import Judge, Trainer, TrainOutcome
 from pipeline.result import Fabric, Health, HostShare, Result
-from pipeline.rundir import LOG_DIR, RECORD_NAME, WEIGHTS_NAME, Failure, Point, failure_path, utc_now
+from pipeline.rundir import (LOG_DIR, RECORD_NAME, TRIAL_NAME, WEIGHTS_NAME, Failure, Point, TrialRef, failure_path,
+                             utc_now)
 
 log = logging.getLogger("pipeline.worker")
 # torchrun without a launch: rank 0 tells the others, through the rendezvous store, where it froze the point (or
@@ -212,10 +213,20 @@ def train(trainer: Trainer, job: Job) -> TrainOutcome:
     """Fit; on the preemption / time-limit signal rank 0 checkpoints at a step boundary and the job is requeued."""
     stop = StopSignal(job.rank)
     try:
-        return trainer.fit(stop)
+        return trainer.fit(stop, trial_judge(job))
     except Interrupted as e:
         log.warning("%s; checkpoint %s", e, trainer.save_checkpoint(e.step))
         stop.hand_over(job)  # does not return
+
+
+def trial_judge(job: Job) -> Judge | None:
+    """A search's trial (its folder holds trial.json): rank 0 reports each evaluation during training to the study,
+    whose pruner judges it (pipeline.search.study.TrialJudge)."""
+    if not job.is_rank0 or not (job.point_dir / TRIAL_NAME).exists():
+        return None
+    from pipeline.search.study import TrialJudge  # Optuna: only a search's trials need it
+
+    return TrialJudge(TrialRef.read(job.point_dir))
 
 
 def write_result(job: Job, trainer: Trainer, outcome: TrainOutcome, host: HostShare, facts: JobFacts,

@@ -1,6 +1,7 @@
 """The training loop: one rank's view, under DDP, FSDP or HSDP (pipeline.job.parallel). It takes every step in
 `trainer.grad_accum_steps` micro-batches, times it, stops the run when a loss is not finite (all ranks together),
-and evaluates the model on the held-out split at the end (pipeline.job.evaluate). What the trainer was set up with
+and evaluates the model on the held-out split at the end (pipeline.job.evaluate), and every trainer.eval_every steps
+if set, where a search's pruner may stop it. What the trainer was set up with
 (`TrainingSetup`) and what training produced (`TrainOutcome`) are the record's parts (pipeline.job.record)."""
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,9 +31,12 @@ from pipeline.job.parallel import Parallel, gradient_bytes, parallelize, paramet
 from pipeline.job.preemption import Interrupted, StopSignal
 from pipeline.job.timing import StepTimer
 from pipeline.result import (Evaluation, FastPath, LoaderInfo, Memory, ModelIOInfo, OptimizerInfo, ParallelInfo,
-                             Segment)
+                             Segment, StepEvaluation)
 
 log = logging.getLogger(__name__)
+# rank 0's judge of an evaluation during training (a search's pruner, pipeline.search.study.TrialJudge): True stops
+# the training after that step
+Judge = Callable[[int, Evaluation], bool]
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,9 @@ class TrainOutcome:
     parallel: ParallelInfo  # with the collectives as counted, where they were
     memory: Memory | None  # None when it could not be read (see missing)
     parameters_sha256: str
+    evaluations: list[StepEvaluation] = field(default_factory=list)  # during training (trainer.eval_every)
     diverged_at_step: int | None = None
+    pruned_at_step: int | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -72,6 +79,14 @@ class Diverged(Exception):
 
     def __init__(self, step: int):
         super().__init__(f"the loss was not finite (NaN or infinite) at step {step}: the run diverged")
+        self.step = step
+
+
+class Pruned(Exception):
+    """A search's pruner judged the evaluation at `step` unpromising; every rank learnt it at the same step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the search's pruner stopped the trial after its evaluation at step {step}")
         self.step = step
 
 
@@ -146,6 +161,10 @@ class Trainer:
         self.finite = FiniteCheck(t.finite_check_every, job.device, job.world_size)
         self.phases = self._phases()
         self.evaluator = Evaluator(job, work.data.test_set, self.batches, self.io, self.autocast)
+        # the evaluations during training (trainer.eval_every): the earlier stretches' (kept in the checkpoint), then
+        # this one's; one that failed is noted in `missed`
+        self.evaluations = [StepEvaluation(**e) for seg in self.segments for e in seg.get("evaluations", [])]
+        self.missed: dict[str, str] = {}
         self.first_step_at: float | None = None
 
     # ------------------------------------------------------------------------------------------ set-up steps
@@ -219,13 +238,15 @@ class Trainer:
         path."""
         self.parallel.sync_buffers()
         self.checkpoints.save(model=self.parallel.raw, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
-                              segments=[*self.segments, segment(self.start_step, self.timer.phases())])
+                              segments=[*self.segments, segment(self.start_step, self.timer.phases(), [
+                                  asdict(e) for e in self.evaluations if e.step > self.start_step])])
         return self.checkpoints.path
 
-    def fit(self, stop: StopSignal | None = None) -> TrainOutcome:
+    def fit(self, stop: StopSignal | None = None, judge: Judge | None = None) -> TrainOutcome:
         """Train from the start (or resumed) step to the last; raises Interrupted on rank 0 at the first step
         boundary after `stop` caught its signal. A loss that is not finite ends training on every rank at the next
-        finite check: the outcome then says where it diverged."""
+        finite check: the outcome then says where it diverged. Rank 0's `judge` sees each evaluation during
+        training (trainer.eval_every) and may stop it there: the outcome then says where it was pruned."""
         job, order = self.job, self.order
         self.reporter.start(self.start_step, order.total_steps, order.steps_per_epoch, self.batches.info.kind)
         self.parallel.wrapped.train()
@@ -247,9 +268,14 @@ class Trainer:
                         profiler.step()
                     done = step + 1
                     self._after_step(done, epoch, loss, stop)
+                    if self._evaluation_due(done):
+                        self._evaluate_during(done, judge)
         except Diverged as e:
             log.error("%s", e)
             return self._finish(done, None, diverged_at=e.step)
+        except Pruned as e:
+            log.warning("%s", e)
+            return self._finish(done, loss, pruned_at=e.step)
         except RuntimeError as e:
             if "find_unused_parameters=True" in str(e) and not job.run.ddp.find_unused_parameters:
                 raise RuntimeError(f"rank {job.rank}: some parameters of model._target_={target_of(job.run.model)} got "
@@ -315,10 +341,40 @@ class Trainer:
         if self.reporter.due(done):
             self.reporter.step(done, epoch, loss, self.optimizer.param_groups[0]["lr"], self.timer)
 
-    def _finish(self, steps: int, loss: torch.Tensor | None, diverged_at: int | None = None) -> TrainOutcome:
-        """The last step's loss averaged over ranks, the evaluation (not of a diverged model), and what the record
-        needs of this rank's training."""
-        missing, final_loss, evaluation = {}, None, None
+    def _evaluation_due(self, done: int) -> bool:
+        every = self.job.run.trainer.eval_every
+        return bool(every) and done % every == 0 and done < self.order.total_steps  # the last step's: _finish's
+
+    def _evaluate_during(self, done: int, judge: Judge | None) -> None:
+        """The evaluation after `done` steps, the step timer stopped meanwhile (no step's time includes it); rank 0's
+        judge sees it, and every rank learns its verdict at once: Pruned stops them all at this step. One that
+        fails is noted in the record's missing, and training goes on."""
+        try:
+            evaluation = self.evaluator.evaluate(self.parallel)
+        except EvaluationFailed as e:
+            log.warning("the evaluation after step %d failed: %s", done, e)
+            self.missed["evaluations"] = f"the evaluation after step {done} failed: {e}"
+            evaluation = None
+        self.parallel.wrapped.train()
+        if evaluation is not None:
+            self._keep(evaluation, done)
+        verdict = torch.tensor([float(judge is not None and evaluation is not None and judge(done, evaluation))],
+                               device=self.job.device)
+        dist.broadcast(verdict, src=0)
+        self.timer.start()  # the next step's clock starts now, not at the last step's end
+        if verdict.item():
+            raise Pruned(done)
+
+    def _keep(self, evaluation: Evaluation, step: int) -> None:
+        self.evaluations.append(StepEvaluation(step=step, samples=evaluation.samples, loss=evaluation.loss,
+                                               metric=evaluation.metric, value=evaluation.value))
+        self.reporter.evaluation(evaluation, step)
+
+    def _finish(self, steps: int, loss: torch.Tensor | None, diverged_at: int | None = None,
+                pruned_at: int | None = None) -> TrainOutcome:
+        """The last step's loss averaged over ranks, the evaluation (not of a diverged model; of a pruned one, the
+        evaluation it was pruned after), and what the record needs of this rank's training."""
+        missing, final_loss, evaluation = dict(self.missed), None, None
         # before evaluating: the last step's gradients are still held, and the clock has counted training only
         memory = self._memory(missing)
         parallel = self.parallel.measured_info(steps - self.start_step - self.job.run.trainer.warmup_steps)
@@ -328,6 +384,10 @@ class Trainer:
             final_loss = summed.item() / self.job.world_size
         if diverged_at is not None:
             missing["evaluation"] = f"not evaluated: the run diverged at step {diverged_at}"
+        elif pruned_at is not None:
+            last = self.evaluations[-1]
+            evaluation = Evaluation(split="test", samples=last.samples, loss=last.loss, metric=last.metric,
+                                    value=last.value)
         else:
             evaluation = self._evaluation(steps, missing)
         return TrainOutcome(
@@ -335,7 +395,8 @@ class Trainer:
             final_train_loss=final_loss if final_loss is not None and math.isfinite(final_loss) else None,
             evaluation=evaluation, segments=self._earlier_segments(), first_step_at=self.first_step_at,
             parallel=parallel, memory=memory, parameters_sha256=parameters_digest(self.parallel.raw),
-            diverged_at_step=diverged_at, missing=missing)
+            evaluations=list(self.evaluations), diverged_at_step=diverged_at, pruned_at_step=pruned_at,
+            missing=missing)
 
     def _memory(self, missing: dict[str, str]) -> Memory | None:
         try:
@@ -352,7 +413,10 @@ class Trainer:
             missing["evaluation"] = str(e)
             return None
         if evaluation is not None:
-            self.reporter.evaluation(evaluation, steps)
+            if self.job.run.trainer.eval_every:
+                self._keep(evaluation, steps)  # the history's last point
+            else:
+                self.reporter.evaluation(evaluation, steps)
         return evaluation
 
     def _earlier_segments(self) -> list[Segment]:

@@ -25,7 +25,8 @@ FINAL = {"FAILED": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "
 # "bad record": a record that cannot be used (unreadable, truncated, impossible values) is no result; "bad node": the
 # job stopped before training, its health check having found a bad node (health.on_bad=exclude)
 RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started", "bad record", "bad node"}
-RECORDED = ("completed", "diverged")  # what a usable record says; a diverged run is resubmitted only when asked
+# what a usable record says; a diverged run is resubmitted only when asked, a pruned trial (a search's) never
+RECORDED = ("completed", "diverged", "pruned")
 ENDED = RESUBMITTABLE | set(RECORDED)
 
 
@@ -50,14 +51,14 @@ def record_state(folder: Path) -> tuple[str | None, str]:
     "bad record" (with what is wrong with it)."""
     # imported here: the collector's reader brings numpy (pipeline.allreduce), which a launch imports this module
     # without needing, unless a built-in dataset's check brings it
-    from pipeline.collector.records import Diverged, Problem, read_record
+    from pipeline.collector.records import Diverged, Problem, Pruned, read_record
 
     path = folder / RECORD_NAME
     if not (path.exists() or path.is_symlink()):
         return None, ""
     rec = read_record(str(path))
-    if isinstance(rec, Diverged):
-        return "diverged", rec.reason
+    if isinstance(rec, (Diverged, Pruned)):
+        return ("diverged" if isinstance(rec, Diverged) else "pruned"), rec.reason
     if isinstance(rec, Problem):
         return "bad record", rec.reason
     return "completed", ""

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.objective import auto_direction
+from pipeline.objective import INTERMEDIATE, auto_direction
 from pipeline.point import PlannedPoint
 from pipeline.rundir import STUDY_JOURNAL_NAME, WORKERS_DIR, SearchParam, SearchPlan, WorkerState
 from pipeline.runlock import claim
@@ -58,6 +58,7 @@ def plan_search(point: PlannedPoint, search_dir: Path) -> SearchPlan:
         raise ConfigError("search.space.nodes must be whole node counts of at least 1, e.g. int(interval(1, 4)) or "
                           "choice(1, 2, 4)")
     objectives = run.objective if isinstance(run.objective, list) else [run.objective]
+    check_pruner(run, objectives, space)
     storage = run.search.storage or str(search_dir / STUDY_JOURNAL_NAME)  # Optuna's journal file: no server
     return SearchPlan(config=point.config, overrides=point.overrides,
                       space=[SearchParam(**vars(p)) for p in space], objectives=objectives,
@@ -75,6 +76,22 @@ def check_optuna() -> None:
         raise ConfigError(f"search=optuna needs optuna>={'.'.join(map(str, MIN_OPTUNA))} (its journal lock's grace "
                           f"period), found {version} (hydra-optuna-sweeper pins optuna<3: install it with --no-deps): "
                           "pip install 'pipeline[search]'")
+
+
+def check_pruner(run: RunConfig, objectives: list[str], space: list[Param]) -> None:
+    """A pruner judges a trial by the objective's value at its evaluations during training: one objective that
+    evaluations report, and evaluations during training (trainer.eval_every)."""
+    pruner = run.search.pruner
+    if pruner == "none":
+        return
+    if len(objectives) != 1 or objectives[0] not in INTERMEDIATE:
+        raise ConfigError(f"search.pruner={pruner} judges a trial by its evaluations during training, so the "
+                          f"objective must be one figure they report ({' or '.join(INTERMEDIATE)}); objective="
+                          f"{','.join(objectives)}: set search.pruner=none, or objective={next(iter(INTERMEDIATE))}")
+    if run.trainer.eval_every == 0 and not any(p.name == "trainer.eval_every" for p in space):
+        raise ConfigError(f"search.pruner={pruner} needs evaluations during training to judge a trial by: set "
+                          "trainer.eval_every (every this many steps; e.g. a fifth of the run's steps), or "
+                          "search.pruner=none")
 
 
 def directions(run: RunConfig, objectives: list[str]) -> list[str]:

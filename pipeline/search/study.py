@@ -26,7 +26,9 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import OptunaSearchConfig
-from pipeline.rundir import HEARTBEAT_NAME, WORKERS_DIR, SearchPlan, WorkerState
+from pipeline.objective import INTERMEDIATE
+from pipeline.point import prepare_run
+from pipeline.rundir import HEARTBEAT_NAME, WORKERS_DIR, SearchPlan, TrialRef, WorkerState
 from pipeline.runlock import exclusive
 from pipeline.search.space import Param
 
@@ -76,6 +78,32 @@ def open_study(plan: SearchPlan, settings: OptunaSearchConfig, create: bool = Fa
     if create:
         return optuna.create_study(directions=plan.directions, load_if_exists=True, **kwargs)
     return optuna.load_study(**kwargs)
+
+
+class TrialJudge:
+    """Rank 0 of a search's trial: each evaluation during training (trainer.eval_every) reported to the study as
+    the trial's intermediate value at its step, and the study's pruner asked whether to stop there. The study is
+    opened at the first evaluation; one that cannot be reached, or a trial marked ended meanwhile, prunes nothing
+    (the trial trains on, and the log says why)."""
+
+    def __init__(self, ref: TrialRef):
+        self.ref, self.trial = ref, None
+
+    def __call__(self, step: int, evaluation) -> bool:
+        try:
+            if self.trial is None:
+                plan = SearchPlan.read(Path(self.ref.search_dir))
+                self.figure = INTERMEDIATE.get(plan.objectives[0]) if len(plan.objectives) == 1 else None
+                study = open_study(plan, prepare_run(plan.config).search)
+                self.trial = optuna.Trial(study, study.get_trials(deepcopy=False)[self.ref.number]._trial_id)
+            if self.figure is None:  # not the objective: nothing to judge it by (the launch refuses a pruner then)
+                return False
+            self.trial.report(getattr(evaluation, self.figure), step)
+            return self.trial.should_prune()
+        except Exception as e:  # the study is the search's, not the trial's: it trains on without it
+            log.warning("trial %d: its evaluation at step %d was not reported to the study: %s: %s", self.ref.number,
+                        step, type(e).__name__, e)
+            return False
 
 
 def params_of(plan: SearchPlan) -> list[Param]:

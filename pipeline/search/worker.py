@@ -28,7 +28,7 @@ from pipeline.job.preemption import EXIT_REQUEUED
 from pipeline.launcher.logs import first_failed_log
 from pipeline.objective import NoValue, value_of
 from pipeline.point import PlannedPoint, freeze_point, prepare_run
-from pipeline.rundir import (LOG_DIR, RECORD_NAME, SRUN_LOG_PATTERN, TRIALS_DIR, WORKERS_DIR, SearchPlan,
+from pipeline.rundir import (LOG_DIR, RECORD_NAME, SRUN_LOG_PATTERN, TRIALS_DIR, WORKERS_DIR, SearchPlan, TrialRef,
                              WorkerState, record_status, parse_json, read_small)
 from pipeline.runlock import claim
 from pipeline.search import study as studies
@@ -151,8 +151,8 @@ def trial_point(search_dir: Path, plan: SearchPlan, number: int, params: dict) -
 
 
 def train_trial(search_dir: Path, plan: SearchPlan, trial) -> tuple[str, list[float] | None, str]:
-    """Train the trial as a point (resumed where its folder has a checkpoint); returns (its state: complete or
-    failed; its objective's values; why it failed)."""
+    """Train the trial as a point (resumed where its folder has a checkpoint; its rank 0 reporting to the study,
+    trial.json); returns (its state: complete, pruned or failed; its objective's values; why it failed)."""
     try:
         point = trial_point(search_dir, plan, trial.number, trial.params)
     except ConfigError as e:
@@ -165,6 +165,7 @@ def train_trial(search_dir: Path, plan: SearchPlan, trial) -> tuple[str, list[fl
         try:
             held.prepare()
             freeze_point(point, search_dir, plan.launch_mode, run_id=held.resumes)
+            TrialRef(search_dir=str(search_dir.resolve()), number=trial.number).write(point.point_dir)
         finally:
             held.lock.release()
         failure = run_trial(point, plan.launch_mode)
@@ -183,6 +184,8 @@ def outcome(point: PlannedPoint, plan: SearchPlan) -> tuple[str, list[float] | N
         return "failed", None, f"its record cannot be read: {e}"
     if status == "diverged":
         return "failed", None, "training diverged (a non-finite loss)"
+    if status == "pruned":  # Optuna takes its last reported value
+        return "pruned", None, ""
     rec = read_record(str(path))
     if isinstance(rec, Problem):
         return "failed", None, rec.reason
@@ -199,7 +202,8 @@ def tell(study, trial, result: tuple[str, list[float] | None, str]) -> None:
     if why:
         trial.set_user_attr(studies.FAILURE_ATTR, why)
         log.warning("trial %d failed: %s", trial.number, why)
-    states = {"complete": optuna.trial.TrialState.COMPLETE, "failed": optuna.trial.TrialState.FAIL}
+    states = {"complete": optuna.trial.TrialState.COMPLETE, "failed": optuna.trial.TrialState.FAIL,
+              "pruned": optuna.trial.TrialState.PRUNED}
     try:
         study.tell(trial.number, values if state == "complete" else None, state=states[state])
     except (RuntimeError, ValueError) as e:  # marked failed meanwhile by a worker that took this one for dead
