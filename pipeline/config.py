@@ -370,7 +370,7 @@ class HealthConfig:
 
 # ------------------------------------------------------------------------------------------------- run
 # --------------------------------------------------------------------------------------------- search
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "nsgaii")
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "nsgaii", "grid")
 PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
 
 

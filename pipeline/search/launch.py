@@ -59,6 +59,7 @@ def plan_search(point: PlannedPoint, search_dir: Path) -> SearchPlan:
                           "choice(1, 2, 4)")
     objectives = run.objective if isinstance(run.objective, list) else [run.objective]
     check_pruner(run, objectives, space)
+    check_grid(run, space)
     storage = run.search.storage or str(search_dir / STUDY_JOURNAL_NAME)  # Optuna's journal file: no server
     return SearchPlan(config=point.config, overrides=point.overrides,
                       space=[SearchParam(**vars(p)) for p in space], objectives=objectives,
@@ -76,6 +77,24 @@ def check_optuna() -> None:
         raise ConfigError(f"search=optuna needs optuna>={'.'.join(map(str, MIN_OPTUNA))} (its journal lock's grace "
                           f"period), found {version} (hydra-optuna-sweeper pins optuna<3: install it with --no-deps): "
                           "pip install 'pipeline[search]'")
+
+
+def check_grid(run: RunConfig, space: list[Param]) -> None:
+    """search.sampler=grid tries every combination once: each parameter a choice or a whole-number range, and as
+    many trials as combinations at most (Optuna's grid stops the study when it is exhausted)."""
+    if run.search.sampler != "grid":
+        return
+    intervals = [p.name for p in space if p.grid() is None]
+    if intervals:
+        raise ConfigError(f"search.sampler=grid needs every parameter to be choice(...) or range(...); "
+                          f"search.space.{intervals[0]} is an interval: give it as choice(...) or choose another "
+                          "sampler")
+    points = 1
+    for p in space:
+        points *= len(p.grid())
+    if run.search.trials > points:
+        raise ConfigError(f"search.trials={run.search.trials} is more than the grid's {points} point(s) "
+                          f"(search.sampler=grid tries each once): set search.trials<={points}")
 
 
 def check_pruner(run: RunConfig, objectives: list[str], space: list[Param]) -> None:

@@ -36,6 +36,15 @@ class Param:
             return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return d.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
+    def grid(self) -> list | None:
+        """Its values, one by one, for search.sampler=grid: a choice's, or a whole-number range's; None for an
+        interval (no grid of its own)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        return None
+
 
 def flatten(space: dict, prefix: str = "") -> dict[str, Any]:
     """`{optimizer: {lr: ...}}` (how `+search.space.optimizer.lr=...` arrives) and `{optimizer.lr: ...}` (YAML) alike:

@@ -50,11 +50,14 @@ def storage_of(plan: SearchPlan, settings: OptunaSearchConfig):
     return optuna.storages.JournalStorage(JournalFileBackend(plan.storage, lock_obj=lock))
 
 
-def sampler_of(settings: OptunaSearchConfig, worker: int):
+def sampler_of(settings: OptunaSearchConfig, worker: int, params: list[Param]):
     """The sampler by its name, seeded per worker (search.seed + the worker's number): workers with one seed would
-    draw the same parameters."""
+    draw the same parameters. The grid's points are each tried once, whichever worker asks (Optuna's GridSampler
+    skips the points running or done)."""
     s = optuna.samplers
     seed = None if settings.seed is None else settings.seed + worker
+    if settings.sampler == "grid":
+        return s.GridSampler({p.name: p.grid() for p in params}, seed=seed)
     return {"tpe": lambda: s.TPESampler(seed=seed, multivariate=True, constant_liar=True),
             "random": lambda: s.RandomSampler(seed=seed),
             "cmaes": lambda: s.CmaEsSampler(seed=seed),
@@ -73,7 +76,8 @@ def pruner_of(settings: OptunaSearchConfig):
 def open_study(plan: SearchPlan, settings: OptunaSearchConfig, create: bool = False, worker: int = 0
                ) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    kwargs = dict(study_name=plan.study, storage=storage_of(plan, settings), sampler=sampler_of(settings, worker),
+    kwargs = dict(study_name=plan.study, storage=storage_of(plan, settings),
+                  sampler=sampler_of(settings, worker, params_of(plan)),
                   pruner=pruner_of(settings))
     if create:
         return optuna.create_study(directions=plan.directions, load_if_exists=True, **kwargs)
@@ -190,6 +194,18 @@ def stale(study: optuna.Study, search_dir: Path, settings: OptunaSearchConfig, m
     return out
 
 
+def tell(study: optuna.Study, number: int, state: TrialState, values: list[float] | None = None) -> str | None:
+    """Tell a trial's end; None when told, else why not (told meanwhile: by its worker come back, or by another
+    that took it for dead). Optuna's grid, exhausted, stops the study from its after_trial hook, which raises
+    outside `optimize` once the state is stored: told all the same."""
+    try:
+        study.tell(number, values, state=state)
+    except (RuntimeError, ValueError) as e:
+        if study.get_trials(deepcopy=False)[number].state != state:
+            return f"{type(e).__name__}: {e}"
+    return None
+
+
 def fail_stale(study: optuna.Study, search_dir: Path, settings: OptunaSearchConfig, me: int) -> None:
     """Mark dead workers' trials FAIL and enqueue their parameters again (search.max_retries times at most)."""
     for number, why in stale(study, search_dir, settings, me):
@@ -198,9 +214,7 @@ def fail_stale(study: optuna.Study, search_dir: Path, settings: OptunaSearchConf
         again = retries < settings.max_retries
         study._storage.set_trial_user_attr(trial._trial_id, FAILURE_ATTR, why)
         study._storage.set_trial_user_attr(trial._trial_id, RETRIED_ATTR, again)
-        try:
-            study.tell(number, state=TrialState.FAIL)
-        except (RuntimeError, ValueError):  # told meanwhile (its worker came back, or another marked it)
+        if tell(study, number, TrialState.FAIL) is not None:  # told meanwhile (its worker came back, or another did)
             continue
         if again:
             study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: number, RETRIES_ATTR: retries + 1})

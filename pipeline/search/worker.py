@@ -204,13 +204,11 @@ def tell(study, trial, result: tuple[str, list[float] | None, str]) -> None:
         log.warning("trial %d failed: %s", trial.number, why)
     states = {"complete": optuna.trial.TrialState.COMPLETE, "failed": optuna.trial.TrialState.FAIL,
               "pruned": optuna.trial.TrialState.PRUNED}
-    try:
-        study.tell(trial.number, values if state == "complete" else None, state=states[state])
-    except (RuntimeError, ValueError) as e:  # marked failed meanwhile by a worker that took this one for dead
-        log.warning("trial %d could not be told %s: %s", trial.number, state, e)
-    else:
-        if not why:
-            log.info("trial %d %s%s", trial.number, state, f": {values}" if values else "")
+    refused = studies.tell(study, trial.number, states[state], values if state == "complete" else None)
+    if refused:  # marked failed meanwhile by a worker that took this one for dead
+        log.warning("trial %d could not be told %s: %s", trial.number, state, refused)
+    elif not why:
+        log.info("trial %d %s%s", trial.number, state, f": {values}" if values else "")
 
 
 def run_trial(point: PlannedPoint, launch_mode: str) -> str | None:
