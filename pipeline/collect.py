@@ -21,6 +21,7 @@ from pipeline.collector.nodes import find_bad_node_lists, node_histories
 from pipeline.collector.records import Diverged, Pruned, load_runs
 from pipeline.collector.report import Collected, load_baseline, terminal_table, write_report
 from pipeline.collector.scaling import aggregate, regressions
+from pipeline.collector.study import find_searches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, models = aggregate(runs, [p for p in problems if isinstance(p, Diverged)], args.predict_at,
                              args.device_memory)
     found = regressions(rows, load_baseline(args.baseline), args.tolerance) if args.baseline else []
-    collected = Collected(rows, models, problems, node_histories(runs, lists))
+    collected = Collected(rows, models, problems, node_histories(runs, lists), find_searches(args.paths))
     report = write_report(args.out, collected, found, with_plots=not args.no_plots)
     print(terminal_table(rows))
     diverged, pruned = (sum(isinstance(p, kind) for p in problems) for kind in (Diverged, Pruned))

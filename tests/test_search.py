@@ -85,6 +85,42 @@ def test_the_built_in_search_trains_its_trials_in_local_debug_mode(tmp_path):
     assert f"best: trial {study.best_trial.number}" in status.stdout
 
 
+def test_a_pruner_stops_a_bad_trial_and_the_report_shows_the_study(tmp_path):
+    """One worker, 5 trials, a good and a deliberately bad learning rate (1e-7: nothing learnt), the median pruner
+    judging each trial by its evaluation every 5 steps: after two complete trials a bad one is pruned at its first
+    evaluation, its record says so, and the worker goes on to the next trial. Then `status` and `collect` over
+    the search folder: the study section with its trials table and Optuna's plots."""
+    run_dir, out_dir = tmp_path / "search", tmp_path / "collect"
+    out = launch("search=optuna", "search.trials=5", "search.workers=1", "search.seed=6", "search.pruner=median",
+                 '+search.space.optimizer.lr="choice(0.05, 0.0000001)"', "trainer.eval_every=5", *FAST,
+                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    trials = study_of(run_dir).get_trials()
+    states = optuna.trial.TrialState
+    pruned = [t for t in trials if t.state == states.PRUNED]
+    assert len(trials) == 5 and pruned, [(t.number, t.state, t.params) for t in trials]
+    assert all(t.params["optimizer.lr"] == 1e-7 for t in pruned)
+    rec = record(run_dir / "trials" / str(pruned[0].number))
+    assert (rec["status"], rec["pruned_at_step"], rec["steps"]) == ("pruned", 5, 5)
+    assert rec["evaluation"]["value"] == pruned[0].intermediate_values[5]
+    good = next(t for t in trials if t.state == states.COMPLETE)
+    rec = record(run_dir / "trials" / str(good.number))
+    assert [e["step"] for e in rec["evaluations"]] == [5, 10, 15, 20]  # during training, and the last
+    assert good.intermediate_values == {e["step"]: e["value"] for e in rec["evaluations"][:-1]}
+    assert rec["evaluations"][-1]["value"] == rec["evaluation"]["value"] == good.values[0]
+    status = subprocess.run([sys.executable, "-m", "pipeline.status", str(run_dir)], capture_output=True, text=True)
+    assert f"{len(pruned)} pruned" in status.stdout, status.stdout + status.stderr
+    collect = subprocess.run([sys.executable, "-m", "pipeline.collect", str(run_dir), "--out", str(out_dir)],
+                             capture_output=True, text=True)
+    assert collect.returncode == 0, collect.stderr[-3000:]
+    report = (out_dir / "report.md").read_text()
+    assert "## Study search" in report and "### Best parameters" in report and "## Pruned trials" in report
+    assert "| trial | state | evaluation.value | optimizer.lr |" in report and "pruned after step 5" in report
+    for kind in ("history", "importances", "intermediate"):
+        assert f"![study-search-{kind}](study-search-{kind}.png)" in report
+        assert (out_dir / f"study-search-{kind}.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("args, said", [
     (["objective=evaluation.valeu"], "did you mean evaluation.value"),
     (["search=optuna", "search.trials=0", LR], "search.trials"),
@@ -148,8 +184,6 @@ def test_a_search_on_slurm_survives_a_preempted_and_a_killed_worker(slurm_cluste
     preempted_state, preempted = wait_for(lambda: training(run_dir, 0), 180, "worker 0 training a trial")
     subprocess.run(["scancel", "--signal=USR2", preempted_state.job_id], check=True)
     killed_state, _ = wait_for(lambda: training(run_dir, 1), 180, "worker 1 training a trial")
-    pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(killed_state.pid)], capture_output=True,
-                                           text=True).stdout.split()] + [killed_state.pid]
     for pid in pids:  # the worker and its srun: a batch step killed hard, as by the OOM killer or a node's end
         os.kill(pid, signal.SIGKILL)
 

@@ -15,6 +15,7 @@ from pipeline.collector.cost import COST_FRACTION
 from pipeline.collector.memory import size_text as _size
 from pipeline.collector.nodes import DEFINITIONS as NODES, NodeHistory
 from pipeline.collector.records import Diverged, Problem, Pruned
+from pipeline.collector.study import study_lines
 from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
 from pipeline.rundir import write_json
 
@@ -32,6 +33,7 @@ class Collected:
     analyses: list[GroupAnalysis]
     problems: list[Problem]
     nodes: list[NodeHistory] = field(default_factory=list)
+    searches: list[Path] = field(default_factory=list)  # search folders (search=optuna): a study section each
 
 
 def _f(value, fmt: str) -> str:
@@ -274,11 +276,12 @@ def _plain_numbers():
 
 
 # ------------------------------------------------------------------------------------------------ report
-def markdown(c: Collected, plots: list[str], regressions: list[str]) -> str:
+def markdown(c: Collected, plots: list[str], regressions: list[str], studies: list[str] = ()) -> str:
     rows, analyses, problems = c.rows, c.analyses, c.problems
     lines = ["# Scaling report", ""]
     if regressions:
         lines += ["## Regressions against the baseline", ""] + [f"- {r}" for r in regressions] + [""]
+    lines += list(studies)
     flagged = [r for r in rows if r.fabric_flag]
     if flagged:
         lines += ["## Fabric warnings", ""] + [f"- {r.group}, {r.nodes} node(s) ({r.transport}): {r.fabric_flag}"
@@ -414,8 +417,9 @@ def write_report(out_dir: Path, c: Collected, regressions: list[str], with_plots
     write_csv(c.rows, out_dir / "scaling.csv")
     write_scaling_json(c, out_dir / "scaling.json")
     plots = plot(c.rows, c.analyses, out_dir) if with_plots else []
+    studies = [line for d in c.searches for line in study_lines(d, out_dir, with_plots)]
     report = out_dir / "report.md"
-    report.write_text(markdown(c, plots, regressions))
+    report.write_text(markdown(c, plots, regressions, studies))
     return report
 
 
