@@ -74,7 +74,8 @@ def test_another_runs_checkpoint_is_refused(tmp_path, caplog):
 @pytest.mark.e2e
 def test_a_truncated_last_checkpoint_resumes_from_the_one_before_to_the_same_weights(tmp_path):
     common = ["nodes=2", "trainer.epochs=40", "trainer.max_steps=500", "trainer.log_every=20", "model.dropout=0.1",
-              "dataset.train_size=2048", "dataset.test_size=256", "health.enabled=false"]  # the check is not this
+              "dataset.train_size=2048", "dataset.test_size=256", "health.enabled=false",  # the check is not this
+              "trainer.eval_every=100"]
     r = launch(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "broken"
@@ -102,3 +103,6 @@ def test_a_truncated_last_checkpoint_resumes_from_the_one_before_to_the_same_wei
     straight, resumed = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "straight", run_dir))
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    # the evaluations during training, across the restart: each step's once, as the uninterrupted run's
+    assert [e.step for e in rec.evaluations] == [100, 200, 300, 400, 500]
+    assert rec.evaluations == Result.read(tmp_path / "straight").evaluations

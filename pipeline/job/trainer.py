@@ -256,6 +256,9 @@ class Trainer:
         steps, done = order.steps(self.start_step, self.batches), self.start_step
         self.timer.start()
         try:
+            if done and self._evaluation_due(done) and all(e.step != done for e in self.evaluations):
+                # resumed from a checkpoint saved before its step's evaluation (the stop signal came first)
+                self._evaluate_during(done, judge)
             with profiler or contextlib.nullcontext():
                 while True:
                     with self.phases.range("data"):
