@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.rundir import SearchPlan, WorkerState
 from pipeline.search import study as studies
-from tests.conftest import launch
+from tests.conftest import launch, rank_pid, start_launch
 
 pytestmark = pytest.mark.e2e
 FAST = ["trainer.max_steps=20", "dataset.train_size=2048", "dataset.test_size=256"]
@@ -207,6 +207,34 @@ def test_a_search_on_slurm_survives_a_preempted_and_a_killed_worker(slurm_cluste
     assert not os.path.lexists(run_dir / "study.journal.lock")  # no lock left behind
     status = subprocess.run([sys.executable, "-m", "pipeline.status", str(run_dir)], capture_output=True, text=True)
     assert "9 of 9 trial(s) ended: 9 complete" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_dead_workers_last_trial_is_retried_by_the_worker_still_there(tmp_path):
+    """2 workers, 2 trials, locally: worker 1 and its rank are SIGKILLed mid-trial. Worker 0, its own trial done
+    and none left to ask for, waits while worker 1's trial may have lost its worker, finds it dead after
+    search.stale_after_s, and trains its retry: the study ends with 2 complete trials, not a trial left running.
+    The launch says which worker failed (exit 1, no traceback)."""
+    run_dir = tmp_path / "search"
+    proc = start_launch("search=optuna", "search.trials=2", "search.workers=2", "search.heartbeat_s=0.5",
+                        "search.stale_after_s=2", '+search.space.trainer.max_steps="choice(3000, 3001)"',
+                        "trainer.epochs=100", *FAST[1:], f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    try:
+        state, folder = wait_for(lambda: training(run_dir, 1), 120, "worker 1 training a trial")
+        rank = wait_for(lambda: rank_pid(folder, 0), 60, "worker 1's rank 0 to start")
+        for pid in (state.pid, rank):
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "search worker(s) 1 failed" in err and "Traceback" not in err, err[-3000:]
+    assert not Path(f"/proc/{rank}").exists() and not Path(f"/proc/{state.pid}").exists()
+    trials = study_of(run_dir).get_trials()
+    states = optuna.trial.TrialState
+    assert sorted(t.state for t in trials) == sorted([states.COMPLETE, states.COMPLETE, states.FAIL]), trials
+    dead = next(t for t in trials if t.state == states.FAIL)
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == dead.number)
+    assert dead.number == state.trial and "gave no sign of life" in dead.user_attrs["failure"]
+    assert retry.state == states.COMPLETE and retry.user_attrs["worker"] == 0 and retry.params == dead.params
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block_the_study(tmp_path):

@@ -152,10 +152,13 @@ def job_alive(job_id: str | None, host: str, pid: int) -> bool | None:
             return None
         try:
             os.kill(pid, 0)
-            return True
         except ProcessLookupError:
             return False
         except PermissionError:
+            return True
+        try:  # a zombie (its parent, the launch, has not waited for it yet) is dead
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
             return True
     try:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
@@ -204,6 +207,28 @@ def tell(study: optuna.Study, number: int, state: TrialState, values: list[float
         if study.get_trials(deepcopy=False)[number].state != state:
             return f"{type(e).__name__}: {e}"
     return None
+
+
+def may_be_orphaned(study: optuna.Study, search_dir: Path, settings: OptunaSearchConfig, me: int) -> bool:
+    """Whether another worker's running trial may have lost its worker: its job (or process) is gone, or it has
+    been silent for three heartbeats and its job is not known to live. Only a worker still here can find it dead
+    (after search.stale_after_s) and take its retry; a preempted job waiting in the queue to resume its trial
+    lives."""
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get(WORKER_ATTR)
+        if worker is None or worker == me:
+            continue
+        folder = search_dir / WORKERS_DIR / str(worker)
+        silent = now - (last_beat(folder) or t.datetime_start.timestamp()) >= 3 * settings.heartbeat_s
+        try:
+            state = WorkerState.read(folder)
+        except (OSError, ValueError):
+            state = None
+        alive = job_alive(t.user_attrs.get(JOB_ATTR), state.host if state else "", state.pid if state else -1)
+        if alive is False or (silent and alive is not True):
+            return True
+    return False
 
 
 def fail_stale(study: optuna.Study, search_dir: Path, settings: OptunaSearchConfig, me: int) -> None:

@@ -58,7 +58,7 @@ def work(search_dir: Path, me: int) -> None:
     state = resumed_state(folder, me, job_id)
     stop = start_heartbeat(folder, settings.heartbeat_s)
     try:
-        while (trial := current_trial(study, state) or studies.ask(study, plan, settings, search_dir, me, job_id)):
+        while (trial := current_trial(study, state) or next_trial(study, plan, settings, search_dir, me, job_id)):
             state = state_with(folder, state, trial.number)
             try:
                 tell(study, trial, train_trial(search_dir, plan, trial))
@@ -72,6 +72,18 @@ def work(search_dir: Path, me: int) -> None:
         log.info("worker %d: no trial left (search.trials=%d)", me, settings.trials)
     finally:
         stop.set()
+
+
+def next_trial(study, plan: SearchPlan, settings, search_dir: Path, me: int, job_id: str | None):
+    """The next trial to train, or None when none is left. With none left to ask for while another worker's trial
+    may have lost its worker, this one waits (heartbeat by heartbeat) until that trial ends or is found dead and
+    its retry enqueued, and takes the retry: were every worker gone, the retry would wait for a relaunch."""
+    while not ENDING.is_set():
+        trial = studies.ask(study, plan, settings, search_dir, me, job_id)
+        if trial is not None or not studies.may_be_orphaned(study, search_dir, settings, me):
+            return trial
+        ENDING.wait(settings.heartbeat_s)
+    return None
 
 
 def slurm_job_id() -> str | None:
