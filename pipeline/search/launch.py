@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def launch_search(point: PlannedPoint, search_dir: Path) -> None:
     log.info("search: %d trial(s) by %d worker(s); study %s in %s; follow with: python -m pipeline.status %s",
              run.search.trials, run.search.workers, plan.study, plan.storage, search_dir)
     if plan.launch_mode == "local":
-        run_local_workers(search_dir, run.search.workers)
+        run_local_workers(search_dir, run.search.workers, largest(run, parse_space(run.search.space,
+                                                                                  point.config)).world_size)
     else:
         submit_workers(point, search_dir)
 
@@ -143,9 +145,13 @@ def largest(run: RunConfig, space: list[Param]) -> RunConfig:
     return replace(run, nodes=int(max(nodes.choices) if nodes.type == "categorical" else nodes.high))
 
 
-def run_local_workers(search_dir: Path, workers: int) -> None:
-    """Local debug mode: the workers as processes of this launch, at once; returns when all have ended."""
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.search.worker", str(search_dir), str(k)])
+def run_local_workers(search_dir: Path, workers: int, ranks: int) -> None:
+    """Local debug mode: the workers as processes of this launch, at once; returns when all have ended. The
+    machine's cores are shared out among the workers' ranks (OMP_NUM_THREADS, unless the user set it): each trial
+    alone would take them all, and two trials' threads spinning against each other ran 50x slower."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // (workers * ranks)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.search.worker", str(search_dir), str(k)], env=env)
              for k in range(workers)]
     codes = [p.wait() for p in procs]
     if any(codes):
