@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import optuna
 import pytest
 import yaml
 
-from pipeline.rundir import SearchPlan, WorkerState
+from pipeline.rundir import Progress, SearchPlan, WorkerState
 from pipeline.search import study as studies
 from tests.conftest import launch, rank_pid, start_launch
 
@@ -157,13 +158,15 @@ def wait_for(condition, within_s: float, what: str):
 
 
 def training(run_dir: Path, worker: int) -> tuple[WorkerState, Path] | None:
-    """(the worker's state, its trial's folder) once the worker's trial has taken steps."""
+    """(the worker's state, its trial's folder) once the worker's trial has taken steps, and has more than half
+    of them still to take (a signal then reaches its training, not its record's writing)."""
     try:
         state = WorkerState.read(run_dir / "workers" / str(worker))
     except (OSError, ValueError):
         return None
     folder = run_dir / "trials" / str(state.trial)
-    if state.trial is None or not (folder / "progress.json").exists() or (folder / "result.json").exists():
+    progress = Progress.latest(folder) if state.trial is not None else None
+    if progress is None or progress.step > progress.total_steps / 2 or (folder / "result.json").exists():
         return None
     return state, folder
 
@@ -178,12 +181,18 @@ def test_a_search_on_slurm_survives_a_preempted_and_a_killed_worker(slurm_cluste
     out = launch("cluster=slurm", "cluster.time=10", "search=optuna", "search.trials=9", "search.workers=3",
                  "search.heartbeat_s=1", "search.stale_after_s=4", "search.seed=0", "trainer.checkpoint_every=100",
                  '+search.space.optimizer.lr="tag(log, interval(0.001, 0.05))"',
-                 '+search.space.trainer.epochs="choice(2, 4, 6)"', "dataset.train_size=4096", "dataset.test_size=256",
+                 '+search.space.trainer.epochs="choice(8, 16, 24)"', "trainer.log_every=20", "dataset.train_size=4096",
+                 "dataset.test_size=256",
                  f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     preempted_state, preempted = wait_for(lambda: training(run_dir, 0), 180, "worker 0 training a trial")
     subprocess.run(["scancel", "--signal=USR2", preempted_state.job_id], check=True)
+    during = subprocess.run([sys.executable, "-m", "pipeline.status", str(run_dir)], capture_output=True, text=True)
+    assert re.search(r"\d of 9 trial\(s\) ended: .*; [1-9] running", during.stdout), during.stdout + during.stderr
+    assert re.search(r"^worker \d: job \S+ RUNNING, training trial \d+, ", during.stdout, re.M), during.stdout
     killed_state, _ = wait_for(lambda: training(run_dir, 1), 180, "worker 1 training a trial")
+    pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(killed_state.pid)], capture_output=True,
+                                           text=True).stdout.split()] + [killed_state.pid]
     for pid in pids:  # the worker and its srun: a batch step killed hard, as by the OOM killer or a node's end
         os.kill(pid, signal.SIGKILL)
 
