@@ -54,6 +54,16 @@ def test_collect_speed():
     assert "process start to exit" in out, out
 
 
+@pytest.mark.slurm
+def test_search_idle(slurm_cluster):
+    """Both ways of searching, on the tests' Slurm, two short trials each (and the A/A run)."""
+    out = bench("benchmarks/search_idle.py", "--workers", "2", "--steps", "100,200")
+    for way in ("Hydra's Optuna sweeper", r"built-in search", r"built-in search \(A/A\)"):
+        assert re.search(rf"^{way} +2 trials  wall +\d+\.\d s  busy +\d+\.\d s  idle +-?\d+\.\d%  "
+                         r"\(before first \d+\.\d s, between \d+\.\d s, after last \d+\.\d s\)$", out, re.M), out
+    assert re.search(r"^wall ratio built-in / Hydra's: \d\.\d{3}; A/A: \d\.\d{3}$", out, re.M), out
+
+
 SEED_ROW = re.compile(r"^  (\S.*?)\s{2,}(\d+)\s+(\d+\.\d\d)$", flags=re.M)
 
 
