@@ -14,7 +14,7 @@ import typing
 from functools import cache
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.checks import ConfigError
 from pipeline.result import Result
 
 DEFAULT = "evaluation.value"
