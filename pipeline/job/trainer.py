@@ -278,7 +278,8 @@ class Trainer:
             return self._finish(done, None, diverged_at=e.step)
         except Pruned as e:
             log.warning("%s", e)
-            return self._finish(done, loss, pruned_at=e.step)
+            # pruned at the evaluation a resumed run makes first: no step of its own, no loss
+            return self._finish(done, loss if done > self.start_step else None, pruned_at=e.step)
         except RuntimeError as e:
             if "find_unused_parameters=True" in str(e) and not job.run.ddp.find_unused_parameters:
                 raise RuntimeError(f"rank {job.rank}: some parameters of model._target_={target_of(job.run.model)} got "
