@@ -187,9 +187,14 @@ def test_a_search_on_slurm_survives_a_preempted_and_a_killed_worker(slurm_cluste
     assert out.returncode == 0, out.stderr[-3000:]
     preempted_state, preempted = wait_for(lambda: training(run_dir, 0), 180, "worker 0 training a trial")
     subprocess.run(["scancel", "--signal=USR2", preempted_state.job_id], check=True)
-    during = subprocess.run([sys.executable, "-m", "pipeline.status", str(run_dir)], capture_output=True, text=True)
-    assert re.search(r"\d of 9 trial\(s\) ended: .*; [1-9] running", during.stdout), during.stdout + during.stderr
-    assert re.search(r"^worker \d: job \S+ RUNNING, training trial \d+, ", during.stdout, re.M), during.stdout
+
+    def status_during() -> bool:  # read while some worker trains (not between two of its trials)
+        out = subprocess.run([sys.executable, "-m", "pipeline.status", str(run_dir)], capture_output=True,
+                             text=True).stdout
+        return bool(re.search(r"\d of 9 trial\(s\) ended: .*; [1-9] running", out)
+                    and re.search(r"^worker \d: job \S+ RUNNING, training trial \d+, ", out, re.M))
+
+    wait_for(status_during, 60, "status to show a worker training a trial")
     killed_state, _ = wait_for(lambda: training(run_dir, 1), 180, "worker 1 training a trial")
     pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(killed_state.pid)], capture_output=True,
                                            text=True).stdout.split()] + [killed_state.pid]
