@@ -259,6 +259,27 @@ def test_a_dead_workers_last_trial_is_retried_by_the_worker_still_there(tmp_path
     assert retry.state == states.COMPLETE and retry.user_attrs["worker"] == 0 and retry.params == dead.params
 
 
+@pytest.mark.slurm
+def test_a_pruner_prunes_a_trial_on_slurm(slurm_cluster, tmp_path):
+    """The local pruning test's search with its worker a Slurm job and each trial a job step: the trial's rank 0,
+    on a node of its own, reports its evaluations to the study in the search's folder; the bad learning rate is
+    pruned at its first evaluation, and the worker goes on."""
+    run_dir = tmp_path / "search"
+    out = launch("cluster=slurm", "search=optuna", "search.trials=4", "search.workers=1", "search.seed=6",
+                 "search.pruner=median", '+search.space.optimizer.lr="choice(0.05, 0.0000001)"', "trainer.eval_every=5",
+                 *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job = WorkerState.read(run_dir / "workers" / "0").job_id
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], capture_output=True,
+                                        text=True).stdout.strip(), 300, "the worker's job to end")
+    trials = study_of(run_dir).get_trials()
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(trials) == 4 and pruned and all(t.params["optimizer.lr"] == 1e-7 for t in pruned), trials
+    rec = record(run_dir / "trials" / str(pruned[0].number))
+    assert (rec["status"], rec["pruned_at_step"], rec["launch_mode"]) == ("pruned", 5, "slurm")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4 - len(pruned)
+
+
 def test_a_lock_left_by_a_killed_process_does_not_block_the_study(tmp_path):
     """Optuna #5921: a process SIGKILLed while it holds the journal's lock leaves the lock file; the next writer
     takes it over once it has not been renewed for search.lock_grace_s."""
