@@ -122,6 +122,30 @@ def test_a_pruner_stops_a_bad_trial_and_the_report_shows_the_study(tmp_path):
         assert (out_dir / f"study-search-{kind}.png").stat().st_size > 1000
 
 
+def test_a_search_for_accuracy_and_cost_reports_its_pareto_front(tmp_path):
+    """Two objectives, the evaluation (up) and the run's node-hours (down), with `nodes` in the space: each trial
+    is told both from its record, and the report's study section has the Pareto front and Optuna's plot of it."""
+    run_dir, out_dir = tmp_path / "search", tmp_path / "collect"
+    out = launch("search=optuna", "search.trials=3", "search.workers=1", "search.seed=0", "search.sampler=nsgaii",
+                 "objective=[evaluation.value,cost.node_hours]", '+search.space.nodes="choice(1, 2)"',
+                 '+search.space.trainer.max_steps="choice(10, 20)"', "trainer.epochs=100", *FAST[1:],
+                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    study = study_of(run_dir)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for t in study.get_trials():
+        rec = record(run_dir / "trials" / str(t.number))
+        assert rec["nodes"] == t.params["nodes"] and rec["steps"] == t.params["trainer.max_steps"]
+        assert t.values == pytest.approx([rec["evaluation"]["value"], rec["nodes"] * rec["wall_time_s"] / 3600])
+    collect = subprocess.run([sys.executable, "-m", "pipeline.collect", str(run_dir), "--out", str(out_dir)],
+                             capture_output=True, text=True)
+    assert collect.returncode == 0, collect.stderr[-3000:]
+    report = (out_dir / "report.md").read_text()
+    assert "### The Pareto front (" in report and "| trial | state | evaluation.value | cost.node_hours |" in report
+    for kind in ("pareto", "importances-0", "importances-1"):
+        assert (out_dir / f"study-search-{kind}.png").stat().st_size > 1000, report
+
+
 @pytest.mark.parametrize("args, said", [
     (["objective=evaluation.valeu"], "did you mean evaluation.value"),
     (["search=optuna", "search.trials=0", LR], "search.trials"),
