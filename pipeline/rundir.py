@@ -43,6 +43,7 @@ from pipeline.typed import SCHEMA_VERSION, SchemaError, decoder, dotted, encode
 
 POINT_NAME = "point.json"
 PROGRESS_NAME = "progress.json"
+METRICS_NAME = "metrics.jsonl"  # rank 0's figures as the run reports them, a line each, appended across restarts
 RECORD_NAME = "result.json"
 MANIFEST_NAME = "manifest.json"  # in the sweep folder
 WEIGHTS_NAME = "model.pt"  # the trained model's state_dict (rank 0)
@@ -453,6 +454,48 @@ class BadNodes(JsonFile):
 
     def of_job(self, job_id: str | None) -> list[BadNodeEntry]:
         return [e for e in self.entries if job_id is not None and e.job_id == job_id]
+
+
+# ------------------------------------------------------------------------------------------ reported figures
+@dataclass(frozen=True, kw_only=True)
+class MetricsRow:
+    """A line of POINT_DIR/metrics.jsonl: rank 0's figures after `step` steps (the training's, every
+    trainer.log_every steps; an evaluation's), as TensorBoard gets them. `segment` names the process that wrote
+    it, which began training at `start_step`: a restart trains the steps after its checkpoint again, and its lines
+    supersede the earlier ones of those steps (read_metrics)."""
+
+    step: int
+    segment: str
+    start_step: int
+    unix: float
+    values: dict[str, Optional[float]]  # null: not finite (a diverging loss)
+
+    def line(self) -> bytes:
+        values = {k: v if v is not None and math.isfinite(v) else None for k, v in self.values.items()}
+        return orjson.dumps(encode(dataclasses.replace(self, values=values))) + b"\n"
+
+
+def read_metrics(point_dir: Path) -> dict[int, dict[str, Optional[float]]]:
+    """Each step's figures once, in step order: a segment's lines drop the earlier segments' lines of the steps
+    after its start_step (trained again); a line that does not read (cut short by a kill) is skipped. Empty
+    without the file."""
+    try:
+        raw = read_small(Path(point_dir) / METRICS_NAME)
+    except FileNotFoundError:
+        return {}
+    steps: dict[int, dict[str, Optional[float]]] = {}
+    segment = None
+    for line in raw.splitlines():
+        try:
+            row = decoder(MetricsRow)(parse_json(line))
+        except ValueError:
+            continue
+        if row.segment != segment:
+            segment = row.segment
+            for step in [s for s in steps if s > row.start_step]:
+                del steps[step]
+        steps.setdefault(row.step, {}).update(row.values)
+    return dict(sorted(steps.items()))
 
 
 # ------------------------------------------------------------------------------------------------- a search

@@ -17,7 +17,7 @@ from pipeline.config import parse_run_config
 from pipeline.job.checkpoint import Checkpoints
 from pipeline.launcher.local import run_local
 from pipeline.result import Result
-from pipeline.rundir import Point
+from pipeline.rundir import Point, read_metrics
 from tests.conftest import launch, rank_pid
 
 
@@ -106,3 +106,11 @@ def test_a_truncated_last_checkpoint_resumes_from_the_one_before_to_the_same_wei
     # the evaluations during training, across the restart: each step's once, as the uninterrupted run's
     assert [e.step for e in rec.evaluations] == [100, 200, 300, 400, 500]
     assert rec.evaluations == Result.read(tmp_path / "straight").evaluations
+    # metrics.jsonl: the first run's lines of the steps trained again are superseded; every step once, its loss
+    # and evaluation those of the uninterrupted run
+    figures = {"train/loss", "test/accuracy", "test/loss"}
+    resumed_lines, straight_lines = (
+        {step: {k: v for k, v in values.items() if k in figures} for step, values in read_metrics(d).items()}
+        for d in (run_dir, tmp_path / "straight"))
+    assert list(resumed_lines) == list(range(20, 501, 20)) and resumed_lines == straight_lines
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) > len(resumed_lines)  # lines superseded

@@ -132,3 +132,37 @@ def test_the_rank_that_failed_first_is_told_by_its_failure_record(tmp_path):
     assert first_failure(ranks[0], ranks, tmp_path) is ranks[2]
     assert first_failure(ranks[3], ranks, tmp_path) is ranks[3]  # killed before it could raise
     assert first_failed_log(tmp_path) == tmp_path / "logs/node1-rank2.log"
+
+
+def test_metrics_read_each_step_once_across_restarts(tmp_path):
+    """metrics.jsonl as two processes leave it: the first reported steps 10-30 and was killed mid-line; the second
+    (the job's own writer) resumed from step 20's checkpoint and reported 30 and 40 again. Each step once, the
+    second's where both wrote; the cut line and a non-finite loss (written as null) do not stop the reading."""
+    from pipeline.job.observe import MetricsFile
+    from pipeline.rundir import METRICS_NAME, MetricsRow, read_metrics
+
+    def row(step, loss):
+        return MetricsRow(step=step, segment="a", start_step=0, unix=0.0, values={"train/loss": loss}).line()
+
+    (tmp_path / METRICS_NAME).write_bytes(row(10, 1.0) + row(20, 0.5) + row(30, 0.4) + row(40, 0.2)[:30])
+    again = MetricsFile(tmp_path)
+    again.start(20)
+    again.log({"train/loss": 0.3}, 30)
+    again.log({"train/loss": float("nan")}, 40)
+    again.close()
+    assert read_metrics(tmp_path) == {10: {"train/loss": 1.0}, 20: {"train/loss": 0.5}, 30: {"train/loss": 0.3},
+                                      40: {"train/loss": None}}
+    assert read_metrics(tmp_path / "none") == {}
+
+
+def test_a_metrics_file_that_cannot_be_written_is_said_not_hidden(tmp_path, caplog):
+    """metrics.jsonl cannot be opened (here a folder stands in its place): a warning, and what the record's
+    missing will say; reporting goes on without it."""
+    from pipeline.job.observe import MetricsFile
+    from pipeline.rundir import METRICS_NAME
+
+    (tmp_path / METRICS_NAME).mkdir()
+    sink = MetricsFile(tmp_path)
+    sink.start(0)
+    sink.log({"train/loss": 1.0}, 10)
+    assert "cannot be written" in caplog.text and "could not be written" in sink.failures()["metrics"]

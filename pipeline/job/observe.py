@@ -1,6 +1,6 @@
-"""What rank 0 shows while a run goes on: a log line, TensorBoard scalars and a progress file every trainer.log_every
-steps (`Reporter`), and torch.profiler traces with the training phases as named ranges (NVTX too, for Nsight
-Systems, when asked)."""
+"""What rank 0 shows while a run goes on: a log line, its figures (TensorBoard's scalars and the run folder's
+metrics.jsonl) and a progress file every trainer.log_every steps (`Reporter`), and torch.profiler traces with the
+training phases as named ranges (NVTX too, for Nsight Systems, when asked)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -16,15 +17,22 @@ import torch
 from pipeline.job.context import Job
 from pipeline.job.timing import StepTimer
 from pipeline.result import Evaluation
-from pipeline.rundir import PROFILE_DIR, TENSORBOARD_DIR, Point, Progress, utc_now
+from pipeline.rundir import METRICS_NAME, PROFILE_DIR, TENSORBOARD_DIR, MetricsRow, Point, Progress, utc_now
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
 
 
 class NullLogger:
+    def start(self, step: int) -> None:
+        pass
+
     def log(self, metrics: dict, step: int) -> None:
         pass
+
+    def failures(self) -> dict[str, str]:
+        """What the sink could not write, and why: the record's `missing`."""
+        return {}
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         pass
@@ -59,6 +67,75 @@ class TensorBoardLogger(NullLogger):
         self.writer.close()
 
 
+class MetricsFile(NullLogger):
+    """POINT_DIR/metrics.jsonl: every figure the run reports, a line per report (MetricsRow), appended and never
+    rewritten, across restarts: complete whatever tracker is configured, or none. A line that cannot be written (a
+    full disk) ends the file's writing, with a warning and the record's missing.metrics; training goes on."""
+
+    def __init__(self, point_dir: Path):
+        self.path, self.segment, self.start_step, self.file = point_dir / METRICS_NAME, uuid.uuid4().hex[:12], 0, None
+        self.failed: str | None = None
+
+    def start(self, step: int) -> None:
+        self.start_step = step
+        try:
+            self.file = open(self.path, "ab")
+            if self.file.tell() and self.path.read_bytes()[-1:] != b"\n":  # an earlier process killed mid-line
+                self.file.write(b"\n")
+        except OSError as e:
+            log.warning("%s cannot be written: %s; the run's figures go to TensorBoard only", self.path, e)
+            self.failed = f"{self.path} could not be written: {e}"
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(MetricsRow(step=step, segment=self.segment, start_step=self.start_step, unix=time.time(),
+                                       values={k: float(v) for k, v in metrics.items()}).line())
+            self.file.flush()
+        except OSError as e:
+            log.warning("%s: a line could not be written (%s): no more are", self.path, e)
+            self.failed = f"{self.path}: the line of step {step} and those after could not be written: {e}"
+            self.close()
+
+    def failures(self) -> dict[str, str]:
+        return {"metrics": self.failed} if self.failed else {}
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
+
+
+class Loggers(NullLogger):
+    """Every sink of the run's figures, each told the same."""
+
+    def __init__(self, sinks: list[NullLogger]):
+        self.sinks = sinks
+
+    def start(self, step: int) -> None:
+        for sink in self.sinks:
+            sink.start(step)
+
+    def log(self, metrics: dict, step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        for sink in self.sinks:
+            sink.hparams(hparams, metrics)
+
+    def failures(self) -> dict[str, str]:
+        return {k: v for sink in self.sinks for k, v in sink.failures().items()}
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
 def tensorboard_dir(point: Point, point_dir: Path) -> Path:
     """SWEEP_DIR/tensorboard/<the point's overrides>: `tensorboard --logdir SWEEP_DIR/tensorboard` names each run
     by what differs between them (a single run's sweep folder is its own)."""
@@ -91,6 +168,13 @@ def make_logger(enabled: bool, is_rank0: bool, folder: Path) -> NullLogger:
         return NullLogger()
 
 
+def make_loggers(job: Job, tensorboard: Path) -> NullLogger:
+    """Rank 0's sinks of the run's figures: the run folder's metrics.jsonl always, TensorBoard when asked for."""
+    if not job.is_rank0:
+        return NullLogger()
+    return Loggers([MetricsFile(job.point_dir), make_logger(job.run.trainer.tensorboard, True, tensorboard)])
+
+
 def write_progress(point_dir: Path, *, step: int, total: int, samples_per_s: float, eta_s: float,
                    loss: float) -> None:
     """Rank 0's latest position, for `launch ... wait=true` and `pipeline.status` to show without ssh."""
@@ -105,13 +189,14 @@ class Reporter:
 
     def __init__(self, job: Job, tensorboard: Path):
         self.job = job
-        self.metrics = make_logger(job.run.trainer.tensorboard, job.is_rank0, tensorboard)
+        self.metrics = make_loggers(job, tensorboard)
         self.total_steps, self.window, self.progress_at = 0, (0.0, 0), -PROGRESS_EVERY_S
 
     def start(self, start_step: int, total_steps: int, steps_per_epoch: int, loader: str) -> None:
         """Training begins at `start_step`: the next rate is measured from now."""
         run = self.job.run
         self.total_steps, self.window = total_steps, (time.perf_counter(), start_step)
+        self.metrics.start(start_step)
         if self.job.is_rank0:
             log.info("training %d steps (%d per epoch), per-rank batch %d, global batch %d, %d ranks, batches from %s",
                      total_steps, steps_per_epoch, run.per_rank_batch, run.global_batch, self.job.world_size,

@@ -378,7 +378,7 @@ class Trainer:
                 pruned_at: int | None = None) -> TrainOutcome:
         """The last step's loss averaged over ranks, the evaluation (not of a diverged model; of a pruned one, the
         evaluation it was pruned after), and what the record needs of this rank's training."""
-        missing, final_loss, evaluation = dict(self.missed), None, None
+        missing, final_loss, evaluation = {**self.missed, **self.reporter.metrics.failures()}, None, None
         # before evaluating: the last step's gradients are still held, and the clock has counted training only
         memory = self._memory(missing)
         parallel = self.parallel.measured_info(steps - self.start_step - self.job.run.trainer.warmup_steps)
