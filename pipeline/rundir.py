@@ -536,6 +536,7 @@ class TrialRef(JsonFile):
     FILE: ClassVar[str] = TRIAL_NAME
     search_dir: str
     number: int
+    starts: int = 1  # the trial's runs so far, this one included: its restarts are one fewer
 
 
 @dataclass(frozen=True, kw_only=True)

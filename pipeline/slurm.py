@@ -110,6 +110,11 @@ def port_for_job(job_id: str) -> int:
     return random.Random(job_id).randint(*PORT_RANGE)
 
 
+# A job step that runs a point of its own (a search's trial) restarts when its point does, not when its job does:
+# the worker gives the step its point's count here, which the job reads before SLURM_RESTART_COUNT
+RESTART_COUNT_VAR = "PIPELINE_RESTART_COUNT"
+
+
 # ------------------------------------------------------------------------------------------------ host lists
 def expand_job_ids(job: str) -> list[str]:
     """Slurm folds an array's pending tasks into one id: 123_[4-6,9%2] -> 123_4, 123_5, 123_6, 123_9."""

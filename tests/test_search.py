@@ -249,6 +249,10 @@ def test_a_search_on_slurm_survives_a_preempted_and_a_killed_worker(slurm_cluste
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == killed_state.trial)
     assert retry.params == killed[0].params and retry.state == optuna.trial.TrialState.COMPLETE
     assert record(preempted)["resumed_from_step"] > 0  # the preempted trial resumed, in its own folder
+    # each trial's restart count is its own: the preempted one restarted once, the others (worker 0's later trials,
+    # in its requeued job, among them) never
+    counts = {t.number: record(run_dir / "trials" / str(t.number))["restart_count"] for t in complete}
+    assert counts == {t.number: int(run_dir / "trials" / str(t.number) == preempted) for t in complete}
     assert not os.path.lexists(run_dir / "study.journal.lock")  # no lock left behind
     status = subprocess.run([sys.executable, "-m", "pipeline.status", str(run_dir)], capture_output=True, text=True)
     assert "9 of 9 trial(s) ended: 9 complete" in status.stdout, status.stdout + status.stderr

@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from pipeline.slurm import port_for_job
+from pipeline.slurm import RESTART_COUNT_VAR, port_for_job
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -82,7 +82,7 @@ class DistEnv:
                    master_port=_int(environ, "MASTER_PORT", port_for_job(slurm.job_id)),
                    node_name=environ.get("SLURMD_NODENAME", socket.gethostname()),
                    job_id=slurm.job_id, nodelist=environ.get("SLURM_JOB_NODELIST"),
-                   restart_count=_int(environ, "SLURM_RESTART_COUNT", 0),
+                   restart_count=_int(environ, RESTART_COUNT_VAR, _int(environ, "SLURM_RESTART_COUNT", 0)),
                    visible_gpus=environ.get("CUDA_VISIBLE_DEVICES"),
                    step_gpus_on_node=_gpu_count(environ.get("SLURM_GPUS_ON_NODE"))
                    or (per_task * local_world if per_task else None))

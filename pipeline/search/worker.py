@@ -32,7 +32,7 @@ from pipeline.rundir import (LOG_DIR, RECORD_NAME, SRUN_LOG_PATTERN, TRIALS_DIR,
                              WorkerState, record_status, parse_json, read_small)
 from pipeline.runlock import claim
 from pipeline.search import study as studies
-from pipeline.slurm import port_for_job
+from pipeline.slurm import RESTART_COUNT_VAR, port_for_job
 
 log = logging.getLogger("pipeline.search")
 
@@ -177,13 +177,22 @@ def train_trial(search_dir: Path, plan: SearchPlan, trial) -> tuple[str, list[fl
         try:
             held.prepare()
             freeze_point(point, search_dir, plan.launch_mode, run_id=held.resumes)
-            TrialRef(search_dir=str(search_dir.resolve()), number=trial.number).write(point.point_dir)
+            TrialRef(search_dir=str(search_dir.resolve()), number=trial.number,
+                     starts=earlier_starts(point.point_dir) + 1).write(point.point_dir)
         finally:
             held.lock.release()
         failure = run_trial(point, plan.launch_mode)
         if failure is not None and not record.exists():
             return "failed", None, failure
     return outcome(point, plan)
+
+
+def earlier_starts(point_dir: Path) -> int:
+    """How many times the trial was started before (a requeued worker resumes it): its trial.json's count."""
+    try:
+        return TrialRef.read(point_dir).starts
+    except (OSError, ValueError):
+        return 0
 
 
 def outcome(point: PlannedPoint, plan: SearchPlan) -> tuple[str, list[float] | None, str]:
@@ -253,7 +262,9 @@ def srun_command(point: PlannedPoint) -> list[str]:
     run = point.run
     hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                            capture_output=True, text=True, check=True).stdout.split()[:run.nodes]
-    env = f"ALL,MASTER_ADDR={hosts[0]},MASTER_PORT={port_for_job(f'{slurm_job_id()}-{point.index}')}"
+    restarts = earlier_starts(point.point_dir) - 1  # the trial's, not the worker job's (SLURM_RESTART_COUNT)
+    env = (f"ALL,MASTER_ADDR={hosts[0]},MASTER_PORT={port_for_job(f'{slurm_job_id()}-{point.index}')},"
+           f"{RESTART_COUNT_VAR}={max(0, restarts)}")
     return ["srun", f"--nodes={run.nodes}", f"--ntasks={run.world_size}",
             f"--ntasks-per-node={run.cluster.tasks_per_node}",
             f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=1", "--open-mode=append", f"--export={env}",
