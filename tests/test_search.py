@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,13 @@ def test_a_pruner_stops_a_bad_trial_and_the_report_shows_the_study(tmp_path):
     for kind in ("history", "importances", "intermediate"):
         assert f"![study-search-{kind}](study-search-{kind}.png)" in report
         assert (out_dir / f"study-search-{kind}.png").stat().st_size > 1000
+    # two searches of one name, collected together: a section and plots each
+    shutil.copytree(run_dir, tmp_path / "again" / "search")
+    both = subprocess.run([sys.executable, "-m", "pipeline.collect", str(run_dir), str(tmp_path / "again"), "--out",
+                           str(tmp_path / "both")], capture_output=True, text=True)
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert (tmp_path / "both/report.md").read_text().count("## Study search") == 2
+    assert all((tmp_path / f"both/study{i}-search-history.png").is_file() for i in (1, 2))
 
 
 def test_a_search_for_accuracy_and_cost_reports_its_pareto_front(tmp_path):

@@ -417,7 +417,8 @@ def write_report(out_dir: Path, c: Collected, regressions: list[str], with_plots
     write_csv(c.rows, out_dir / "scaling.csv")
     write_scaling_json(c, out_dir / "scaling.json")
     plots = plot(c.rows, c.analyses, out_dir) if with_plots else []
-    studies = [line for d in c.searches for line in study_lines(d, out_dir, with_plots)]
+    prefixes = ["study"] if len(c.searches) == 1 else [f"study{i + 1}" for i in range(len(c.searches))]
+    studies = [line for d, p in zip(c.searches, prefixes) for line in study_lines(d, out_dir, with_plots, p)]
     report = out_dir / "report.md"
     report.write_text(markdown(c, plots, regressions, studies))
     return report

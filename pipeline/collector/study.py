@@ -25,8 +25,10 @@ def find_searches(paths: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-def study_lines(search_dir: Path, out_dir: Path, with_plots: bool) -> list[str]:
-    """The report's section on one search; a study that cannot be read is said so, the rest of the report kept."""
+def study_lines(search_dir: Path, out_dir: Path, with_plots: bool, prefix: str = "study") -> list[str]:
+    """The report's section on one search, its plots named `prefix`-<study>-<kind>.png (searches collected
+    together need prefixes of their own: their studies may share a name); a study that cannot be read is said so,
+    the rest of the report kept."""
     try:
         from pipeline.config import parse_run_config
         from pipeline.search import study as studies
@@ -44,7 +46,7 @@ def study_lines(search_dir: Path, out_dir: Path, with_plots: bool) -> list[str]:
     lines += _state_line(trials, studies) + _best_lines(study, plan, search_dir, studies)
     lines += _trials_table(trials, plan, studies)
     if with_plots:
-        plots = _plots(study, plan, trials, out_dir)
+        plots = _plots(study, plan, trials, out_dir, prefix)
         lines += [f"![{p[:-4]}]({p})" for p in plots] + ([""] if plots else [])
     return lines
 
@@ -105,7 +107,7 @@ def _v(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _plots(study, plan: SearchPlan, trials, out_dir: Path) -> list[str]:
+def _plots(study, plan: SearchPlan, trials, out_dir: Path, prefix: str) -> list[str]:
     """Optuna's figures of the study, as PNGs in out_dir; one that cannot be drawn (too few complete trials, a
     single value of every parameter) is skipped, and the log says why."""
     import matplotlib
@@ -132,7 +134,7 @@ def _plots(study, plan: SearchPlan, trials, out_dir: Path) -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for its matplotlib module
                 ax = make()
-            file = f"study-{name}-{kind}.png"
+            file = f"{prefix}-{name}-{kind}.png"
             ax.figure.savefig(out_dir / file, dpi=100, bbox_inches="tight")
             plt.close(ax.figure)
             out.append(file)
