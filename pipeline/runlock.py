@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, config_hash
-from pipeline.rundir import (CHECKPOINT_NAME, LAUNCHER_PID_VAR, LOG_DIR, PREVIOUS_CHECKPOINT_NAME,
+from pipeline.rundir import (CHECKPOINT_NAME, LAUNCHER_PID_VAR, LOG_DIR, METRICS_NAME, PREVIOUS_CHECKPOINT_NAME,
                              PREVIOUS_SHARDED_CHECKPOINT_NAME, PROFILE_DIR, PROGRESS_NAME, RECORD_NAME, RUN_LOCK_NAME,
                              SHARDED_CHECKPOINT_NAME, WEIGHTS_NAME, LockHolder, Point, remove_stray_temporaries,
                              utc_now)
@@ -33,7 +33,7 @@ from pipeline.rundir import (CHECKPOINT_NAME, LAUNCHER_PID_VAR, LOG_DIR, PREVIOU
 log = logging.getLogger(__name__)
 JOB_WAIT_S = 60.0  # a Slurm job may start while its launcher still holds the lock, submitting
 # what overwrite removes of an earlier run (and its logs and traces)
-OUTPUTS = (RECORD_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, PROGRESS_NAME)
+OUTPUTS = (RECORD_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, PROGRESS_NAME, METRICS_NAME)
 CHECKPOINTS = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME)
 
 
