@@ -368,7 +368,89 @@ class HealthConfig:
         check_positive("health.answer_s", self.answer_s)
 
 
-# ------------------------------------------------------------------------------------------------- run
+# ------------------------------------------------------------------------------------------------ tracking
+TRACKERS = ("mlflow", "wandb")
+WANDB_MODES = ("online", "offline")
+# what MLflow's client takes as a tracking URI (mlflow.tracking._tracking_service.utils): its server, its database
+# stores, its file store, Databricks; or a plain folder (a file store)
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+
+
+@dataclass
+class MlflowTrackingConfig:
+    """tracking=[mlflow]: one MLflow run per point, nested in a parent run per sweep (pipeline/tracking/)."""
+
+    uri: Optional[str] = None  # the tracking server or store; null: MLFLOW_TRACKING_URI, else MLflow's default
+    experiment: str = "pipeline"
+
+    def __post_init__(self) -> None:
+        check_tracking_uri("tracking.mlflow.uri", self.uri)
+        if not self.experiment.strip():
+            raise ConfigError("tracking.mlflow.experiment='' is not allowed; name the MLflow experiment")
+
+
+@dataclass
+class WandbTrackingConfig:
+    """tracking=[wandb]: one W&B run per point (its id the point's run id), grouped by the sweep."""
+
+    project: str = "pipeline"
+    entity: Optional[str] = None  # null: the API key's default entity
+    mode: str = "online"  # offline: the run is written under `dir` and pushed later (pipeline.track sync, wandb sync)
+    group: Optional[str] = None  # null: the sweep's folder name
+    dir: Optional[str] = None  # where W&B writes its run files (offline runs too); null: the point's folder
+
+    def __post_init__(self) -> None:
+        check_choice("tracking.wandb.mode", self.mode, WANDB_MODES)
+        if not self.project.strip() or "/" in self.project:
+            raise ConfigError(f"tracking.wandb.project={self.project!r} is not allowed; give a project name "
+                              "(no '/': the entity is tracking.wandb.entity)")
+
+
+@dataclass
+class TrackingConfig:
+    """The experiment trackers a run also logs to (tracking=[mlflow], [wandb], both or none; a launch option: it
+    changes what is told, not what is trained). Rank 0 sends through a bounded queue to a background thread, so a
+    slow or unreachable tracker never waits the training; what it missed, `pipeline.track sync` sends later."""
+
+    mlflow: Optional[MlflowTrackingConfig] = None
+    wandb: Optional[WandbTrackingConfig] = None
+    queue: int = 1000  # reports held for a slow tracker; more are dropped (the record's missing.tracking) for sync
+    close_s: float = 30.0  # at the end, how long rank 0 waits for a tracker to take the rest
+
+    def __post_init__(self) -> None:
+        check_at_least("tracking.queue", self.queue, 1)
+        check_positive("tracking.close_s", self.close_s)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name in TRACKERS if getattr(self, name) is not None]
+
+
+def check_tracking_uri(key: str, uri: Optional[str]) -> None:
+    """A tracking URI MLflow's client can use: a known scheme, a host for a server's, a port that is one."""
+    if uri is None:
+        return
+    from urllib.parse import urlsplit
+
+    allowed = "give e.g. http://host:5000, sqlite:////abs/path/mlflow.db, file:///abs/path or a folder"
+    if not uri.strip() or any(c.isspace() or ord(c) < 32 for c in uri):
+        raise ConfigError(f"{key}={uri!r} is not allowed; {allowed}")
+    try:
+        parts = urlsplit(uri)
+        port = parts.port if parts.scheme in ("http", "https") else None
+    except ValueError as e:
+        raise ConfigError(f"{key}={uri!r} is not a URI MLflow can use ({e}); {allowed}") from None
+    if "://" not in uri and ":" not in uri.split("/")[0]:
+        return  # a folder: MLflow's file store
+    if parts.scheme not in MLFLOW_SCHEMES:
+        raise ConfigError(f"{key}={uri!r}: the scheme {parts.scheme!r} is not one MLflow's client knows; choose one "
+                          f"of: {', '.join(MLFLOW_SCHEMES)} ({allowed})")
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise ConfigError(f"{key}={uri!r} names no host; {allowed}")
+    if port == 0:
+        raise ConfigError(f"{key}={uri!r}: port 0 is not a server's port; {allowed}")
+
+
 # --------------------------------------------------------------------------------------------- search
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "nsgaii", "grid")
 PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
@@ -412,6 +494,7 @@ class OptunaSearchConfig:
                               f"heartbeats (3 x search.heartbeat_s = {3 * self.heartbeat_s})")
 
 
+# ------------------------------------------------------------------------------------------------- run
 CLUSTER_SCHEMAS = {c.kind: c for c in (LocalClusterConfig, SlurmClusterConfig)}
 PARALLEL_SCHEMAS = {c.kind: c for c in (DDPParallelConfig, FSDPParallelConfig, HSDPParallelConfig)}
 SEARCH_SCHEMAS = {c.kind: c for c in (OptunaSearchConfig,)}
@@ -448,6 +531,7 @@ class RunConfig:
     # (pipeline/objective.py), or a list of them
     objective: Any = "evaluation.value"
     search: Any = None  # search=optuna: a schema of SEARCH_SCHEMAS
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # tracking=[mlflow,wandb]: docs/tracking.md
 
     @property
     def world_size(self) -> int:
@@ -767,8 +851,8 @@ def plain_config(cfg: "DictConfig") -> dict:
         raise ConfigError(str(e).strip()) from None
 
 
-# how a point is launched (and what a search makes of it), not what it trains
-LAUNCH_OPTIONS = ("dry_run", "wait", "allow_partial", "overwrite", "objective", "search")
+# how a point is launched (what a search makes of it, where it is told), not what it trains
+LAUNCH_OPTIONS = ("dry_run", "wait", "allow_partial", "overwrite", "objective", "search", "tracking")
 
 
 def config_hash(config: dict) -> str:

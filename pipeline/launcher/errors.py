@@ -79,6 +79,8 @@ def one_line(e: BaseException) -> str | None:
     from omegaconf.errors import OmegaConfBaseException
     from yaml import MarkedYAMLError
 
+    if isinstance(e, AssertionError):
+        return _under_null(e)
     if not isinstance(e, (HydraException, OmegaConfBaseException, MarkedYAMLError, ConfigError, OSError, ValueError)):
         return None  # a bug, whatever it happened to be handling: its traceback is the report
     chain = causes(e)
@@ -124,6 +126,23 @@ def _hydra(e: BaseException) -> str:
     return _joined(text) + (f": {_joined(str(cause))}" if cause is not None else "")
 
 
+def _under_null(e: AssertionError) -> str | None:
+    """`tracking.mlflow.uri=...` without tracking=[mlflow]: OmegaConf's update asserts on the null node it would
+    set a key under (an optional part of the config not chosen) and names no key; its frame holds the key."""
+    if "Unexpected type for root: NoneType" not in str(e):
+        return None
+    tb, key = e.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "update" and isinstance(tb.tb_frame.f_locals.get("key"), str):
+            key = tb.tb_frame.f_locals["key"]
+        tb = tb.tb_next
+    if key is None:
+        return None
+    parent, group = key.rpartition(".")[0], key.split(".")[0]
+    return (f"{key} is a key of {parent}, which this config does not have (null): choose it first, e.g. "
+            f"{group}=[{parent.split('.')[-1]}] for {group}.<name>.<key>")
+
+
 def _unknown_key(key: str) -> str:
     known = known_keys()
     if key in known:  # a key of another option of its group
@@ -136,11 +155,21 @@ def _unknown_key(key: str) -> str:
 def _missing_option(e) -> str:
     """`model=foo`, `+experiment=nope`: the group's options (not the schemas that they extend)."""
     group, _, name = (e.missing_cfg_file or "").rpartition("/")
-    options = [o for o in (e.options or []) if not o.endswith("_schema")]
+    options = [o for o in (e.options or _conf_options(group)) if not o.endswith("_schema")]
     if not group:
         return _joined(str(e))
     choose = f"choose one of: {', '.join(options)}" if options else "that group has no options"
     return f"{group}={name} is not an option of {group}; {choose}"
+
+
+def _conf_options(group: str) -> list[str]:
+    """The shipped options of a group (Hydra names none for a group of several choices, tracking=[...])."""
+    from importlib.resources import files
+
+    try:
+        return sorted(p.name[:-5] for p in (files("pipeline.conf") / group).iterdir() if p.name.endswith(".yaml"))
+    except (OSError, ValueError):
+        return []
 
 
 def _yaml(e) -> str:
