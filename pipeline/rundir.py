@@ -44,6 +44,9 @@ from pipeline.typed import SCHEMA_VERSION, SchemaError, decoder, dotted, encode
 POINT_NAME = "point.json"
 PROGRESS_NAME = "progress.json"
 METRICS_NAME = "metrics.jsonl"  # rank 0's figures as the run reports them, a line each, appended across restarts
+TRACKING_NAME = "tracking.json"  # the experiment trackers' runs of the point, kept across restarts
+TRACKING_LOCK = ".tracking.lock"  # in a point's folder and its sweep's: one writer of tracking.json, one parent run
+WANDB_DIR = "wandb"  # W&B's own files of the point's runs (tracking.wandb.dir: null)
 RECORD_NAME = "result.json"
 MANIFEST_NAME = "manifest.json"  # in the sweep folder
 WEIGHTS_NAME = "model.pt"  # the trained model's state_dict (rank 0)
@@ -475,27 +478,61 @@ class MetricsRow:
         return orjson.dumps(encode(dataclasses.replace(self, values=values))) + b"\n"
 
 
-def read_metrics(point_dir: Path) -> dict[int, dict[str, Optional[float]]]:
-    """Each step's figures once, in step order: a segment's lines drop the earlier segments' lines of the steps
-    after its start_step (trained again); a line that does not read (cut short by a kill) is skipped. Empty
-    without the file."""
+def read_metric_rows(point_dir: Path) -> list[MetricsRow]:
+    """The lines that stand, in the order written: a segment's lines drop the earlier segments' lines of the steps
+    after its start_step (trained again); a line that does not read (cut short by a kill) is skipped. Empty without
+    the file."""
     try:
         raw = read_small(Path(point_dir) / METRICS_NAME)
     except FileNotFoundError:
-        return {}
-    steps: dict[int, dict[str, Optional[float]]] = {}
-    segment = None
+        return []
+    rows: list[MetricsRow] = []
     for line in raw.splitlines():
         try:
             row = decoder(MetricsRow)(parse_json(line))
         except ValueError:
             continue
-        if row.segment != segment:
-            segment = row.segment
-            for step in [s for s in steps if s > row.start_step]:
-                del steps[step]
+        if rows and row.segment != rows[-1].segment:
+            rows = [r for r in rows if r.step <= row.start_step]
+        rows.append(row)
+    return rows
+
+
+def read_metrics(point_dir: Path) -> dict[int, dict[str, Optional[float]]]:
+    """Each step's figures once, in step order (read_metric_rows)."""
+    steps: dict[int, dict[str, Optional[float]]] = {}
+    for row in read_metric_rows(point_dir):
         steps.setdefault(row.step, {}).update(row.values)
     return dict(sorted(steps.items()))
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+@dataclass(frozen=True, kw_only=True)
+class TrackedRun:
+    """The run a tracker keeps of a point: chosen at the point's first start, continued by every restart."""
+
+    run_id: str  # MLflow's (its server gives it) or W&B's (the point's run id)
+    where: str  # MLflow: the tracking URI; W&B: entity/project
+    parent_run_id: Optional[str] = None  # MLflow: the sweep's parent run
+    starts: int = 1  # the point's trainings that have logged to it: a requeue, a resubmission, a relaunch add one
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackedRuns(JsonFile):
+    """POINT_DIR/tracking.json: the point's run in each tracker (tracking=[mlflow,wandb]), so that a requeue, a
+    resubmission and a relaunch that resumes all log to the same one, and `pipeline.track sync` finds it."""
+
+    FILE: ClassVar[str] = TRACKING_NAME
+    schema_version: int = SCHEMA_VERSION
+    runs: dict[str, TrackedRun] = field(default_factory=dict)  # by tracker: "mlflow", "wandb"
+
+    @classmethod
+    def of(cls, point_dir: Path) -> "TrackedRuns":
+        """The point's tracked runs; none before its first start. A file that cannot be used raises (OSError,
+        ValueError): it is not replaced, for it names runs a new one would fork from."""
+        if not (Path(point_dir) / cls.FILE).exists():
+            return cls()
+        return cls.read(point_dir)
 
 
 # ------------------------------------------------------------------------------------------------- a search

@@ -27,13 +27,14 @@ from pathlib import Path
 from pipeline.config import ConfigError, config_hash
 from pipeline.rundir import (CHECKPOINT_NAME, LAUNCHER_PID_VAR, LOG_DIR, METRICS_NAME, PREVIOUS_CHECKPOINT_NAME,
                              PREVIOUS_SHARDED_CHECKPOINT_NAME, PROFILE_DIR, PROGRESS_NAME, RECORD_NAME, RUN_LOCK_NAME,
-                             SHARDED_CHECKPOINT_NAME, WEIGHTS_NAME, LockHolder, Point, remove_stray_temporaries,
-                             utc_now)
+                             SHARDED_CHECKPOINT_NAME, TRACKING_NAME, WANDB_DIR, WEIGHTS_NAME, LockHolder, Point,
+                             TrackedRuns, remove_stray_temporaries, utc_now)
 
 log = logging.getLogger(__name__)
 JOB_WAIT_S = 60.0  # a Slurm job may start while its launcher still holds the lock, submitting
 # what overwrite removes of an earlier run (and its logs and traces)
-OUTPUTS = (RECORD_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, PROGRESS_NAME, METRICS_NAME)
+OUTPUTS = (RECORD_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, PROGRESS_NAME, METRICS_NAME,
+           TRACKING_NAME)
 CHECKPOINTS = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME)
 
 
@@ -133,6 +134,7 @@ def _earlier_run(point_dir: Path, config: dict, overwrite: bool, key: str) -> tu
         raise ConfigError(f"{key}={point_dir} holds a finished run's record ({RECORD_NAME}"
                           f"{f', run {earlier.run_id}' if earlier else ''}); a new run would replace it: choose "
                           "another folder, or add overwrite=true to replace that run")
+    _check_tracked_runs(point_dir, key)
     if earlier is not None and config_hash(earlier.config) == config_hash(config):
         log.info("%s: the same config as the earlier launch, which left no record: this launch continues its run %s, "
                  "%s", point_dir, earlier.run_id, "from its checkpoint" if _has_checkpoint(point_dir) else
@@ -143,6 +145,16 @@ def _earlier_run(point_dir: Path, config: dict, overwrite: bool, key: str) -> tu
                           f"{f' (overrides: {earlier.overrides})' if earlier else ''}; a new run would discard it: "
                           "relaunch that config to resume it, choose another folder, or add overwrite=true")
     return None, False
+
+
+def _check_tracked_runs(point_dir: Path, key: str) -> None:
+    """The folder's tracking.json, which the run continues, can be read: a damaged one would fork its tracked run."""
+    try:
+        TrackedRuns.of(point_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={point_dir}: its {TRACKING_NAME} cannot be used ({e}); it names the tracker runs "
+                          f"this run continues: restore it, or delete it (pipeline.track finds an MLflow run again by "
+                          f"its tag; a W&B run's id is the point's run id)") from None
 
 
 def _has_checkpoint(point_dir: Path) -> bool:
@@ -165,7 +177,7 @@ def _remove_outputs(point_dir: Path) -> None:
         if path.exists() or path.is_symlink():
             path.unlink()
             gone.append(name)
-    for name in (LOG_DIR, PROFILE_DIR, SHARDED_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME):
+    for name in (LOG_DIR, PROFILE_DIR, SHARDED_CHECKPOINT_NAME, PREVIOUS_SHARDED_CHECKPOINT_NAME, WANDB_DIR):
         if (point_dir / name).is_dir():
             shutil.rmtree(point_dir / name)
             gone.append(f"{name}/")
