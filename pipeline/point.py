@@ -27,6 +27,7 @@ from pipeline.rundir import GitInfo, Point, utc_now
 from pipeline.runlock import claim, keep_until_exit
 from pipeline.slurm import check_script_text
 from pipeline.targets import build_datasets
+from pipeline.tracking.trackers import check_tracking
 
 
 @dataclass
@@ -48,10 +49,11 @@ class PlannedPoint:
 def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     """Type and check one point's config, the built-in datasets' files included (constructing them checks their
     files, importing no torch: the job's own build step, pipeline.targets; a user's `_target_`s have had their
-    modules found, not imported). Raises ConfigError naming the key."""
+    modules found, not imported) and its trackers installed. Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     abspath_dataset_root(run)
     check_resume_from(run)
+    check_tracking(run.tracking)
     if not isinstance(run.dataset, dict):
         build_datasets(run, rank=None)
     return run
