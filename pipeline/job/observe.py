@@ -16,6 +16,7 @@ import torch
 
 from pipeline.job.context import Job
 from pipeline.job.timing import StepTimer
+from pipeline.job.tracking import make_trackers
 from pipeline.result import Evaluation
 from pipeline.rundir import METRICS_NAME, PROFILE_DIR, TENSORBOARD_DIR, MetricsRow, Point, Progress, utc_now
 
@@ -36,6 +37,9 @@ class NullLogger:
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         pass
+
+    def end(self, status: str, figures: dict[str, float], files: list[Path]) -> None:
+        """The run has ended as `status` (the record's, or failed, preempted): its final figures and files."""
 
     def close(self) -> None:
         pass
@@ -128,8 +132,17 @@ class Loggers(NullLogger):
         for sink in self.sinks:
             sink.hparams(hparams, metrics)
 
+    def end(self, status: str, figures: dict[str, float], files: list[Path]) -> None:
+        for sink in self.sinks:
+            sink.end(status, figures, files)
+
     def failures(self) -> dict[str, str]:
-        return {k: v for sink in self.sinks for k, v in sink.failures().items()}
+        """What every sink could not write; two trackers' under one key (`tracking`), both said."""
+        out: dict[str, str] = {}
+        for sink in self.sinks:
+            for key, why in sink.failures().items():
+                out[key] = f"{out[key]}; {why}" if key in out else why
+        return out
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -169,10 +182,12 @@ def make_logger(enabled: bool, is_rank0: bool, folder: Path) -> NullLogger:
 
 
 def make_loggers(job: Job, tensorboard: Path) -> NullLogger:
-    """Rank 0's sinks of the run's figures: the run folder's metrics.jsonl always, TensorBoard when asked for."""
+    """Rank 0's sinks of the run's figures: the run folder's metrics.jsonl always, TensorBoard when asked for, each
+    tracker of tracking=[...]."""
     if not job.is_rank0:
         return NullLogger()
-    return Loggers([MetricsFile(job.point_dir), make_logger(job.run.trainer.tensorboard, True, tensorboard)])
+    return Loggers([MetricsFile(job.point_dir), make_logger(job.run.trainer.tensorboard, True, tensorboard),
+                    *make_trackers(job)])
 
 
 def write_progress(point_dir: Path, *, step: int, total: int, samples_per_s: float, eta_s: float,
@@ -229,6 +244,10 @@ class Reporter:
 
     def evaluation(self, evaluation: Evaluation, step: int) -> None:
         self.metrics.log({f"test/{evaluation.metric}": evaluation.value, "test/loss": evaluation.loss}, step)
+
+    def end(self, status: str, figures: dict[str, float], files: list[Path]) -> None:
+        """The run's end, as its record says (or failed, preempted): the trackers' runs end so."""
+        self.metrics.end(status, figures, files)
 
     def close(self, hparams: dict, figures: dict[str, float]) -> None:
         """TensorBoard's HParams view (the run's overrides beside its final figures), then the writer closed."""

@@ -38,6 +38,7 @@ from pipeline.job.probe import describe, fell_back_to_sockets, nccl_interface, p
 from pipeline.job.record import Finals, JobFacts, build_record, rank_result
 from pipeline.job.trainer import Judge, Trainer, TrainOutcome
 from pipeline.result import Fabric, Health, HostShare, Result
+from pipeline.tracking.trackers import summary_figures
 from pipeline.rundir import (LOG_DIR, RECORD_NAME, TRIAL_NAME, WEIGHTS_NAME, Failure, Point, TrialRef, failure_path,
                              utc_now)
 
@@ -108,7 +109,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
     run = parse_run_config(point.config)
     env = DistEnv.detect()
     failure_path(point_dir, env.rank).unlink(missing_ok=True)  # an earlier attempt's
-    finished, trainer = False, None
+    finished, trainer, reporter = False, None, None
     try:
         env.check_world(run.nodes, run.cluster.tasks_per_node)
         setup_logging(env)
@@ -143,6 +144,8 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         # written down before the teardown below, which makes the other ranks fail too: the launcher and status
         # tell the rank that failed first by it
         Failure.of(e, rank=env.rank, node_rank=env.node_rank, silent=silent_ranks(store, env, e)).write(point_dir)
+        if reporter is not None:
+            reporter.end("failed", {}, [point_dir / LOG_DIR])
         raise
     finally:
         held, trainer = weakref.ref(trainer) if trainer else None, None
@@ -216,6 +219,7 @@ def train(trainer: Trainer, job: Job) -> TrainOutcome:
         return trainer.fit(stop, trial_judge(job))
     except Interrupted as e:
         log.warning("%s; checkpoint %s", e, trainer.save_checkpoint(e.step))
+        trainer.reporter.end("preempted", {}, [job.point_dir / LOG_DIR])  # the requeued job continues its runs
         stop.hand_over(job)  # does not return
 
 
@@ -247,10 +251,21 @@ def write_result(job: Job, trainer: Trainer, outcome: TrainOutcome, host: HostSh
         finals = make_finals(job, trainer, outcome)
     record = build_record(job, trainer.setup(), outcome, ranks, facts, finals)
     path = record.write(job.point_dir)
-    attempt("tensorboard", {}, lambda: reporter.close(hparams_of(job.point), final_figures(record)))
+    figures = summary_figures(record)
+    end_tracked_runs(job, reporter, record, figures)
+    attempt("tensorboard", {}, lambda: reporter.close(hparams_of(job.point), figures))
     ev = outcome.evaluation
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
              record.timing.throughput_samples_per_s or 0.0, path)
+
+
+def end_tracked_runs(job: Job, reporter: Reporter, record: Result, figures: dict[str, float]) -> None:
+    """The trackers' runs end as the record says, with its figures, the record and the rank logs; a tracker that
+    could not take it all is said in the record's missing.tracking (rewritten), for `pipeline.track sync`."""
+    reporter.end(record.status, figures, [job.point_dir / RECORD_NAME, job.point_dir / LOG_DIR])
+    missed = reporter.metrics.failures().get("tracking")
+    if missed is not None and record.missing.get("tracking") != missed:
+        replace(record, missing={**record.missing, "tracking": missed}).write(job.point_dir)
 
 
 def make_finals(job: Job, trainer: Trainer, outcome: TrainOutcome) -> Finals:
@@ -275,14 +290,6 @@ def attempt(name: str, missing: dict[str, str], make):
         log.warning("%s could not be produced after training: %s: %s", name, type(e).__name__, e)
         missing[name] = f"{type(e).__name__}: {e}"[:500]
         return None
-
-
-def final_figures(record: Result) -> dict[str, float]:
-    """The run's final figures, for TensorBoard's HParams view beside its overrides."""
-    ev, loss = record.evaluation, record.final_train_loss
-    return {"final/samples_per_s": record.timing.throughput_samples_per_s or 0.0,
-            **({"final/train_loss": loss} if loss is not None else {}),
-            **({f"final/test_{ev.metric}": ev.value} if ev else {})}
 
 
 def release_process_group(trainer: weakref.ref | None) -> None:
