@@ -1,11 +1,12 @@
 """Collect result records into scaling tables, plots and a report:
 
     python -m pipeline.collect SWEEP_DIR... [--out DIR] [--baseline OLD/scaling.json] [--tolerance 0.1]
-                               [--predict-at 8,16,64]
+                               [--predict-at 8,16,64] [--track]
 
 Reads every result.json under the given folders (any number of sweeps), groups the runs that differ only in
 node count, and writes scaling.csv, scaling.json, report.md and PNG plots to --out (default: ./collect).
-Exits 1 when --baseline is given and a group's throughput or efficiency fell by more than --tolerance.
+Exits 1 when --baseline is given and a group's throughput or efficiency fell by more than --tolerance, or when
+--track could not log the collection to the sweeps' trackers.
 Imports no torch: it runs on login nodes.
 """
 
@@ -22,6 +23,7 @@ from pipeline.collector.records import Diverged, Pruned, load_runs
 from pipeline.collector.report import Collected, load_baseline, terminal_table, write_report
 from pipeline.collector.scaling import aggregate, regressions
 from pipeline.collector.study import find_searches
+from pipeline.tracking.sync import track_collection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.10,
                         help="relative drop in throughput or efficiency that counts as a regression (default 0.10)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--track", action="store_true",
+                        help="log the collection (report, tables, forecast, plots) to each sweep's tracker: its MLflow "
+                             "parent run, a W&B run of its group (the points' tracking=[...]; docs/tracking.md)")
     parser.add_argument("--device-memory", type=size_argument, metavar="SIZE",
                         help="the device memory the memory forecast fits to, e.g. 80GB or 80GiB (default: the "
                              "measured device's)")
@@ -62,7 +67,20 @@ def main(argv: list[str] | None = None) -> int:
           f"report: {report}")
     for line in found:
         print(f"REGRESSION {line}", file=sys.stderr)
+    if args.track and not track(args.paths, args.out):
+        return 1
     return 1 if found else 0
+
+
+def track(paths: list[Path], out: Path) -> bool:
+    """collect --track: the collection logged to the collected sweeps' trackers; False when one could not be."""
+    try:
+        said = track_collection(paths, out)
+    except Exception as e:  # the tracker: unreachable, refusing; the collection itself is written
+        print(f"--track: the collection could not be logged: {type(e).__name__}: {e}"[:1000], file=sys.stderr)
+        return False
+    print("\n".join(said) or "--track: no collected point was launched with tracking=[...]: nothing logged")
+    return True
 
 
 def size_argument(text: str) -> int:
