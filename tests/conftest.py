@@ -2,6 +2,7 @@
 composed config, and the helpers that launch the pipeline as a user would and watch its processes."""
 
 import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,6 +121,7 @@ class LocalCluster:
 
 CLUSTER = LocalCluster(Path("/tmp/pipeline-slurm-tests"), bridge="plslurmt0", prefix="nsnode")
 CLUSTER_PORTS = 6947  # its own ports (and folder), so that it can run beside a cluster started by hand
+CLUSTER_SUBNET = "10.232.0"  # its nodes' addresses; the host is .1 on its bridge
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +133,7 @@ def slurm_cluster():
     ports = CLUSTER_PORTS
     env = {**os.environ, "PIPELINE_SLURM_DIR": str(CLUSTER.folder), "PIPELINE_SLURM_CTLD_PORT": str(ports),
            "PIPELINE_SLURM_DBD_PORT": str(ports + 2), "PIPELINE_SLURM_DB_PORT": str(ports + 26000),
-           "PIPELINE_SLURM_BASE_PORT": str(ports + 10000), "PIPELINE_SLURM_SUBNET": "10.232.0",
+           "PIPELINE_SLURM_BASE_PORT": str(ports + 10000), "PIPELINE_SLURM_SUBNET": CLUSTER_SUBNET,
            "PIPELINE_SLURM_BRIDGE": CLUSTER.bridge, "PIPELINE_SLURM_NODE_PREFIX": CLUSTER.prefix}
     script = str(REPO / "slurm/local-cluster.sh")
     subprocess.run(["bash", script, "up", "--nodes", "4", "--netns"], env=env, check=True, timeout=600)
@@ -251,3 +253,79 @@ def live_in_group(pgid: int) -> list[int]:
         if int(group) == pgid and state != "Z":
             found.append(int(stat.parent.name))
     return found
+
+
+# ---------------------------------------------------------------------------------------- a real MLflow server
+@dataclass
+class MlflowServer:
+    """`mlflow server` with a SQLite backend store and a local artifact root, in a process group of its own, on a
+    port of `host` (an address of this machine's: loopback, or the test cluster's bridge)."""
+
+    folder: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 90) -> "MlflowServer":
+        import socket
+        import time
+        import urllib.request
+
+        if not self.port:
+            with socket.socket() as s:
+                s.bind((self.host, 0))
+                self.port = s.getsockname()[1]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{self.folder / 'mlflow.db'}", "--default-artifact-root", str(self.folder / "artifacts"),
+             "--host", self.host, "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"mlflow server not up in {timeout} s"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (the server and its workers), then a check by pid that none is left."""
+        import signal
+        import time
+
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while live_in_group(pgid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+            time.sleep(0.1)
+        assert not live_in_group(pgid)
+        self.proc = None
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()

@@ -1,4 +1,4 @@
-"""The layout keeps its promise: the login-node programs (launch, status, collect) import neither torch nor the
+"""The layout keeps its promise: the login-node programs (launch, status, collect, track) import neither torch nor the
 job side, in any of their modules and in a real launch."""
 
 import ast
@@ -10,6 +10,7 @@ import pytest
 
 import pipeline.collector
 import pipeline.launcher
+import pipeline.tracking
 from tests.conftest import REPO
 
 # the built-in workloads' schemas (pipeline.workloads.models, .losses) are torch-free; their modules are not
@@ -30,8 +31,8 @@ def test_entry_points_and_every_login_side_module_import_neither_torch_nor_the_j
                "pipeline.allreduce", "pipeline.definitions", "pipeline.worker", "pipeline.checks", "pipeline.slurm",
                "pipeline.cgroup", "pipeline.callables", "pipeline.workloads.registry", "pipeline.workloads.models",
                "pipeline.workloads.datasets", "pipeline.workloads.losses", "pipeline.workloads.optimizers",
-               "hydra_plugins.pipeline_launcher.pipeline_launcher"]
-    for package in (pipeline.launcher, pipeline.collector):
+               "hydra_plugins.pipeline_launcher.pipeline_launcher", "pipeline.track"]
+    for package in (pipeline.launcher, pipeline.collector, pipeline.tracking):
         modules += [m.name for m in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + ".")]
     assert len(modules) > 12
     assert loaded_after("\n".join(f"import {m}" for m in modules)) == "[]"

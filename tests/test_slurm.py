@@ -16,7 +16,8 @@ import torch
 from pipeline.config import ConfigError, parse_run_config
 from pipeline.slurm import expand_hostlist
 from pipeline.launcher.slurm import sbatch_parameters
-from tests.conftest import CLUSTER, REPO, launch, start_launch
+from pipeline.rundir import Point, TrackedRuns
+from tests.conftest import CLUSTER, CLUSTER_SUBNET, REPO, MlflowServer, launch, start_launch
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
 
@@ -102,6 +103,14 @@ def preempt_at(args, run_dir, logged: str, within_s: float = 180):
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     return log0
+
+
+@pytest.fixture(scope="module")
+def slurm_mlflow(slurm_cluster, tmp_path_factory):
+    """A real MLflow server on the cluster's bridge address (the host's side of it), which its nodes reach."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), host=f"{CLUSTER_SUBNET}.1").start()
+    yield server
+    server.stop()
 
 
 def jobs_in_queue():
@@ -226,12 +235,15 @@ def test_static_template_through_plain_sbatch(slurm_cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
+def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, slurm_mlflow, tmp_path):
     """USR2 (what Slurm sends before preemption or the time limit) mid-training: rank 0 checkpoints, submitit
-    requeues, the job resumes; its final weights equal an uninterrupted run's."""
+    requeues, the job resumes; its final weights equal an uninterrupted run's, and its MLflow run is one."""
     args = ["nodes=2", "trainer.epochs=80", "trainer.log_every=50", *FAST[1:]]
     run_dir = tmp_path / "slurm"
-    log0 = preempt_at(args, run_dir, "step 100/")
+    # the job logs to MLflow too (a server on the cluster's bridge, which the nodes reach): tracking is a launch
+    # option, so the uninterrupted run below is the same run
+    tracked = ["tracking=[mlflow]", f"tracking.mlflow.uri={slurm_mlflow.uri}"]
+    log0 = preempt_at([*args, *tracked], run_dir, "step 100/")
     # meanwhile, the same run never interrupted (local debug mode: same world size, same seeds, same worker)
     uninterrupted = start_launch(*args, f"hydra.run.dir={tmp_path / 'local'}", cwd=tmp_path)
     out, progress = wait(run_dir, with_progress=True)
@@ -251,6 +263,19 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, tmp_path):
     resumed, straight = (torch.load(d / "model.pt", weights_only=True) for d in (run_dir, tmp_path / "local"))
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
+    # one MLflow run across the requeue: every reported step once, the restart on it, ended as the record
+    client, point = slurm_mlflow.client(), Point.read(run_dir)
+    run_id = TrackedRuns.read(run_dir).runs["mlflow"].run_id
+    experiment = client.get_experiment_by_name("pipeline").experiment_id
+    assert [r.info.run_id for r in client.search_runs(
+        [experiment], filter_string=f"tags.`pipeline.run_id` = '{point.run_id}'")] == [run_id]
+    curve = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert curve == sorted(set(curve)) == [*range(50, 1280, 50), 1280]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["pipeline.restarts"] == "1"
+    assert run.data.tags["pipeline.status"] == "completed"
+    assert run.data.tags["slurm.job_id"] == rec["provenance"]["slurm"]["job_id"]
+    assert TrackedRuns.read(run_dir).runs["mlflow"].starts == 2
 
 
 @pytest.mark.slurm
