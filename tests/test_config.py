@@ -24,8 +24,8 @@ def override_for(group: str, option: str) -> list[str]:
 def test_every_config_file_is_listed():
     groups = {g for g, _ in CONFIG_FILES}
     assert groups == {"model", "dataset", "optimizer", "scheduler", "loss", "cluster", "parallel", "experiment",
-                      "search"}
-    assert len(CONFIG_FILES) == 34
+                      "search", "tracking"}
+    assert len(CONFIG_FILES) == 36
 
 
 @pytest.mark.parametrize("group, option", CONFIG_FILES)

@@ -268,12 +268,12 @@ def test_preempted_job_resumes_to_the_same_parameters(slurm_cluster, slurm_mlflo
     run_id = TrackedRuns.read(run_dir).runs["mlflow"].run_id
     experiment = client.get_experiment_by_name("pipeline").experiment_id
     assert [r.info.run_id for r in client.search_runs(
-        [experiment], filter_string=f"tags.`pipeline.run_id` = '{point.run_id}'")] == [run_id]
+        [experiment], filter_string=f"tags.`pipeline/run_id` = '{point.run_id}'")] == [run_id]
     curve = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert curve == sorted(set(curve)) == [*range(50, 1280, 50), 1280]
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["pipeline.restarts"] == "1"
-    assert run.data.tags["pipeline.status"] == "completed"
+    assert run.info.status == "FINISHED" and run.data.tags["pipeline/restarts"] == "1"
+    assert run.data.tags["pipeline/status"] == "completed"
     assert run.data.tags["slurm.job_id"] == rec["provenance"]["slurm"]["job_id"]
     assert TrackedRuns.read(run_dir).runs["mlflow"].starts == 2
 

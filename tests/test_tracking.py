@@ -26,11 +26,11 @@ def track(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def runs_of(server: MlflowServer, sweep: str) -> dict[str, object]:
-    """The sweep's MLflow runs by their pipeline.point tag ("sweep" for the parent)."""
+    """The sweep's MLflow runs by their pipeline/point tag ("sweep" for the parent)."""
     client = server.client()
     experiment = client.get_experiment_by_name("pipeline")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`pipeline.sweep` = '{sweep}'")
-    return {r.data.tags.get("pipeline.point", r.data.tags.get("pipeline.role")): r for r in runs}
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`pipeline/sweep` = '{sweep}'")
+    return {r.data.tags.get("pipeline/point", r.data.tags.get("pipeline/role")): r for r in runs}
 
 
 def point_runs(server: MlflowServer, sweep: str) -> dict[str, tuple[str, list[int]]]:
@@ -79,7 +79,7 @@ def test_a_points_run_holds_its_curves_config_tags_end_and_files(mlflow_server, 
     run = runs_of(mlflow_server, "sweep")["1"]  # nodes=2: two ranks
     point, record = Point.read(sweep / "1"), json.loads((sweep / "1/result.json").read_text())
     run_id, data = run.info.run_id, run.data
-    assert run.info.status == "FINISHED" and data.tags["pipeline.status"] == "completed"
+    assert run.info.status == "FINISHED" and data.tags["pipeline/status"] == "completed"
     # every trainer.log_every step once, with the step's split; the evaluation; the record's figures
     for key in ("train/loss", "train/lr", "train/samples_per_s", "time/data_ms", "time/compute_ms", "time/comm_ms"):
         assert steps(mlflow_server, run_id, key) == list(range(10, 61, 10)), key
@@ -91,9 +91,9 @@ def test_a_points_run_holds_its_curves_config_tags_end_and_files(mlflow_server, 
         [by_step[s]["train/loss"] for s in range(10, 61, 10)]
     # the frozen config, flattened; the tags
     assert data.params["optimizer.lr"] == str(point.config["optimizer"]["lr"]) and data.params["nodes"] == "2"
-    assert {k: data.tags[k] for k in ("nodes", "world_size", "parallel", "pipeline.restarts", "pipeline.run_id",
+    assert {k: data.tags[k] for k in ("nodes", "world_size", "parallel", "pipeline/restarts", "pipeline/run_id",
                                       "git.commit")} == {
-        "nodes": "2", "world_size": "2", "parallel": "ddp", "pipeline.restarts": "0", "pipeline.run_id": point.run_id,
+        "nodes": "2", "world_size": "2", "parallel": "ddp", "pipeline/restarts": "0", "pipeline/run_id": point.run_id,
         "git.commit": point.git.sha or "unknown"}
     assert data.tags["git.dirty"] in ("true", "false", "unknown")
     # the record and the rank logs
@@ -143,7 +143,7 @@ def test_a_tracker_down_mid_run_costs_the_run_nothing_and_sync_fills_the_gap(tmp
         assert steps(server, run_id) == list(range(20, 6001, 20))  # every step once
         assert steps(server, run_id, "test/accuracy") == [6000]
         run = server.client().get_run(run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["pipeline.status"] == "completed"
+        assert run.info.status == "FINISHED" and run.data.tags["pipeline/status"] == "completed"
         assert len(runs_of(server, "run")) == 1
     finally:
         server.stop()
@@ -154,11 +154,11 @@ def test_a_wandb_offline_run_continues_with_the_same_id_and_step_axis_across_a_r
     """Preempted (USR2 to its ranks: rank 0 checkpoints and ends the W&B run preempted), then relaunched into its
     folder: it resumes, and logs to the same W&B run id; read back with W&B's reader, every step once."""
     run_dir = tmp_path / "run"
-    args = ["nodes=2", "tracking=[wandb]", "tracking.wandb.mode=offline", "trainer.epochs=40", "trainer.max_steps=300",
-            "trainer.log_every=20", "trainer.eval_every=100", "trainer.checkpoint_every=40", *FAST[1:],
-            f"hydra.run.dir={run_dir}"]
+    args = ["nodes=2", "tracking=[wandb]", "tracking.wandb.mode=offline", "trainer.epochs=200",
+            "trainer.max_steps=1500", "trainer.log_every=100", "trainer.eval_every=500", "trainer.checkpoint_every=200",
+            *FAST[1:], f"hydra.run.dir={run_dir}"]
     launcher = start_launch(*args, cwd=tmp_path)
-    wait_for_step(run_dir, 120, launcher, ranks=2)
+    wait_for_step(run_dir, 300, launcher, ranks=2)
     for rank in (0, 1):
         os.kill(rank_pid(run_dir, rank), signal.SIGUSR2)
     launcher.communicate(timeout=120)
@@ -171,8 +171,8 @@ def test_a_wandb_offline_run_continues_with_the_same_id_and_step_axis_across_a_r
     segments = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))
     assert len(segments) == 2
     rows = history(run_dir / "wandb", run_id)
-    assert sorted(row["trainer/step"] for row in rows if "train/loss" in row) == list(range(20, 301, 20))
-    assert sorted(row["trainer/step"] for row in rows if "test/accuracy" in row) == [100, 200, 300]
+    assert sorted(row["trainer/step"] for row in rows if "train/loss" in row) == list(range(100, 1501, 100))
+    assert sorted(row["trainer/step"] for row in rows if "test/accuracy" in row) == [500, 1000, 1500]
 
 
 BLOCK_MLFLOW = """import importlib.abc, sys

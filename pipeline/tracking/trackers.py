@@ -4,7 +4,7 @@ against the training step, `end` leaves the run in the record's state with its f
 
 One tracked run per point, across every restart: its identity is the point's run id (point.json), which a requeue,
 `status --resubmit-failed` and a relaunch that resumes all keep. MLflow gives its run ids itself: the first start
-creates the run, tagged `pipeline.run_id`, and tracking.json keeps its id (a lost file is found again by the tag).
+creates the run, tagged `pipeline/run_id`, and tracking.json keeps its id (a lost file is found again by the tag).
 W&B takes the id it is given: the point's run id.
 
 A restart from a checkpoint at step k trains steps after k again. A tracker is sent each (figure, step) once: what it
@@ -110,9 +110,9 @@ class RunFacts:
         layout = parallel.get("kind", "ddp") + (f" replicate={parallel['replicate']}"
                                                  if parallel.get("replicate") is not None else "")
         git = self.point.git
-        return {"pipeline.run_id": self.point.run_id, "pipeline.sweep": self.point.sweep_id,
-                "pipeline.sweep_dir": str(self.sweep_dir.resolve()), "pipeline.point": str(self.point.point),
-                "pipeline.point_dir": str(self.point_dir.resolve()), "pipeline.restarts": str(restarts),
+        return {"pipeline/run_id": self.point.run_id, "pipeline/sweep": self.point.sweep_id,
+                "pipeline/sweep_dir": str(self.sweep_dir.resolve()), "pipeline/point": str(self.point.point),
+                "pipeline/point_dir": str(self.point_dir.resolve()), "pipeline/restarts": str(restarts),
                 "nodes": str(nodes), "world_size": str(nodes * per_node), "parallel": layout,
                 "launch_mode": self.point.launch_mode, "git.commit": git.sha or "unknown",
                 "git.dirty": "unknown" if git.dirty is None else str(git.dirty).lower(), **self.slurm}
@@ -214,13 +214,13 @@ class MlflowTracker(Tracker):
 
     def parent(self, experiment: str, facts: RunFacts) -> str:
         """The sweep's parent run, made by the first of its points (or sync, or collect --track) to need it."""
-        tags = {"pipeline.sweep_dir": str(facts.sweep_dir.resolve()), "pipeline.role": "sweep"}
+        tags = {"pipeline/sweep_dir": str(facts.sweep_dir.resolve()), "pipeline/role": "sweep"}
         with exclusive(facts.sweep_dir / TRACKING_LOCK):
             found = self._find(experiment, tags)
             if found is not None:
                 return found
             run = self.client.create_run(experiment, run_name=f"sweep {facts.point.sweep_id}",
-                                         tags={**tags, "pipeline.sweep": facts.point.sweep_id})
+                                         tags={**tags, "pipeline/sweep": facts.point.sweep_id})
             return run.info.run_id
 
     def open(self, facts: RunFacts) -> TrackedRun:
@@ -230,7 +230,7 @@ class MlflowTracker(Tracker):
         experiment = self._experiment()
         parent = self.parent(experiment, facts) if facts.in_sweep else None
         run_id = known.run_id if known is not None and known.where == self.where else \
-            self._find(experiment, {"pipeline.run_id": facts.point.run_id})
+            self._find(experiment, {"pipeline/run_id": facts.point.run_id})
         tags = facts.tags(restarts=max(starts - 1, 0))
         if run_id is None:
             run_id = self.client.create_run(experiment, run_name=facts.name,
@@ -264,7 +264,7 @@ class MlflowTracker(Tracker):
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()],
-                              tags=[RunTag("pipeline.status", status)])
+                              tags=[RunTag("pipeline/status", status)])
         for path in files:
             if path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
@@ -275,7 +275,7 @@ class MlflowTracker(Tracker):
     def log_collection(self, facts: RunFacts, out: Path) -> str:
         experiment = self._experiment()
         run_id = self.parent(experiment, facts) if facts.in_sweep else \
-            self._find(experiment, {"pipeline.run_id": facts.point.run_id})
+            self._find(experiment, {"pipeline/run_id": facts.point.run_id})
         if run_id is None:
             raise LookupError(f"{facts.point_dir} has no MLflow run yet: python -m pipeline.track sync it first")
         self.client.log_artifacts(run_id, str(out), artifact_path="collect")
@@ -331,7 +331,7 @@ class WandbTracker(Tracker):
             self.run.log({STEP_KEY: step, **values})
 
     def end(self, status: str, figures: dict[str, float], files: list[Path]) -> None:
-        self.run.summary.update({**figures, "pipeline.status": status})
+        self.run.summary.update({**figures, "pipeline/status": status})
         for path in files:
             for file in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]):
                 if file.is_file():
