@@ -3,6 +3,8 @@
 
     python benchmarks/overhead.py [--workload mlp|loader|resnet|gpt|gpt_fsdp ...] [--ranks 2] [--repeats 11]
     python benchmarks/overhead.py --aa [...]          the hand-written loop against itself: this machine's noise
+    python benchmarks/overhead.py --tracking mlflow [--aa] [...]   the pipeline logging to a tracker against the
+                                                      pipeline without (--aa: without against without)
 
 Rows (workloads):
   mlp     the seed MLP on MNIST-shaped synthetic data, batches indexed from memory
@@ -17,17 +19,27 @@ pipeline through `python -m pipeline.launch` in local debug mode (its logging, T
 run it), the hand-written loop as this file's `--worker` mode. Both report throughput the same way: global batch
 x steps after warm-up / the slowest rank's time from the end of warm-up to the end of its last step. Prints each
 pair, their ratio, and per row the median ratio with its quartiles.
+
+--tracking mlflow|wandb: the pipeline with tracking=[that] (every trainer.log_every report through rank 0's queue
+to its background thread) against the same pipeline without. MLflow: a local `mlflow server` this benchmark starts
+(SQLite store, on loopback, at nice 19: it stands in for a server elsewhere, and takes what the ranks leave of this
+machine's cores); W&B: offline mode, its own service process (wandb-core) writing the run files, as on a compute
+node. With as many ranks as cores, what the tracker's process does is taken from the ranks; with --ranks 1 a core
+is left for it, as a node's spare cores would be.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,27 +141,66 @@ def run_hand_written(workload: str, ranks: int) -> float:
     return json.loads(outs[0])["throughput"]
 
 
-def run_pipeline(workload: str, ranks: int, out: Path) -> float:
+def run_pipeline(workload: str, ranks: int, out: Path, tracking: tuple[str, ...] = ()) -> float:
     overrides, batch, steps = WORKLOADS[workload]
-    subprocess.run([sys.executable, "-m", "pipeline.launch", f"cluster.tasks_per_node={ranks}", *overrides,
+    subprocess.run([sys.executable, "-m", "pipeline.launch", f"cluster.tasks_per_node={ranks}", *overrides, *tracking,
                     f"trainer.max_steps={steps}", "trainer.epochs=1000", f"trainer.batch_size={batch}",
                     f"trainer.warmup_steps={WARMUP}", "trainer.eval_samples=64", f"hydra.run.dir={out}"],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "result.json").read_text())["throughput_samples_per_s"]
 
 
-def measure(workload: str, ranks: int, repeats: int, aa: bool, tmp: Path) -> list[float]:
-    first = "hand-written" if aa else "pipeline"
+def measure(workload: str, ranks: int, repeats: int, aa: bool, tmp: Path, tracking: tuple[str, ...] = ()
+            ) -> list[float]:
+    """`repeats` pairs, alternating which goes first: the pipeline (tracked, where `tracking` is given) against the
+    hand-written loop (the untracked pipeline, where `tracking` is given); A/A: the baseline against itself."""
+    if tracking:
+        names = ("pipeline untracked" if aa else "pipeline tracked", "pipeline untracked")
+        runs = {"first": lambda out: run_pipeline(workload, ranks, out, () if aa else tracking),
+                "baseline": lambda out: run_pipeline(workload, ranks, out)}
+    else:
+        names = ("hand-written" if aa else "pipeline", "hand-written")
+        runs = {"first": (lambda out: run_hand_written(workload, ranks)) if aa else
+                (lambda out: run_pipeline(workload, ranks, out)),
+                "baseline": lambda out: run_hand_written(workload, ranks)}
     ratios = []
     for r in range(repeats):
-        got = {}
-        for which in (("pipeline", "baseline") if r % 2 == 0 else ("baseline", "pipeline")):
-            got[which] = (run_pipeline(workload, ranks, tmp / f"{workload}{r}") if which == "pipeline" and not aa
-                          else run_hand_written(workload, ranks))
-        ratios.append(got["pipeline"] / got["baseline"])
-        print(f"  repeat {r + 1}: {first} {got['pipeline']:9.1f} samples/s   hand-written {got['baseline']:9.1f} "
+        got = {which: runs[which](tmp / f"{workload}{r}-{which}")
+               for which in (("first", "baseline") if r % 2 == 0 else ("baseline", "first"))}
+        ratios.append(got["first"] / got["baseline"])
+        print(f"  repeat {r + 1}: {names[0]} {got['first']:9.1f} samples/s   {names[1]} {got['baseline']:9.1f} "
               f"samples/s   ratio {ratios[-1]:.3f}", flush=True)
     return ratios
+
+
+@contextlib.contextmanager
+def tracker(name: str | None, tmp: Path):
+    """The overrides that log to `name` (none for None); MLflow's server started here, stopped at the end."""
+    if name is None:
+        yield ()
+    elif name == "wandb":
+        yield ("tracking=[wandb]", "tracking.wandb.mode=offline")
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # niced: it stands in for a server on another machine, and takes what the ranks leave of this one's cores
+        server = subprocess.Popen(["nice", "-n", "19", str(Path(sys.executable).parent / "mlflow"), "server",
+                                   "--backend-store-uri",
+                                   f"sqlite:///{tmp / 'mlflow.db'}", "--default-artifact-root", str(tmp / "artifacts"),
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            for _ in range(300):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                    break
+                except OSError:
+                    time.sleep(0.3)
+            yield ("tracking=[mlflow]", f"tracking.mlflow.uri=http://127.0.0.1:{port}")
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
 
 
 def main() -> None:
@@ -158,7 +209,10 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--steps", type=int, help="steps per run, for every workload (default: each row's own)")
-    parser.add_argument("--aa", action="store_true", help="the hand-written loop against itself (noise floor)")
+    parser.add_argument("--aa", action="store_true", help="the hand-written loop against itself (noise floor); "
+                                                          "with --tracking, the untracked pipeline against itself")
+    parser.add_argument("--tracking", choices=("mlflow", "wandb"),
+                        help="the pipeline logging to this tracker against the pipeline without")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps:
@@ -167,16 +221,19 @@ def main() -> None:
     if args.worker:
         _, batch, steps = WORKLOADS[args.workload[0]]
         return hand_written(args.workload[0], steps, batch)
-    first = "hand-written" if args.aa else "pipeline"
+    if args.tracking:
+        compared = "untracked / untracked" if args.aa else f"tracking=[{args.tracking}] / untracked"
+    else:
+        compared = f"{'hand-written' if args.aa else 'pipeline'} / hand-written"
     summary = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tracker(args.tracking, Path(tmp)) as tracking:
         for workload in args.workload:
             _, batch, steps = WORKLOADS[workload]
             print(f"{workload}: {args.ranks} gloo ranks, per-rank batch {batch}, {steps} steps ({WARMUP} warm-up), "
                   f"{args.repeats} repeats{', A/A' if args.aa else ''}", flush=True)
-            ratios = measure(workload, args.ranks, args.repeats, args.aa, Path(tmp))
+            ratios = measure(workload, args.ranks, args.repeats, args.aa, Path(tmp), tracking)
             q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-            summary.append(f"{workload:7s} median ratio {first} / hand-written: {statistics.median(ratios):.3f} "
+            summary.append(f"{workload:7s} median ratio {compared}: {statistics.median(ratios):.3f} "
                            f"(quartiles {q[0]:.3f} to {q[2]:.3f}; min {min(ratios):.3f}, max {max(ratios):.3f})")
     print("\n".join(summary))
 

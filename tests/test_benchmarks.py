@@ -19,13 +19,15 @@ def bench(*args: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("flags, first, rows", [([], "pipeline", ("mlp", "loader", "resnet", "gpt", "gpt_fsdp")),
-                                               (["--aa", "--workload", "mlp"], "hand-written", ("mlp",))])
-def test_overhead(flags, first, rows):
+@pytest.mark.parametrize("flags, compared, rows", [
+    ([], "pipeline / hand-written", ("mlp", "loader", "resnet", "gpt", "gpt_fsdp")),
+    (["--aa", "--workload", "mlp"], "hand-written / hand-written", ("mlp",)),
+    (["--tracking", "mlflow", "--workload", "mlp"], "tracking=[mlflow] / untracked", ("mlp",))])
+def test_overhead(flags, compared, rows):
     """Every row once, each side one rank (the rows' multi-rank figures are the benchmark's own runs)."""
     out = bench("benchmarks/overhead.py", "--steps", "22", "--repeats", "1", "--ranks", "1", *flags)
     for row in rows:
-        assert re.search(rf"^{row} +median ratio {first} / hand-written: \d+\.\d{{3}}", out, re.M), out
+        assert re.search(rf"^{row} +median ratio {re.escape(compared)}: \d+\.\d{{3}}", out, re.M), out
 
 
 def test_step_costs():
