@@ -234,6 +234,26 @@ class IOConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Where the held-out evaluation's samples come from (pipeline.targets.build_datasets). A dataset whose
+    constructor takes `split` (or `train`) is built again with `split` (train=False) for it; `holdout` > 0 instead
+    holds that fraction of the training set out, the same rows on every rank and every restart, never trained on.
+    A held-out set that is the training data (the same object, or the same rows) is refused at launch, as is data
+    with no such split, unless one of these is chosen, or `enabled=false`."""
+
+    enabled: bool = True
+    split: str = "test"  # the held-out split's name, for a constructor that takes `split`
+    holdout: float = 0.0  # > 0: this fraction of the training set, held out instead of a split
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"evaluate.holdout={self.holdout!r} is not allowed; it must be in [0, 1): the "
+                              "fraction of the training set held out (0: the dataset's own held-out split)")
+        if not self.split.strip():
+            raise ConfigError("evaluate.split='' is not allowed; name the held-out split (e.g. test, validation)")
+
+
+@dataclass
 class ParamGroupsConfig:
     """The optimizer's parameter groups. `no_decay`: biases, normalisation layers' weights and embeddings get
     weight_decay 0 (what nanoGPT's configure_optimizers and Hugging Face's Trainer do); `method`: a method of the
@@ -520,6 +540,7 @@ class RunConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     io: IOConfig = field(default_factory=IOConfig)
     param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
+    evaluate: EvaluationConfig = field(default_factory=EvaluationConfig)  # the held-out set: docs/your-model.md
     nodes: int = 1
     # launch options (cluster=slurm): write each point's sbatch script instead of submitting; block until every
     # job has ended; submit the points Slurm accepts even when others are rejected

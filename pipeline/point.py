@@ -26,7 +26,7 @@ from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check
 from pipeline.rundir import GitInfo, Point, utc_now
 from pipeline.runlock import claim, keep_until_exit
 from pipeline.slurm import check_script_text
-from pipeline.targets import build_datasets
+from pipeline.targets import BuildError, build_datasets, built_at_launch
 from pipeline.tracking.trackers import check_tracking
 
 
@@ -48,14 +48,18 @@ class PlannedPoint:
 
 def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     """Type and check one point's config, the built-in datasets' files included (constructing them checks their
-    files, importing no torch: the job's own build step, pipeline.targets; a user's `_target_`s have had their
-    modules found, not imported) and its trackers installed. Raises ConfigError naming the key."""
+    files, importing no torch: the job's own build step, pipeline.targets; so are Hugging Face's `datasets` (their
+    splits and held-out rows checked); a user's own `_target_`s have had their modules found, not imported) and its
+    trackers installed. Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     abspath_dataset_root(run)
     check_resume_from(run)
     check_tracking(run.tracking)
-    if not isinstance(run.dataset, dict):
-        build_datasets(run, rank=None)
+    if not isinstance(run.dataset, dict) or built_at_launch(run.dataset):
+        try:
+            build_datasets(run, rank=None)
+        except BuildError as e:  # Hugging Face's: a file that is not there, a format it cannot read
+            raise ConfigError(str(e)) from None
     return run
 
 

@@ -92,9 +92,9 @@ class Fabric:
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
-    """The trained model on the held-out split: the mean loss, and the metric that suits the task."""
+    """The trained model on the held-out samples: the mean loss, and the metric that suits the task."""
 
-    split: str
+    split: str  # where the samples come from (evaluate.*): "the dataset built with split='test'", "holdout: ..."
     samples: int
     loss: float  # the configured loss, averaged over target elements (tokens, for a language model)
     metric: str  # "accuracy" (a classifier), "perplexity" (a language model: exp(loss)) or "loss"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from hydra.utils import instantiate
@@ -145,16 +147,132 @@ def _cause(e: BaseException) -> BaseException:
     return e
 
 
-def build_datasets(run: RunConfig, rank: int | None) -> tuple[Any, Any | None]:
-    """(train split, test split), or (the dataset, None) when its constructor takes no split."""
-    asks = asks_for("dataset", run.dataset, rank, ("split", "train"))
-    if "split" in asks:
-        return build("dataset", run.dataset, rank, split="train"), build("dataset", run.dataset, rank, split="test")
-    if "train" in asks:
-        return build("dataset", run.dataset, rank, train=True), build("dataset", run.dataset, rank, train=False)
-    return build("dataset", run.dataset, rank), None
+# datasets the launch builds as the job will (their splits and held-out rows checked before anything starts): the
+# built-in ones, and Hugging Face's `datasets` (torch-free, local files memory-mapped)
+LAUNCH_BUILT = ("datasets.",)
 
 
+def built_at_launch(node: Any) -> bool:
+    return target_of(node).startswith(LAUNCH_BUILT)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The datasets a run trains and evaluates on, and where its evaluation's samples come from, in words (the
+    record's evaluation.split)."""
+
+    train: Any
+    test: Any | None
+    source: str | None  # None: no evaluation
+
+
+def build_datasets(run: RunConfig, rank: int | None) -> Splits:
+    """The training set, built with what the config gives (an explicit `split` or `train` is passed as given; an
+    unset one is filled in: split="train", train=True), and the held-out set as `evaluate` says: the constructor's
+    `evaluate.split` (train=False), or `evaluate.holdout` of the training rows. A held-out set that is the training
+    data, or data without that split, is a ConfigError naming the keys that choose another."""
+    ev, node = run.evaluate, run.dataset
+    asks = asks_for("dataset", node, rank, ("split", "train"))
+    by = "split" if "split" in asks else "train" if "train" in asks else None
+    own = {by: "train" if by == "split" else True} if by and not given(node, by) else {}
+    train = build("dataset", node, rank, **own)
+    if not ev.enabled:
+        return Splits(train, None, None)
+    if ev.holdout:
+        return held_out(train, ev.holdout)
+    if by is None:
+        return Splits(train, None, None)
+    if by == "split":
+        test, built_with = held_split(node, rank, ev.split), f"split={ev.split!r}"
+    else:
+        test, built_with = build("dataset", node, rank, train=False), "train=False"
+    same = same_data(train, test) if isinstance(node, dict) else None  # a built-in's splits are its own
+    if same:
+        raise ConfigError(f"dataset._target_={target_of(node)}: the evaluation's samples (built with {built_with}) are "
+                          f"the training data ({same}): {CHOOSE_EVALUATION}")
+    return Splits(train, test, f"the dataset built with {built_with}")
+
+
+CHOOSE_EVALUATION = ("set evaluate.holdout=0.1 to hold a tenth of the training rows out, evaluate.split=<name> for "
+                     "another split of the data, or evaluate.enabled=false to train without evaluating")
+
+
+def held_split(node: Any, rank: int | None, split: str) -> Any:
+    """The dataset built with split=`split`; data without that split (Hugging Face's `Unknown split "test".
+    Should be one of ['train']`) is a ConfigError naming evaluate.split."""
+    try:
+        return build("dataset", node, rank, split=split)
+    except BuildError as e:
+        cause = _cause(e.__cause__) if e.__cause__ is not None else e
+        if isinstance(cause, (ValueError, KeyError)) and "split" in str(cause).lower():
+            raise ConfigError(f"evaluate.split={split!r}: dataset._target_={target_of(node)} has no such split "
+                              f"({str(cause).strip()[:300]}); {CHOOSE_EVALUATION}") from None
+        raise
+
+
+class Rows:
+    """Some rows of a dataset, by index (torch.utils.data.Subset's job, torch-free: the launch builds it). The
+    dataset's facts for `${from_dataset:...}` (its vocab_size, num_classes, ...) are the rows' too."""
+
+    def __init__(self, dataset: Any, indices: Any):
+        self.dataset, self.indices = dataset, indices  # a sorted array of the dataset's indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.indices[i])]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in FROM_DATASET or name == "validate":
+            return getattr(self.dataset, name)
+        raise AttributeError(name)
+
+
+HOLDOUT_SEED = 0x5EED  # the held-out rows: one permutation, whatever the run's seed, so every run holds out the same
+
+
+def held_out(train: Any, fraction: float) -> Splits:
+    """`fraction` of the training rows held out: a permutation of their indices by a fixed seed, its last
+    ceil(fraction x n) rows; the same on every rank, restart and run of the data."""
+    import numpy as np
+
+    n = len(train)
+    k = math.ceil(fraction * n)
+    if k == 0 or k == n:
+        raise ConfigError(f"evaluate.holdout={fraction} of {n} training rows leaves {n - k} to train on and {k} to "
+                          "evaluate; choose a fraction that leaves some of each")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    return Splits(Rows(train, np.sort(order[:n - k])), Rows(train, np.sort(order[n - k:])),
+                  f"holdout: {k} of the {n} training rows ({fraction:g}), never trained on")
+
+
+def same_data(a: Any, b: Any) -> str | None:
+    """Why two datasets are the same data, or None: the same object, the same files (Hugging Face's cache files),
+    or the same length and the same rows at the start, the middle and the end (a cheap fingerprint)."""
+    if a is b:
+        return "the same object"
+    files = [sorted(f.get("filename", "") for f in getattr(d, "cache_files", None) or []) for d in (a, b)]
+    if files[0] and files[0] == files[1]:
+        return f"the same files: {', '.join(files[0])[:200]}"
+    try:
+        n = len(a)
+        if n != len(b) or n == 0:
+            return None
+        if all(_plain(a[i]) == _plain(b[i]) for i in sorted({0, n // 2, n - 1})):
+            return f"the same {n} rows, as far as the first, middle and last show"
+    except Exception:  # rows that cannot be compared: no verdict
+        return None
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """A row as plain data to compare: tensors and arrays as lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def where(rank: int | None) -> str:

@@ -53,7 +53,8 @@ def test_every_model_builds_and_runs_on_its_data(compose_cfg, model, dataset, ou
 
     run = parse_run_config(compose_cfg(f"model={model}", *dataset.split(), "dataset.train_size=8",
                                        "dataset.test_size=4", "trainer.batch_size=2", "trainer.warmup_steps=1"))
-    train, test = build_datasets(run, rank=0)
+    splits = build_datasets(run, rank=0)
+    train, test = splits.train, splits.test
     net = build_model(run, train, rank=0)
     x, y = default_collate([train[0], train[1]])
     output = net(x)

@@ -191,7 +191,8 @@ def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None]) -> Wo
     the same initial weights on every rank; `mark(name)` notes the moment each part is done (the start-up
     breakdown)."""
     torch.manual_seed(run.trainer.seed)
-    train_set, test_set = build_datasets(run, rank)
+    splits = build_datasets(run, rank)
+    train_set, test_set = splits.train, splits.test
     items = ItemFormat(run.io.input_key, run.io.target_key)
     kind = check_datasets(train_set, test_set, target_of(run.dataset), rank, items)
     mark("datasets")
@@ -200,7 +201,7 @@ def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None]) -> Wo
     mark("model")
     facts = dataset_facts(train_set)
     data = Data(train_set=train_set, test_set=test_set, items=items, collate_fn=build_collate(run, rank, facts),
-                kind=kind)
+                kind=kind, evaluation_source=splits.source)
     return Workload(model=model, data=data, loss_fn=build_loss(run, rank, facts), label=model_label(run, model),
                     baseline_rss=baseline)
 

@@ -108,6 +108,7 @@ class Data:
     items: ItemFormat
     collate_fn: Callable | None
     kind: str  # what the items are, in words (the record's io.batch)
+    evaluation_source: str | None = None  # where test_set comes from, in words (pipeline.targets.Splits.source)
 
 
 def check_datasets(train: Any, test: Any | None, target: str, rank: int, items: ItemFormat) -> str:

@@ -32,8 +32,9 @@ class Evaluator:
     torch's and Hugging Face's losses skip them. A failure on any rank is raised on every rank as EvaluationFailed
     (none waits for another in a collective)."""
 
-    def __init__(self, job: Job, test_set: Any | None, batches: Batches, io: ModelIO, autocast):
+    def __init__(self, job: Job, test_set: Any | None, source: str | None, batches: Batches, io: ModelIO, autocast):
         self.job, self.test_set, self.batches, self.io, self.autocast = job, test_set, batches, io, autocast
+        self.source = source  # where the held-out samples come from, in words (the record's evaluation.split)
 
     @torch.no_grad()
     def evaluate(self, parallel: Parallel) -> Evaluation | None:
@@ -71,7 +72,7 @@ class Evaluator:
             metric, value = "loss", mean_loss
         if not (math.isfinite(mean_loss) and math.isfinite(value)):
             raise EvaluationFailed(f"the evaluation's {metric} is not finite ({value})")
-        return Evaluation(split="test", samples=n, loss=mean_loss, metric=metric, value=value)
+        return Evaluation(split=self.source or "test", samples=n, loss=mean_loss, metric=metric, value=value)
 
 
 def score(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,

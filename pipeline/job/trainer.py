@@ -160,7 +160,8 @@ class Trainer:
             log.info("resumed from %s at step %d", checkpoints.loaded, self.start_step)
         self.finite = FiniteCheck(t.finite_check_every, job.device, job.world_size)
         self.phases = self._phases()
-        self.evaluator = Evaluator(job, work.data.test_set, self.batches, self.io, self.autocast)
+        self.evaluator = Evaluator(job, work.data.test_set, work.data.evaluation_source, self.batches, self.io,
+                                   self.autocast)
         # the evaluations during training (trainer.eval_every): the earlier stretches' (kept in the checkpoint), then
         # this one's; one that failed is noted in `missed`
         self.evaluations = [StepEvaluation(**e) for seg in self.segments for e in seg.get("evaluations", [])]
@@ -390,8 +391,8 @@ class Trainer:
             missing["evaluation"] = f"not evaluated: the run diverged at step {diverged_at}"
         elif pruned_at is not None:
             last = self.evaluations[-1]
-            evaluation = Evaluation(split="test", samples=last.samples, loss=last.loss, metric=last.metric,
-                                    value=last.value)
+            evaluation = Evaluation(split=self.evaluator.source or "test", samples=last.samples, loss=last.loss,
+                                    metric=last.metric, value=last.value)
         else:
             evaluation = self._evaluation(steps, missing)
         return TrainOutcome(
@@ -416,6 +417,8 @@ class Trainer:
         except EvaluationFailed as e:
             missing["evaluation"] = str(e)
             return None
+        if evaluation is None and not self.job.run.evaluate.enabled:
+            missing["evaluation"] = "not evaluated: evaluate.enabled=false"
         if evaluation is not None:
             if self.job.run.trainer.eval_every:
                 self._keep(evaluation, steps)  # the history's last point
