@@ -17,6 +17,7 @@ key, the target and the rank.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,8 +30,8 @@ from pipeline.config import ParamGroupsConfig, RunConfig, target_of
 from pipeline.job.data import Data, ItemFormat, check_datasets
 from pipeline.job.memory import resident_bytes
 from pipeline.result import OptimizerInfo, ParamGroupInfo
-from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, partial_of,
-                              reported, takes_any_keyword)
+from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, located,
+                              partial_of, reported, takes_any_keyword)
 from pipeline.workloads.losses import ModelLoss
 from pipeline.workloads.schedules import run_length
 
@@ -96,10 +97,15 @@ def build_loss(run: RunConfig, rank: int, facts: dict | None = None) -> Callable
 
 
 def build_collate(run: RunConfig, rank: int, facts: dict | None = None) -> Callable | None:
-    """loader.collate_fn, built (None: torch's default_collate)."""
-    if run.loader.collate_fn is None:
+    """loader.collate_fn, built (None: pipeline.job.data.collate_rows): a function as a partial of its config's
+    arguments (as the optimizer is, whatever `_partial_` says), a class as the callable object it makes."""
+    node = run.loader.collate_fn
+    if node is None:
         return None
-    collate = build("loader.collate_fn", run.loader.collate_fn, rank, facts=facts)
+    if inspect.isclass(located("loader.collate_fn", node, rank)):
+        collate = build("loader.collate_fn", node, rank, facts=facts)
+    else:
+        collate = partial_of("loader.collate_fn", node, rank, facts)
     if not callable(collate):
         raise BuildError(f"loader.collate_fn._target_={target_of(run.loader.collate_fn)} built a "
                          f"{type(collate).__name__} on rank {rank}, not a function of a list of items")

@@ -163,8 +163,28 @@ def prefetched(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch
 
 
 def collate(items: list, fmt: ItemFormat, collate_fn: Callable | None) -> Batch:
-    """A list of items as one batch, by the user's collate_fn when given (loader.collate_fn), else torch's."""
-    return fmt.split((collate_fn or default_collate)(items))
+    """A list of items as one batch, by the user's collate_fn when given (loader.collate_fn), else collate_rows."""
+    return fmt.split((collate_fn or collate_rows)(items))
+
+
+def collate_rows(items: list) -> Any:
+    """torch's default_collate, once a mapping item's lists (a Hugging Face dataset's rows: `{"input_ids": [...],
+    "labels": 3}`) are tensors: torch's own would collate a list field position by position, into a list of
+    tensors. Rows whose lists differ in length are an error naming the field: padding is a collate_fn's."""
+    if not (items and isinstance(items[0], Mapping)):
+        return default_collate(items)
+    rows = [{k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in item.items()} for item in items]
+    try:
+        return default_collate(rows)
+    except RuntimeError as e:
+        uneven = next((k for k, v in rows[0].items() if isinstance(v, torch.Tensor)
+                       and any(r[k].shape != v.shape for r in rows)), None)
+        if uneven is None:
+            raise
+        lengths = sorted({tuple(r[uneven].shape) for r in rows})
+        raise ValueError(f"the rows' {uneven!r} differ in shape within a batch ({lengths[0]} to {lengths[-1]}): "
+                         "pad them in the dataset, or give loader.collate_fn a collator that pads (e.g. "
+                         "transformers.DataCollatorWithPadding)") from e
 
 
 @dataclass(frozen=True)
@@ -236,8 +256,8 @@ class LoaderBatches:
         extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
         self.loader = DataLoader(dataset, batch_sampler=self.order, num_workers=loader.num_workers,
                                  pin_memory=spec.pinned, persistent_workers=loader.persistent_workers,
-                                 collate_fn=spec.collate_fn, generator=torch.Generator().manual_seed(worker_seed),
-                                 **extra)
+                                 collate_fn=spec.collate_fn or collate_rows,
+                                 generator=torch.Generator().manual_seed(worker_seed), **extra)
 
     def close(self) -> None:
         iterator = getattr(self.loader, "_iterator", None)  # a persistent-workers DataLoader keeps its iterator
