@@ -180,6 +180,13 @@ def read_small(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
+def special_kind(path: Path) -> str | None:
+    """What a path is when it is no regular file (following links): "a FIFO", "a socket", "a character device", ...;
+    None for a regular file. Reading a FIFO blocks until someone writes to it."""
+    mode = os.stat(path).st_mode
+    return None if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "a special file")
+
+
 def _check_regular(st: os.stat_result, path: Path, limit: int) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, f"not a regular file but {_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}",

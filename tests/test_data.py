@@ -1,5 +1,7 @@
 """The dataset readers against tiny files written in the real on-disk formats."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -107,6 +109,18 @@ def test_token_files_are_read_in_windows_and_checked_against_the_vocabulary(tmp_
         TokenFile(str(tmp_path), vocab_size=256, seq_len=10).validate()
     with pytest.raises(ConfigError, match="token files not found"):
         TokenFile(str(tmp_path / "nowhere"), 512, 10)
+
+
+def test_byte_text_refuses_a_fifo_and_reads_no_more_than_max_bytes(tmp_path):
+    for folder in ("big", "fifo"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.py").write_bytes(b"x" * 5_000_000)  # read up to max_bytes, not whole
+        (tmp_path / folder / "b.py").write_bytes(b"y" * 10)
+    text = ByteText(str(tmp_path / "big"), seq_len=9, max_bytes=1000, test_share=0.1)
+    assert set(np.unique(text.arrays()[0])) == {ord("x")} and len(text) == 99  # 900 train bytes, windows of 10
+    os.mkfifo(tmp_path / "fifo" / "c.py")  # a FIFO named like a source: reading it would wait for a writer forever
+    with pytest.raises(ConfigError, match=r"c\.py is a FIFO, not a file; remove it"):
+        ByteText(str(tmp_path / "fifo"), seq_len=9, max_bytes=1000, test_share=0.1)
 
 
 def test_byte_text_reads_python_sources_with_a_held_out_tail(tmp_path):

@@ -23,6 +23,7 @@ that extends the schema (`defaults: [<name>_schema]`).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, List, Optional
 
 from pipeline.checks import ConfigError, check_at_least, check_image_shape
-from pipeline.rundir import write_atomic
+from pipeline.rundir import special_kind, write_atomic
 from pipeline.workloads.registry import builtin
 
 # numpy is imported where the data is read, not where a dataset is made: making one only checks its files, which the
@@ -432,6 +433,14 @@ class ByteTextConfig:
             raise ConfigError(f"dataset.test_share={self.test_share!r} is not allowed; it must be in (0, 1)")
 
 
+@functools.lru_cache(maxsize=8)
+def python_files(root: Path) -> list[Path]:
+    """The `*.py` files under `root` (site-packages left out), in path order: walked once per process (half a second
+    for the standard library), however many splits and points read them."""
+    return sorted(p for p in root.rglob("*.py")
+                  if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+
+
 class ByteText(InMemory):
     """Byte-level text (vocabulary 256): the `*.py` files under `root`, in sorted path order, concatenated up to
     `max_bytes`; the last `test_share` of those bytes is the test split. With `root` null it reads this Python's
@@ -446,10 +455,14 @@ class ByteText(InMemory):
             raise ConfigError(f"dataset.root={root!r} is not a folder; give a folder of *.py files, or null for "
                               "this Python's standard library")
         self.seq_len, self.max_bytes, self.test_share, self.split = seq_len, max_bytes, test_share, split
+        for path in self.files():  # checked here, at launch: reading a FIFO would wait forever
+            kind = special_kind(path)
+            if kind is not None:
+                raise ConfigError(f"dataset.root={str(self.root)!r}: {path} is {kind}, not a file; remove it, or "
+                                  "choose a root of regular *.py files")
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.root.rglob("*.py")
-                      if not {"site-packages", "dist-packages"} & set(p.relative_to(self.root).parts))
+        return python_files(self.root)
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         import numpy as np
@@ -458,7 +471,8 @@ class ByteText(InMemory):
         for path in self.files():
             if size >= self.max_bytes:
                 break
-            chunks.append(path.read_bytes()[:self.max_bytes - size])
+            with open(path, "rb") as f:  # no more than is taken: a large file costs only its first bytes
+                chunks.append(f.read(self.max_bytes - size))
             size += len(chunks[-1])
         data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
         cut = int(len(data) * (1 - self.test_share))
