@@ -200,13 +200,32 @@ def user_folder(tmp_path_factory):
     for path, text in config_files().items():
         (root / "myconf" / path).parent.mkdir(parents=True, exist_ok=True)
         (root / "myconf" / path).write_text(text)
+    write_rows(root / "data/rows")
     return root
+
+
+def write_rows(folder, features: int = 16, classes: int = 4) -> None:
+    """The worked example's JSON lines: 16 numbers around one of 4 class prototypes, and the class; the test file
+    drawn apart from the train file."""
+    import json
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    prototypes = [[random.Random(c).gauss(0, 3) for _ in range(features)] for c in range(classes)]
+    for split, n, seed in (("train", 1024, 0), ("test", 256, 1)):
+        rng = random.Random(seed)
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                label = rng.randrange(classes)
+                f.write(json.dumps({"features": [x + rng.gauss(0, 1) for x in prototypes[label]], "label": label})
+                        + "\n")
 
 
 def run(user_folder, name: str, args: list[str], timeout: float = 400) -> tuple[subprocess.CompletedProcess, str]:
     out = user_folder / "runs" / name
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_"))}
     env["PYTHONPATH"] = str(user_folder / "code")
+    env.update(HF_DATASETS_CACHE=str(user_folder / "hf-cache"), HF_DATASETS_OFFLINE="1")  # nothing downloaded
     r = subprocess.run([sys.executable, "-m", "pipeline.launch", *args, *FAST,
                         f"hydra.searchpath=[file://{user_folder / 'myconf'}]", f"hydra.run.dir={out}"],
                        cwd=user_folder, env=env, text=True, capture_output=True, timeout=timeout)
@@ -220,8 +239,112 @@ def record(user_folder, name: str) -> Result:
 
 def test_the_docs_have_the_worked_examples():
     assert set(config_files()) == {"model/hf_gpt2.yaml", "model/hf_bert.yaml", "dataset/reviews.yaml",
-                                   "model/nanogpt.yaml", "model/timmish.yaml"}
-    assert [len(commands(m)) for m in ("hf_gpt2", "hf_bert", "nanogpt", "timmish")] == [2, 2, 1, 1]
+                                   "model/nanogpt.yaml", "model/timmish.yaml", "dataset/hf_rows.yaml",
+                                   "dataset/hf_one_file.yaml"}
+    assert [len(commands(m)) for m in ("hf_gpt2", "hf_bert", "nanogpt", "timmish", "mlp")] == [2, 2, 1, 1, 2]
+
+
+# ------------------------------------------------------------------------------ data nobody here wrote
+@pytest.mark.e2e
+def test_hugging_face_datasets_from_local_files_with_their_own_or_a_held_out_evaluation(user_folder):
+    """load_dataset("json") from YAML alone, rows of a list and a label collated with no collate_fn: with a test
+    file, and with one file and a tenth of it held out; the record says where its evaluation came from."""
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install datasets)")
+    two, one = commands("mlp")
+    for name, args, source in (("hf-two", two, "the dataset built with split='test'"),
+                               ("hf-one", one, "holdout: 103 of the 1024 training rows (0.1), never trained on")):
+        r, logs = run(user_folder, name, [*args, "trainer.epochs=20", "trainer.eval_samples=0"])
+        assert r.returncode == 0, r.stderr + logs
+        rec = record(user_folder, name)
+        assert rec.status == "completed" and rec.world_size == 2 and rec.evaluation.split == source
+        assert rec.evaluation.metric == "accuracy" and rec.evaluation.value > 0.5  # chance: 0.25
+        assert rec.evaluation.samples == (256 if name == "hf-two" else 103)
+        assert rec.io.batch == "mappings: features the input, label the targets"
+
+
+@pytest.mark.e2e
+def test_a_held_out_set_that_is_the_training_data_or_missing_is_refused_at_launch(user_folder):
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install datasets)")
+    _, one = commands("mlp")
+    without_holdout = [a for a in one if not a.startswith("evaluate.")]
+    r, _ = run(user_folder, "hf-no-test", without_holdout, timeout=120)
+    assert r.returncode == 2 and "evaluate.split='test': dataset._target_=datasets.load_dataset has no such " \
+        "split" in r.stderr and "evaluate.holdout=0.1" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    two, _ = commands("mlp")
+    r, _ = run(user_folder, "hf-no-file", [*two, "dataset.data_files.train=data/rows/nowhere.jsonl"], timeout=120)
+    assert r.returncode == 2 and "dataset._target_=datasets.load_dataset could not be built at launch: " \
+        "FileNotFoundError" in r.stderr and "nowhere.jsonl" in r.stderr, r.stderr
+    # Dataset.from_dict takes `split` as a mere label: its "test" set would be the training rows
+    same = ["model=mlp", "dataset=hf_rows", "dataset._target_=datasets.Dataset.from_dict", "~dataset.path",
+            "~dataset.data_files", "+dataset.mapping={features:[[1.0,2.0],[3.0,4.0]],label:[0,1]}",
+            "io.input_key=features", "io.target_key=label", "model.input_shape=[1,1,2]", "model.num_classes=2"]
+    r, _ = run(user_folder, "hf-same", same, timeout=120)
+    assert r.returncode == 2 and "are the training data (the same 2 rows" in r.stderr, r.stderr
+    r, _ = run(user_folder, "hf-same-off", [*same, "evaluate.enabled=false", "trainer.epochs=10",
+                                           "trainer.batch_size=1"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    off = record(user_folder, "hf-same-off")
+    assert off.evaluation is None and off.missing["evaluation"] == "not evaluated: evaluate.enabled=false"
+
+
+class SplitRecorder:
+    """A dataset whose rows are the split it was built with."""
+
+    def __init__(self, split: str = "train", size: int = 8):
+        self.split, self.size = split, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return {"input_ids": [i, i], "labels": f"{self.split}"}
+
+
+def test_an_explicit_split_is_passed_as_given_and_held_out_rows_are_fixed(compose_cfg):
+    from pipeline.config import parse_run_config, to_plain
+    from pipeline.targets import build_datasets, held_out
+
+    base = to_plain(parse_run_config(compose_cfg()))
+
+    def splits(dataset: dict, **evaluate):
+        config = {**base, "dataset": dataset, "evaluate": {**base["evaluate"], **evaluate}}
+        return build_datasets(parse_run_config(config), rank=0)
+
+    plain = splits({"_target_": "tests.test_ecosystem.SplitRecorder"})
+    assert (plain.train.split, plain.test.split) == ("train", "test")
+    given = splits({"_target_": "tests.test_ecosystem.SplitRecorder", "split": "train[:50%]"}, split="validation")
+    assert (given.train.split, given.test.split) == ("train[:50%]", "validation")
+    assert given.source == "the dataset built with split='validation'"
+    a, b = held_out(list(range(100)), 0.1), held_out(list(range(100)), 0.1)
+    rows = [[x[i] for i in range(len(x))] for x in (a.train, a.test)]
+    assert len(rows[1]) == 10 and sorted(rows[0] + rows[1]) == list(range(100))
+    assert rows == [[x[i] for i in range(len(x))] for x in (b.train, b.test)]  # the same rows every time
+
+
+def test_rows_of_lists_collate_to_tensors_and_uneven_ones_are_named():
+    from pipeline.job.data import collate_rows
+
+    batch = collate_rows([{"input_ids": [1, 2, 3], "labels": 0}, {"input_ids": [4, 5, 6], "labels": 1}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]] and batch["labels"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"the rows' 'input_ids' differ in shape within a batch \(\(2,\) to \(3,\)\)"):
+        collate_rows([{"input_ids": [1, 2, 3], "labels": 0}, {"input_ids": [4, 5], "labels": 1}])
+
+
+def pad_to(items, length, value):
+    """A collate function with arguments of its own, for loader.collate_fn."""
+    import torch
+
+    return {"input_ids": torch.tensor([list(i["input_ids"]) + [value] * (length - len(i["input_ids"]))
+                                       for i in items]), "labels": torch.tensor([i["labels"] for i in items])}
+
+
+def test_a_collate_function_is_taken_as_a_partial(compose_cfg):
+    from pipeline.config import parse_run_config
+    from pipeline.job.build import build_collate
+
+    run = parse_run_config(compose_cfg("loader.collate_fn={_target_:tests.test_ecosystem.pad_to,length:4,value:9}"))
+    batch = build_collate(run, rank=0)([{"input_ids": [1], "labels": 0}, {"input_ids": [2, 3], "labels": 1}])
+    assert batch["input_ids"].tolist() == [[1, 9, 9, 9], [2, 3, 9, 9]]
 
 
 # ----------------------------------------------------------------------------- models nobody here wrote
