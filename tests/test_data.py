@@ -111,6 +111,16 @@ def test_token_files_are_read_in_windows_and_checked_against_the_vocabulary(tmp_
         TokenFile(str(tmp_path / "nowhere"), 512, 10)
 
 
+def test_a_vocabulary_far_above_the_datas_tokens_is_warned_about_with_the_figures(tmp_path, caplog):
+    (np.arange(1000, dtype=np.uint16) % 256).tofile(tmp_path / "train.bin")
+    (np.arange(100, dtype=np.uint16) % 256).tofile(tmp_path / "val.bin")
+    TokenFile(str(tmp_path), vocab_size=2048, seq_len=10).validate()
+    assert not caplog.records  # 8x the data's: the line
+    TokenFile(str(tmp_path), vocab_size=50257, seq_len=10).validate()
+    assert "every token is below 256, but dataset.vocab_size=50257: the model's embedding and output layers are " \
+        "196x what the data needs; set dataset.vocab_size=256" in caplog.text
+
+
 def test_byte_text_refuses_a_fifo_and_reads_no_more_than_max_bytes(tmp_path):
     for folder in ("big", "fifo"):
         (tmp_path / folder).mkdir()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import logging
 import os
 import pickle
 import sysconfig
@@ -411,6 +412,16 @@ class TokenFile:
         if top >= self.vocab_size:
             raise ValueError(f"{self.path} holds token {top}, outside dataset.vocab_size={self.vocab_size} (tokens "
                              f"0..{self.vocab_size - 1}); set dataset.vocab_size to the tokenizer's vocabulary")
+        if (top + 1) * SPARE_VOCAB < self.vocab_size:
+            # the model's embedding and output layer are sized by the vocabulary: 50,257 for bytes below 256 killed
+            # both ranks of a test for memory (11.3 GiB), with nothing said
+            logging.getLogger(__name__).warning(
+                "%s: every token is below %d, but dataset.vocab_size=%d: the model's embedding and output layers are "
+                "%.0fx what the data needs; set dataset.vocab_size=%d unless the tokenizer's larger vocabulary is "
+                "meant", self.path, top + 1, self.vocab_size, self.vocab_size / (top + 1), top + 1)
+
+
+SPARE_VOCAB = 8  # a vocabulary more than this many times the data's largest token + 1 is warned about
 
 
 @builtin("dataset")
