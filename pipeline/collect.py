@@ -13,6 +13,8 @@ Imports no torch: it runs on login nodes.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="sweep folders (searched recursively) or record files")
     parser.add_argument("--out", type=Path, default=Path("collect"), help="where the tables and report go")
     parser.add_argument("--baseline", type=Path, help="scaling.json of an earlier collection to compare against")
-    parser.add_argument("--tolerance", type=float, default=0.10,
+    parser.add_argument("--tolerance", type=tolerance, default=0.10,
                         help="relative drop in throughput or efficiency that counts as a regression (default 0.10)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--track", action="store_true",
@@ -44,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the node counts to forecast, beside the measured ones (default "
                              f"{','.join(map(str, PREDICT_AT))})")
     args = parser.parse_args(argv)
+    try:  # the options that name files, before any work: one line and exit 2 each
+        baseline = load_baseline(args.baseline) if args.baseline else None
+    except (OSError, ValueError) as e:
+        print(f"pipeline.collect: --baseline {args.baseline}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
+    problem = unwritable(args.out)
+    if problem:
+        print(f"pipeline.collect: --out {args.out} cannot be written: {problem}", file=sys.stderr)
+        return 2
 
     runs, problems = load_runs(args.paths)
     lists, unreadable = find_bad_node_lists(args.paths)
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, models = aggregate(runs, [p for p in problems if isinstance(p, Diverged)], args.predict_at,
                              args.device_memory)
-    found = regressions(rows, load_baseline(args.baseline), args.tolerance) if args.baseline else []
+    found = regressions(rows, baseline, args.tolerance) if baseline is not None else []
     collected = Collected(rows, models, problems, node_histories(runs, lists), find_searches(args.paths))
     report = write_report(args.out, collected, found, with_plots=not args.no_plots)
     print(terminal_table(rows))
@@ -81,6 +92,27 @@ def track(paths: list[Path], out: Path) -> bool:
         return False
     print("\n".join(said) or "--track: no collected point was launched with tracking=[...]: nothing logged")
     return True
+
+
+def unwritable(out: Path) -> str | None:
+    """Why the output folder cannot be written (made where missing), or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None if os.access(out, os.W_OK | os.X_OK) else "no permission to write it (or a read-only file system)"
+
+
+def tolerance(text: str) -> float:
+    """--tolerance: a finite fraction in [0, 1): nan would turn the regression gate off, silently."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give the relative drop that counts as a "
+                                         "regression, a number in [0, 1) (0.1: 10%)")
+    return value
 
 
 def size_argument(text: str) -> int:

@@ -232,7 +232,7 @@ def parse_json(raw: bytes) -> Any:
     except orjson.JSONDecodeError:
         try:
             data = json.loads(raw)  # which reads NaN, Infinity and 1e999 (as inf): only to say where they are
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than its stack (orjson stops at 1024)
             data = None
         found = non_finite(data)
         if found is None:

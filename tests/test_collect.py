@@ -535,3 +535,29 @@ def test_predict_at_the_node_counts_asked_for(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.collect", str(tmp_path / "runs"), "--predict-at", "0,8"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--predict-at: '0,8' is not allowed" in bad.stderr
+
+
+def test_every_option_that_names_a_file_or_a_bound_is_checked_first(tmp_path):
+    """A baseline that is missing, a FIFO (which would block the reader), binary, or another JSON; an output that
+    cannot be written; a tolerance that would turn the gate off: exit 2, said in a line, within the time limit."""
+    _, recs = synthetic_sweep(nodes=(1, 2))
+    for i, rec in enumerate(recs):
+        write_record(tmp_path / "runs" / str(i), rec)
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "binary.json").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "other.json").write_text('{"rows": [{"nodes": "one"}]}')
+    (tmp_path / "a-file").write_text("")
+    cases = [(["--baseline", str(tmp_path / "nowhere.json")], "--baseline", "No such file or directory"),
+             (["--baseline", str(tmp_path / "fifo.json")], "--baseline", "not a regular file but a FIFO"),
+             (["--baseline", str(tmp_path / "binary.json")], "--baseline", ""),
+             (["--baseline", str(tmp_path / "other.json")], "--baseline", "not the scaling.json of a collection"),
+             (["--out", str(tmp_path / "a-file" / "out")], "--out", "cannot be written: Not a directory"),
+             (["--tolerance", "nan"], "--tolerance", "'nan' is not allowed"),
+             (["--tolerance", "-0.1"], "--tolerance", "in [0, 1)")]
+    for args, key, said in cases:
+        c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(tmp_path / "runs"), "--no-plots", *args],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert c.returncode == 2 and key in c.stderr and said in c.stderr and "Traceback" not in c.stderr, (args,
+                                                                                                         c.stderr)
+        if key != "--tolerance":
+            assert len(c.stderr.strip().splitlines()) == 1, c.stderr

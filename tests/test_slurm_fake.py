@@ -240,6 +240,10 @@ def _garbage(folder: Path, kind: str) -> None:
         path.write_text(json.dumps(good)[:300])
     elif kind == "random bytes":
         path.write_bytes(os.urandom(4096))
+    elif kind == "nested 200,000 deep":
+        path.write_text("[" * 200_000)  # a recursive parser's stack
+    elif kind == "a folder":
+        path.mkdir()
     else:
         edits = {"NaN": lambda r: r["ranks"][1]["step_times_s"].__setitem__(3, float("nan")),
                  "Infinity": lambda r: r["config"]["optimizer"].__setitem__("lr", float("inf")),
@@ -258,6 +262,7 @@ GARBAGE = {"good": None, "fifo": "not a regular file but a FIFO",
            "NaN": "ranks[1].step_times_s[3]: NaN is not a finite number",
            "Infinity": "config.optimizer.lr: Infinity is not a finite number", "nodes 0": "nodes: 0 is impossible",
            "negative time": "wall_time_s: -1.0 is negative", "wrong world size": "world_size: 3 is not nodes (2) x",
+           "nested 200,000 deep": "not valid JSON", "a folder": "not a regular file but a folder",
            "diverged": "training diverged: a non-finite loss at step 37"}
 
 
@@ -275,7 +280,7 @@ def test_collect_and_status_survive_every_kind_of_broken_record(slurm, tmp_path)
     c = subprocess.run([sys.executable, "-m", "pipeline.collect", str(sweep), "--out", str(tmp_path / "out"),
                         "--no-plots"], capture_output=True, text=True, timeout=60)
     assert c.returncode == 0 and "Traceback" not in c.stderr, c.stderr
-    assert "1 runs in 1 groups, 1 diverged, 10 records skipped" in c.stdout
+    assert "1 runs in 1 groups, 1 diverged, 12 records skipped" in c.stdout
     for point, kind in enumerate(kinds[1:], start=1):
         (line,) = [x for x in c.stderr.splitlines() if f"/sweep/{point}/result.json" in x]
         assert GARBAGE[kind] in line, (kind, line)

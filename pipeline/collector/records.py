@@ -349,10 +349,10 @@ def _scan(folder: str, found: list[str]) -> None:
     """Every result.json below `folder` (os.scandir: twice as fast as os.walk on 10,000 folders)."""
     with os.scandir(folder) as entries:
         for entry in entries:
+            if entry.name == RECORD_NAME:  # a folder of that name too: read, it is said why it is no record
+                found.append(entry.path)
             if entry.is_dir(follow_symlinks=False):
                 _scan(entry.path, found)
-            elif entry.name == RECORD_NAME:
-                found.append(entry.path)
 
 
 def _read_many(paths: list[str]) -> list[Run | Problem]:

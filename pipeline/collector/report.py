@@ -4,7 +4,6 @@ PNG plots (speedup, efficiency, step breakdown, cost; every group, a few to a fi
 from __future__ import annotations
 
 import csv
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from pipeline.collector.nodes import DEFINITIONS as NODES, NodeHistory
 from pipeline.collector.records import Diverged, Problem, Pruned
 from pipeline.collector.study import study_lines
 from pipeline.collector.scaling import DEFINITIONS, GroupAnalysis, Row, to_dicts
-from pipeline.rundir import write_json
+from pipeline.rundir import parse_json, read_small, write_json
 
 GROUPS_PER_FIGURE = 4  # beyond this a figure's legend crowds its lines; more groups make more figures
 COLUMNS = ("nodes", "ranks", "runs", "samples/s", "+-95%", "per rank", "tokens/s", "speedup", "efficiency",
@@ -425,4 +424,11 @@ def write_report(out_dir: Path, c: Collected, regressions: list[str], with_plots
 
 
 def load_baseline(path: Path) -> list[dict]:
-    return json.loads(Path(path).read_text())["rows"]
+    """The rows of an earlier collection's scaling.json. OSError: missing, unreadable, not a regular file (a FIFO
+    would block the reader); ValueError: not that file's JSON."""
+    data = parse_json(read_small(Path(path)))
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("experiment"), str)
+                                             and isinstance(r.get("nodes"), int) for r in rows):
+        raise ValueError("not the scaling.json of a collection (a list of rows, each with experiment and nodes)")
+    return rows
