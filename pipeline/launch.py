@@ -27,7 +27,7 @@ from pipeline.launcher.points import (check_allocations, plan_from_hydra, resubm
                                       start)
 from pipeline.point import prepare_run  # noqa: E402
 from pipeline.search.launch import launch_search  # noqa: E402
-from pipeline.launcher.status import wait_for_sweep  # noqa: E402
+from pipeline.launcher.status import check_completed, wait_for_sweep  # noqa: E402
 
 register_configs()
 
@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"Slurm would reject this job: {problem}")
         start([point], folder)  # a single point's folder is its own sweep folder, with the manifest
     if point.run.cluster.kind == "slurm" and point.run.wait and not point.run.dry_run:
-        wait_for_sweep(folder, resubmit_without_bad_nodes)
+        check_completed(folder, wait_for_sweep(folder, resubmit_without_bad_nodes))
 
 
 def mode_from_the_command_line(argv: list[str]) -> None:

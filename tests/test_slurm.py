@@ -428,7 +428,7 @@ def test_a_cpu_throttled_node_and_a_node_whose_check_raises_are_named_in_status(
         mp.setenv("PYTHONPATH", f"{inject}:{os.environ.get('PYTHONPATH', '')}")  # sbatch passes it to the job
         r = launch("nodes=4", "cluster=slurm", "health.on_bad=fail", *FAST, "wait=true", f"hydra.run.dir={run}",
                    cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and "1 of 1 point(s) did not complete: point 0: failed" in r.stderr, r.stderr
     s = status(run)
     assert re.search(r"^0 +4 +\d+ +failed", s.stdout, re.M), s.stdout
     said = re.search(r"first failed rank's log .* \(rank \d+: BadNodesFound: health check: (.*)\), last lines",

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,10 @@ def slurm(tmp_path, monkeypatch):
         def run(self, *args, extra_env=None):
             return subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=tmp_path, capture_output=True,
                                   text=True, timeout=300, env=env | (extra_env or {}))
+
+        def start(self, *args):
+            return subprocess.Popen([sys.executable, "-m", "pipeline.launch", *args], cwd=tmp_path, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
         def status(self, *args):
             return subprocess.run([sys.executable, "-m", "pipeline.status", *args], cwd=tmp_path, capture_output=True,
@@ -299,6 +304,22 @@ def test_collect_and_status_survive_every_kind_of_broken_record(slurm, tmp_path)
     s = slurm.status(str(sweep), "--resubmit-failed", "--include-diverged")
     assert [x for x in s.stdout.splitlines() if "resubmitted" in x] == [
         f"point {len(kinds) - 1}: resubmitted as job {job_ids(sweep)[len(kinds) - 1][-1]}"]
+
+
+@pytest.mark.e2e
+def test_wait_true_exits_non_zero_naming_the_points_that_did_not_complete(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    launcher = slurm.start("-m", "trainer.seed=0,1", "cluster=slurm", "wait=true", f"hydra.sweep.dir={sweep}")
+    deadline = time.monotonic() + 120
+    while not ((sweep / "manifest.json").exists() and len(job_ids(sweep)) == 2):
+        assert time.monotonic() < deadline and launcher.poll() is None, launcher.communicate()
+        time.sleep(0.1)
+    _garbage(sweep / "0", "good")
+    set_state(job_ids(sweep)[0][0], "RUNNING", "COMPLETED")
+    set_state(job_ids(sweep)[1][0], "RUNNING", "FAILED")
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1 and "Traceback" not in err, err
+    assert "1 of 2 point(s) did not complete: point 1: failed" in err and f"pipeline.status {sweep}" in err, err
 
 
 def test_status_says_why_the_first_failed_rank_failed_in_its_own_words(slurm, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.badnodes import read_bad_nodes
 from pipeline.launcher.logs import first_failed_log
+from pipeline.launcher.local import RunFailed
 from pipeline.launcher.manifest import read_manifest
 from pipeline.rundir import BAD_NODES_NAME, RECORD_NAME, BadNodes, ManifestPoint, Point, Progress
 from pipeline.slurm import job_states
@@ -174,6 +175,16 @@ def progress_line(statuses: list[PointStatus]) -> str:
 # resubmits the points whose job stopped for a bad node, and says what it did (launcher.points, which submits: this
 # module only reads, so that `status` need not import Hydra and submitit where nothing is resubmitted)
 Resubmit = Callable[[Path, list[PointStatus]], list[str]]
+
+
+def check_completed(sweep_dir: Path, statuses: list[PointStatus]) -> None:
+    """After waiting (wait=true): RunFailed naming every point that ended without completing, so that the launch's
+    exit status says what its points did."""
+    unfinished = [s for s in statuses if s.state != "completed"]
+    if unfinished:
+        named = "; ".join(f"point {s.point}: {s.state}" + (f" ({s.detail})" if s.detail else "") for s in unfinished)
+        raise RunFailed(f"{len(unfinished)} of {len(statuses)} point(s) did not complete: {named[:1500]}; "
+                        f"python -m pipeline.status {sweep_dir} says more")
 
 
 def wait_for_sweep(sweep_dir: Path, resubmit: Resubmit, poll_s: float = 5.0, out=sys.stderr) -> list[PointStatus]:

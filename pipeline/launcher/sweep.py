@@ -42,7 +42,7 @@ from pipeline.launcher.overrides import PlainBase, commute, is_plain_change
 from pipeline.launcher.points import check_allocations, resubmit_without_bad_nodes, start
 from pipeline.point import PlannedPoint, check_folder, prepare_run
 from pipeline.rundir import RECORD_NAME
-from pipeline.launcher.status import wait_for_sweep
+from pipeline.launcher.status import check_completed, wait_for_sweep
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
         log.info("%d point(s) submitted; sweep folder %s; follow with: python -m pipeline.status %s",
                  len(submitted), sweep_dir, sweep_dir)
         if outcomes or any(p.run.wait for p in submitted):
-            wait_for_sweep(sweep_dir, resubmit_without_bad_nodes)
+            statuses = wait_for_sweep(sweep_dir, resubmit_without_bad_nodes)
+            if not outcomes:  # an optimisation sweeper is told each point's outcome instead
+                check_completed(sweep_dir, statuses)
     return [outcome_of(p) for p in points] if outcomes else []
 
 
