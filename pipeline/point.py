@@ -63,9 +63,19 @@ def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     return run
 
 
-def check_folder(key: str, path: Path) -> Path:
+def check_folder(key: str, path: Path, given: str | None = None) -> Path:
+    """A point's or sweep's folder: no control character (it reaches sbatch scripts and logs), and not empty as given
+    (`given`: the config's value, which Hydra would have made the current folder)."""
+    if given is not None and not given.strip():
+        raise ConfigError(f"{key}={given!r} is not allowed: an empty folder is the one the launch runs in; give a "
+                          "folder, or leave the default (a new one per launch, under outputs/ or multirun/)")
     check_script_text(key, str(path))
     return path
+
+
+def check_job_name(name: str) -> None:
+    """hydra.job.name: Hydra names its job log after it, in the run's folder."""
+    check_script_text("hydra.job.name", name)
 
 
 @functools.cache
@@ -107,7 +117,8 @@ def freeze_from_overrides(overrides: list[str], launch_mode: str) -> Path:
         raise ConfigError(str(e)) from None
     HydraConfig.instance().set_config(cfg)
     run = prepare_run(cfg)
-    point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute())
+    check_job_name(str(cfg.hydra.job.name))
+    point_dir = check_folder("hydra.run.dir", Path(cfg.hydra.run.dir).absolute(), str(cfg.hydra.run.dir))
     planned = PlannedPoint(index=0, overrides=overrides, run=run, point_dir=point_dir)
     folder = claim(point_dir, planned.config, run.overwrite, "hydra.run.dir")
     folder.prepare()

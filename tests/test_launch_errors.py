@@ -50,11 +50,30 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["trainer.scaling=strong", "trainer.global_batch_size=96", "nodes=2", "trainer.grad_accum_steps=5"],
      "trainer.grad_accum_steps=5 does not divide the 48 samples each rank takes per step"),
     (["health.on_bad=skip"], "health.on_bad='skip' is not allowed; choose one of: warn, exclude, fail"),
+    (["hydra.job.name='a\nb'"], "hydra.job.name='a\\nb' is not allowed: a newline or other control character"),
+    (["evaluate.holdout=1.5"], "evaluate.holdout=1.5 is not allowed; it must be in [0, 1)"),
+    (["evaluate.split=''"], "evaluate.split='' is not allowed; name the held-out split"),
 ])
 def test_bad_input_is_one_line_naming_the_key_and_exit_2(tmp_path, overrides, said):
     r = launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert said in one_error_line(r)
     assert not (tmp_path / "run" / "point.json").exists()  # Hydra may have made the folder: nothing of a run
+
+
+def test_an_empty_run_folder_and_a_fifo_in_a_dataset_root_are_refused(tmp_path):
+    """hydra.run.dir='' would run in the launch's own folder; a FIFO named *.py in byte_text's root would block the
+    rank reading it forever (the timeout is the hang guard)."""
+    for args in (["-m", "hydra.sweep.dir=''", "trainer.seed=1,2"], ["hydra.run.dir=''"]):
+        r = subprocess.run([sys.executable, "-m", "pipeline.launch", *args], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and "='' is not allowed: an empty folder is the one the launch runs in" in r.stderr
+    assert not list(tmp_path.glob("*.json"))
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text/a.py").write_text("x = 1\n" * 1000)
+    os.mkfifo(tmp_path / "text/b.py")
+    r = launch("dataset=byte_text", "model=gpt_tiny", f"dataset.root={tmp_path / 'text'}",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=60)
+    assert f"{tmp_path / 'text/b.py'} is a FIFO, not a file" in one_error_line(r)
 
 
 def test_in_a_sweep_every_bad_point_is_named_once(tmp_path):

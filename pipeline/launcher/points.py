@@ -24,7 +24,7 @@ from pipeline.launcher.manifest import add_skipped, add_submissions, read_manife
 from pipeline.launcher.overlap import overlapped
 from pipeline.launcher.slurm import allocation, group_by_allocation, preflight, submit, write_dry_run
 from pipeline.launcher.status import RESUBMITTABLE, PointStatus, exclusion_stops
-from pipeline.point import PlannedPoint, check_folder, freeze_point, git_info, prepare_run
+from pipeline.point import PlannedPoint, check_folder, check_job_name, freeze_point, git_info, prepare_run
 from pipeline.rundir import BAD_NODES_NAME, POINT_NAME, RECORD_NAME, Point, diverged_at, rank_log_path
 from pipeline.runlock import Claim, claim, exclusive
 from pipeline.slurm import DEFAULT_MAX_ARRAY, excluded
@@ -254,7 +254,8 @@ def write_local_dry_run(p: PlannedPoint, point: Point) -> None:
 def plan_from_hydra(run: RunConfig) -> tuple[PlannedPoint, Path]:
     """A single run's point (no -m): the folder Hydra made for it, which is also its sweep folder."""
     hc = HydraConfig.get()
-    point_dir = check_folder("hydra.run.dir", Path(hc.runtime.output_dir))
+    check_job_name(str(hc.job.name))
+    point_dir = check_folder("hydra.run.dir", Path(hc.runtime.output_dir), str(hc.run.dir))
     return PlannedPoint(index=0, overrides=list(hc.overrides.task), run=run, point_dir=point_dir), point_dir
 
 

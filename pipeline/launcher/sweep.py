@@ -40,7 +40,7 @@ from pipeline.launcher.logs import first_failed_log
 from pipeline.launcher.manifest import add_skipped
 from pipeline.launcher.overrides import PlainBase, commute, is_plain_change
 from pipeline.launcher.points import check_allocations, resubmit_without_bad_nodes, start
-from pipeline.point import PlannedPoint, check_folder, prepare_run
+from pipeline.point import PlannedPoint, check_folder, check_job_name, prepare_run
 from pipeline.rundir import RECORD_NAME
 from pipeline.launcher.status import check_completed, wait_for_sweep
 
@@ -88,7 +88,9 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
     composer = Composer(hydra_context, config)
     points = [composer.point(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
     by_index = {p.index: p for p in points}
-    sweep_dir = check_folder("hydra.sweep.dir", Path(str(config.hydra.sweep.dir)).absolute())
+    check_job_name(str(config.hydra.job.name))
+    sweep_dir = check_folder("hydra.sweep.dir", Path(str(config.hydra.sweep.dir)).absolute(),
+                             str(config.hydra.sweep.dir))
     ok = [p for p in points if not p.problem]
     for index, problem in check_allocations([p.planned() for p in ok], sweep_dir).items():
         by_index[index].problem = f"Slurm would reject it: {problem}"
