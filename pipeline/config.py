@@ -736,6 +736,21 @@ def check_resume_from(run: RunConfig) -> None:
         raise ConfigError(f"trainer.resume_from={path} is a DDP checkpoint file, which parallel={run.parallel.kind} "
                           f"cannot load sharded; give a sharded run's {SHARDED_CHECKPOINT_NAME} folder, or "
                           "parallel=ddp")
+    elif not torch_save_archive(path):
+        raise ConfigError(f"trainer.resume_from={path} is not a file torch.save wrote (a zip archive holding "
+                          "data.pkl): damaged, or of another format; give a run folder's checkpoint.pt")
+
+
+def torch_save_archive(path: str) -> bool:
+    """Whether a file is torch.save's format (a zip archive with ARCHIVE/data.pkl), read from its zip directory
+    alone (torch-free, and cheap for a large checkpoint)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def target_of(node: Any) -> str:

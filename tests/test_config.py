@@ -1,5 +1,8 @@
 """Config composition and validation: every group instantiates, every bad input is refused naming its key."""
 
+import os
+import zipfile
+
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
@@ -107,6 +110,17 @@ def test_a_resume_from_that_is_not_a_checkpoint_is_refused(compose_cfg, tmp_path
         prepare_run(compose_cfg("parallel=fsdp", f"trainer.resume_from={tmp_path / 'checkpoint.pt'}"))
     with pytest.raises(ConfigError, match="without checksums.json"):
         prepare_run(compose_cfg("parallel=fsdp", f"trainer.resume_from={tmp_path}"))
+    # random bytes once trained from step 0 and exited 0; a zip that is no torch.save archive is refused too
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+    for name in ("random.pt", "other.pt"):
+        with pytest.raises(ConfigError, match=r"is not a file torch.save wrote \(a zip archive holding data.pkl\)"):
+            prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / name}"))
+    import torch
+
+    torch.save({"model": {}}, tmp_path / "real.pt")
+    assert prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / 'real.pt'}")).trainer.resume_from
 
 
 @pytest.mark.parametrize("overrides, names", [
