@@ -406,7 +406,8 @@ class Result(JsonFile):
     # trainer (DDP and all), probe, first_step
     startup: Optional[dict[str, float]] = None
     # or "diverged": the loss stopped being finite at diverged_at_step; or "pruned": a search's pruner stopped the
-    # trial at pruned_at_step, after that step's evaluation (the record's `evaluation`)
+    # trial at pruned_at_step, after that step's evaluation (the record's `evaluation`); or "incomplete": trained to
+    # the end, but the weights could not be written (missing.weights says why: the OS's reason)
     status: str = "completed"
     diverged_at_step: Optional[int] = None
     missing: dict[str, str] = field(default_factory=dict)  # a figure or file not produced, and why

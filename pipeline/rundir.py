@@ -244,13 +244,14 @@ def parse_json(raw: bytes) -> Any:
 
 # The record's status, read from its raw JSON by those that need no more of it (the launcher, status): its types are
 # pipeline.result's.
-RECORD_STATUSES = ("completed", "diverged", "pruned")
+RECORD_STATUSES = ("completed", "diverged", "pruned", "incomplete")
 
 
 def record_status(data: Any) -> str:
     """A record's `status`, read from its raw JSON before it is typed (a diverged run's record may lack figures
-    a completed one has): "completed", "diverged" or "pruned" (a search's trial its pruner stopped); records from
-    before the field existed are completed ones."""
+    a completed one has): "completed", "diverged", "pruned" (a search's trial its pruner stopped) or "incomplete"
+    (trained to the end, but its weights could not be written); records from before the field existed are
+    completed ones."""
     status = data.get("status", "completed") if type(data) is dict else "completed"
     if status not in RECORD_STATUSES:
         raise SchemaError(f"expected one of {', '.join(RECORD_STATUSES)}, got {status!r}", ["status"])
@@ -330,9 +331,9 @@ class Failure:
         (torch.save's "[enforce fail at inline_container.cc] unexpected pos", with the OSError down its chain);
         the `silent` ranks, which stopped answering while this one waited for them (pipeline.job.heartbeat)."""
         said = f"{type(error).__name__}: {error}"
-        full = next((e for e in causes(error) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
-        if full is not None:
-            said = f"No space left on device{f' ({full.filename})' if full.filename else ''}: {said}"
+        reason = write_failure(error)
+        if reason is not None:
+            said = f"{reason}: {said}"
         if silent:
             said = (f"rank(s) {', '.join(map(str, silent))} stopped answering (no heartbeat): it did not arrive, "
                     f"and this rank timed out waiting: {said}")
@@ -353,6 +354,19 @@ class Failure:
             except (OSError, ValueError):
                 continue
         return sorted(found, key=lambda f: f.at_unix)
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The OS's reason a write failed, found down an exception's chain ("No space left on device (PATH)", "Read-only
+    file system"), which what it raises can hide (torch.save's "[enforce fail at inline_container.cc] unexpected
+    pos"); None when no such OSError is behind it."""
+    found = next((e for e in causes(error) if isinstance(e, OSError) and e.errno in WRITE_ERRORS), None)
+    if found is None:
+        return None
+    return f"{found.strerror or os.strerror(found.errno)}{f' ({found.filename})' if found.filename else ''}"
 
 
 def causes(error: BaseException) -> list[BaseException]:

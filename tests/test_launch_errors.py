@@ -2,6 +2,8 @@
 exit 2, before anything is written; a failed run is one message and exit 1; and the message says what happened
 to a rank: out of disk, stopped, killed by a signal (the OOM killer, in a real memory cgroup)."""
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -137,17 +139,40 @@ def test_a_failed_run_is_one_message_and_exit_1(tmp_path):
             "'torch.optim' has no attribute 'NoSuchOptimizer'") in launcher_lines[0]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A real small disk: a tmpfs of `size` mounted on `folder` (root needed: skipped, saying why, without)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    folder = tmp_path / "small"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(folder)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    with tmpfs(tmp_path / "small", "600k") as folder:
+        yield folder
+
+
+@pytest.mark.e2e
+def test_weights_that_cannot_be_written_make_the_run_incomplete_not_completed(tmp_path):
+    """Full at the final save (300 KB: the point, the logs and the record fit; the weights, 400 KB, do not): the
+    record says incomplete and why, the exit status is 1, and the message says "No space left on device"."""
+    with tmpfs(tmp_path / "tiny", "300k") as folder:
+        run = folder / "run"
+        r = launch("trainer.max_steps=30", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
+        assert r.returncode == 1, r.stderr
+        (line,) = [x for x in r.stderr.splitlines() if x.startswith("pipeline.launch:")]
+        assert "model.pt could not be written: No space left on device" in line, line
+        rec = json.loads((run / "result.json").read_text())
+        assert rec["status"] == "incomplete" and rec["missing"]["weights"].startswith("No space left on device")
+        assert not (run / "model.pt").exists() and not list(run.glob(".*.tmp"))
 
 
 @pytest.mark.e2e

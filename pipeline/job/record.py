@@ -39,11 +39,12 @@ class JobFacts:
 @dataclass(frozen=True)
 class Finals:
     """What rank 0 made of the trained model after training; a part that could not be made is in `missing`, with
-    why (nothing after training fails the run)."""
+    why. Weights that could not be written make the run incomplete (`unwritten`); nothing else fails it."""
 
     weights: str | None  # the weights' file in the run folder
     flops_per_sample: float | None
     missing: dict[str, str]
+    unwritten: str | None = None  # a file the run could not write ("model.pt: No space left on device"): incomplete
 
 
 def package_versions() -> dict[str, str | None]:
@@ -105,7 +106,7 @@ def build_record(job: Job, setup: TrainingSetup, outcome: TrainOutcome, ranks: l
         provenance=provenance(job, outcome, ranks, facts.started_at), definitions=RECORD,
         fabric=facts.fabric, health=facts.health, startup=facts.startup, io=setup.io, optimizer=setup.optimizer,
         status="diverged" if outcome.diverged_at_step is not None else
-        "pruned" if outcome.pruned_at_step is not None else "completed",
+        "pruned" if outcome.pruned_at_step is not None else "incomplete" if finals.unwritten else "completed",
         diverged_at_step=outcome.diverged_at_step, pruned_at_step=outcome.pruned_at_step,
         evaluations=outcome.evaluations, missing={**outcome.missing, **finals.missing, **unmeasured(job)},
         parallel=outcome.parallel, micro_batch=run.micro_batch, grad_accum_steps=run.accum_steps)

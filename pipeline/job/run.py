@@ -40,7 +40,7 @@ from pipeline.job.trainer import Judge, Trainer, TrainOutcome
 from pipeline.result import Fabric, Health, HostShare, Result
 from pipeline.tracking.trackers import summary_figures
 from pipeline.rundir import (LOG_DIR, RECORD_NAME, TRIAL_NAME, WEIGHTS_NAME, Failure, Point, TrialRef, failure_path,
-                             utc_now)
+                             utc_now, write_failure)
 
 log = logging.getLogger("pipeline.worker")
 # torchrun without a launch: rank 0 tells the others, through the rendezvous store, where it froze the point (or
@@ -135,10 +135,12 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
             clock.marks["first_step"] = outcome.first_step_at - clock.origin
         facts = JobFacts(backend=dist.get_backend(), started_at=started_at, wall_s=time.perf_counter() - t0,
                          startup=clock.marks, model_label=workload.label, fabric=fabric, health=health)
-        write_result(job, trainer, outcome, host, facts, reporter)
+        unwritten = write_result(job, trainer, outcome, host, facts, reporter)
         trainer.close()
         dist.barrier()  # no rank tears the process group down while another still uses it
         finished = True
+        if unwritten:  # after the others have left together: the record says incomplete, the exit status too
+            raise OutputNotWritten(f"the run trained to the end, but {unwritten}; its record says incomplete")
         return point_dir / RECORD_NAME
     except Exception as e:
         # written down before the teardown below, which makes the other ranks fail too: the launcher and status
@@ -152,6 +154,10 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         release_process_group(held)
         if finished:
             leave_together(store, env)
+
+
+class OutputNotWritten(RuntimeError):
+    """A run's file (its weights) could not be written after training."""
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -234,11 +240,11 @@ def trial_judge(job: Job) -> Judge | None:
 
 
 def write_result(job: Job, trainer: Trainer, outcome: TrainOutcome, host: HostShare, facts: JobFacts,
-                 reporter: Reporter) -> None:
+                 reporter: Reporter) -> str | None:
     """Every rank's entry goes to rank 0, which saves the weights, counts the FLOPs, writes the record, and gives
-    TensorBoard the run's overrides and final figures (its HParams view). Once training has finished nothing but
-    writing the record itself can fail the run: a step that fails is logged, and the record says what is missing
-    and why."""
+    TensorBoard the run's overrides and final figures (its HParams view). Once training has finished a step that
+    fails is logged, and the record says what is missing and why; only writing the record, or the weights (the
+    record then says incomplete), fails the run. Returns the file not written (rank 0), else None."""
     mine = rank_result(job, host, outcome)
     sharded = trainer.parallel.sharded
     if sharded:  # gathering FSDP's shards is a collective: every rank takes part, before rank 0 goes on alone
@@ -257,6 +263,7 @@ def write_result(job: Job, trainer: Trainer, outcome: TrainOutcome, host: HostSh
     ev = outcome.evaluation
     log.info("%s%.0f samples/s; record: %s", f"test {ev.metric} {ev.value:.4f}, " if ev else "",
              record.timing.throughput_samples_per_s or 0.0, path)
+    return finals.unwritten
 
 
 def end_tracked_runs(job: Job, reporter: Reporter, record: Result, figures: dict[str, float]) -> None:
@@ -271,24 +278,29 @@ def end_tracked_runs(job: Job, reporter: Reporter, record: Result, figures: dict
 def make_finals(job: Job, trainer: Trainer, outcome: TrainOutcome) -> Finals:
     """The trained weights saved (rank 0; not those of a run that diverged) and the FLOPs per sample counted: on
     rank 0 under DDP, on every rank under FSDP (whose state dict and forward gather)."""
-    missing, saved = {}, None
+    missing, saved, unwritten = {}, None, None
     if outcome.diverged_at_step is None:
         weights = attempt("weights", missing, trainer.parallel.weights)
         if weights is not None and job.is_rank0:
             saved = attempt("weights", missing, lambda: save(weights, job.point_dir / WEIGHTS_NAME) or WEIGHTS_NAME)
+            if saved is None:  # a file the run did not write: it did not complete (its record says incomplete)
+                unwritten = f"{WEIGHTS_NAME} could not be written: {missing['weights']}"
     else:
         missing["weights"] = f"not saved: the run diverged at step {outcome.diverged_at_step}"
     flops = attempt("flops_per_sample", missing, trainer.count_flops)
-    return Finals(weights=saved, flops_per_sample=flops, missing=missing)
+    return Finals(weights=saved, flops_per_sample=flops, missing=missing, unwritten=unwritten)
 
 
 def attempt(name: str, missing: dict[str, str], make):
-    """`make()`, or None when it fails after training: logged, and noted in `missing` (the record's)."""
+    """`make()`, or None when it fails after training: logged, and noted in `missing` (the record's), the OS's
+    reason first where a write failed ("No space left on device")."""
     try:
         return make()
     except Exception as e:
-        log.warning("%s could not be produced after training: %s: %s", name, type(e).__name__, e)
-        missing[name] = f"{type(e).__name__}: {e}"[:500]
+        reason = write_failure(e)
+        said = f"{reason + ': ' if reason else ''}{type(e).__name__}: {e}"[:500]
+        log.warning("%s could not be produced after training: %s", name, said)
+        missing[name] = said
         return None
 
 

@@ -27,7 +27,7 @@ FINAL = {"FAILED": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "
 # job stopped before training, its health check having found a bad node (health.on_bad=exclude)
 RESUBMITTABLE = {"failed", "timed out", "preempted", "cancelled", "never started", "bad record", "bad node"}
 # what a usable record says; a diverged run is resubmitted only when asked, a pruned trial (a search's) never
-RECORDED = ("completed", "diverged", "pruned")
+RECORDED = ("completed", "diverged", "pruned", "incomplete")
 ENDED = RESUBMITTABLE | set(RECORDED)
 
 
@@ -48,8 +48,8 @@ class PointStatus:
 
 
 def record_state(folder: Path) -> tuple[str | None, str]:
-    """What a point's record says, and why: (None, "") without one; "completed", "diverged" (with its reason) or
-    "bad record" (with what is wrong with it)."""
+    """What a point's record says, and why: (None, "") without one; "completed", "diverged" (with its reason),
+    "incomplete" (trained, but its weights not written: why) or "bad record" (with what is wrong with it)."""
     # imported here: the collector's reader brings numpy (pipeline.allreduce), which a launch imports this module
     # without needing, unless a built-in dataset's check brings it
     from pipeline.collector.records import Diverged, Problem, Pruned, read_record
@@ -62,6 +62,8 @@ def record_state(folder: Path) -> tuple[str | None, str]:
         return ("diverged" if isinstance(rec, Diverged) else "pruned"), rec.reason
     if isinstance(rec, Problem):
         return "bad record", rec.reason
+    if rec.status == "incomplete":
+        return "incomplete", rec.missing.get("weights", "")
     return "completed", ""
 
 

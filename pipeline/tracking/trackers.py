@@ -39,7 +39,7 @@ STEP_KEY = "trainer/step"  # W&B's x-axis for every figure
 MODULES = {"mlflow": "mlflow", "wandb": "wandb"}  # the module each tracker needs; its extra is pipeline[<name>]
 # how a record's status ends a run: MLflow's run states; W&B's exit code (0: finished, else failed)
 MLFLOW_STATES = {"completed": "FINISHED", "pruned": "FINISHED", "diverged": "FAILED", "failed": "FAILED",
-                 "preempted": "KILLED", "interrupted": "KILLED"}
+                 "incomplete": "FAILED", "preempted": "KILLED", "interrupted": "KILLED"}
 PARAM_CHUNK, METRIC_CHUNK, MLFLOW_VALUE_MAX = 100, 1000, 6000  # MLflow's limits per log_batch, and a param's value
 
 
