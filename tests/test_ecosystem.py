@@ -583,6 +583,59 @@ def test_scheduler_gets_the_run_length_by_its_own_name(compose_cfg):
     assert got[:5] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0]) and got[-1] == pytest.approx(1 / 16)
 
 
+class LightningStyle(torch.nn.Module):
+    """Lightning's hooks on a plain module (lightning itself is not installed here): what a LightningModule has."""
+
+    def __init__(self, returns: str = "optimizer"):
+        super().__init__()
+        self.layer, self.returns = torch.nn.Linear(4, 2), returns
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        raise AssertionError("the pipeline does not call training_step")
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.StepLR(opt, 1)
+        second = torch.optim.SGD(self.parameters(), lr=0.2)
+        return {"optimizer": opt, "dict": {"optimizer": opt}, "dict+schedule": {"optimizer": opt,
+                                                                               "lr_scheduler": schedule},
+                "lists": ([opt], []), "lists+schedule": ([opt], [schedule]), "two": [opt, second],
+                "groups": [{"params": list(self.parameters())}]}[self.returns]
+
+
+@pytest.mark.parametrize("returns, said", [
+    ("optimizer", None), ("dict", None), ("lists", None), ("groups", None),
+    ("dict+schedule", "returned a dict with 'lr_scheduler' beside 'optimizer'"),
+    ("lists+schedule", "returned 1 schedule(s) beside its optimizer(s)"),
+    ("two", "returned 2 optimizers: the pipeline steps one")])
+def test_configure_optimizers_returns_in_lightnings_shapes_are_taken_or_refused_by_name(compose_cfg, returns, said):
+    from pipeline.config import parse_run_config
+    from pipeline.job.build import build_optimizer
+    from pipeline.targets import BuildError
+
+    run = parse_run_config(compose_cfg("param_groups.method=configure_optimizers"))
+    model = LightningStyle(returns)
+    if said is None:
+        optimizer = build_optimizer(run, model, rank=0, device=torch.device("cpu"))
+        assert isinstance(optimizer, torch.optim.SGD)
+        assert optimizer.param_groups[0]["lr"] == (0.1 if returns != "groups" else run.optimizer.lr)
+    else:
+        with pytest.raises(BuildError, match=re.escape(said)):
+            build_optimizer(run, model, rank=0, device=torch.device("cpu"))
+
+
+def test_a_model_with_lightnings_hooks_is_told_which_are_not_called(compose_cfg, caplog):
+    from pipeline.config import parse_run_config
+    from pipeline.job.build import say_unused_hooks
+
+    say_unused_hooks(LightningStyle(), parse_run_config(compose_cfg()), rank=0)
+    assert "model LightningStyle has training_step, which the pipeline does not call: it trains through forward()" \
+        in caplog.text and "param_groups.method=configure_optimizers takes the model's own" in caplog.text
+
+
 def test_no_decay_groups_cover_biases_norms_and_embeddings_once():
     from pipeline.job.build import no_decay_groups
     from pipeline.workloads.models import GPT, ResNet

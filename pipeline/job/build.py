@@ -41,6 +41,23 @@ NO_DECAY_MODULES = (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm, 
                     torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
 
 
+LIGHTNING_HOOKS = ("training_step", "validation_step")
+
+
+def say_unused_hooks(model: torch.nn.Module, run: RunConfig, rank: int) -> None:
+    """A LightningModule (or any model with Lightning's hooks) trains through forward() and loss._target_ here:
+    its training_step, validation_step and self.log are not called, which rank 0 says once."""
+    hooks = [h for h in LIGHTNING_HOOKS if callable(getattr(model, h, None))]
+    if rank != 0 or not hooks:
+        return
+    optimizers = ("its configure_optimizers gives the optimizer" if run.param_groups.method == "configure_optimizers"
+                  else "the optimizer is optimizer._target_ (param_groups.method=configure_optimizers takes the "
+                  "model's own)")
+    log.warning("model %s has %s, which the pipeline does not call: it trains through forward() and the loss "
+                "(loss._target_ on the logits, or loss=model for the model's own), evaluates on the held-out set "
+                "(evaluate.*), and self.log reaches nothing; %s", type(model).__name__, " and ".join(hooks), optimizers)
+
+
 def build_model(run: RunConfig, dataset: Any, rank: int) -> torch.nn.Module:
     target, facts = target_of(run.model), dataset_facts(dataset)
     wanted = [name for name in asks_for("model", run.model, rank, MODEL_GETS) if not given(run.model, name)]
@@ -58,6 +75,7 @@ def build_model(run: RunConfig, dataset: Any, rank: int) -> torch.nn.Module:
         raise BuildError(f"model._target_={target} built a {type(model).__name__} on rank {rank}, not a "
                          "torch.nn.Module")
     _check_explicit_sizes(run, facts, rank)
+    say_unused_hooks(model, run, rank)
     return model
 
 
@@ -155,12 +173,40 @@ def build_optimizer(run: RunConfig, model: torch.nn.Module, rank: int,
             raise BuildError(f"param_groups.method={pg.method} failed on rank {rank}, given "
                              f"{', '.join(given) or 'nothing'} (from the optimizer's config): "
                              f"{type(e).__name__}: {e}") from e
-        if isinstance(made, torch.optim.Optimizer):
-            return made
+        optimizer = method_optimizer(made, pg.method, rank)
+        if optimizer is not None:
+            return optimizer
         groups = made
     elif pg.function is not None:
         groups = call("param_groups.function", pg.function, rank, model)
     return call("optimizer", run.optimizer, rank, groups)
+
+
+def method_optimizer(made: Any, name: str, rank: int) -> torch.optim.Optimizer | None:
+    """The optimizer a configure_optimizers-style method returned in one of Lightning's shapes (an optimizer; a
+    dict with `optimizer`; `([optimizers], [schedulers])`; a list of one optimizer), or None when it returned
+    parameter groups. A schedule or a second optimizer in it is refused by name: the pipeline steps one optimizer,
+    and the schedule it steps (after every optimizer step) is the `scheduler` group's."""
+    where = f"param_groups.method={name} (rank {rank})"
+    if isinstance(made, dict) and "optimizer" in made:
+        extra = [k for k in made if k != "optimizer"]
+        if extra:
+            raise BuildError(f"{where} returned a dict with {', '.join(map(repr, extra))} beside 'optimizer': the "
+                             "pipeline steps no schedule but its own; return the optimizer alone and set "
+                             "scheduler=... (stepped after every optimizer step)")
+        made = made["optimizer"]
+    if isinstance(made, tuple) and len(made) == 2 and all(isinstance(x, (list, tuple)) for x in made):
+        optimizers, schedulers = made
+        if schedulers:
+            raise BuildError(f"{where} returned {len(schedulers)} schedule(s) beside its optimizer(s): the pipeline "
+                             "steps no schedule but its own; return the optimizer alone and set scheduler=...")
+        made = list(optimizers)
+    if isinstance(made, (list, tuple)) and made and all(isinstance(x, torch.optim.Optimizer) for x in made):
+        if len(made) > 1:
+            raise BuildError(f"{where} returned {len(made)} optimizers: the pipeline steps one; return one "
+                             "optimizer (or its parameter groups)")
+        made = made[0]
+    return made if isinstance(made, torch.optim.Optimizer) else None
 
 
 def optimizer_info(optimizer: torch.optim.Optimizer) -> OptimizerInfo:
