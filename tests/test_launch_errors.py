@@ -55,6 +55,7 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["hydra.job.name='a\nb'"], "hydra.job.name='a\\nb' is not allowed: a newline or other control character"),
     (["evaluate.holdout=1.5"], "evaluate.holdout=1.5 is not allowed; it must be in [0, 1)"),
     (["evaluate.split=''"], "evaluate.split='' is not allowed; name the held-out split"),
+    (["health.answer_s=0.000001"], "health.answer_s=1e-06 is not allowed; it must be >= 1.0"),
 ])
 def test_bad_input_is_one_line_naming_the_key_and_exit_2(tmp_path, overrides, said):
     r = launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
