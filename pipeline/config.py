@@ -50,6 +50,8 @@ class LocalClusterConfig:
     gpus_per_node: int = 0
     # seconds a rank waits for the others at rendezvous and in each collective before failing
     timeout_s: int = 300
+    # local debug mode: a rank stopped this long (SIGSTOP, a debugger, Ctrl-Z) is named, while the others still wait
+    stopped_s: float = 10.0
 
 
 # torch's store and gloo count the timeout in milliseconds, in places as a 32-bit int: 2**31 - 1 ms is ~24.8 days
@@ -608,6 +610,7 @@ class RunConfig:
         check_at_least("cluster.tasks_per_node", self.cluster.tasks_per_node, 1)
         check_at_least("cluster.gpus_per_node", self.cluster.gpus_per_node, 0)
         check_at_least("cluster.timeout_s", self.cluster.timeout_s, 1)
+        check_positive("cluster.stopped_s", self.cluster.stopped_s)
         check_at_most("cluster.timeout_s", self.cluster.timeout_s, MAX_TIMEOUT_S,
                       "about 24.8 days, the longest torch's store and gloo can wait")
         t, c = self.trainer, self.cluster

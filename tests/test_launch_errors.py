@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -201,6 +202,27 @@ def test_a_stopped_rank_is_named_as_the_one_that_did_not_arrive(tmp_path):
     # and rank 0 said it too, from the heartbeats it saw in the store (as it would on Slurm)
     assert "rank 0 (simulated node 0) failed first: exit code 1 (rank(s) 1 stopped answering (no heartbeat)" in err
     assert not any(live_in_group(pid) for pid in pids)  # the stopped one too
+
+
+@pytest.mark.e2e
+def test_a_stopped_rank_is_named_within_cluster_stopped_s_and_the_run_goes_on_when_resumed(tmp_path):
+    """With the default cluster.timeout_s (300 s) a stopped rank once went unsaid for five minutes: the launcher
+    names it within cluster.stopped_s, and a SIGCONT lets the run finish as if nothing happened."""
+    run = tmp_path / "run"
+    launcher = start_launch("nodes=2", "trainer.epochs=20", "trainer.log_every=10", "cluster.stopped_s=2", *SMALL,
+                            f"hydra.run.dir={run}", cwd=tmp_path)
+    pids = wait_for_step(run, 10, launcher, ranks=2)
+    os.kill(pids[1], signal.SIGSTOP)
+    said = f"rank 1 (simulated node 1, pid {pids[1]}) has been stopped (SIGSTOP or Ctrl-Z) for"
+    deadline, seen = time.monotonic() + 30, ""
+    while said not in seen:
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.5)
+        seen = (run / "launch.log").read_text()
+    os.kill(pids[1], signal.SIGCONT)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0 and said in out + err and "cluster.timeout_s=300 s" in out + err, out + err
+    assert json.loads((run / "result.json").read_text())["status"] == "completed"
 
 
 @pytest.fixture

@@ -160,6 +160,8 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threa
         echoes.append(threading.Thread(target=_progress_bar, args=(point_dir, position, done), daemon=True))
         echoes[-1].start()
     oom_before, memory = oom_kills(), MemoryWatch([r.proc.pid for r in ranks])
+    threading.Thread(target=_say_stopped, args=(ranks, run.cluster.stopped_s, run.cluster.timeout_s, done),
+                     daemon=True).start()
     try:
         failed = _wait_all(ranks)
         ended_at = time.monotonic()
@@ -177,6 +179,26 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threa
         how = how_it_ended(first.proc.returncode, memory.last.get(first.proc.pid),
                            oom_kills() not in (None, oom_before), ended_at)
         raise RunFailed(_failure_message(first, how, point_dir, stopped))
+
+
+def _say_stopped(ranks: list[Rank], stopped_s: float, timeout_s: float, done: threading.Event) -> None:
+    """Name a rank stopped for cluster.stopped_s (SIGSTOP, Ctrl-Z, a debugger), once, while the others still wait
+    for it: they would fail only after cluster.timeout_s, and until then nothing would be said."""
+    since: dict[int, float] = {}
+    said: set[int] = set()
+    while not done.wait(min(1.0, stopped_s / 4)):
+        now = time.monotonic()
+        for r in ranks:
+            state = process_state(r.proc.pid) if r.proc.poll() is None else None
+            if state not in STOPPED:
+                since.pop(r.rank, None)
+                continue
+            since.setdefault(r.rank, now)
+            if now - since[r.rank] >= stopped_s and r.rank not in said:
+                said.add(r.rank)
+                log.warning("rank %d (simulated node %d, pid %d) has been %s for %.0f s: the other ranks wait for it "
+                            "(they fail after cluster.timeout_s=%g s); resume it with kill -CONT %d, or stop the run",
+                            r.rank, r.node, r.proc.pid, STOPPED[state], now - since[r.rank], timeout_s, r.proc.pid)
 
 
 def _progress_bar(point_dir: Path, position: str, done: threading.Event, width: int = 30) -> None:
