@@ -44,7 +44,9 @@ class FastPath:
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderInfo:
-    kind: str  # "memory": the split held in memory, batched by indexing | "dataloader": torch's DataLoader
+    # "memory": the split held in memory, batched by indexing | "dataloader": torch's DataLoader | "stream": torchdata's
+    # StatefulDataLoader over this rank's share of an IterableDataset (pipeline.job.stream)
+    kind: str
     num_workers: int
     pin_memory: bool
     persistent_workers: bool
@@ -380,7 +382,7 @@ class Result(JsonFile):
     per_rank_batch: int
     global_batch: int
     steps: int
-    steps_per_epoch: int
+    steps_per_epoch: Optional[int]  # None: a stream whose epoch's end the run did not reach (loader.epoch_samples)
     warmup_steps: int
     resumed_from_step: int
     restart_count: int

@@ -34,9 +34,13 @@ class CostView:
     summary: str = ""
 
 
-def cost_view(group: str, rows, samples_per_epoch: float, on_gpus: bool) -> CostView:
-    """From a group's rows (measured, sorted by node count)."""
+def cost_view(group: str, rows, samples_per_epoch: float | None, on_gpus: bool) -> CostView:
+    """From a group's rows (measured, sorted by node count); none without an epoch's length (a stream whose end no
+    run reached)."""
     view = CostView(group)
+    if samples_per_epoch is None:
+        view.summary = "no epoch length (a stream whose end no run reached): no cost per epoch"
+        return view
     base = rows[0]
     per_node_base = base.throughput / base.nodes
     previous = None

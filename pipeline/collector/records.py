@@ -89,7 +89,7 @@ class Run:
     slowest_host: str
     oversubscribed: bool
     gradient_bytes: int
-    samples_per_epoch: int  # steps per epoch x global batch
+    samples_per_epoch: int | None  # steps per epoch x global batch; None: a stream whose end the run did not reach
     device_type: str  # "cuda" or "cpu": GPU-hours are counted on GPUs
     probe: Probe | None  # the fabric probe of a multi-rank run (None before probes, or when disabled)
     hosts: tuple[tuple[int, str], ...]  # (rank, Slurm node name) of every rank
@@ -202,7 +202,8 @@ def _reduce(path: str, rec: Result) -> Run:
                breakdown=(b.data, b.compute, b.comm), skew=busy[slowest] / median if median > 0 else 1.0,
                slowest_rank=ranks[slowest].rank, slowest_host=ranks[slowest].node_name,
                oversubscribed=rec.oversubscribed, gradient_bytes=rec.gradient_bytes,
-               samples_per_epoch=rec.steps_per_epoch * rec.global_batch, device_type=rec.device.type,
+               samples_per_epoch=rec.steps_per_epoch * rec.global_batch if rec.steps_per_epoch else None,
+               device_type=rec.device.type,
                probe=_probe(rec), hosts=tuple((r.rank, r.node_name) for r in ranks),
                tokens_per_sample=rec.tokens_per_sample, collectives=collectives(rec),
                memory=memory_point(rec), **_placement(rec))
@@ -275,7 +276,7 @@ def impossible(rec: Result) -> str | None:
     the collector would divide by it or report it."""
     for name, value, least in (("nodes", rec.nodes, 1), ("tasks_per_node", rec.tasks_per_node, 1),
                                ("per_rank_batch", rec.per_rank_batch, 1), ("global_batch", rec.global_batch, 1),
-                               ("steps_per_epoch", rec.steps_per_epoch, 1), ("steps", rec.steps, 0),
+                               ("steps_per_epoch", rec.steps_per_epoch or 1, 1), ("steps", rec.steps, 0),
                                ("timed_steps", rec.timing.timed_steps, 0), ("gradient_bytes", rec.gradient_bytes, 0)):
         if value < least:
             return f"{name}: {value} is impossible (at least {least})"

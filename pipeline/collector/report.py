@@ -212,7 +212,8 @@ def _cost_axes(ax, group: str, cost) -> None:
     with the knee marked. One panel per group, since groups' costs differ by orders of magnitude."""
     ax.set_title(group, fontsize=7, wrap=True)
     if cost is None or not cost.points:
-        ax.text(0.5, 0.5, "no cost view: no measured throughput", ha="center", va="center", transform=ax.transAxes)
+        why = cost.summary if cost is not None and cost.summary else "no measured throughput"
+        ax.text(0.5, 0.5, f"no cost view: {why}", ha="center", va="center", transform=ax.transAxes)
         return
     x = [str(p.nodes) for p in cost.points]
     gpu = cost.points[0].gpu_hours is not None

@@ -203,8 +203,13 @@ def analyse(key: GroupKey, members: list[Run], rows: list[Row], predict_at: tupl
     rel = base_row.throughput_ci / base_row.throughput if base_row.throughput_ci is not None else None
     group = Group(label, base, members, measured, rel, predict_at)
     return GroupAnalysis(label, from_probes(group), from_fit(group),
-                         cost_view(label, rows, float(np.mean([r.samples_per_epoch for r in at_base])),
+                         cost_view(label, rows, epoch_samples([r.samples_per_epoch for r in at_base]),
                                    first.device_type == "cuda"), hosts)
+
+
+def epoch_samples(known: list[int | None]) -> float | None:
+    """The baseline's samples per epoch (their mean), unless a run's epoch length is unknown (a stream)."""
+    return None if None in known else float(np.mean(known))
 
 
 def median_busbw(runs: list[Run]) -> dict[int, float]:
