@@ -155,7 +155,8 @@ class LoaderConfig:
     """How batches are made. `memory`: a dataset that offers its arrays (`arrays()`; the built-in ones do) is
     held in memory and batched by indexing (on the GPU when it fits, see trainer.data_on_device); `dataloader`:
     torch's DataLoader with a DistributedSampler, for any map-style dataset; `auto`: memory when the dataset
-    offers its arrays, else the DataLoader. The other keys are DataLoader's."""
+    offers its arrays, else the DataLoader. A stream (an IterableDataset) always goes through torchdata's
+    StatefulDataLoader (pipeline.job.stream). The other keys are DataLoader's."""
 
     kind: str = "auto"
     num_workers: int = 0
@@ -165,9 +166,14 @@ class LoaderConfig:
     # a `_target_` that builds DataLoader's collate_fn (a function with `_partial_: true`, or a callable object);
     # null: torch's default_collate
     collate_fn: Optional[Any] = None
+    # a stream's epoch: this many samples, all ranks together (each rank's share ending sooner is an error); null:
+    # an epoch ends where the first rank's share of the stream ends. Only for a stream (an IterableDataset)
+    epoch_samples: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_choice("loader.kind", self.kind, LOADERS)
+        if self.epoch_samples is not None:
+            check_at_least("loader.epoch_samples", self.epoch_samples, 1)
         check_at_least("loader.num_workers", self.num_workers, 0)
         if self.num_workers == 0 and (self.persistent_workers or self.prefetch_factor is not None):
             raise ConfigError("loader.persistent_workers and loader.prefetch_factor need loader.num_workers > 0 "

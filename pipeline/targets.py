@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -102,8 +103,10 @@ def reported(key: str, node: Any, rank: int | None, make: Callable[[], Any]) -> 
         cause = _cause(e)
         if isinstance(cause, ConfigError):
             raise cause from None
+        # Hugging Face's readers end with a bare StopIteration where the files hold no row
+        said = str(cause) or ("the data holds no rows (empty files?)" if isinstance(cause, StopIteration) else "")
         raise BuildError(f"{key}._target_={target_of(node)} could not be built {where(rank)}: "
-                         f"{type(cause).__name__}: {cause}") from e
+                         f"{type(cause).__name__}: {said}") from e
 
 
 def _prepared(key: str, node: Any, rank: int | None, facts: dict | None) -> Any:
@@ -120,7 +123,7 @@ def partial_of(key: str, node: Any, rank: int | None, facts: dict | None = None)
     return reported(key, node, rank, lambda: instantiate(node, _partial_=True, _convert_="all"))
 
 
-def build(key: str, node: Any, rank: int | None, facts: dict | None = None, **kwargs) -> Any:
+def build(key: str, node: Any, rank: int | None, /, facts: dict | None = None, **kwargs) -> Any:
     """instantiate(node) with `kwargs`; a failure, in importing the target's module or in its constructor, is
     reported as the config key's. `facts`: the dataset's values for `${from_dataset:...}`. A built-in schema's
     node (a dataclass: plain values, no nested targets) is given to its class directly: the launch builds the
@@ -159,49 +162,106 @@ def built_at_launch(node: Any) -> bool:
 @dataclass(frozen=True)
 class Splits:
     """The datasets a run trains and evaluates on, and where its evaluation's samples come from, in words (the
-    record's evaluation.split)."""
+    record's evaluation.split); whether they are streams (is_stream), and whether a stream was built with the
+    rank's `rank` and `world_size` (it then reads that rank's share only)."""
 
     train: Any
     test: Any | None
     source: str | None  # None: no evaluation
+    stream: bool = False
+    shares_itself: bool = False
 
 
-def build_datasets(run: RunConfig, rank: int | None) -> Splits:
+def is_stream(dataset: Any) -> bool:
+    """A dataset read in order, without an index: a torch IterableDataset (Hugging Face's streaming datasets are
+    ones), by its classes' names, torch-free."""
+    return any(c.__name__ == "IterableDataset" for c in type(dataset).__mro__)
+
+
+def build_datasets(run: RunConfig, rank: int | None, world_size: int | None = None) -> Splits:
     """The training set, built with what the config gives (an explicit `split` or `train` is passed as given; an
-    unset one is filled in: split="train", train=True), and the held-out set as `evaluate` says: the constructor's
-    `evaluate.split` (train=False), or `evaluate.holdout` of the training rows. A held-out set that is the training
-    data, or data without that split, is a ConfigError naming the keys that choose another."""
+    unset one is filled in: split="train", train=True; on a rank, `rank` and `world_size` where the constructor
+    takes both), and the held-out set as `evaluate` says: the constructor's `evaluate.split` (train=False), or
+    `evaluate.holdout` of the training rows. A held-out set that is the training data, or data without that split,
+    is a ConfigError naming the keys that choose another; so is a stream the run cannot be planned by."""
     ev, node = run.evaluate, run.dataset
-    asks = asks_for("dataset", node, rank, ("split", "train"))
+    if rank is None and isinstance(node, dict):
+        check_data_files(node)
+    asks = asks_for("dataset", node, rank, ("split", "train", "rank", "world_size"))
     by = "split" if "split" in asks else "train" if "train" in asks else None
     own = {by: "train" if by == "split" else True} if by and not given(node, by) else {}
-    train = build("dataset", node, rank, **own)
+    share = {"rank": rank, "world_size": world_size} if rank is not None and {"rank", "world_size"} <= asks and \
+        not (given(node, "rank") or given(node, "world_size")) else {}
+    train = build("dataset", node, rank, **own, **share)
+    stream = is_stream(train)
+    if stream:
+        check_stream(run, train)
+    elif run.loader.epoch_samples is not None:
+        raise ConfigError(f"loader.epoch_samples={run.loader.epoch_samples} is for a stream (an IterableDataset), and "
+                          f"dataset._target_={target_of(node)} is indexed: an epoch is all of its samples; leave "
+                          "loader.epoch_samples null")
     if not ev.enabled:
-        return Splits(train, None, None)
+        return Splits(train, None, None, stream, bool(share))
     if ev.holdout:
+        if stream:
+            raise ConfigError(f"evaluate.holdout={ev.holdout}: dataset._target_={target_of(node)} is a stream, whose "
+                              "rows cannot be held out by index; give evaluate.split=<name> for another split of the "
+                              "data, or evaluate.enabled=false")
         return held_out(train, ev.holdout)
     if by is None:
-        return Splits(train, None, None)
+        return Splits(train, None, None, stream, bool(share))
     if by == "split":
-        test, built_with = held_split(node, rank, ev.split), f"split={ev.split!r}"
+        test, built_with = held_split(node, rank, ev.split, share), f"split={ev.split!r}"
     else:
-        test, built_with = build("dataset", node, rank, train=False), "train=False"
+        test, built_with = build("dataset", node, rank, train=False, **share), "train=False"
     same = same_data(train, test) if isinstance(node, dict) else None  # a built-in's splits are its own
     if same:
         raise ConfigError(f"dataset._target_={target_of(node)}: the evaluation's samples (built with {built_with}) are "
                           f"the training data ({same}): {CHOOSE_EVALUATION}")
-    return Splits(train, test, f"the dataset built with {built_with}")
+    return Splits(train, test, f"the dataset built with {built_with}", stream, bool(share))
+
+
+def check_data_files(node: dict) -> None:
+    """Hugging Face's `data_files` (a path or pattern, a list of them, or a split's of each): every local one
+    matches a file (their own message for none, in streaming, is a bare StopIteration)."""
+    import glob
+
+    files = node.get("data_files")
+    by_split = files.items() if isinstance(files, dict) else [(None, files)]
+    for split, patterns in by_split:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+            if isinstance(pattern, str) and "://" not in pattern and not glob.glob(pattern, recursive=True):
+                key = "dataset.data_files" + (f".{split}" if split is not None else "")
+                raise ConfigError(f"{key}={pattern!r} matches no file (from {os.getcwd()})")
+
+
+def check_stream(run: RunConfig, train: Any) -> None:
+    """A stream has no length: the run's is trainer.max_steps, or trainer.epochs of loader.epoch_samples. A stream
+    that yields nothing is refused (at launch, for the datasets built there)."""
+    if not (run.trainer.max_steps or run.loader.epoch_samples):
+        raise ConfigError(f"dataset._target_={target_of(run.dataset)} is a stream, with no length to plan the run by: "
+                          "set trainer.max_steps, or loader.epoch_samples (the run is then trainer.epochs of them)")
+    if not first_of(train, 1):
+        raise ConfigError(f"dataset._target_={target_of(run.dataset)}: the stream yields nothing")
+
+
+def first_of(dataset: Any, n: int) -> list:
+    """The first `n` items of a stream, read from a copy (the stream itself does not move)."""
+    import copy
+    import itertools
+
+    return list(itertools.islice(iter(copy.deepcopy(dataset)), n))
 
 
 CHOOSE_EVALUATION = ("set evaluate.holdout=0.1 to hold a tenth of the training rows out, evaluate.split=<name> for "
                      "another split of the data, or evaluate.enabled=false to train without evaluating")
 
 
-def held_split(node: Any, rank: int | None, split: str) -> Any:
+def held_split(node: Any, rank: int | None, split: str, share: dict) -> Any:
     """The dataset built with split=`split`; data without that split (Hugging Face's `Unknown split "test".
     Should be one of ['train']`) is a ConfigError naming evaluate.split."""
     try:
-        return build("dataset", node, rank, split=split)
+        return build("dataset", node, rank, split=split, **share)
     except BuildError as e:
         cause = _cause(e.__cause__) if e.__cause__ is not None else e
         if isinstance(cause, (ValueError, KeyError)) and "split" in str(cause).lower():
@@ -255,6 +315,14 @@ def same_data(a: Any, b: Any) -> str | None:
     files = [sorted(f.get("filename", "") for f in getattr(d, "cache_files", None) or []) for d in (a, b)]
     if files[0] and files[0] == files[1]:
         return f"the same files: {', '.join(files[0])[:200]}"
+    if is_stream(a) or is_stream(b):
+        try:
+            first = [first_of(d, 3) for d in (a, b)]
+            if first[0] and _plain(first[0]) == _plain(first[1]):
+                return f"the same first {len(first[0])} rows"
+        except Exception:  # a stream that cannot be read twice: no verdict
+            return None
+        return None
     try:
         n = len(a)
         if n != len(b) or n == 0:

@@ -28,6 +28,7 @@ from hydra.utils import get_object
 from pipeline.callables import takes
 from pipeline.config import ParamGroupsConfig, RunConfig, target_of
 from pipeline.job.data import Data, ItemFormat, check_datasets
+from pipeline.job.stream import first_items
 from pipeline.job.memory import resident_bytes
 from pipeline.result import OptimizerInfo, ParamGroupInfo
 from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, located,
@@ -238,22 +239,24 @@ class Workload:
     baseline_rss: int | None = None  # this process's resident set before the model was built (the memory baseline)
 
 
-def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None]) -> Workload:
+def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None], world_size: int = 1) -> Workload:
     """The datasets (their items checked), the model, the loss and the collate_fn, from their `_target_`s, with
     the same initial weights on every rank; `mark(name)` notes the moment each part is done (the start-up
     breakdown)."""
     torch.manual_seed(run.trainer.seed)
-    splits = build_datasets(run, rank)
+    splits = build_datasets(run, rank, world_size)
     train_set, test_set = splits.train, splits.test
     items = ItemFormat(run.io.input_key, run.io.target_key)
-    kind = check_datasets(train_set, test_set, target_of(run.dataset), rank, items)
+    kind = check_datasets(train_set, test_set, target_of(run.dataset), rank, items, splits.stream)
+    first = first_items(train_set, 2, splits.stream)
     mark("datasets")
     baseline = resident_bytes()
     model = build_model(run, train_set, rank)
     mark("model")
     facts = dataset_facts(train_set)
     data = Data(train_set=train_set, test_set=test_set, items=items, collate_fn=build_collate(run, rank, facts),
-                kind=kind, evaluation_source=splits.source)
+                kind=kind, first=first, evaluation_source=splits.source, stream=splits.stream,
+                shares_itself=splits.shares_itself)
     return Workload(model=model, data=data, loss_fn=build_loss(run, rank, facts), label=model_label(run, model),
                     baseline_rss=baseline)
 

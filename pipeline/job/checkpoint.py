@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -121,6 +121,12 @@ def verify(path: Path) -> None:
         raise CorruptCheckpoint("its content does not match the SHA-256 it was written with (corrupt)")
 
 
+class Restored(NamedTuple):
+    step: int  # 0: nothing restored
+    segments: list  # this run's earlier stretches (pipeline.job.checkpoint.segment)
+    streams: list[dict] | None  # every rank's position in a stream, by rank
+
+
 class Checkpoints:
     """POINT_DIR/checkpoint.pt and the one before it (DDP), or POINT_DIR/checkpoint.dcp and the one before it
     (sharded runs), for the run `run_id` with `config`."""
@@ -137,9 +143,10 @@ class Checkpoints:
         self.loaded: Path | None = None  # the file (or DCP folder) `load` resumed from
 
     def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int,
-             segments: list[dict]) -> None:
-        """DDP: rank 0's file; sharded: every rank's shards, together (a collective)."""
-        extra = {**self.stamp, "step": step, "segments": segments,
+             segments: list[dict], streams: list[dict] | None = None) -> None:
+        """DDP: rank 0's file; sharded: every rank's shards, together (a collective). `streams`: every rank's
+        position in a stream (pipeline.job.stream), on rank 0."""
+        extra = {**self.stamp, "step": step, "segments": segments, "streams": streams,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None}
         if self.sharded:
             return self._save_sharded(model, optimizer, extra)
@@ -171,14 +178,15 @@ class Checkpoints:
             _fsync_folder(self.path.parent)
         dist.barrier()
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, list]:
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> Restored:
         """Load the newest usable checkpoint of this run, else trainer.resume_from's, into the model, optimizer and
-        schedule; returns (its step, the earlier segments' timings: another run's are not this run's), or (0, [])."""
+        schedule; returns its step, the earlier segments' timings (another run's are not this run's) and the ranks'
+        positions in a stream."""
         checkpoint, own = self.load(), True
         if checkpoint is None and self.resume_from is not None:
             checkpoint, own = self.load([self.resume_from], stamped=False), False
         if checkpoint is None:
-            return 0, []
+            return Restored(0, [], None)
         if self.loaded.is_dir():
             _load_sharded(self.loaded, model, optimizer)
         else:
@@ -186,7 +194,7 @@ class Checkpoints:
             optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None and checkpoint.get("scheduler") is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
-        return checkpoint["step"], checkpoint["segments"] if own else []
+        return Restored(checkpoint["step"], checkpoint["segments"] if own else [], checkpoint.get("streams"))
 
     def load(self, candidates: list[Path] | None = None, stamped: bool = True) -> dict | None:
         """The newest usable checkpoint of this run (or of `candidates`, whoever's when not `stamped`), or None.

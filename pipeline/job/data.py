@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_co
 
 from pipeline.config import LoaderConfig, target_of
 from pipeline.job.context import Job
+from pipeline.job.stream import Agreement, StreamLoader, StreamOrder, first_items, rank_share, stream_loader
 from pipeline.result import FastPath, LoaderInfo
 
 log = logging.getLogger(__name__)
@@ -101,17 +102,21 @@ class ItemFormat:
 @dataclass(frozen=True)
 class Data:
     """A job's data as its config built it: the splits (no test split when the dataset holds nothing out), how their
-    items are read, how they are collated (None: torch's default_collate)."""
+    items are read, how they are collated (None: torch's default_collate), and whether they are streams
+    (IterableDatasets: pipeline.job.stream) and the first training items (read without moving a stream)."""
 
     train_set: Any
     test_set: Any | None
     items: ItemFormat
     collate_fn: Callable | None
     kind: str  # what the items are, in words (the record's io.batch)
+    first: list  # the first training items (at most two)
     evaluation_source: str | None = None  # where test_set comes from, in words (pipeline.targets.Splits.source)
+    stream: bool = False
+    shares_itself: bool = False  # a stream built with `rank` and `world_size`: it reads this rank's share only
 
 
-def check_datasets(train: Any, test: Any | None, target: str, rank: int, items: ItemFormat) -> str:
+def check_datasets(train: Any, test: Any | None, target: str, rank: int, items: ItemFormat, stream: bool) -> str:
     """Before anything is built on them: items are pairs or mappings with the input and target keys, and each
     dataset's own checks (`validate()`, e.g. token values within the vocabulary) pass. Errors name the dataset and
     the rank. Returns what the items are, in words."""
@@ -120,9 +125,10 @@ def check_datasets(train: Any, test: Any | None, target: str, rank: int, items: 
         if data is None:
             continue
         where = f"rank {rank}: dataset._target_={target} ({split} split)"
-        if len(data) == 0:
-            raise ValueError(f"{where}: the dataset is empty")
-        kind = kind or items.describe(data[0], where)
+        first = first_items(data, 1, stream)
+        if not first:
+            raise ValueError(f"{where}: the dataset is empty" + (" (the stream yields nothing)" if stream else ""))
+        kind = kind or items.describe(first[0], where)
         if callable(getattr(data, "validate", None)):
             try:
                 data.validate()
@@ -283,40 +289,45 @@ def check_workers(loader: LoaderConfig, cpus: int, rank: int) -> None:
 def loader_info(kind: str, loader: LoaderConfig, pin: bool) -> LoaderInfo:
     if kind == "memory":
         return LoaderInfo(kind="memory", num_workers=0, pin_memory=pin, persistent_workers=False, prefetch_factor=None)
-    return LoaderInfo(kind="dataloader", num_workers=loader.num_workers, pin_memory=pin,
-                      persistent_workers=loader.persistent_workers,
+    return LoaderInfo(kind=kind, num_workers=loader.num_workers, pin_memory=pin,
+                      persistent_workers=loader.persistent_workers and kind == "dataloader",
                       prefetch_factor=loader.prefetch_factor if loader.prefetch_factor is not None
                       else (2 if loader.num_workers else None))
 
 
 class Batches:
     """Where one rank's batches come from, chosen once: the split held in memory (on the GPU when it fits) when the
-    dataset offers its arrays and loader.kind allows, else torch's DataLoader; and the fast-path choices that go with
-    the choice (NHWC images, cuDNN's timing of its algorithms, pinned memory, the next batch's copy ahead)."""
+    dataset offers its arrays and loader.kind allows, torchdata's StatefulDataLoader over this rank's share of a
+    stream, else torch's DataLoader; and the fast-path choices that go with the choice (NHWC images, cuDNN's timing
+    of its algorithms, pinned memory, the next batch's copy ahead: not for a stream, whose position the checkpoint
+    keeps, which a batch taken ahead would move)."""
 
     def __init__(self, job: Job, data: Data, model: torch.nn.Module):
         t, loader, cuda = job.run.trainer, job.run.loader, job.cuda
-        self.job, self.train_set = job, data.train_set
+        self.job, self.data = job, data
         self.in_memory = self._from_memory(data.train_set)
         channels_last, cudnn_benchmark = self._layout(data, model)
         self.on_device, pinned = self._placement(data)
         self.spec = BatchSpec(size=job.run.micro_batch, device=job.device, items=data.items,
                               channels_last=channels_last, pinned=pinned, collate_fn=data.collate_fn)
+        self.agreement = Agreement(job.world_size) if data.stream else None
         self.train = self.source(data.train_set, persistent=loader.persistent_workers)
         if not self.in_memory:
             check_workers(loader, torch.get_num_threads(), job.rank)
-        self.info = loader_info("memory" if self.in_memory else "dataloader", loader, pinned)
-        prefetch = cuda and not self.on_device and (t.prefetch if t.prefetch is not None else True)
+        self.info = loader_info("memory" if self.in_memory else "stream" if data.stream else "dataloader", loader,
+                                pinned)
+        prefetch = cuda and not self.on_device and not data.stream and (t.prefetch if t.prefetch is not None else True)
         self.fast_path = FastPath(data_on_device=self.on_device, channels_last=channels_last, compile=t.compile,
                                   pinned_memory=pinned, cudnn_benchmark=cudnn_benchmark, prefetch=prefetch)
 
     def _from_memory(self, train: Any) -> bool:
         """Batches indexed from the split held in memory: when the dataset offers its arrays and loader.kind allows."""
-        kind, has_arrays = self.job.run.loader.kind, callable(getattr(train, "arrays", None))
+        kind, has_arrays = self.job.run.loader.kind, not self.data.stream and callable(getattr(train, "arrays", None))
         if kind == "memory" and not has_arrays:
             raise ValueError(f"rank {self.job.rank}: loader.kind=memory needs a dataset that offers its split as "
                              "arrays (an arrays() method, as the built-in datasets have), and dataset._target_="
-                             f"{target_of(self.job.run.dataset)} does not; use loader.kind=dataloader or auto")
+                             f"{target_of(self.job.run.dataset)} does not"
+                             f"{' (it is a stream)' if self.data.stream else ''}; use loader.kind=dataloader or auto")
         return has_arrays and kind != "dataloader"
 
     def _layout(self, data: Data, model: torch.nn.Module) -> tuple[bool, bool]:
@@ -324,7 +335,7 @@ class Batches:
         model on CUDA; cuDNN is set so here."""
         t, cuda = self.job.run.trainer, self.job.cuda
         # NHWC helps convolutions; a dense model would only pay for the copy back in its flatten
-        images = np.ndim(data.items.split(data.train_set[0]).inputs) == 3
+        images = np.ndim(data.items.split(data.first[0]).inputs) == 3
         convolutional = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
         # FSDP shards contiguous parameters only: NHWC is off under it (refused at launch when asked for)
         auto = cuda and convolutional and self.job.run.parallel.kind == "ddp"
@@ -348,13 +359,62 @@ class Batches:
                                     torch.cuda.mem_get_info(job.device)[0] if job.cuda else 0)
         return on_device, job.cuda and not on_device
 
-    def source(self, dataset: Any, persistent: bool) -> InMemoryBatches | LoaderBatches:
-        """A split's batches: in memory when the training's are and the split offers its arrays, else through the
-        DataLoader (its workers kept between passes when `persistent`)."""
+    @property
+    def worker_seed(self) -> int:
+        return self.job.run.trainer.seed * 1000 + self.job.rank
+
+    def source(self, dataset: Any, persistent: bool) -> InMemoryBatches | LoaderBatches | StreamLoader:
+        """A split's batches: in memory when the training's are and the split offers its arrays, a stream's share
+        through the StatefulDataLoader, else through the DataLoader (its workers kept between passes when
+        `persistent`)."""
+        job, spec = self.job, self.spec
+        if self.data.stream:
+            share = rank_share(dataset, job.rank, job.world_size, self.data.shares_itself)
+            return StreamLoader(share, spec.size, job.run.loader, spec.pinned, spec.collate_fn or collate_rows,
+                                self.worker_seed)
         if self.in_memory and callable(getattr(dataset, "arrays", None)):
-            return InMemoryBatches(dataset, self.spec, self.on_device)
-        loader = replace(self.job.run.loader, persistent_workers=persistent)
-        return LoaderBatches(dataset, self.spec, loader, worker_seed=self.job.run.trainer.seed * 1000 + self.job.rank)
+            return InMemoryBatches(dataset, spec, self.on_device)
+        loader = replace(job.run.loader, persistent_workers=persistent)
+        return LoaderBatches(dataset, spec, loader, worker_seed=self.worker_seed)
+
+    def to_device(self, collated: Any) -> Batch:
+        spec = self.spec
+        return to_device(spec.items.split(collated), spec.device, spec.pinned, spec.memory_format)
+
+    def order(self) -> StepOrder | StreamOrder:
+        """Which batches each step takes: the sampler's order over the split's indices, or the stream's."""
+        if self.data.stream:
+            return StreamOrder(self.job, self.train, self.agreement)
+        return StepOrder(self.job, len(self.data.train_set))
+
+    def held_out(self, test: Any, limit: int) -> Iterator[Batch]:
+        """This rank's share of the held-out split (its first `limit` samples in all, when set): every
+        world_size-th index, or a stream's share, read from its start to where the first rank's ends."""
+        job = self.job
+        if not self.data.stream:
+            n = min(len(test), limit) if limit else len(test)
+            source = self.source(test, persistent=False)
+            return self.ahead(source.batches(range(job.rank, n, job.world_size), drop_last=False))
+        return self._held_out_stream(test, limit)
+
+    def _held_out_stream(self, test: Any, limit: int) -> Iterator[Batch]:
+        job, spec = self.job, self.spec
+        share = rank_share(test, job.rank, job.world_size, self.data.shares_itself)
+        batches = iter(stream_loader(share, spec.size, job.run.loader, spec.pinned, spec.collate_fn or collate_rows,
+                                     self.worker_seed))
+        quota = -(-limit // job.world_size) if limit else None  # per rank
+        taken = 0
+        while True:
+            collated = next(batches, None) if quota is None or taken < quota else None
+            if not self.agreement.all_have(collated is not None):  # every rank the same number of batches (FSDP)
+                return
+            batch = self.to_device(collated)
+            if quota is not None and taken + len(batch.targets) > quota:
+                keep = quota - taken
+                batch = Batch(batch.inputs[:keep], batch.targets[:keep],
+                              {k: v[:keep] if isinstance(v, torch.Tensor) else v for k, v in batch.extra.items()})
+            taken += len(batch.targets)
+            yield batch
 
     def ahead(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """The batches, the next one's copy to the GPU on a side stream while this one trains (fast_path.prefetch)."""
@@ -362,13 +422,13 @@ class Batches:
 
     def sample(self, n: int = 2) -> Batch:
         """The first `n` training samples as a batch on the device, collated as the DataLoader would."""
-        items = [self.train_set[i] for i in range(min(n, len(self.train_set)))]
+        items = self.data.first[:n]
         spec = self.spec
         return to_device(collate(items, spec.items, spec.collate_fn), spec.device, False, spec.memory_format)
 
     def tokens_per_sample(self) -> int | None:
         """A token model's tokens per sample: the input's length when inputs are integer token ids."""
-        x = torch.as_tensor(self.spec.items.split(self.train_set[0]).inputs)
+        x = torch.as_tensor(self.spec.items.split(self.data.first[0]).inputs)
         return None if x.is_floating_point() or x.dim() != 1 else int(x.numel())
 
     def close(self) -> None:

@@ -25,12 +25,12 @@ class EvaluationFailed(Exception):
 
 
 class Evaluator:
-    """The held-out split (its first trainer.eval_samples samples, if set), every world_size-th sample on each rank,
-    through the training's batching code; the sums are reduced over ranks. Accuracy when the logits score classes
-    per sample (or per position) against integer labels, perplexity = exp(mean token loss) when they score a
-    dataset's vocabulary at every position (a language model), else the loss alone. Targets of -100 are skipped, as
-    torch's and Hugging Face's losses skip them. A failure on any rank is raised on every rank as EvaluationFailed
-    (none waits for another in a collective)."""
+    """The held-out split (its first trainer.eval_samples samples, if set), every world_size-th sample on each rank
+    (a stream's share of it), through the training's batching code; the sums are reduced over ranks. Accuracy
+    when the logits score classes per sample (or per position) against integer labels, perplexity = exp(mean token
+    loss) when they score a dataset's vocabulary at every position (a language model), else the loss alone.
+    Targets of -100 are skipped, as torch's and Hugging Face's losses skip them. A failure on any rank is raised on
+    every rank as EvaluationFailed (none waits for another in a collective)."""
 
     def __init__(self, job: Job, test_set: Any | None, source: str | None, batches: Batches, io: ModelIO, autocast):
         self.job, self.test_set, self.batches, self.io, self.autocast = job, test_set, batches, io, autocast
@@ -44,16 +44,15 @@ class Evaluator:
             return None
         parallel.sync_buffers()
         parallel.wrapped.eval()
-        n = min(len(test), job.run.trainer.eval_samples) if job.run.trainer.eval_samples else len(test)
-        # loss x targets, targets, correct, scored (classifier), scored (language model), failed
-        sums = torch.zeros(6, dtype=torch.float64, device=job.device)
+        # loss x targets, targets, correct, scored (classifier), scored (language model), failed, samples
+        sums = torch.zeros(7, dtype=torch.float64, device=job.device)
         error = ""
         try:
-            source = self.batches.source(test, persistent=False)
-            for batch in self.batches.ahead(source.batches(range(job.rank, n, job.world_size), drop_last=False)):
+            for batch in self.batches.held_out(test, job.run.trainer.eval_samples):
                 with self.autocast:
                     loss, logits = self.io.loss_and_logits(parallel.raw, batch)
                 score(sums, loss, logits, batch.targets, getattr(test, "vocab_size", None))
+                sums[6] += len(batch.targets)
         except Exception as e:
             log.error("rank %d: evaluation failed: %s: %s", job.rank, type(e).__name__, e)
             error = f"evaluation failed on rank {job.rank}: {type(e).__name__}: {e}"[:500]
@@ -72,7 +71,7 @@ class Evaluator:
             metric, value = "loss", mean_loss
         if not (math.isfinite(mean_loss) and math.isfinite(value)):
             raise EvaluationFailed(f"the evaluation's {metric} is not finite ({value})")
-        return Evaluation(split=self.source or "test", samples=n, loss=mean_loss, metric=metric, value=value)
+        return Evaluation(split=self.source or "test", samples=int(sums[6]), loss=mean_loss, metric=metric, value=value)
 
 
 def score(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,

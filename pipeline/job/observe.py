@@ -207,15 +207,16 @@ class Reporter:
         self.metrics = make_loggers(job, tensorboard)
         self.total_steps, self.window, self.progress_at = 0, (0.0, 0), -PROGRESS_EVERY_S
 
-    def start(self, start_step: int, total_steps: int, steps_per_epoch: int, loader: str) -> None:
+    def start(self, start_step: int, total_steps: int, steps_per_epoch: int | None, loader: str) -> None:
         """Training begins at `start_step`: the next rate is measured from now."""
         run = self.job.run
         self.total_steps, self.window = total_steps, (time.perf_counter(), start_step)
         self.metrics.start(start_step)
         if self.job.is_rank0:
-            log.info("training %d steps (%d per epoch), per-rank batch %d, global batch %d, %d ranks, batches from %s",
-                     total_steps, steps_per_epoch, run.per_rank_batch, run.global_batch, self.job.world_size,
-                     "the DataLoader" if loader == "dataloader" else "memory")
+            epochs = f"{steps_per_epoch} per epoch" if steps_per_epoch else "each epoch to the stream's end"
+            source = {"dataloader": "the DataLoader", "stream": "a stream (StatefulDataLoader)"}.get(loader, "memory")
+            log.info("training %d steps (%s), per-rank batch %d, global batch %d, %d ranks, batches from %s",
+                     total_steps, epochs, run.per_rank_batch, run.global_batch, self.job.world_size, source)
 
     def due(self, step: int) -> bool:
         return self.job.is_rank0 and (step % self.job.run.trainer.log_every == 0 or step == self.total_steps)

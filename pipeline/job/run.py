@@ -123,7 +123,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         host, roster = place_threads(env, device, clock.marks["ready"])
         health = check_nodes(job, store, roster)
         clock.mark("health")
-        workload = build_workload(run, env.rank, clock.mark)
+        workload = build_workload(run, env.rank, clock.mark, env.world_size)
         reporter = Reporter(job, tensorboard_dir(point, point_dir))
         trainer = Trainer(job, workload, Checkpoints(point_dir, point.run_id, point.config), reporter)
         clock.mark("trainer")

@@ -22,13 +22,14 @@ from pipeline.config import target_of
 from pipeline.job.build import Workload, build_optimizer, build_scheduler, optimizer_info
 from pipeline.job.checkpoint import Checkpoints, segment
 from pipeline.job.context import Job
-from pipeline.job.data import Batch, Batches, StepOrder
+from pipeline.job.data import Batch, Batches
 from pipeline.job.evaluate import EvaluationFailed, Evaluator
 from pipeline.job.memory import measure as measure_memory
 from pipeline.job.model_io import ModelIO
 from pipeline.job.observe import Phases, Reporter, make_profiler
 from pipeline.job.parallel import Parallel, gradient_bytes, parallelize, parameters_digest
 from pipeline.job.preemption import Interrupted, StopSignal
+from pipeline.job.stream import StreamOrder
 from pipeline.job.timing import StepTimer
 from pipeline.result import (Evaluation, FastPath, LoaderInfo, Memory, ModelIOInfo, OptimizerInfo, ParallelInfo,
                              Segment, StepEvaluation)
@@ -44,7 +45,7 @@ class TrainingSetup:
     """How this rank trains, as set up before its first step (the io's reading of the output once it has met one)."""
 
     precision: str  # what the steps run in: fp32 or bf16
-    steps_per_epoch: int
+    steps_per_epoch: int | None  # None: a stream whose first epoch's end the run did not reach
     fast_path: FastPath
     loader: LoaderInfo
     io: ModelIOInfo
@@ -143,8 +144,8 @@ class Trainer:
         t = job.run.trainer
         self.precision = t.precision if t.precision != "auto" else ("bf16" if job.cuda else "fp32")
         self.io = ModelIO(job.run.io, work.loss_fn, work.data.kind)
-        self.order = StepOrder(job, len(work.data.train_set))
         self.batches = Batches(job, work.data, work.model)
+        self.order = self.batches.order()
         self.timer = StepTimer(job.device)
         self.parallel = self._wrap_model(work.model)
         # after wrapping: FSDP's sharded parameters are not the ones the model was built with
@@ -155,7 +156,13 @@ class Trainer:
         self.autocast = torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=self.parallel.autocast)
         # the generator dropout draws from; reseeding it alone costs ~1 us, torch.manual_seed ~190 us
         self.dropout_rng = torch.cuda.default_generators[job.device.index] if job.cuda else torch.default_generator
-        self.start_step, self.segments = checkpoints.restore(self.parallel.raw, self.optimizer, self.scheduler)
+        self.start_step, self.segments, streams = checkpoints.restore(self.parallel.raw, self.optimizer,
+                                                                      self.scheduler)
+        if isinstance(self.order, StreamOrder):
+            self.order.restore(streams, self.start_step)
+        # a sharded checkpoint, or a stream's positions, are every rank's: the ranks agree at each finite check
+        # whether any caught the stop signal (Slurm signals every task, not at the same step), and save together
+        self.together = self.parallel.sharded or work.data.stream
         if self.start_step and job.is_rank0:
             log.info("resumed from %s at step %d", checkpoints.loaded, self.start_step)
         self.finite = FiniteCheck(t.finite_check_every, job.device, job.world_size)
@@ -235,12 +242,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ training
     def save_checkpoint(self, step: int) -> Path:
-        """The checkpoint at a step boundary (rank 0's under DDP, every rank's share under FSDP); returns its
-        path."""
+        """The checkpoint at a step boundary (rank 0's under DDP, every rank's share under FSDP, with every rank's
+        position in a stream, gathered to rank 0); returns its path."""
         self.parallel.sync_buffers()
+        streams = None
+        if isinstance(self.order, StreamOrder):
+            streams = [None] * self.job.world_size if self.job.is_rank0 else None
+            dist.gather_object(self.order.state(), streams, dst=0)
+            if not (self.parallel.sharded or self.job.is_rank0):
+                return self.checkpoints.path
         self.checkpoints.save(model=self.parallel.raw, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
                               segments=[*self.segments, segment(self.start_step, self.timer.phases(), [
-                                  asdict(e) for e in self.evaluations if e.step > self.start_step])])
+                                  asdict(e) for e in self.evaluations if e.step > self.start_step])],
+                              streams=streams)
         return self.checkpoints.path
 
     def fit(self, stop: StopSignal | None = None, judge: Judge | None = None) -> TrainOutcome:
@@ -329,16 +343,16 @@ class Trainer:
             self.first_step_at = time.time()
         if done == self.start_step + t.warmup_steps:
             self.parallel.end_warmup()
-        sharded, caught = self.parallel.sharded, stop.received if stop is not None else None
-        # a sharded checkpoint is every rank's: they agree at each finite check whether any caught the stop signal
-        # (Slurm signals every task, not at the same step), and save together; DDP's rank 0 saves alone, at once
-        signum = None if sharded else caught
+        together, caught = self.together, stop.received if stop is not None else None
+        # self.together: the ranks agree on the stop signal at each finite check and save together; otherwise
+        # DDP's rank 0 saves alone, at once
+        signum = None if together else caught
         if self.finite.due(done, self.order.total_steps):
-            bad, agreed = self.finite.check(caught if sharded else None)
+            bad, agreed = self.finite.check(caught if together else None)
             if bad is not None:
                 raise Diverged(bad)
-            signum = agreed if sharded else signum
-        checkpointing = sharded or job.is_rank0
+            signum = agreed if together else signum
+        checkpointing = together or job.is_rank0
         if checkpointing and signum:
             raise Interrupted(done, signum)
         if checkpointing and t.checkpoint_every and done % t.checkpoint_every == 0 and done < self.order.total_steps:
