@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,3 +330,27 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A memory cgroup of 1.5 GB (v1 or v2) under this process's own, to run a launch in; skipped where none can
+    be made."""
+    if os.geteuid() != 0:
+        pytest.skip("making a memory cgroup needs root")
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [x.split(":", 2)[2] for x in lines if ":memory:" in x]
+    base = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/") if v1 else \
+        Path("/sys/fs/cgroup") / [x.split(":", 2)[2] for x in lines if x.startswith("0::")][0].lstrip("/")
+    group = base / f"pipeline-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+        (group / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(1500 * 2**20))
+        if not v1:
+            (group / "memory.swap.max").write_text("0")
+    except OSError as e:
+        if group.exists():
+            group.rmdir()
+        pytest.skip(f"cannot make a memory cgroup here: {e}")
+    yield group
+    group.rmdir()

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -223,30 +222,6 @@ def test_a_stopped_rank_is_named_within_cluster_stopped_s_and_the_run_goes_on_wh
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 0 and said in out + err and "cluster.timeout_s=300 s" in out + err, out + err
     assert json.loads((run / "result.json").read_text())["status"] == "completed"
-
-
-@pytest.fixture
-def memory_cgroup():
-    """A memory cgroup of 1.5 GB (v1 or v2) under this process's own, to run a launch in; skipped where none can
-    be made."""
-    if os.geteuid() != 0:
-        pytest.skip("making a memory cgroup needs root")
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    v1 = [x.split(":", 2)[2] for x in lines if ":memory:" in x]
-    base = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/") if v1 else \
-        Path("/sys/fs/cgroup") / [x.split(":", 2)[2] for x in lines if x.startswith("0::")][0].lstrip("/")
-    group = base / f"pipeline-test-{uuid.uuid4().hex[:8]}"
-    try:
-        group.mkdir()
-        (group / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(1500 * 2**20))
-        if not v1:
-            (group / "memory.swap.max").write_text("0")
-    except OSError as e:
-        if group.exists():
-            group.rmdir()
-        pytest.skip(f"cannot make a memory cgroup here: {e}")
-    yield group
-    group.rmdir()
 
 
 @pytest.mark.e2e
