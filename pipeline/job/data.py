@@ -64,6 +64,12 @@ class Batch(NamedTuple):
     extra: dict
 
 
+def metadata(key: Any) -> bool:
+    """A mapping item's key that names where the sample came from, not data: WebDataset's `__key__` and `__url__`
+    (so Hugging Face's reader of tar shards names them). It does not reach the model."""
+    return isinstance(key, str) and key.startswith("__") and key.endswith("__")
+
+
 @dataclass(frozen=True)
 class ItemFormat:
     """What a dataset's items (and so its collated batches) are: `(input, target)` pairs, or mappings whose input
@@ -77,7 +83,7 @@ class ItemFormat:
         if isinstance(item, Mapping):
             keys = (self.input_key, self.target_key)
             return Batch(item[self.input_key], item[self.target_key],
-                         {k: v for k, v in item.items() if k not in keys})
+                         {k: v for k, v in item.items() if k not in keys and not metadata(k)})
         return Batch(item[0], item[1], {})
 
     def describe(self, item: Any, where: str) -> str:
@@ -88,7 +94,7 @@ class ItemFormat:
             if missing:
                 raise TypeError(f"{where}: item 0 is a mapping with keys {list(item)}, without {', '.join(missing)}; "
                                 "set io.input_key and io.target_key to the keys that hold the input and the target")
-            extra = [k for k in item if k not in (self.input_key, self.target_key)]
+            extra = [k for k in item if k not in (self.input_key, self.target_key) and not metadata(k)]
             return (f"mappings: {self.input_key} the input, {self.target_key} the targets"
                     + (f", {', '.join(extra)} passed to the model as keywords" if extra else ""))
         if isinstance(item, (tuple, list)) and len(item) == 2:
