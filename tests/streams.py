@@ -3,13 +3,19 @@ stream tests (tests/test_streams.py). Every item is a mapping: `x` the input, `l
 number, which the pipeline passes to the model as a keyword."""
 
 import glob
+import io
+import json
+import math
 import os
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Numbered(IterableDataset):
@@ -96,3 +102,49 @@ class NotingModel(torch.nn.Module):
         if self.training and self.delay_s:
             time.sleep(self.delay_s)
         return self.linear(x)
+
+
+CONFIGS = {
+    "model/noting.yaml": "_target_: tests.streams.NotingModel\nfeatures: 8\ndelay_s: 0.0\n",
+    "dataset/numbered.yaml": "_target_: tests.streams.Numbered\nn: 200\n",
+    # Hugging Face's streaming json reader, 4 shards: whole shards to each rank, shards split among its workers
+    "dataset/hf_stream.yaml": "_target_: datasets.load_dataset\npath: json\nstreaming: true\ndata_files:\n"
+                              "  train: {data}/hf/train-*.jsonl\n  test: {data}/hf/test.jsonl\n",
+    "dataset/shards.yaml": "_target_: tests.streams.ShardFiles\npattern: {data}/shards/*.f32\nfeatures: 1024\n",
+    # WebDataset's layout (a sample's files share a name: 000007.x.npy, 000007.label.cls), read by Hugging Face
+    "dataset/tar_shards.yaml": "_target_: datasets.load_dataset\npath: webdataset\nstreaming: true\ndata_files:\n"
+                               "  train: {data}/tar/train-*.tar\n",
+}
+
+
+def user_folder(root: Path) -> Path:
+    """A user's folder: config files (conf/) for the streams and the model, Hugging Face json shards (400 rows in
+    4 training shards, and a test file) and the same rows as WebDataset tar shards (data/tar)."""
+    for path, text in CONFIGS.items():
+        (root / "conf" / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / "conf" / path).write_text(text.replace("{data}", str(root / "data")))
+    hf = root / "data" / "hf"
+    hf.mkdir(parents=True)
+    for name, ids in [*((f"train-{s}", range(s * 100, (s + 1) * 100)) for s in range(4)), ("test", range(1000, 1060))]:
+        with open(hf / f"{name}.jsonl", "w") as f:
+            for i in ids:
+                f.write(json.dumps({"id": i, "x": [math.sin(i * (k + 1)) for k in range(8)], "label": i % 3}) + "\n")
+    (root / "data" / "tar").mkdir()
+    for s in range(4):
+        with tarfile.open(root / "data" / "tar" / f"train-{s}.tar", "w") as tar:
+            for i in range(s * 100, (s + 1) * 100):
+                x = io.BytesIO()
+                np.save(x, np.sin(np.arange(1, 9, dtype=np.float32) * i))
+                for name, data in (("x.npy", x.getvalue()), ("label.cls", str(i % 3).encode())):
+                    member = tarfile.TarInfo(f"{i:06d}.{name}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    return root
+
+
+def stream_env(user: Path, notes: Path) -> dict:
+    """A launch's environment: the tests' modules importable, the model's notes in `notes`, Hugging Face offline."""
+    notes.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_"))}
+    return {**base, "PYTHONPATH": str(REPO), "NOTES_DIR": str(notes), "HF_DATASETS_CACHE": str(user / "hf-cache"),
+            "HF_DATASETS_OFFLINE": "1"}

@@ -18,6 +18,7 @@ from pipeline.slurm import expand_hostlist
 from pipeline.launcher.slurm import sbatch_parameters
 from pipeline.rundir import Point, TrackedRuns
 from tests.conftest import CLUSTER, CLUSTER_SUBNET, REPO, MlflowServer, launch, start_launch
+from tests.streams import stream_env, user_folder
 
 FAST = ["trainer.log_every=1000", "dataset.train_size=2048", "dataset.test_size=512"]
 
@@ -300,6 +301,40 @@ def test_a_preempted_fsdp_job_resumes_to_the_same_parameters(slurm_cluster, tmp_
     assert uninterrupted.returncode == 0, said
     resumed, straight = (torch.load(d / "model.pt", weights_only=True) for d in (run_dir, tmp_path / "local"))
     assert resumed.keys() == straight.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+@pytest.mark.slurm
+def test_a_preempted_stream_resumes_to_the_same_samples_and_parameters(slurm_cluster, tmp_path, monkeypatch):
+    """A Hugging Face stream (json shards, 2 ranks x 2 DataLoader workers): USR2 mid-epoch, both ranks save their
+    positions with the checkpoint, submitit requeues, and the job takes the uninterrupted run's samples in its order
+    (the ids the model saw) to its weights, bitwise."""
+    user = user_folder(tmp_path / "user")
+    args = ["nodes=2", "model=noting", "model.delay_s=0.02", "dataset=hf_stream", "io.input_key=x",
+            "io.target_key=label", "trainer.batch_size=5", "loader.num_workers=2", "trainer.epochs=6",
+            "trainer.max_steps=1000", "trainer.warmup_steps=1", "trainer.log_every=10", "trainer.finite_check_every=2",
+            "trainer.tensorboard=false", "probe.enabled=false", f"hydra.searchpath=[file://{user / 'conf'}]"]
+    runs = {}
+    for name in ("slurm", "local"):
+        runs[name] = tmp_path / name
+        for key, value in stream_env(user, tmp_path / f"notes-{name}").items():
+            monkeypatch.setenv(key, value)  # sbatch passes the launch's environment on, as it does by default
+        if name == "slurm":
+            preempt_at(args, runs[name], "step 50/")
+        else:
+            uninterrupted = start_launch(*args, f"hydra.run.dir={runs[name]}", cwd=tmp_path)
+    out = wait(runs["slurm"])
+    assert "completed" in out and "requeued 1x" in out
+    rec = record(runs["slurm"])
+    assert rec["restart_count"] == 1 and 50 <= rec["resumed_from_step"] < rec["steps"] == 6 * 40
+    assert rec["loader"]["kind"] == "stream" and rec["steps_per_epoch"] == 40
+    _, said = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, said
+    for rank in (0, 1):
+        said = [(tmp_path / f"notes-{name}" / f"rank-{rank}.txt").read_text() for name in runs]
+        assert said[0] == said[1] and said[0].count("\n") == 6 * 40, rank
+    resumed, straight = (torch.load(d / "model.pt", weights_only=True) for d in runs.values())
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
 

@@ -4,8 +4,6 @@ relaunched takes the uninterrupted run's samples in its order and ends at its we
 larger than the memory the ranks may use trains in a memory cgroup with the peak memory of a small set; bad
 streams are refused. The same preemption on the real Slurm: tests/test_slurm.py."""
 
-import json
-import math
 import os
 import signal
 import subprocess
@@ -16,43 +14,16 @@ import pytest
 import torch
 
 from pipeline.result import Result
-from tests.conftest import REPO, wait_for_step
-from tests.streams import write_shards
+from tests.conftest import wait_for_step
+from tests.streams import stream_env as env
+from tests.streams import user_folder, write_shards
 
 COMMON = ["nodes=2", "model=noting", "io.input_key=x", "io.target_key=label", "trainer.batch_size=5",
           "loader.num_workers=2", "trainer.warmup_steps=1", "trainer.log_every=10", "trainer.tensorboard=false",
           "probe.enabled=false", "health.enabled=false", "trainer.finite_check_every=2"]
-CONFIGS = {
-    "model/noting.yaml": "_target_: tests.streams.NotingModel\nfeatures: 8\ndelay_s: 0.0\n",
-    "dataset/numbered.yaml": "_target_: tests.streams.Numbered\nn: 200\n",
-    # Hugging Face's streaming json reader, 4 shards: whole shards to each rank, shards split among its workers
-    "dataset/hf_stream.yaml": "_target_: datasets.load_dataset\npath: json\nstreaming: true\ndata_files:\n"
-                              "  train: {data}/hf/train-*.jsonl\n  test: {data}/hf/test.jsonl\n",
-    "dataset/shards.yaml": "_target_: tests.streams.ShardFiles\npattern: {data}/shards/*.f32\nfeatures: 1024\n",
-}
-
-
 @pytest.fixture(scope="module")
 def user(tmp_path_factory) -> Path:
-    """A user's folder: config files for the streams and the model, and Hugging Face json shards."""
-    root = tmp_path_factory.mktemp("stream-user")
-    for path, text in CONFIGS.items():
-        (root / "conf" / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / "conf" / path).write_text(text.replace("{data}", str(root / "data")))
-    hf = root / "data" / "hf"
-    hf.mkdir(parents=True)
-    for name, ids in [*((f"train-{s}", range(s * 100, (s + 1) * 100)) for s in range(4)), ("test", range(1000, 1060))]:
-        with open(hf / f"{name}.jsonl", "w") as f:
-            for i in ids:
-                f.write(json.dumps({"id": i, "x": [math.sin(i * (k + 1)) for k in range(8)], "label": i % 3}) + "\n")
-    return root
-
-
-def env(user: Path, notes: Path) -> dict:
-    notes.mkdir(parents=True, exist_ok=True)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_"))}
-    return {**base, "PYTHONPATH": str(REPO), "NOTES_DIR": str(notes), "HF_DATASETS_CACHE": str(user / "hf-cache"),
-            "HF_DATASETS_OFFLINE": "1"}
+    return user_folder(tmp_path_factory.mktemp("stream-user"))
 
 
 def command(user: Path, run_dir: Path, args: list[str]) -> list[str]:
@@ -135,6 +106,18 @@ def test_a_hugging_face_stream_resumes_mid_epoch_to_the_same_samples_and_weights
     assert 50 <= stopped["step"] < 120 and [s["epoch"] for s in stopped["streams"]] == [1, 1]
     assert again == ids
     assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(resumed).values()))
+
+
+@pytest.mark.e2e
+def test_webdataset_tar_shards_train_from_yaml_alone(user):
+    """Tar shards in WebDataset's layout through Hugging Face's reader: the input and target are the samples'
+    files by extension (io.*), the shard's name and the sample's key (`__url__`, `__key__`) stay out of the model."""
+    r, run_dir, _ = train(user, "tar", ["dataset=tar_shards", "io.input_key=x.npy", "io.target_key=label.cls",
+                                        "evaluate.enabled=false", "trainer.epochs=2", "trainer.max_steps=1000"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = Result.read(run_dir)
+    assert (rec.status, rec.steps, rec.steps_per_epoch, rec.loader.kind) == ("completed", 80, 40, "stream")
+    assert rec.io.batch == "mappings: x.npy the input, label.cls the targets"
 
 
 @pytest.mark.e2e
