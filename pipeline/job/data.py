@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_co
 
 from pipeline.config import LoaderConfig, target_of
 from pipeline.job.context import Job
-from pipeline.job.stream import Agreement, StreamLoader, StreamOrder, first_items, rank_share, stream_loader
+from pipeline.job.stream import Agreement, StreamLoader, StreamOrder, first_items, held_out_loader, rank_share
 from pipeline.result import FastPath, LoaderInfo
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,8 @@ def loader_info(kind: str, loader: LoaderConfig, pin: bool) -> LoaderInfo:
     if kind == "memory":
         return LoaderInfo(kind="memory", num_workers=0, pin_memory=pin, persistent_workers=False, prefetch_factor=None)
     return LoaderInfo(kind=kind, num_workers=loader.num_workers, pin_memory=pin,
-                      persistent_workers=loader.persistent_workers and kind == "dataloader",
+                      # a stream's workers persist whenever there are some (pipeline.job.stream.StreamLoader)
+                      persistent_workers=loader.num_workers > 0 if kind == "stream" else loader.persistent_workers,
                       prefetch_factor=loader.prefetch_factor if loader.prefetch_factor is not None
                       else (2 if loader.num_workers else None))
 
@@ -406,8 +407,7 @@ class Batches:
     def _held_out_stream(self, test: Any, limit: int) -> Iterator[Batch]:
         job, spec = self.job, self.spec
         share = rank_share(test, job.rank, job.world_size, self.data.shares_itself)
-        batches = iter(stream_loader(share, spec.size, job.run.loader, spec.pinned, spec.collate_fn or collate_rows,
-                                     self.worker_seed))
+        batches = iter(held_out_loader(share, spec.size, spec.pinned, spec.collate_fn or collate_rows))
         quota = -(-limit // job.world_size) if limit else None  # per rank
         taken = 0
         while True:

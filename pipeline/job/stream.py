@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -110,10 +110,12 @@ class StreamLoader:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
-        # persistent workers would keep the dataset they were given, and miss the next epoch's set_epoch
+        # the workers are forked once, before the ranks' agreements start on their gloo threads: forked again each
+        # epoch, a child was seen to hang in CPython's after-fork clean-up (a lock held by another thread)
         self.share = share
         self.loader = StatefulDataLoader(share, batch_size=size, drop_last=True, num_workers=loader.num_workers,
-                                         pin_memory=pinned, collate_fn=collate_fn, persistent_workers=False,
+                                         pin_memory=pinned, collate_fn=collate_fn,
+                                         persistent_workers=loader.num_workers > 0,
                                          generator=torch.Generator().manual_seed(worker_seed), **extra)
 
     def epoch(self, epoch: int) -> Iterator[Any]:
@@ -128,27 +130,34 @@ class StreamLoader:
         self.loader.load_state_dict(state)
 
 
-def stream_loader(share: Any, size: int, loader: LoaderConfig, pinned: bool, collate_fn,
-                  worker_seed: int) -> DataLoader:
-    """A plain DataLoader over a held-out stream's share: read once per evaluation, from its start."""
-    extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
-    return DataLoader(share, batch_size=size, num_workers=loader.num_workers, pin_memory=pinned, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(worker_seed), **extra)
+def held_out_loader(share: Any, size: int, pinned: bool, collate_fn) -> DataLoader:
+    """A plain DataLoader over a held-out stream's share, read once per evaluation from its start, in the rank's own
+    process: workers forked mid-training would meet the ranks' agreements' threads (see StreamLoader)."""
+    return DataLoader(share, batch_size=size, num_workers=0, pin_memory=pinned, collate_fn=collate_fn)
 
 
 class Agreement:
-    """The ranks agree, once a step, whether every one still has a batch: a MIN all-reduce of one flag on a gloo
-    group, on the CPU (an NCCL one would make every step wait for the GPU)."""
+    """The ranks agree whether every one still has a batch: a MIN all-reduce of one flag on a gloo group, on the
+    CPU (an NCCL one would make every step wait for the GPU), started without waiting (`start`) so that it runs
+    while a step computes."""
 
     def __init__(self, world_size: int):
         self.group = dist.new_group(backend="gloo") if world_size > 1 else None
 
-    def all_have(self, have: bool) -> bool:
+    def start(self, have: bool) -> Callable[[], bool]:
+        """The agreement under way; calling the result waits for it."""
         if self.group is None:
-            return have
+            return lambda: have
         flag = torch.tensor([1 if have else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+
+        def agreed() -> bool:
+            work.wait()
+            return bool(flag.item())
+        return agreed
+
+    def all_have(self, have: bool) -> bool:
+        return self.start(have)()
 
 
 class StreamOrder:
@@ -171,10 +180,12 @@ class StreamOrder:
         planned = self.steps_per_epoch * t.epochs if self.steps_per_epoch else t.max_steps
         self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
         self.agreement = agreement if self.steps_per_epoch is None else None
+        self.position: dict | None = None  # the loader's state after the last step taken (None: none taken yet)
 
     def state(self) -> dict:
+        """This rank's position after the steps taken (the loader itself is a step ahead: `steps`)."""
         return {"epoch": self.epoch, "into_epoch": self.into_epoch, "steps_per_epoch": self.steps_per_epoch,
-                "loader": self.loader.state_dict()}
+                "loader": self.position if self.position is not None else self.loader.state_dict()}
 
     def restore(self, states: list[dict] | None, step: int) -> None:
         """Resume at `step` from the checkpoint's positions (one per rank); none (a checkpoint without them, or of
@@ -193,23 +204,25 @@ class StreamOrder:
         self.loader.load_state_dict(mine["loader"])
 
     def steps(self, start: int, batches: Any) -> Iterator[tuple[int, int, list]]:
-        """(step, epoch, micro-batches) for every step from `start` to the last, on the device."""
+        """(step, epoch, micro-batches) for every step from `start` to the last, on the device. Each step's
+        batches are read, and the ranks' agreement that all have them started, while the step before computes;
+        the position a checkpoint keeps is the loader's after each step's batches, not after the next's."""
         step, fixed = start, self.agreement is None
         while step < self.total_steps and self.epoch < self.epochs:
             if fixed and self.into_epoch == self.steps_per_epoch:  # resumed at an epoch's last step
                 self.epoch, self.into_epoch = self.epoch + 1, 0
                 continue
-            source = (batches.to_device(b) for b in self.loader.epoch(self.epoch))
-            while step < self.total_steps and not (fixed and self.into_epoch == self.steps_per_epoch):
-                micro = list(itertools.islice(source, self.accum))
-                have = len(micro) == self.accum
-                if fixed and not have:
+            source = self.loader.epoch(self.epoch)
+            ahead = self._read(source)
+            while True:
+                micro, position, agreed = ahead
+                if fixed and len(micro) < self.accum:
                     raise ValueError(
                         f"rank {self.job.rank}: its share of the stream ended {self.into_epoch} steps into epoch "
                         f"{self.epoch}, before loader.epoch_samples={self.job.run.loader.epoch_samples} "
                         f"({self.steps_per_epoch} steps); lower it, or leave it null to end each epoch where the "
                         "stream ends")
-                if not fixed and not self.agreement.all_have(have):
+                if not fixed and not agreed():
                     if self.into_epoch == 0:
                         raise ValueError(f"rank {self.job.rank}: a rank's share of the stream holds no full step "
                                          f"of {self.accum} batch(es) of {self.job.run.micro_batch}: use fewer "
@@ -217,8 +230,19 @@ class StreamOrder:
                     if self.steps_per_epoch is None:
                         self.steps_per_epoch = self.into_epoch  # the record's: the first epoch's length
                     break
-                self.into_epoch += 1  # before the yield: a checkpoint at this step boundary counts the step
-                yield step, self.epoch, micro
+                self.into_epoch, self.position = self.into_epoch + 1, position
+                last = step + 1 == self.total_steps or (fixed and self.into_epoch == self.steps_per_epoch)
+                ahead = None if last else self._read(source)
+                yield step, self.epoch, [batches.to_device(b) for b in micro]
                 step += 1
+                if last:
+                    break
             if step < self.total_steps:
                 self.epoch, self.into_epoch = self.epoch + 1, 0
+
+    def _read(self, source: Iterator[Any]) -> tuple[list, dict, Callable[[], bool] | None]:
+        """The next step's micro-batches (fewer at the share's end), the loader's position after them, and the
+        ranks' agreement that all have a full step (none with loader.epoch_samples: the steps are counted)."""
+        micro = list(itertools.islice(source, self.accum))
+        agreed = self.agreement.start(len(micro) == self.accum) if self.agreement is not None else None
+        return micro, self.loader.state_dict(), agreed
