@@ -229,6 +229,9 @@ class IOConfig:
     loss_on: str = "logits"  # what loss._target_ is given: the logits, or the model's whole output as it returned it
     input_key: str = "input_ids"
     target_key: str = "labels"
+    # the other keys of a mapping item that go to the model as keywords; null: all of them (an attention mask); a
+    # list: only these, the rest (an id, a text column) left out
+    model_keys: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         check_choice("io.loss_on", self.loss_on, LOSS_ON)

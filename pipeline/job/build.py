@@ -246,7 +246,8 @@ def build_workload(run: RunConfig, rank: int, mark: Callable[[str], None], world
     torch.manual_seed(run.trainer.seed)
     splits = build_datasets(run, rank, world_size)
     train_set, test_set = splits.train, splits.test
-    items = ItemFormat(run.io.input_key, run.io.target_key)
+    items = ItemFormat(run.io.input_key, run.io.target_key,
+                       tuple(run.io.model_keys) if run.io.model_keys is not None else None)
     kind = check_datasets(train_set, test_set, target_of(run.dataset), rank, items, splits.stream)
     first = first_items(train_set, 2, splits.stream)
     mark("datasets")

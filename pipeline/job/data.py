@@ -78,12 +78,18 @@ class ItemFormat:
 
     input_key: str
     target_key: str
+    model_keys: tuple[str, ...] | None = None  # the other keys the model gets (io.model_keys); None: all
+
+    def keyword(self, key: Any) -> bool:
+        """Whether a mapping item's `key` goes to the model as a keyword."""
+        if key in (self.input_key, self.target_key) or metadata(key):
+            return False
+        return self.model_keys is None or key in self.model_keys
 
     def split(self, item: Any) -> Batch:
         if isinstance(item, Mapping):
-            keys = (self.input_key, self.target_key)
-            return Batch(item[self.input_key], item[self.target_key],
-                         {k: v for k, v in item.items() if k not in keys and not metadata(k)})
+            extra = {k: v for k, v in item.items() if self.keyword(k)}
+            return Batch(item[self.input_key], item[self.target_key], extra)
         return Batch(item[0], item[1], {})
 
     def describe(self, item: Any, where: str) -> str:
@@ -94,7 +100,11 @@ class ItemFormat:
             if missing:
                 raise TypeError(f"{where}: item 0 is a mapping with keys {list(item)}, without {', '.join(missing)}; "
                                 "set io.input_key and io.target_key to the keys that hold the input and the target")
-            extra = [k for k in item if k not in (self.input_key, self.target_key) and not metadata(k)]
+            unknown = [k for k in self.model_keys or () if k not in item]
+            if unknown:
+                raise TypeError(f"{where}: io.model_keys names {', '.join(unknown)}, which item 0 (keys {list(item)}) "
+                                "does not have")
+            extra = [k for k in item if self.keyword(k)]
             return (f"mappings: {self.input_key} the input, {self.target_key} the targets"
                     + (f", {', '.join(extra)} passed to the model as keywords" if extra else ""))
         if isinstance(item, (tuple, list)) and len(item) == 2:
