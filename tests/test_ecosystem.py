@@ -682,6 +682,15 @@ def test_items_that_are_neither_pairs_nor_mappings_with_the_keys_are_named():
         fmt.describe((1, 2, 3), "here")
     batch = fmt.split({"input_ids": 1, "labels": 2, "attention_mask": 3})
     assert (batch.inputs, batch.targets, batch.extra) == (1, 2, {"attention_mask": 3})
+    # io.model_keys: only the listed keys reach the model; WebDataset's __key__ and __url__ never do
+    row = {"input_ids": 1, "labels": 2, "attention_mask": 3, "id": 4, "__key__": "000004", "__url__": "a.tar"}
+    assert fmt.split(row).extra == {"attention_mask": 3, "id": 4}
+    only = ItemFormat("input_ids", "labels", ("attention_mask",))
+    assert only.split(row).extra == {"attention_mask": 3}
+    assert only.describe(row, "here") == ("mappings: input_ids the input, labels the targets, attention_mask passed "
+                                          "to the model as keywords")
+    with pytest.raises(TypeError, match=r"here: io.model_keys names token_type_ids, which item 0 \(keys"):
+        ItemFormat("input_ids", "labels", ("token_type_ids",)).describe(row, "here")
 
 
 def test_flops_are_counted_with_unused_parameters():
