@@ -13,9 +13,11 @@ every rank from its own share, with an exact resume.
   resume) and which worker's batch comes next. Every rank's position goes into the checkpoint at a step boundary,
   so a resumed run takes exactly the batches an uninterrupted one takes.
 - **Epochs.** loader.epoch_samples fixes an epoch's steps; null: an epoch ends at the first step some rank lacks a
-  full batch for, which the ranks agree on each step (one all-reduce of a flag on a gloo group: no GPU wait). The
-  samples past it in the other ranks' shares are not trained on that epoch, as drop_last drops a short batch.
-- **Memory.** Nothing here grows with the data: no index of the samples, only the loader's position.
+  full batch for, which the ranks agree on once every LOOKAHEAD steps, read ahead (one all-reduce of a count on a
+  gloo group: no GPU wait). The samples past it in the other ranks' shares are not trained on that epoch, as
+  drop_last drops a short batch.
+- **Memory.** Nothing here grows with the data: no index of the samples, only the loader's position and the
+  LOOKAHEAD steps' batches read ahead.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,13 @@ from pipeline.job.context import Job
 from pipeline.targets import first_of
 
 log = logging.getLogger(__name__)
+# steps read ahead of training, on which the ranks agree at once (loader.epoch_samples null): one all-reduce per
+# LOOKAHEAD steps, for LOOKAHEAD steps' batches held in the rank's memory
+LOOKAHEAD = 4
+# a worker sends its stream's state with every this many batches (torchdata's default: every one); a position between
+# them is the last state plus the batches since, which a resume reads again and skips. Every batch cost 9% of the
+# seed MLP's throughput on 2 ranks (benchmarks/stream_loader.py)
+SNAPSHOT_EVERY = 16
 # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates; nothing for a user to act on
 warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
 
@@ -116,6 +125,7 @@ class StreamLoader:
         self.loader = StatefulDataLoader(share, batch_size=size, drop_last=True, num_workers=loader.num_workers,
                                          pin_memory=pinned, collate_fn=collate_fn,
                                          persistent_workers=loader.num_workers > 0,
+                                         snapshot_every_n_steps=SNAPSHOT_EVERY,
                                          generator=torch.Generator().manual_seed(worker_seed), **extra)
 
     def epoch(self, epoch: int) -> Iterator[Any]:
@@ -137,27 +147,21 @@ def held_out_loader(share: Any, size: int, pinned: bool, collate_fn) -> DataLoad
 
 
 class Agreement:
-    """The ranks agree whether every one still has a batch: a MIN all-reduce of one flag on a gloo group, on the
-    CPU (an NCCL one would make every step wait for the GPU), started without waiting (`start`) so that it runs
-    while a step computes."""
+    """The ranks agree on the least of a count they each have (full steps, batches): a MIN all-reduce of one integer
+    on a gloo group, on the CPU (an NCCL one would make the step wait for the GPU)."""
 
     def __init__(self, world_size: int):
         self.group = dist.new_group(backend="gloo") if world_size > 1 else None
 
-    def start(self, have: bool) -> Callable[[], bool]:
-        """The agreement under way; calling the result waits for it."""
+    def least(self, count: int) -> int:
         if self.group is None:
-            return lambda: have
-        flag = torch.tensor([1 if have else 0], dtype=torch.int32)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
-
-        def agreed() -> bool:
-            work.wait()
-            return bool(flag.item())
-        return agreed
+            return count
+        value = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return int(value.item())
 
     def all_have(self, have: bool) -> bool:
-        return self.start(have)()
+        return bool(self.least(1 if have else 0))
 
 
 class StreamOrder:
@@ -171,20 +175,26 @@ class StreamOrder:
         self.job, self.loader, self.accum = job, loader, run.accum_steps
         self.epochs, self.epoch, self.into_epoch = t.epochs, 0, 0
         samples = run.loader.epoch_samples
-        self.steps_per_epoch: int | None = None
+        self.counted: int | None = None  # an epoch's steps, from loader.epoch_samples
+        self.found: int | None = None  # else the first epoch's, once its end is found
         if samples is not None:
-            self.steps_per_epoch = samples // (run.per_rank_batch * job.world_size)
-            if self.steps_per_epoch == 0:
+            self.counted = samples // (run.per_rank_batch * job.world_size)
+            if self.counted == 0:
                 raise ValueError(f"loader.epoch_samples={samples} is fewer than one global batch of "
                                  f"{run.per_rank_batch * job.world_size} samples; raise it, or lower the batch")
-        planned = self.steps_per_epoch * t.epochs if self.steps_per_epoch else t.max_steps
+        planned = self.counted * t.epochs if self.counted else t.max_steps
         self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
-        self.agreement = agreement if self.steps_per_epoch is None else None
+        self.agreement = agreement if self.counted is None else None
         self.position: dict | None = None  # the loader's state after the last step taken (None: none taken yet)
 
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """The record's: counted, or the first epoch's once found (None until then)."""
+        return self.counted or self.found
+
     def state(self) -> dict:
-        """This rank's position after the steps taken (the loader itself is a step ahead: `steps`)."""
-        return {"epoch": self.epoch, "into_epoch": self.into_epoch, "steps_per_epoch": self.steps_per_epoch,
+        """This rank's position after the steps taken (the loader itself may be steps ahead: `steps`)."""
+        return {"epoch": self.epoch, "into_epoch": self.into_epoch, "found": self.found,
                 "loader": self.position if self.position is not None else self.loader.state_dict()}
 
     def restore(self, states: list[dict] | None, step: int) -> None:
@@ -198,51 +208,56 @@ class StreamOrder:
                         "none" if states is None else f"it has {len(states)}", step)
             return
         mine = states[self.job.rank]
-        self.epoch, self.into_epoch = mine["epoch"], mine["into_epoch"]
-        if self.steps_per_epoch is None:
-            self.steps_per_epoch = mine["steps_per_epoch"]  # the first epoch's end, found before the checkpoint
+        self.epoch, self.into_epoch, self.found = mine["epoch"], mine["into_epoch"], mine["found"]
         self.loader.load_state_dict(mine["loader"])
 
     def steps(self, start: int, batches: Any) -> Iterator[tuple[int, int, list]]:
-        """(step, epoch, micro-batches) for every step from `start` to the last, on the device. Each step's
-        batches are read, and the ranks' agreement that all have them started, while the step before computes;
-        the position a checkpoint keeps is the loader's after each step's batches, not after the next's."""
-        step, fixed = start, self.agreement is None
+        """(step, epoch, micro-batches) for every step from `start` to the last, on the device. The steps are read
+        LOOKAHEAD at a time, and the ranks agree once on how many of them all have in full (loader.epoch_samples
+        null): fewer ends the epoch after them, at the same step whatever the window's alignment, so a resumed run
+        ends its epochs where an uninterrupted one does. The position a checkpoint keeps is the loader's after each
+        step's own batches."""
+        step = start
         while step < self.total_steps and self.epoch < self.epochs:
-            if fixed and self.into_epoch == self.steps_per_epoch:  # resumed at an epoch's last step
+            if self.into_epoch == self.counted:  # resumed at a counted epoch's last step
                 self.epoch, self.into_epoch = self.epoch + 1, 0
                 continue
-            source = self.loader.epoch(self.epoch)
-            ahead = self._read(source)
-            while True:
-                micro, position, agreed = ahead
-                if fixed and len(micro) < self.accum:
-                    raise ValueError(
-                        f"rank {self.job.rank}: its share of the stream ended {self.into_epoch} steps into epoch "
-                        f"{self.epoch}, before loader.epoch_samples={self.job.run.loader.epoch_samples} "
-                        f"({self.steps_per_epoch} steps); lower it, or leave it null to end each epoch where the "
-                        "stream ends")
-                if not fixed and not agreed():
-                    if self.into_epoch == 0:
-                        raise ValueError(f"rank {self.job.rank}: a rank's share of the stream holds no full step "
-                                         f"of {self.accum} batch(es) of {self.job.run.micro_batch}: use fewer "
-                                         "ranks or DataLoader workers, a smaller batch, or more data")
-                    if self.steps_per_epoch is None:
-                        self.steps_per_epoch = self.into_epoch  # the record's: the first epoch's length
-                    break
-                self.into_epoch, self.position = self.into_epoch + 1, position
-                last = step + 1 == self.total_steps or (fixed and self.into_epoch == self.steps_per_epoch)
-                ahead = None if last else self._read(source)
-                yield step, self.epoch, [batches.to_device(b) for b in micro]
-                step += 1
-                if last:
-                    break
-            if step < self.total_steps:
+            source, ends = self.loader.epoch(self.epoch), False
+            while not ends and step < self.total_steps and self.into_epoch != self.counted:
+                window, ends = self._window(source, step)
+                for micro, position in window:
+                    self.into_epoch, self.position = self.into_epoch + 1, position
+                    yield step, self.epoch, [batches.to_device(b) for b in micro]
+                    step += 1
+            if ends and self.found is None:
+                self.found = self.into_epoch
+            if step < self.total_steps or ends:
                 self.epoch, self.into_epoch = self.epoch + 1, 0
 
-    def _read(self, source: Iterator[Any]) -> tuple[list, dict, Callable[[], bool] | None]:
-        """The next step's micro-batches (fewer at the share's end), the loader's position after them, and the
-        ranks' agreement that all have a full step (none with loader.epoch_samples: the steps are counted)."""
-        micro = list(itertools.islice(source, self.accum))
-        agreed = self.agreement.start(len(micro) == self.accum) if self.agreement is not None else None
-        return micro, self.loader.state_dict(), agreed
+    def _window(self, source: Iterator[Any], step: int) -> tuple[list[tuple[list, dict]], bool]:
+        """The next steps' micro-batches, each with the loader's position after it, as many as every rank has in
+        full (at most LOOKAHEAD, none past the run's or a counted epoch's end); and whether the epoch ends after
+        them."""
+        room = self.total_steps - step
+        if self.counted is not None:
+            room = min(room, self.counted - self.into_epoch)
+        window = []
+        for _ in range(min(LOOKAHEAD, room)):
+            micro = list(itertools.islice(source, self.accum))
+            if len(micro) < self.accum:
+                break
+            window.append((micro, self.loader.state_dict()))
+        if self.agreement is None:
+            if len(window) < min(LOOKAHEAD, room):
+                raise ValueError(
+                    f"rank {self.job.rank}: its share of the stream ended {self.into_epoch + len(window)} steps into "
+                    f"epoch {self.epoch}, before loader.epoch_samples={self.job.run.loader.epoch_samples} "
+                    f"({self.counted} steps); lower it, or leave it null to end each epoch where the stream "
+                    "ends")
+            return window, False
+        agreed = self.agreement.least(len(window))
+        if agreed == 0 and self.into_epoch == 0:
+            raise ValueError(f"rank {self.job.rank}: a rank's share of the stream holds no full step of "
+                             f"{self.accum} batch(es) of {self.job.run.micro_batch}: use fewer ranks or DataLoader "
+                             "workers, a smaller batch, or more data")
+        return window[:agreed], agreed < min(LOOKAHEAD, room)
