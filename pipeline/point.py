@@ -8,12 +8,14 @@ these steps after composing, as the launch does.
 from __future__ import annotations
 
 import functools
+import logging
 import platform
 import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
@@ -25,9 +27,11 @@ from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check
                              register_configs, to_plain)
 from pipeline.rundir import GitInfo, Point, utc_now
 from pipeline.runlock import claim, keep_until_exit
-from pipeline.slurm import check_script_text
+from pipeline.slurm import check_script_text, mem_bytes
 from pipeline.targets import BuildError, build_datasets, built_at_launch
 from pipeline.tracking.trackers import check_tracking
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +50,43 @@ class PlannedPoint:
         return to_plain(self.run)
 
 
+def host_memory_bytes() -> int | None:
+    """This host's memory (MemTotal), or None where /proc/meminfo cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def rank_memory(run: RunConfig) -> tuple[int, str] | None:
+    """The memory one rank may use, and where that figure comes from: on Slurm, cluster.mem over the node's ranks;
+    in local debug mode, this host's over all the ranks it runs; None where unknown (Slurm without cluster.mem)."""
+    c = run.cluster
+    if c.kind == "slurm":
+        if c.mem is None:
+            return None
+        return mem_bytes(c.mem) // c.tasks_per_node, f"cluster.mem={c.mem} over {c.tasks_per_node} rank(s) a node"
+    total = host_memory_bytes()
+    return (total // run.world_size, f"this host's {total / 2**30:.1f} GiB over {run.world_size} rank(s)") if total \
+        else None
+
+
+def warn_batch_memory(run: RunConfig, train: Any) -> None:
+    """A token model's logits for one micro-batch (micro-batch x seq_len x vocab_size, fp32, and as much again for
+    their gradient) against the memory a rank may use: warned about at launch, with the figures (a 50,257-token
+    vocabulary at 1,024 positions killed both ranks of a test for memory, with nothing said)."""
+    vocab, seq_len, limit = getattr(train, "vocab_size", None), getattr(train, "seq_len", None), rank_memory(run)
+    if not (isinstance(vocab, int) and isinstance(seq_len, int) and limit):
+        return
+    logits = run.micro_batch * seq_len * vocab * 4
+    if 2 * logits > limit[0]:
+        log.warning("a micro-batch's logits take %.1f GiB (%d samples x %d positions x %d tokens x 4 bytes), and as "
+                    "much again their gradient: more than the %.1f GiB a rank may use (%s); lower trainer.batch_size "
+                    "(or raise grad_accum_steps), dataset.seq_len, or dataset.vocab_size", logits / 2**30,
+                    run.micro_batch, seq_len, vocab, limit[0] / 2**30, limit[1])
+
+
 def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     """Type and check one point's config, the built-in datasets' files included (constructing them checks their
     files, importing no torch: the job's own build step, pipeline.targets; so are Hugging Face's `datasets` (their
@@ -57,9 +98,10 @@ def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     check_tracking(run.tracking)
     if not isinstance(run.dataset, dict) or built_at_launch(run.dataset):
         try:
-            build_datasets(run, rank=None)
+            splits = build_datasets(run, rank=None)
         except BuildError as e:  # Hugging Face's: a file that is not there, a format it cannot read
             raise ConfigError(str(e)) from None
+        warn_batch_memory(run, splits.train)
     return run
 
 

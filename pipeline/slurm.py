@@ -34,6 +34,13 @@ _SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]]+$")
 _SAFE_TEXT = "letters, digits and _ . , : @ % + = / - [ ]"
 _SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]&|()*!]+$")
 _MEM = re.compile(r"^[0-9]+[KMGT]?B?$")
+
+
+def mem_bytes(mem: str) -> int:
+    """sbatch --mem in bytes: a number with an optional unit, K, M (the default), G or T."""
+    digits = mem.rstrip("B").rstrip("KMGT")
+    unit = mem.rstrip("B")[len(digits):] or "M"
+    return int(digits) * 1024 ** "KMGT".index(unit) * 1024
 _OPTION = re.compile(r"^[a-z][a-z0-9-]+$")  # a long option's name (single letters are short options' aliases)
 # options the pipeline sets itself from the config; sbatch_extra may not override them
 _OWN = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition", "account", "qos",

@@ -145,3 +145,24 @@ def test_byte_text_reads_python_sources_with_a_held_out_tail(tmp_path):
     assert set(np.unique(test.arrays()[0])) == {ord("y")}
     stdlib = ByteText(None, seq_len=64, max_bytes=50_000, test_share=0.1)
     assert len(stdlib) == int(50_000 * 0.9 - 1) // 64 and stdlib.files()[0].suffix == ".py"
+
+
+def test_a_batch_whose_logits_outgrow_a_ranks_memory_is_warned_about_at_launch(compose_cfg, caplog):
+    """The issue's case: a 50,257-token vocabulary at 1,024 positions, 64 samples a rank (13.2 GB of fp32 logits),
+    said with the figures and where the rank's memory comes from; a batch that fits says nothing."""
+    from pipeline.point import prepare_run, rank_memory
+    from pipeline.slurm import mem_bytes
+
+    big = ["dataset=synthetic_tokens", "model=gpt_tiny", "dataset.vocab_size=50257", "dataset.seq_len=1024",
+           "model.context_length=1024", "dataset.train_size=512", "dataset.test_size=8", "trainer.warmup_steps=0",
+           "nodes=2"]
+    run = prepare_run(compose_cfg(*big))
+    assert "a micro-batch's logits take 12.3 GiB (64 samples x 1024 positions x 50257 tokens x 4 bytes), and as " \
+        "much again their gradient: more than the" in caplog.text and "GiB over 2 rank(s)); lower" in caplog.text
+    caplog.clear()
+    prepare_run(compose_cfg(*big, "trainer.batch_size=1"))
+    assert not caplog.records
+    assert mem_bytes("16G") == 16 * 2**30 and mem_bytes("4000") == 4000 * 2**20 and mem_bytes("1TB") == 2**40
+    slurm = prepare_run(compose_cfg(*big, "cluster=slurm", "cluster.mem=64G", "cluster.tasks_per_node=4"))
+    assert rank_memory(slurm) == (16 * 2**30, "cluster.mem=64G over 4 rank(s) a node") and rank_memory(run)[0] > 0
+    assert rank_memory(prepare_run(compose_cfg(*big, "cluster=slurm"))) is None  # no --mem: unknown

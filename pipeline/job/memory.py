@@ -18,6 +18,7 @@ import resource
 
 import torch
 
+from pipeline.point import host_memory_bytes
 from pipeline.result import Memory
 
 # Linux counts ru_maxrss in KiB
@@ -35,12 +36,8 @@ def resident_bytes() -> int | None:
 
 def host_share(processes_on_host: int) -> int | None:
     """A CPU rank's share of its host's memory (MemTotal / the ranks on the host), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        return total // max(1, processes_on_host)
-    except (OSError, ValueError, StopIteration):
-        return None
+    total = host_memory_bytes()
+    return total // max(1, processes_on_host) if total else None
 
 
 def _local(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
