@@ -744,7 +744,9 @@ def check_resume_from(run: RunConfig) -> None:
             raise ConfigError(f"trainer.resume_from={path} is a folder without {CHECKSUMS_NAME}: not a whole sharded "
                               f"checkpoint (give a run folder's {SHARDED_CHECKPOINT_NAME} or checkpoint.pt)")
     elif not os.path.isfile(path):
-        raise ConfigError(f"trainer.resume_from={path} does not exist; give a run folder's {SHARDED_CHECKPOINT_NAME} "
+        # a FIFO, socket or device is not opened: reading a FIFO would wait for a writer forever
+        what = "is not a regular file (a FIFO, a socket or a device)" if os.path.exists(path) else "does not exist"
+        raise ConfigError(f"trainer.resume_from={path} {what}; give a run folder's {SHARDED_CHECKPOINT_NAME} "
                           "(a sharded run's) or checkpoint.pt (a DDP run's)")
     elif run.parallel.kind != "ddp":
         raise ConfigError(f"trainer.resume_from={path} is a DDP checkpoint file, which parallel={run.parallel.kind} "

@@ -105,6 +105,9 @@ def test_the_parallel_group_and_its_mesh(compose_cfg):
 def test_a_resume_from_that_is_not_a_checkpoint_is_refused(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="trainer.resume_from=.*does not exist"):
         prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / 'nothing'}"))
+    os.mkfifo(tmp_path / "fifo.pt")  # never opened: reading it would wait for a writer forever
+    with pytest.raises(ConfigError, match=r"fifo.pt is not a regular file \(a FIFO, a socket or a device\)"):
+        prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / 'fifo.pt'}"))
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     with pytest.raises(ConfigError, match="a DDP checkpoint file, which parallel=fsdp cannot load"):
         prepare_run(compose_cfg("parallel=fsdp", f"trainer.resume_from={tmp_path / 'checkpoint.pt'}"))
