@@ -19,6 +19,7 @@ import inspect
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from hydra.utils import instantiate
@@ -53,7 +54,7 @@ def located(key: str, node: Any, rank: int | None) -> Any:
         return obj
     except Exception as e:
         raise BuildError(f"{key}._target_={target} could not be imported {where(rank)}: {type(e).__name__}: "
-                         f"{e}") from e
+                         f"{e}{caused_by(e)}") from e
 
 
 def asks_for(key: str, node: Any, rank: int | None, names: tuple[str, ...]) -> set[str]:
@@ -106,7 +107,20 @@ def reported(key: str, node: Any, rank: int | None, make: Callable[[], Any]) -> 
         # Hugging Face's readers end with a bare StopIteration where the files hold no row
         said = str(cause) or ("the data holds no rows (empty files?)" if isinstance(cause, StopIteration) else "")
         raise BuildError(f"{key}._target_={target_of(node)} could not be built {where(rank)}: "
-                         f"{type(cause).__name__}: {said}") from e
+                         f"{type(cause).__name__}: {said}{caused_by(cause)}") from e
+
+
+def caused_by(e: BaseException) -> str:
+    """The innermost exception under `e` (its causes and the exceptions it was raised while handling), in words,
+    when it is not `e`: a library's wrapper (Hugging Face's DatasetGenerationError, transformers' "Could not
+    import module") hides what went wrong beneath it."""
+    inner, seen = e, {id(e)}
+    while (nxt := inner.__cause__ or inner.__context__) is not None and id(nxt) not in seen:
+        inner = nxt
+        seen.add(id(inner))
+    if inner is e:
+        return ""
+    return f" (caused by {type(inner).__name__}: {str(inner).strip()[:300]})"
 
 
 def _prepared(key: str, node: Any, rank: int | None, facts: dict | None) -> Any:
@@ -193,6 +207,7 @@ def build_datasets(run: RunConfig, rank: int | None, world_size: int | None = No
     share = {"rank": rank, "world_size": world_size} if rank is not None and {"rank", "world_size"} <= asks and \
         not (given(node, "rank") or given(node, "world_size")) else {}
     train = build("dataset", node, rank, **own, **share)
+    check_field_types(node, train)
     stream = is_stream(train)
     if stream:
         check_stream(run, train)
@@ -226,13 +241,33 @@ def check_data_files(node: dict) -> None:
     matches a file (their own message for none, in streaming, is a bare StopIteration)."""
     import glob
 
+    from pipeline.rundir import special_kind
+
     files = node.get("data_files")
     by_split = files.items() if isinstance(files, dict) else [(None, files)]
     for split, patterns in by_split:
         for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
-            if isinstance(pattern, str) and "://" not in pattern and not glob.glob(pattern, recursive=True):
-                key = "dataset.data_files" + (f".{split}" if split is not None else "")
+            if not isinstance(pattern, str) or "://" in pattern:
+                continue
+            key = "dataset.data_files" + (f".{split}" if split is not None else "")
+            matched = glob.glob(pattern, recursive=True)
+            if not matched:
                 raise ConfigError(f"{key}={pattern!r} matches no file (from {os.getcwd()})")
+            for path in matched:  # reading a FIFO would wait for a writer forever
+                kind = special_kind(Path(path))
+                if kind is not None and kind != "a folder":  # Hugging Face reads a folder's files
+                    raise ConfigError(f"{key}={pattern!r}: {path} is {kind}, not a file")
+
+
+def check_field_types(node: Any, dataset: Any) -> None:
+    """Hugging Face's datasets type a field whose rows differ in type (a list in one, a string in another) as Json,
+    which no collate can make a tensor of: refused where the dataset is built, naming the field."""
+    features = getattr(dataset, "features", None)
+    mixed = [name for name, f in (features or {}).items() if type(f).__name__ == "Json"] \
+        if isinstance(features, dict) else []
+    if mixed:
+        raise ConfigError(f"dataset._target_={target_of(node)}: the rows' field {mixed[0]!r} differs in type from "
+                          "row to row (Hugging Face's reader typed it Json); give every row's field one type")
 
 
 def check_stream(run: RunConfig, train: Any) -> None:
