@@ -31,6 +31,15 @@ def test_overhead(flags, compared, rows):
         assert re.search(rf"^{row} +median ratio {re.escape(compared)}: \d+\.\d{{3}}", out, re.M), out
 
 
+def test_stream_loader():
+    """The three data paths once each, one rank, the MLP row."""
+    out = bench("benchmarks/stream_loader.py", "--workload", "mlp", "--steps", "25", "--repeats", "1", "--ranks", "1")
+    assert re.search(r"repeat 1: memory +\d+\.\d samples/s \(\d+ MiB\) +dataloader +\d+\.\d samples/s \(\d+ MiB\) +"
+                     r"stream +\d+\.\d samples/s", out), out
+    assert re.search(r"stream/memory: median \d\.\d{3}", out) and re.search(r"stream/dataloader: median \d\.\d{3}",
+                                                                          out), out
+
+
 def test_step_costs():
     out = bench("benchmarks/step_costs.py", "--steps", "60", "--repeats", "1")
     assert re.search(r"all additions: [+-]\d+\.\d us/step", out) and out.count("us/step") == 9, out

@@ -272,8 +272,14 @@ def test_a_held_out_set_that_is_the_training_data_or_missing_is_refused_at_launc
         "split" in r.stderr and "evaluate.holdout=0.1" in r.stderr and "Traceback" not in r.stderr, r.stderr
     two, _ = commands("mlp")
     r, _ = run(user_folder, "hf-no-file", [*two, "dataset.data_files.train=data/rows/nowhere.jsonl"], timeout=120)
-    assert r.returncode == 2 and "dataset._target_=datasets.load_dataset could not be built at launch: " \
-        "FileNotFoundError" in r.stderr and "nowhere.jsonl" in r.stderr, r.stderr
+    assert r.returncode == 2 and "dataset.data_files.train='data/rows/nowhere.jsonl' matches no file" in r.stderr, \
+        r.stderr
+    # rows whose field changes type (a list, then a string): Hugging Face types it Json, which nothing collates
+    (user_folder / "data/rows/mixed.jsonl").write_text('{"features": [1.0, 2.0], "label": 0}\n'
+                                                       '{"features": "x", "label": 1}\n')
+    r, _ = run(user_folder, "hf-mixed", [*two, "dataset.data_files.train=data/rows/mixed.jsonl"], timeout=120)
+    assert r.returncode == 2 and "the rows' field 'features' differs in type from row to row" in r.stderr and \
+        "Traceback" not in r.stderr, r.stderr
     # Dataset.from_dict takes `split` as a mere label: its "test" set would be the training rows
     same = ["model=mlp", "dataset=hf_rows", "dataset._target_=datasets.Dataset.from_dict", "~dataset.path",
             "~dataset.data_files", "+dataset.mapping={features:[[1.0,2.0],[3.0,4.0]],label:[0,1]}",
@@ -668,6 +674,23 @@ def test_dataset_values_reach_any_config_node():
     with pytest.raises(BuildError, match=r"model.config.v=\$\{from_dataset:vocab_size\}: the train dataset has no "
                                          r"vocab_size \(it has: input_shape, num_classes\)"):
         with_dataset_values("model", {"config": {"v": "${from_dataset:vocab_size}"}}, facts)
+
+
+def test_a_build_error_shows_the_innermost_cause():
+    """A library's wrapper (transformers' "Could not import module", Hugging Face's DatasetGenerationError) is
+    shown with what went wrong beneath it."""
+    from pipeline.targets import BuildError, reported
+
+    def make():
+        try:
+            raise ModuleNotFoundError("No module named 'torchvision.ops'")
+        except ModuleNotFoundError as e:
+            raise RuntimeError("Could not import module 'GPT2LMHeadModel'") from e
+
+    with pytest.raises(BuildError, match=r"model._target_=x.Y could not be built at launch: RuntimeError: Could not "
+                                         r"import module 'GPT2LMHeadModel' \(caused by ModuleNotFoundError: No module "
+                                         r"named 'torchvision.ops'\)$"):
+        reported("model", {"_target_": "x.Y"}, None, make)
 
 
 def test_items_that_are_neither_pairs_nor_mappings_with_the_keys_are_named():

@@ -5,6 +5,7 @@ larger than the memory the ranks may use trains in a memory cgroup with the peak
 streams are refused. The same preemption on the real Slurm: tests/test_slurm.py."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.result import Result
-from tests.conftest import wait_for_step
+from tests.conftest import REPO, wait_for_step
 from tests.streams import stream_env as env
 from tests.streams import user_folder, write_shards
 
@@ -109,6 +110,27 @@ def test_a_hugging_face_stream_resumes_mid_epoch_to_the_same_samples_and_weights
 
 
 @pytest.mark.e2e
+def test_the_docs_stream_recipe_trains_as_written(user):
+    """docs/your-model.md's Hugging Face stream: its config file and its command, run in the user's folder (its
+    data/shards), shortened to 40 steps."""
+    doc = (REPO / "docs" / "your-model.md").read_text()
+    section = doc[doc.index("## Streams: data larger than memory"):doc.index("## How it is evaluated")]
+    (path, yaml), = re.findall(r"```yaml\n# myconf/(\S+)\n(.*?)```", section, re.S)
+    (line,) = re.findall(r"```bash\n(python -m pipeline.launch .*?)\n```", section, re.S)
+    (user / "myconf" / path).parent.mkdir(parents=True, exist_ok=True)
+    (user / "myconf" / path).write_text(yaml)
+    run_dir = user / "runs" / "docs"
+    r = subprocess.run([sys.executable, *line.split()[1:], "trainer.max_steps=40", "trainer.warmup_steps=2",
+                        "trainer.tensorboard=false", f"hydra.searchpath=[file://{user / 'myconf'}]",
+                        f"hydra.run.dir={run_dir}"], cwd=user, env=env(user, user / "notes" / "docs"), text=True,
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = Result.read(run_dir)
+    assert (rec.status, rec.steps, rec.loader.kind, rec.loader.num_workers) == ("completed", 40, "stream", 2)
+    assert rec.evaluation.split == "the dataset built with split='test'" and rec.evaluation.samples == 60
+
+
+@pytest.mark.e2e
 def test_webdataset_tar_shards_train_from_yaml_alone(user):
     """Tar shards in WebDataset's layout through Hugging Face's reader: the input and target are the samples'
     files by extension (io.*), the shard's name and the sample's key (`__url__`, `__key__`) stay out of the model."""
@@ -127,7 +149,7 @@ def test_a_stream_larger_than_memory_trains_in_a_memory_cgroup_with_a_small_ones
     within 64 MiB of a run over 32 MB of the same shards."""
     peaks = {}
     for name, rows in (("small", 1_000), ("large", 96_000)):
-        write_shards(user / "data" / "shards", shards=8, rows=rows, features=1024)
+        write_shards(user / "data" / "f32", shards=8, rows=rows, features=1024)
         steps = 4 * rows // 1024  # a rank's 4 shards in batches of 1024
         args = ["dataset=shards", "model.features=1024", "trainer.batch_size=1024", "loader.num_workers=0",
                 f"loader.epoch_samples={steps * 2048}", "trainer.epochs=1", "evaluate.enabled=false",
@@ -138,7 +160,7 @@ def test_a_stream_larger_than_memory_trains_in_a_memory_cgroup_with_a_small_ones
         rec = Result.read(run_dir)
         assert rec.status == "completed" and rec.steps == steps
         peaks[name] = max(x.memory.peak_bytes for x in rec.ranks)
-    assert sum(p.stat().st_size for p in (user / "data" / "shards").iterdir()) > 2 * 1500 * 2**20
+    assert sum(p.stat().st_size for p in (user / "data" / "f32").iterdir()) > 2 * 1500 * 2**20
     assert peaks["large"] - peaks["small"] < 64 * 2**20, peaks
 
 
@@ -146,17 +168,20 @@ def test_a_stream_larger_than_memory_trains_in_a_memory_cgroup_with_a_small_ones
 def test_bad_streams_are_refused_at_launch_or_named_by_the_rank(user):
     empty = user / "data" / "empty.jsonl"
     empty.write_text("")
+    os.mkfifo(user / "data" / "fifo.jsonl")  # reading it would wait for a writer forever
     refused = [
         (["dataset.data_files.train=data/nowhere/*.jsonl"],
          "dataset.data_files.train='data/nowhere/*.jsonl' matches no file"),
         ([f"dataset.data_files.train={empty}"], "could not be built at launch: StopIteration: the data holds no rows"),
+        (["dataset.data_files.train=data/fifo.jsonl"], "dataset.data_files.train='data/fifo.jsonl': data/fifo.jsonl "
+                                                        "is a FIFO, not a file"),
         (["evaluate.holdout=0.1"], "evaluate.holdout=0.1: dataset._target_=datasets.load_dataset is a stream, whose "
                                    "rows cannot be held out by index"),
         (["trainer.max_steps=0"], "is a stream, with no length to plan the run by: set trainer.max_steps, or "
                                   "loader.epoch_samples"),
     ]
     for args, said in refused:
-        r, run_dir, _ = train(user, "bad", ["dataset=hf_stream", "trainer.max_steps=20", *args])
+        r, run_dir, _ = train(user, "bad", ["dataset=hf_stream", "trainer.max_steps=20", *args], timeout=120)
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert {p.name for p in run_dir.iterdir()} <= {"launch.log"}  # Hydra's log of the launch, nothing else
     r, _, _ = train(user, "indexed", ["model=mlp", "loader.epoch_samples=64"])
