@@ -109,8 +109,8 @@ CONFIGS = {
     "dataset/numbered.yaml": "_target_: tests.streams.Numbered\nn: 200\n",
     # Hugging Face's streaming json reader, 4 shards: whole shards to each rank, shards split among its workers
     "dataset/hf_stream.yaml": "_target_: datasets.load_dataset\npath: json\nstreaming: true\ndata_files:\n"
-                              "  train: {data}/hf/train-*.jsonl\n  test: {data}/hf/test.jsonl\n",
-    "dataset/shards.yaml": "_target_: tests.streams.ShardFiles\npattern: {data}/shards/*.f32\nfeatures: 1024\n",
+                              "  train: {data}/shards/train-*.jsonl\n  test: {data}/shards/test.jsonl\n",
+    "dataset/shards.yaml": "_target_: tests.streams.ShardFiles\npattern: {data}/f32/*.f32\nfeatures: 1024\n",
     # WebDataset's layout (a sample's files share a name: 000007.x.npy, 000007.label.cls), read by Hugging Face
     "dataset/tar_shards.yaml": "_target_: datasets.load_dataset\npath: webdataset\nstreaming: true\ndata_files:\n"
                                "  train: {data}/tar/train-*.tar\n",
@@ -118,12 +118,12 @@ CONFIGS = {
 
 
 def user_folder(root: Path) -> Path:
-    """A user's folder: config files (conf/) for the streams and the model, Hugging Face json shards (400 rows in
-    4 training shards, and a test file) and the same rows as WebDataset tar shards (data/tar)."""
+    """A user's folder: config files (conf/) for the streams and the model, json shards (data/shards: 400 rows in 4
+    training shards, and a test file) and the same rows as WebDataset tar shards (data/tar)."""
     for path, text in CONFIGS.items():
         (root / "conf" / path).parent.mkdir(parents=True, exist_ok=True)
         (root / "conf" / path).write_text(text.replace("{data}", str(root / "data")))
-    hf = root / "data" / "hf"
+    hf = root / "data" / "shards"  # as docs/your-model.md's stream recipe has them
     hf.mkdir(parents=True)
     for name, ids in [*((f"train-{s}", range(s * 100, (s + 1) * 100)) for s in range(4)), ("test", range(1000, 1060))]:
         with open(hf / f"{name}.jsonl", "w") as f:
