@@ -33,8 +33,9 @@ SETUP_S = pytest.StashKey[float]()  # a test's fixtures' set-up time, which coun
 RUN_FIXTURES = {"profiled_run"}  # runs of the pipeline that several tests read
 # the groups that took longest under `make test` (2026-12-06: 260 s down to 40 s), longest first: the Slurm tests,
 # which also wait on Slurm while the other workers run; an out-of-date list costs balance, never a test
-LONGEST = ("slurm", "test_ecosystem.py", "test_benchmarks.py", "test_tracking.py", "test_local_runs.py",
-           "test_sharding.py", "test_workloads.py", "test_launch_errors.py", "test_speed_paths.py", "test_install.py")
+LONGEST = ("slurm", "test_ecosystem.py", "test_benchmarks.py", "test_tracking.py", "test_streams.py",
+           "test_local_runs.py", "test_sharding.py", "test_workloads.py", "test_launch_errors.py",
+           "test_speed_paths.py", "test_install.py")
 # Three workers' ranks share the two cores: an OpenMP thread that spins while waiting for work (libgomp's default)
 # takes the core from a rank of another worker that has some. Passive waiting changes no result, only who waits.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
