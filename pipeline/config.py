@@ -52,6 +52,10 @@ class LocalClusterConfig:
     timeout_s: int = 300
     # local debug mode: a rank stopped this long (SIGSTOP, a debugger, Ctrl-Z) is named, while the others still wait
     stopped_s: float = 10.0
+    # every launch mode: a rank whose heartbeat stands still this long (stopped, hung holding the interpreter, its
+    # node gone) is named, with its state, by the rank watching it, which ends the run (pipeline.job.heartbeat);
+    # above timeout_s, the collectives' timeout comes first
+    silent_s: float = 30.0
 
 
 # torch's store and gloo count the timeout in milliseconds, in places as a 32-bit int: 2**31 - 1 ms is ~24.8 days
@@ -620,6 +624,7 @@ class RunConfig:
         check_at_least("cluster.gpus_per_node", self.cluster.gpus_per_node, 0)
         check_at_least("cluster.timeout_s", self.cluster.timeout_s, 1)
         check_positive("cluster.stopped_s", self.cluster.stopped_s)
+        check_positive("cluster.silent_s", self.cluster.silent_s)
         check_at_most("cluster.timeout_s", self.cluster.timeout_s, MAX_TIMEOUT_S,
                       "about 24.8 days, the longest torch's store and gloo can wait")
         t, c = self.trainer, self.cluster

@@ -16,6 +16,7 @@ import weakref
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 # torch.optim and DDP import torch._dynamo on first use (most of a second): imported here, it counts as an import
@@ -118,7 +119,7 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         timeout = timedelta(seconds=run.cluster.timeout_s)
         store = store or rendezvous_store(env, timeout)
         join_process_group(job, store, timeout)
-        start_heartbeat(store, env.rank)
+        start_heartbeat(store, env.rank, env.world_size, run.cluster.silent_s, end_for_silence(job))
         clock.mark("rendezvous")
         host, roster = place_threads(env, device, clock.marks["ready"])
         health = check_nodes(job, store, roster)
@@ -154,6 +155,23 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         release_process_group(held)
         if finished:
             leave_together(store, env)
+
+
+def end_for_silence(job: Job) -> Callable[[str], None]:
+    """What the heartbeat's watcher does when a rank has been silent for cluster.silent_s: say so in its log and
+    its failure record (which the launcher and `status` show as the rank that failed first), and end this process,
+    which ends the run (srun --kill-on-bad-exit, or the local launcher) long before the collectives time out."""
+    c = job.run.cluster
+
+    def end(said: str) -> None:
+        message = (f"{said}; no heartbeat for cluster.silent_s={c.silent_s:g} s: rank {job.rank} ends the run now, "
+                   f"rather than when the others' collectives time out (cluster.timeout_s={c.timeout_s} s)")
+        log.error("%s", message)
+        Failure(rank=job.rank, node_rank=job.env.node_rank, at_unix=time.time(), error=message[:2000]).write(
+            job.point_dir)
+        logging.shutdown()
+        os._exit(1)
+    return end
 
 
 class OutputNotWritten(RuntimeError):

@@ -265,7 +265,8 @@ def _failure_message(rank: Rank, how: str, point_dir: Path, stopped: list[tuple[
     ahead of that, any rank that was stopped: the one the others waited for until they timed out."""
     said = next((f.error for f in Failure.read_all(point_dir) if f.rank == rank.rank), None)
     lines = [f"rank {r.rank} (simulated node {r.node}, pid {r.proc.pid}) is {STOPPED[state]}: it did not arrive, "
-             "and the ranks waiting for it timed out (cluster.timeout_s)" for r, state in stopped]
+             "and the run ended without it (its silence seen, cluster.silent_s, or the others timed out, "
+             "cluster.timeout_s)" for r, state in stopped]
     lines.append(f"rank {rank.rank} (simulated node {rank.node}) failed first: {how}"
                  f"{f' ({said.splitlines()[0]})' if said else ''}; its log: {rank.log_path}")
     output = "".join(rank.last_lines).rstrip() or "(no output)"
