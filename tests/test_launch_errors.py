@@ -225,6 +225,26 @@ def test_a_stopped_rank_is_named_within_cluster_stopped_s_and_the_run_goes_on_wh
 
 
 @pytest.mark.e2e
+def test_a_silent_rank_is_named_with_its_state_and_ends_the_run_within_cluster_silent_s(tmp_path):
+    """Every launch mode (the heartbeat through the store, not the local launcher's view of the processes): rank 1
+    stopped, rank 0 sees its beat stand still for cluster.silent_s, names it with its process state, and ends the
+    run, minutes before the collectives' timeout; no rank process is left."""
+    run = tmp_path / "run"
+    launcher = start_launch("nodes=2", "trainer.epochs=50", "trainer.log_every=10", "cluster.silent_s=4", *SMALL,
+                            f"hydra.run.dir={run}", cwd=tmp_path)
+    pids = wait_for_step(run, 10, launcher, ranks=2)
+    os.kill(pids[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    out, err = launcher.communicate(timeout=120)
+    assert time.monotonic() - stopped_at < 30, "named long after cluster.silent_s"
+    said = err.split("--- its last")[0]
+    assert launcher.returncode == 1 and "rank 0 (simulated node 0) failed first: exit code 1 (rank 1 (process " \
+        f"{pids[1]} on " in said and "silent for 4 s: stopped (SIGSTOP, a debugger, Ctrl-Z); no heartbeat for " \
+        "cluster.silent_s=4 s: rank 0 ends the run now" in said, out + err
+    assert "Traceback" not in said and not any(live_in_group(pid) for pid in pids), pids
+
+
+@pytest.mark.e2e
 def test_a_rank_killed_by_the_oom_killer_is_said_to_be(tmp_path, memory_cgroup):
     """A 159M-parameter MLP (its weights, gradients and momentum: 1.9 GB) in a 1.5 GB cgroup: the kernel's OOM
     killer kills the rank with SIGKILL, and the launcher says so, with the rank's memory."""
