@@ -145,10 +145,15 @@ def run_point(point_dir: str | Path, store: dist.TCPStore | None = None) -> Path
         return point_dir / RECORD_NAME
     except Exception as e:
         # written down before the teardown below, which makes the other ranks fail too: the launcher and status
-        # tell the rank that failed first by it
-        Failure.of(e, rank=env.rank, node_rank=env.node_rank, silent=silent_ranks(store, env, e)).write(point_dir)
-        if reporter is not None:
-            reporter.end("failed", {}, [point_dir / LOG_DIR])
+        # tell the rank that failed first by it. A folder that cannot be written (read-only, full) fails these
+        # too: said in the log, and the run's own error is the one raised, not the writer's
+        try:
+            Failure.of(e, rank=env.rank, node_rank=env.node_rank, silent=silent_ranks(store, env, e)).write(point_dir)
+            if reporter is not None:
+                reporter.end("failed", {}, [point_dir / LOG_DIR])
+        except OSError as unwritten:
+            log.error("rank %d: its failure record could not be written either (%s: %s); the failure: %s: %s",
+                      env.rank, type(unwritten).__name__, unwritten, type(e).__name__, e)
         raise
     finally:
         held, trainer = weakref.ref(trainer) if trainer else None, None

@@ -260,10 +260,21 @@ def _stop(ranks: list[Rank]) -> None:
             pass
 
 
+def last_error(lines) -> str | None:
+    """The exception a rank's output ends with ("PermissionError: [Errno 1] ..."), for a rank that could not write
+    its failure record (a folder turned read-only)."""
+    for line in reversed([x.strip() for x in lines if x.strip()]):
+        name = line.split(":", 1)[0]
+        if name.isidentifier() and name.endswith(("Error", "Exception", "Interrupt")) and ":" in line:
+            return line
+    return None
+
+
 def _failure_message(rank: Rank, how: str, point_dir: Path, stopped: list[tuple[Rank, str]]) -> str:
     """Which rank failed first and how (its exit, its error as its failure record says it), and its last lines;
     ahead of that, any rank that was stopped: the one the others waited for until they timed out."""
-    said = next((f.error for f in Failure.read_all(point_dir) if f.rank == rank.rank), None)
+    said = next((f.error for f in Failure.read_all(point_dir) if f.rank == rank.rank), None) or \
+        last_error(rank.last_lines)
     lines = [f"rank {r.rank} (simulated node {r.node}, pid {r.proc.pid}) is {STOPPED[state]}: it did not arrive, "
              "and the run ended without it (its silence seen, cluster.silent_s, or the others timed out, "
              "cluster.timeout_s)" for r, state in stopped]
