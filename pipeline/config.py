@@ -703,11 +703,18 @@ class RunConfig:
                     "scaling) or trainer.global_batch_size (strong scaling), use fewer ranks, or raise "
                     "dataset.train_size")
             bounds[f"trainer.epochs={t.epochs} x {per_epoch} steps per epoch"] = t.epochs * per_epoch
+        check_schedule_floors("scheduler", self.scheduler)
         if bounds:
             why, steps = min(bounds.items(), key=lambda kv: kv[1])
             if t.warmup_steps >= steps:
                 raise ConfigError(f"trainer.warmup_steps={t.warmup_steps} leaves no step to time: the run takes "
                                   f"{steps} step(s) ({why}); make trainer.warmup_steps < {steps}, or train longer")
+            for name in ("warmup_steps", "num_warmup_steps"):  # ours (warmup_cosine), Hugging Face's schedules'
+                warmup = self.scheduler.get(name) if isinstance(self.scheduler, dict) else None
+                if isinstance(warmup, int) and warmup >= steps:
+                    raise ConfigError(f"scheduler.{name}={warmup} is not shorter than the run, which takes {steps} "
+                                      f"step(s) ({why}): the learning rate would never leave its warm-up; make "
+                                      f"scheduler.{name} < {steps}")
 
     def _check_profiled_ranks(self) -> None:
         p = self.profiler
@@ -735,6 +742,17 @@ class RunConfig:
         if data.seq_len > model.context_length:
             raise ConfigError(f"dataset.seq_len={data.seq_len} is longer than model.context_length="
                               f"{model.context_length}; make dataset.seq_len <= model.context_length")
+
+
+def check_schedule_floors(key: str, node: Any) -> None:
+    """A schedule's floor (`eta_min`, `min_lr`, at any depth: a warm-up's `then`) is not negative: torch takes it and
+    the learning rate goes below zero, the optimizer then climbing the loss."""
+    items = node.items() if isinstance(node, dict) else vars(node).items() if dataclasses.is_dataclass(node) else ()
+    for name, value in items:
+        if isinstance(value, dict):
+            check_schedule_floors(f"{key}.{name}", value)
+        elif name in ("eta_min", "min_lr") and isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"{key}.{name}={value} is not allowed: a learning rate's floor must be >= 0")
 
 
 def check_resume_from(run: RunConfig) -> None:

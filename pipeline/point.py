@@ -8,6 +8,7 @@ these steps after composing, as the launch does.
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import platform
 import subprocess
@@ -87,12 +88,26 @@ def warn_batch_memory(run: RunConfig, train: Any) -> None:
                     run.micro_batch, seq_len, vocab, limit[0] / 2**30, limit[1])
 
 
+def check_device(run: RunConfig) -> None:
+    """trainer.device=cuda where the ranks will have none: in local debug mode this machine has no NVIDIA device
+    (/dev/nvidia0, ...); on Slurm the job asks for no GPU (cluster.gpus_per_node=0), so its cgroup gets none."""
+    if run.trainer.device != "cuda":
+        return
+    if run.cluster.kind == "slurm" and run.cluster.gpus_per_node == 0:
+        raise ConfigError("trainer.device=cuda with cluster.gpus_per_node=0: the job would ask Slurm for no GPU; set "
+                          "cluster.gpus_per_node, or trainer.device=auto or cpu")
+    if run.cluster.kind == "local" and not glob.glob("/dev/nvidia[0-9]*"):
+        raise ConfigError("trainer.device=cuda: this machine has no NVIDIA GPU (no /dev/nvidia0), and local debug "
+                          "mode runs the ranks here; use trainer.device=auto or cpu")
+
+
 def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     """Type and check one point's config, the built-in datasets' files included (constructing them checks their
     files, importing no torch: the job's own build step, pipeline.targets; so are Hugging Face's `datasets` (their
     splits and held-out rows checked); a user's own `_target_`s have had their modules found, not imported) and its
     trackers installed. Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
+    check_device(run)
     abspath_dataset_root(run)
     check_resume_from(run)
     check_tracking(run.tracking)
