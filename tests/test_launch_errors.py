@@ -3,6 +3,7 @@ exit 2, before anything is written; a failed run is one message and exit 1; and 
 to a rank: out of disk, stopped, killed by a signal (the OOM killer, in a real memory cgroup)."""
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -45,6 +46,15 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["optimizer.momentum=nan"], "optimizer.momentum=nan is not allowed; it must be a finite number"),
     (["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf is not allowed; it must be a finite number"),
     (["scheduler=cosine", "scheduler.eta_min=-1"], "scheduler.eta_min=-1.0 is not allowed; it must be >= 0.0"),
+    # once refused only by the ranks, both blamed on trainer.warmup_steps
+    (["scheduler=warmup_cosine", "scheduler.then.eta_min=-0.1"], "scheduler.then.eta_min=-0.1 is not allowed: a "
+                                                                 "learning rate's floor must be >= 0"),
+    (["scheduler=warmup_cosine", "trainer.max_steps=50"], "scheduler.warmup_steps=100 is not shorter than the run, "
+                                                          "which takes 50 step(s) (trainer.max_steps=50)"),
+    pytest.param(["trainer.device=cuda"], "trainer.device=cuda: this machine has no NVIDIA GPU (no /dev/nvidia0)",
+                 marks=pytest.mark.skipif(bool(glob.glob("/dev/nvidia[0-9]*")), reason="this machine has a GPU")),
+    (["cluster=slurm", "trainer.device=cuda"], "trainer.device=cuda with cluster.gpus_per_node=0: the job would ask "
+                                               "Slurm for no GPU"),
     (["loss.label_smoothing=5"], "loss.label_smoothing=5.0 is not allowed; it must be in [0, 1]"),
     (["dataset=mnist", "dataset.train_size=10"], "dataset.train_size is not a key of the dataset chosen here"),
     (["parallel=hsdp", "nodes=2", "cluster.tasks_per_node=3", "parallel.replicate=3"],
