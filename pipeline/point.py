@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import glob
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -89,16 +90,19 @@ def warn_batch_memory(run: RunConfig, train: Any) -> None:
 
 
 def check_device(run: RunConfig) -> None:
-    """trainer.device=cuda where the ranks will have none: in local debug mode this machine has no NVIDIA device
-    (/dev/nvidia0, ...); on Slurm the job asks for no GPU (cluster.gpus_per_node=0), so its cgroup gets none."""
+    """trainer.device=cuda where the ranks will have none: in local debug mode this machine has no GPU device
+    (/dev/nvidia0, ..., or ROCm's /dev/kfd); on Slurm the job asks for no GPU (cluster.gpus_per_node=0), so its
+    cgroup gets none."""
     if run.trainer.device != "cuda":
         return
     if run.cluster.kind == "slurm" and run.cluster.gpus_per_node == 0:
         raise ConfigError("trainer.device=cuda with cluster.gpus_per_node=0: the job would ask Slurm for no GPU; set "
                           "cluster.gpus_per_node, or trainer.device=auto or cpu")
-    if run.cluster.kind == "local" and not glob.glob("/dev/nvidia[0-9]*"):
-        raise ConfigError("trainer.device=cuda: this machine has no NVIDIA GPU (no /dev/nvidia0), and local debug "
-                          "mode runs the ranks here; use trainer.device=auto or cpu")
+    # ROCm's torch calls AMD's GPUs cuda too: /dev/kfd is theirs
+    has_gpu = bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+    if run.cluster.kind == "local" and not has_gpu:
+        raise ConfigError("trainer.device=cuda: this machine has no NVIDIA GPU (no /dev/nvidia0), nor an AMD one (no "
+                          "/dev/kfd), and local debug mode runs the ranks here; use trainer.device=auto or cpu")
 
 
 def prepare_run(cfg: DictConfig | dict) -> RunConfig:

@@ -52,7 +52,8 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["scheduler=warmup_cosine", "trainer.max_steps=50"], "scheduler.warmup_steps=100 is not shorter than the run, "
                                                           "which takes 50 step(s) (trainer.max_steps=50)"),
     pytest.param(["trainer.device=cuda"], "trainer.device=cuda: this machine has no NVIDIA GPU (no /dev/nvidia0)",
-                 marks=pytest.mark.skipif(bool(glob.glob("/dev/nvidia[0-9]*")), reason="this machine has a GPU")),
+                 marks=pytest.mark.skipif(bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd"),
+                                          reason="this machine has a GPU")),
     (["cluster=slurm", "trainer.device=cuda"], "trainer.device=cuda with cluster.gpus_per_node=0: the job would ask "
                                                "Slurm for no GPU"),
     (["loss.label_smoothing=5"], "loss.label_smoothing=5.0 is not allowed; it must be in [0, 1]"),
