@@ -165,6 +165,8 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threa
     try:
         failed = _wait_all(ranks)
         ended_at = time.monotonic()
+        if failed:
+            _let_recorded_ranks_exit(ranks, point_dir)
         states = [(r, process_state(r.proc.pid)) for r in ranks if r.proc.poll() is None]
         stopped = [(r, state) for r, state in states if state in STOPPED]
     finally:
@@ -237,6 +239,20 @@ def _wait_all(ranks: list[Rank]) -> Rank | None:
         if r.rank == 0:
             deadline = time.monotonic() + LEAVE_S
     return None
+
+
+def _let_recorded_ranks_exit(ranks: list[Rank], point_dir: Path) -> None:
+    """The ranks that wrote a failure record exit on their own (for GRACE_S at most) before the rest are stopped:
+    the one that failed first is named by its record, and stopped by the launcher it would be said to have been
+    killed by SIGTERM, when another rank that failed because of it happened to exit sooner."""
+    recorded = {f.rank for f in Failure.read_all(point_dir)}
+    deadline = time.monotonic() + GRACE_S
+    for r in ranks:
+        if r.rank in recorded:
+            try:
+                r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return
 
 
 def first_failure(first_exit: Rank, ranks: list[Rank], point_dir: Path) -> Rank:
