@@ -94,17 +94,17 @@ def test_a_stream_that_does_not_share_itself_gives_every_sample_once_an_epoch_an
 @pytest.mark.e2e
 def test_a_hugging_face_stream_resumes_mid_epoch_to_the_same_samples_and_weights(user):
     """load_dataset("json", streaming=True) on 4 local shards: a rank's 2 shards, one to each of its workers, each
-    worker's position in Hugging Face's own state_dict. 3 epochs of 20 steps; the held-out split streamed too."""
-    args = ["dataset=hf_stream", "trainer.epochs=3", "trainer.max_steps=1000"]
+    worker's position in Hugging Face's own state_dict. 2 epochs of 40 steps; the held-out split streamed too."""
+    args = ["dataset=hf_stream", "trainer.epochs=2", "trainer.max_steps=1000"]
     r, straight, ids = train(user, "hf", args)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = Result.read(straight)
-    assert (rec.status, rec.steps, rec.steps_per_epoch, rec.loader.kind) == ("completed", 120, 40, "stream")
-    assert epochs_of(ids, 40) == [list(range(400))] * 3
+    assert (rec.status, rec.steps, rec.steps_per_epoch, rec.loader.kind) == ("completed", 80, 40, "stream")
+    assert epochs_of(ids, 40) == [list(range(400))] * 2
     assert rec.evaluation.split == "the dataset built with split='test'" and rec.evaluation.samples == 60
     r, resumed, again, stopped = preempted_and_resumed(user, "hf-stopped", [*args, "model.delay_s=0.02"], 50)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 50 <= stopped["step"] < 120 and [s["epoch"] for s in stopped["streams"]] == [1, 1]
+    assert 50 <= stopped["step"] < 80 and [s["epoch"] for s in stopped["streams"]] == [1, 1]
     assert again == ids
     assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(resumed).values()))
 
@@ -144,11 +144,11 @@ def test_webdataset_tar_shards_train_from_yaml_alone(user):
 
 @pytest.mark.e2e
 def test_a_stream_larger_than_memory_trains_in_a_memory_cgroup_with_a_small_ones_peak(user, memory_cgroup):
-    """3 GB of shards (a stream that shares itself out and keeps its position) through ranks that may use 1.5 GB
+    """2 GB of shards (a stream that shares itself out and keeps its position) through ranks that may use 1.5 GB
     between them (the launch in a real memory cgroup): it trains to its end, each rank's peak resident memory
     within 64 MiB of a run over 32 MB of the same shards."""
     peaks = {}
-    for name, rows in (("small", 1_000), ("large", 96_000)):
+    for name, rows in (("small", 1_000), ("large", 64_000)):
         write_shards(user / "data" / "f32", shards=8, rows=rows, features=1024)
         steps = 4 * rows // 1024  # a rank's 4 shards in batches of 1024
         args = ["dataset=shards", "model.features=1024", "trainer.batch_size=1024", "loader.num_workers=0",
@@ -160,7 +160,7 @@ def test_a_stream_larger_than_memory_trains_in_a_memory_cgroup_with_a_small_ones
         rec = Result.read(run_dir)
         assert rec.status == "completed" and rec.steps == steps
         peaks[name] = max(x.memory.peak_bytes for x in rec.ranks)
-    assert sum(p.stat().st_size for p in (user / "data" / "f32").iterdir()) > 2 * 1500 * 2**20
+    assert sum(p.stat().st_size for p in (user / "data" / "f32").iterdir()) > 1.3 * 1500 * 2**20
     assert peaks["large"] - peaks["small"] < 64 * 2**20, peaks
 
 
