@@ -39,7 +39,7 @@ RANK_HEADER = "pipeline: rank"  # the first line of each rank's log in local mod
 
 
 class RunFailed(RuntimeError):
-    """A rank of the point failed; the message names it, its log file and its last lines."""
+    """A rank of the point failed; the message names it, its error (or its last lines) and its log file."""
 
 
 @dataclass
@@ -85,7 +85,8 @@ def _free_port() -> int:
 def _copy(stream, rank: Rank, echo: bool, header: str) -> None:
     """A rank's output into its log file, after a header line that names its process (to signal it, or to look at
     it with py-spy); and onto the launcher's stdout, for rank 0 when that is no terminal. A log that cannot be
-    written (a full disk) is given up, never the reading: a rank blocked on a full pipe would hang the run."""
+    written (a full disk) is given up, never the reading: a rank blocked on a full pipe would hang the run. A
+    traceback is not echoed (its error is the launcher's failure line)."""
     log_file = _open_log(rank.log_path, header)
     for line in stream:
         rank.last_lines.append(line)
@@ -95,6 +96,8 @@ def _copy(stream, rank: Rank, echo: bool, header: str) -> None:
                 log_file.flush()
             except OSError:
                 log_file = None
+        # a traceback goes to the log only: the launcher's failure line says the error and names the log
+        echo = echo and not line.startswith("Traceback (most recent call last)")
         if echo:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -287,8 +290,8 @@ def last_error(lines) -> str | None:
 
 
 def _failure_message(rank: Rank, how: str, point_dir: Path, stopped: list[tuple[Rank, str]]) -> str:
-    """Which rank failed first and how (its exit, its error as its failure record says it), and its last lines;
-    ahead of that, any rank that was stopped: the one the others waited for until they timed out."""
+    """Which rank failed first and how (its exit, its error as its failure record says it, or else its last
+    lines); ahead of that, any rank that was stopped: the one the others waited for until they timed out."""
     said = next((f.error for f in Failure.read_all(point_dir) if f.rank == rank.rank), None) or \
         last_error(rank.last_lines)
     lines = [f"rank {r.rank} (simulated node {r.node}, pid {r.proc.pid}) is {STOPPED[state]}: it did not arrive, "
@@ -296,5 +299,7 @@ def _failure_message(rank: Rank, how: str, point_dir: Path, stopped: list[tuple[
              "cluster.timeout_s)" for r, state in stopped]
     lines.append(f"rank {rank.rank} (simulated node {rank.node}) failed first: {how}"
                  f"{f' ({said.splitlines()[0]})' if said else ''}; its log: {rank.log_path}")
+    if said:  # its traceback is in its log, once: the user sees the error in one line, and where to read more
+        return "\n".join(lines)
     output = "".join(rank.last_lines).rstrip() or "(no output)"
     return "\n".join(lines) + f"\n--- its last {TAIL_LINES} lines ---\n{output}"
