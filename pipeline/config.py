@@ -7,7 +7,8 @@ login nodes.
 The model, the dataset, the optimizer, the learning-rate schedule and the loss are Hydra `_target_`s. The
 built-in ones have schemas beside them, in pipeline/workloads/ (their registry: pipeline.workloads.registry); any
 other `_target_` (the user's own class, in their package or on PYTHONPATH) is kept as given, its module looked up
-at launch without being imported (`check_target`). The rest of the run's keys (trainer, loader, cluster, parallel,
+at launch without being imported (pipeline.sources reads its definition from its source: the attribute, the
+keywords it takes, what it makes). The rest of the run's keys (trainer, loader, cluster, parallel,
 health, ...) have their schemas here.
 """
 
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 from pipeline.checks import ConfigError, check_at_least, check_at_most, check_choice, check_positive
 from pipeline.rundir import CHECKSUMS_NAME, SHARDED_CHECKPOINT_NAME, non_finite
 from pipeline.slurm import check_slurm_values
+from pipeline.sources import Passes, check_definition, check_target, check_target_node
 from pipeline.typed import SchemaError, decoder, dotted
 from pipeline.workloads.losses import IO_OUTPUT_HELP
 from pipeline.workloads.registry import schema_name, schemas
@@ -38,6 +38,21 @@ if TYPE_CHECKING:
 # config, as plain data, before its first step, and importing Hydra would add a tenth of a second to that.
 MISSING = "???"  # OmegaConf's mark of a required value
 LOSS_ON = ("logits", "output")
+# what the pipeline gives a target besides its config (pipeline.sources.Passes): a model, the dataset's values
+# its constructor asks for by name; a dataset, its split and the rank's share; a schedule, the optimizer and the
+# run's length by the name its constructor takes (pipeline.workloads.schedules)
+MODEL_GETS = ("input_shape", "num_classes", "vocab_size")
+DATASET_GETS = ("split", "train", "rank", "world_size")
+LENGTH_NAMES = ("T_max", "total_steps", "total_iters", "num_training_steps")
+PASSES = {
+    "model": Passes(keywords=MODEL_GETS, makes="model", standard_library=False),
+    "dataset": Passes(keywords=DATASET_GETS, makes="value", standard_library=False),
+    "optimizer": Passes(positional=1, standard_library=False),  # the parameters, or their groups
+    "scheduler": Passes(positional=1, keywords=LENGTH_NAMES, standard_library=False),
+    "loss": Passes(makes="value", standard_library=False),
+    "loader.collate_fn": Passes(positional=1, makes="value", object_called=True),  # the batch's items
+    "param_groups.function": Passes(positional=1, makes="value"),  # the model
+}
 
 
 # --------------------------------------------------------------------------------------------- cluster
@@ -186,7 +201,7 @@ class LoaderConfig:
         if self.prefetch_factor is not None:
             check_at_least("loader.prefetch_factor", self.prefetch_factor, 1)
         if self.collate_fn is not None:
-            check_target_node("loader.collate_fn", self.collate_fn)
+            check_target_node("loader.collate_fn", self.collate_fn, PASSES["loader.collate_fn"])
 
 
 @dataclass
@@ -290,7 +305,7 @@ class ParamGroupsConfig:
             raise ConfigError(f"param_groups.method={self.method!r} is not allowed; give the name of a method of the "
                               "model, e.g. configure_optimizers")
         if self.function is not None:
-            check_target_node("param_groups.function", self.function)
+            check_target_node("param_groups.function", self.function, PASSES["param_groups.function"])
 
 
 @dataclass
@@ -809,49 +824,6 @@ def data_vocab(dataset: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-def find_module(dotted: str):
-    """The module spec `import dotted` would find, found without running any package's code: each level is
-    looked up in its parent's search path through the finders on sys.meta_path (so editable installs count),
-    the way the import system does, but nothing is executed. None if not found."""
-    spec = None
-    parts = dotted.split(".")
-    for depth in range(1, len(parts) + 1):
-        name = ".".join(parts[:depth])
-        if name in sys.modules:
-            spec = sys.modules[name].__spec__
-            continue
-        if depth == 1:
-            spec = importlib.util.find_spec(name)  # a top-level name: finding it imports nothing
-        elif spec is None or spec.submodule_search_locations is None:
-            return None  # the parent is a plain module: no submodules
-        else:
-            path = spec.submodule_search_locations
-            spec = next((s for f in sys.meta_path if hasattr(f, "find_spec")
-                         and (s := f.find_spec(name, path)) is not None), None)
-        if spec is None:
-            return None
-    return spec
-
-
-def check_target(key: str, target: Any) -> None:
-    """A `_target_` names a class or function in an importable module (its longest importable prefix is the
-    module; the rest are attributes, checked when the job imports it). Raises ConfigError naming the key."""
-    if not isinstance(target, str) or "." not in target:
-        raise ConfigError(f"{key}={target!r} is not allowed; give a dotted path such as mypackage.models.Net")
-    parts = target.split(".")
-    if not any(find_module(".".join(parts[:n])) for n in range(len(parts) - 1, 0, -1)):
-        raise ConfigError(f"{key}={target}: no module of it can be imported here ({parts[0]!r} is not installed "
-                          f"and not on PYTHONPATH); install the package that holds it or add its folder to PYTHONPATH")
-
-
-def check_target_node(key: str, node: Any) -> None:
-    """A nested `_target_` config (not a group's): a mapping whose `_target_`'s module can be found."""
-    if not isinstance(node, dict) or "_target_" not in node:
-        raise ConfigError(f"{key}={node!r} is not allowed; give a config with a `_target_` (e.g. "
-                          f"{key}._target_=mypackage.module.function, with _partial_: true for a function)")
-    check_target(f"{key}._target_", node["_target_"])
-
-
 def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool) -> Any:
     """One group's node: built as the schema its discriminator names, or, for a `_target_` of the user's own
     (`open_targets`), the node as given once its module is found."""
@@ -863,6 +835,7 @@ def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool) -
     if not isinstance(node, dict):
         raise ConfigError(f"{group}={node!r} is not allowed; give a config with a `_target_` (a class to build)")
     check_target(f"{group}.{key}", value)
+    check_definition(group, node, PASSES[group])
     return node
 
 

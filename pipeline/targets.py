@@ -5,7 +5,7 @@ launch builds the built-in datasets (which checks their files) through the same 
     call(key, node, rank, *args)         the target as a partial, called with args (an optimizer's parameters)
     partial_of(key, node, rank)          the partial itself (a schedule, completed once its length is known)
 
-A target is imported as the launch found it (pipeline.config.find_module): its longest prefix that is a module,
+A target is imported as the launch found it (pipeline.sources.module_part): its longest prefix that is a module,
 then attributes, so an error inside the user's module (its own imports, a syntax error) is named with the key.
 `${from_dataset:NAME}` anywhere in a node becomes the train dataset's NAME (`facts`, once it is built). `rank` is
 where the building happens: a rank's number in a job, None at launch.
@@ -25,7 +25,8 @@ from typing import Any, Callable
 from hydra.utils import instantiate
 
 from pipeline.callables import takes
-from pipeline.config import FROM_DATASET, ConfigError, RunConfig, find_module, from_dataset_name, target_of
+from pipeline.config import DATASET_GETS, FROM_DATASET, ConfigError, RunConfig, from_dataset_name, target_of
+from pipeline.sources import module_part
 
 
 class BuildError(RuntimeError):
@@ -40,11 +41,11 @@ def given(node: Any, name: str) -> bool:
 
 def located(key: str, node: Any, rank: int | None) -> Any:
     """The class or function a `_target_` names, imported: its longest prefix that is a module (found as the
-    launch found it, pipeline.config.find_module), then attributes. An error in that module (its own imports, a
+    launch found it, pipeline.sources.module_part), then attributes. An error in that module (its own imports, a
     syntax error) or a missing attribute is the key's."""
     target = target_of(node)
     parts = target.split(".")
-    depth = next((n for n in range(len(parts) - 1, 0, -1) if find_module(".".join(parts[:n]))), 0)
+    depth = module_part(target)
     try:
         if not depth:
             raise ModuleNotFoundError(f"no module of {target} can be found")
@@ -201,7 +202,7 @@ def build_datasets(run: RunConfig, rank: int | None, world_size: int | None = No
     ev, node = run.evaluate, run.dataset
     if rank is None and isinstance(node, dict):
         check_data_files(node)
-    asks = asks_for("dataset", node, rank, ("split", "train", "rank", "world_size"))
+    asks = asks_for("dataset", node, rank, DATASET_GETS)
     by = "split" if "split" in asks else "train" if "train" in asks else None
     own = {by: "train" if by == "split" else True} if by and not given(node, by) else {}
     share = {"rank": rank, "world_size": world_size} if rank is not None and {"rank", "world_size"} <= asks and \

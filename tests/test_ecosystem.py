@@ -482,8 +482,7 @@ def test_an_evaluation_that_fails_leaves_a_record_that_says_why(user_folder):
 @pytest.mark.e2e
 @pytest.mark.parametrize("args, expected", [
     (["~model", "+model._target_=mypkg.broken.Net"],
-     "model._target_=mypkg.broken.Net could not be imported on rank 0: ModuleNotFoundError: No module named "
-     "'a_module_that_does_not_exist'"),
+     "model._target_=mypkg.broken.Net: its module mypkg.broken ("),
     (["~model", "+model._target_=mypkg.odd.NoLogits"],
      "the model returned a dict with keys ['scores'], with no logits in it"),
     (["~model", "+model._target_=mypkg.odd.NoLogits", "loss=model"],

@@ -19,6 +19,36 @@ from tests.conftest import launch, live_in_group, start_launch, wait_for_step
 SMALL = ["dataset.train_size=2048", "dataset.test_size=256", "trainer.tensorboard=false"]
 
 
+# a user's module, in the launch's folder (on sys.path as `python -m` puts it there)
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width: int, depth: int = 2):
+        super().__init__()
+        self.layer = nn.Linear(width, depth)
+
+
+class Wrapped(Net):
+    pass
+
+
+class NotAModel:
+    def __init__(self, width=1):
+        self.width = width
+
+
+def make_net(width=8):
+    net = Net(width)  # built, and not returned
+
+
+def rows(root, size=10):
+    return [(torch.zeros(2), 0)] * size
+"""
+
+
 def one_error_line(r: subprocess.CompletedProcess) -> str:
     assert r.returncode == 2, r.stderr + r.stdout
     assert "Traceback" not in r.stderr + r.stdout and "Error executing job" not in r.stderr + r.stdout
@@ -67,8 +97,32 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
     (["evaluate.holdout=1.5"], "evaluate.holdout=1.5 is not allowed; it must be in [0, 1)"),
     (["evaluate.split=''"], "evaluate.split='' is not allowed; name the held-out split"),
     (["health.answer_s=0.000001"], "health.answer_s=1e-06 is not allowed; it must be >= 1.0"),
+    # a target's definition, read from its source (once found by the ranks only): torch's own, and the user's below
+    (["optimizer._target_=torch.optim.Adamm"], "optimizer._target_=torch.optim.Adamm: torch.optim ("),
+    (["optimizer._target_=torch.optim.Adamm"], "has no Adamm; did you mean torch.optim.Adam or"),
+    (["~loss", "+loss._target_=torch.nn.CrossEntropyLoss", "+loss.smoothing=0.1"],
+     "loss.smoothing=0.1: torch.nn.CrossEntropyLoss takes no argument 'smoothing' ("),
+    (["scheduler=warmup_cosine", "+scheduler.then.eta_mn=0"], "did you mean scheduler.then.eta_min?"),
+    (["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.OneCycleLR"],
+     "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR needs max_lr ("),
+    (["~model", "+model._target_=torch.optim.SGD"], "model._target_=torch.optim.SGD is a class that does not derive "
+                                                    "from torch.nn.Module"),
+    (["~model", "+model._target_=os.system"], "model._target_=os.system is in Python's standard library (os)"),
+    (["~model", "+model._target_=mynets.Nett"], "model._target_=mynets.Nett: mynets ("),
+    (["~model", "+model._target_=mynets.Nett"], "has no Nett; did you mean mynets.Net?"),
+    (["~model", "+model._target_=mynets.Net"], "model._target_=mynets.Net needs width ("),
+    (["~model", "+model._target_=mynets.Wrapped", "+model.widht=4"],
+     "model.widht=4: mynets.Wrapped takes no argument 'widht' ("),
+    (["~model", "+model._target_=mynets.NotAModel"], "model._target_=mynets.NotAModel is a class that does not "
+                                                     "derive from torch.nn.Module"),
+    (["~model", "+model._target_=mynets.make_net"], "model._target_=mynets.make_net returns nothing ("),
+    (["~dataset", "+dataset._target_=mynets.rows"], "dataset._target_=mynets.rows needs root ("),
+    (["~model", "+model._target_=broken.Net"], "model._target_=broken.Net: its module broken ("),
 ])
 def test_bad_input_is_one_line_naming_the_key_and_exit_2(tmp_path, overrides, said):
+    (tmp_path / "mynets.py").write_text(USER_MODULE)
+    (tmp_path / "broken.py").write_text("import a_module_that_does_not_exist  # noqa: F401\n\n\nclass Net:\n"
+                                        "    pass\n")
     r = launch(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert said in one_error_line(r)
     assert not (tmp_path / "run" / "point.json").exists()  # Hydra may have made the folder: nothing of a run

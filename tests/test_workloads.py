@@ -215,7 +215,7 @@ class Singles(torch.utils.data.Dataset):
      ["rank 0: dataset._target_=pipeline.workloads.datasets.TokenFile (train split)", "holds token 299",
       "outside dataset.vocab_size=256"]),
     (["~model", "+model._target_=torch.nn.Linear"],
-     ["model._target_=torch.nn.Linear could not be built on rank 0", "in_features"]),
+     ["model._target_=torch.nn.Linear needs in_features, out_features", "set model.in_features"]),
 ])
 def test_bad_input_stops_the_job_naming_the_key_and_the_rank(tmp_path, overrides, said):
     (tmp_path / "badpkg").mkdir()

@@ -10,7 +10,7 @@ A constructor gets the config's arguments, plus what the pipeline knows and the 
   `${from_dataset:NAME}` anywhere in a config reaches the dataset's NAME explicitly (config.FROM_DATASET);
 - an optimizer (`_partial_`): the model's parameters (or the parameter groups of `param_groups.*`), first;
 - a schedule (`_partial_`): the optimizer, first, and the run's number of steps under the name it takes
-  (pipeline.workloads.schedules.LENGTH_NAMES).
+  (pipeline.config.LENGTH_NAMES).
 An error in a constructor, or in importing its module, stops the job at once with a message naming the config
 key, the target and the rank.
 """
@@ -26,7 +26,7 @@ import torch
 from hydra.utils import get_object
 
 from pipeline.callables import takes
-from pipeline.config import ParamGroupsConfig, RunConfig, target_of
+from pipeline.config import MODEL_GETS, ParamGroupsConfig, RunConfig, target_of
 from pipeline.job.data import Data, ItemFormat, check_datasets
 from pipeline.job.stream import first_items
 from pipeline.job.memory import resident_bytes
@@ -37,7 +37,6 @@ from pipeline.workloads.losses import ModelLoss
 from pipeline.workloads.schedules import run_length
 
 log = logging.getLogger(__name__)
-MODEL_GETS = ("input_shape", "num_classes", "vocab_size")
 NO_DECAY_MODULES = (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.LocalResponseNorm,
                     torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
 

@@ -14,8 +14,8 @@ import torch
 from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
 from pipeline.callables import takes
+from pipeline.config import LENGTH_NAMES
 
-LENGTH_NAMES = ("T_max", "total_steps", "total_iters", "num_training_steps")
 
 
 def run_length(fn: Any, steps: int) -> dict[str, int]:
