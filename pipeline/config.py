@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from pipeline.checks import ConfigError, check_at_least, check_at_most, check_choice, check_positive
-from pipeline.rundir import CHECKSUMS_NAME, SHARDED_CHECKPOINT_NAME, non_finite
+from pipeline.rundir import CHECKSUMS_NAME, POINT_NAME, SHARDED_CHECKPOINT_NAME, Point, non_finite
 from pipeline.slurm import check_slurm_values
 from pipeline.sources import Passes, check_definition, check_target, check_target_node
 from pipeline.typed import SchemaError, decoder, dotted
@@ -771,9 +771,11 @@ def check_schedule_floors(key: str, node: Any) -> None:
 
 
 def check_resume_from(run: RunConfig) -> None:
-    """trainer.resume_from names a checkpoint there is: a DCP folder (any parallel mode) or a checkpoint.pt
-    (parallel=ddp, whose file holds the whole model and optimizer); pinned to an absolute path, as the dataset root
-    is, since ranks may start elsewhere."""
+    """trainer.resume_from names a checkpoint of this project there is: a DCP folder (any parallel mode) or a
+    checkpoint.pt (parallel=ddp, whose file holds the whole model and optimizer); of this run's model, where the
+    run that saved it left its point.json beside it. Pinned to an absolute path, as the dataset root is, since
+    ranks may start elsewhere. (The parameters' names and shapes are compared with the model's on the ranks,
+    which build it: pipeline.job.checkpoint.)"""
     if run.trainer.resume_from is None:
         return
     path = run.trainer.resume_from = os.path.abspath(run.trainer.resume_from)
@@ -790,21 +792,75 @@ def check_resume_from(run: RunConfig) -> None:
         raise ConfigError(f"trainer.resume_from={path} is a DDP checkpoint file, which parallel={run.parallel.kind} "
                           f"cannot load sharded; give a sharded run's {SHARDED_CHECKPOINT_NAME} folder, or "
                           "parallel=ddp")
-    elif not torch_save_archive(path):
-        raise ConfigError(f"trainer.resume_from={path} is not a file torch.save wrote (a zip archive holding "
-                          "data.pkl): damaged, or of another format; give a run folder's checkpoint.pt")
+    else:
+        contents = torch_save_contents(path)
+        if contents is None:
+            raise ConfigError(f"trainer.resume_from={path} is not a file torch.save wrote (a zip archive holding "
+                              "data.pkl): damaged, or of another format; give a run folder's checkpoint.pt")
+        if not isinstance(contents, dict) or not {"model", "optimizer", "step"} <= set(contents):
+            held = f"a dict of {', '.join(map(str, list(contents)[:4]))}, ..." if isinstance(contents, dict) else \
+                "no dict"
+            raise ConfigError(f"trainer.resume_from={path} is a torch.save file but no checkpoint of this project "
+                              f"(it holds {held}; a checkpoint holds the model, the optimizer and the step: "
+                              "model.pt is the weights alone); give a run folder's checkpoint.pt")
+    _check_same_model(run, path)
 
 
-def torch_save_archive(path: str) -> bool:
-    """Whether a file is torch.save's format (a zip archive with ARCHIVE/data.pkl), read from its zip directory
-    alone (torch-free, and cheap for a large checkpoint)."""
+def _check_same_model(run: RunConfig, path: str) -> None:
+    """The run that saved `path` (its point.json, in the checkpoint's folder) had this run's model config: a
+    checkpoint of another model fails to load on every rank. Keys in one of the two configs only (a default added
+    since) are not compared."""
+    try:
+        theirs = Point.read(os.path.dirname(path)).config.get("model")
+    except (OSError, ValueError):
+        return  # a checkpoint copied without its run's folder: the ranks compare the parameters
+    mine = to_plain(run)["model"]
+    if not isinstance(theirs, dict) or not isinstance(mine, dict):
+        return
+    differ = [k for k in mine if k in theirs and mine[k] != theirs[k]]
+    if differ:
+        said = "; ".join(f"model.{k}={theirs[k]!r} there, {mine[k]!r} here" for k in differ[:3])
+        raise ConfigError(f"trainer.resume_from={path} is a checkpoint of another model ({said}; its run's config: "
+                          f"{os.path.join(os.path.dirname(path), POINT_NAME)}); resume from a checkpoint of this "
+                          "model, or configure the model as that run did")
+
+
+def torch_save_contents(path: str) -> Any:
+    """What a file torch.save wrote holds (a zip archive with ARCHIVE/data.pkl), read torch-free and without
+    running anything it names: every class it names is a stand-in (tensors, their storages). None when it is
+    not torch.save's format."""
+    import pickle
     import zipfile
+
+    class StandIn:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __setstate__(self, state):
+            pass
+
+        def __call__(self, *args, **kwargs):
+            return StandIn()
+
+    class Mapping(dict):  # an OrderedDict (a state_dict, with its _metadata as state)
+        def __setstate__(self, state):
+            pass
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):
+            return Mapping if (module, name) in (("collections", "OrderedDict"), ("builtins", "dict")) else StandIn
+
+        def persistent_load(self, pid):
+            return StandIn()
 
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
+            name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            with archive.open(name) as f:
+                return Reader(f).load()
+    except (zipfile.BadZipFile, OSError, ValueError, StopIteration, pickle.UnpicklingError, EOFError,
+            AttributeError, TypeError, IndexError, KeyError, RecursionError, MemoryError):
+        return None
 
 
 def target_of(node: Any) -> str:

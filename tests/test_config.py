@@ -120,10 +120,27 @@ def test_a_resume_from_that_is_not_a_checkpoint_is_refused(compose_cfg, tmp_path
     for name in ("random.pt", "other.pt"):
         with pytest.raises(ConfigError, match=r"is not a file torch.save wrote \(a zip archive holding data.pkl\)"):
             prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / name}"))
+    # read torch-free: the weights alone (model.pt) are no checkpoint; the run that saved one had another model
     import torch
 
-    torch.save({"model": {}}, tmp_path / "real.pt")
-    assert prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / 'real.pt'}")).trainer.resume_from
+    from pipeline.rundir import GitInfo, Point
+    from pipeline.workloads.models.mlp import MLP
+
+    weights = MLP(input_shape=[784], num_classes=10, hidden=8, dropout=0.0).state_dict()
+    torch.save(weights, tmp_path / "model.pt")
+    with pytest.raises(ConfigError, match=r"model.pt is a torch.save file but no checkpoint of this project \(it "
+                                          r"holds a dict of net.1.weight, .*model.pt is the weights alone"):
+        prepare_run(compose_cfg(f"trainer.resume_from={tmp_path / 'model.pt'}"))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": weights, "optimizer": {}, "step": 3}, run / "checkpoint.pt")
+    assert prepare_run(compose_cfg(f"trainer.resume_from={run / 'checkpoint.pt'}")).trainer.resume_from
+    Point(run_id="r", sweep_id="s", point=0, overrides=[], launch_mode="local", launched_at="", launch_host="",
+          launch_argv=[], git=GitInfo(None, None), config=to_plain(prepare_run(compose_cfg("model.hidden=8")))
+          ).write(run)
+    with pytest.raises(ConfigError, match=r"checkpoint.pt is a checkpoint of another model \(model.hidden=8 there, "
+                                          r"128 here; its run's config: .*/run/point.json\)"):
+        prepare_run(compose_cfg(f"trainer.resume_from={run / 'checkpoint.pt'}"))
 
 
 @pytest.mark.parametrize("overrides, names", [

@@ -209,6 +209,36 @@ def test_a_failed_run_is_one_message_and_exit_1(tmp_path):
     assert log.read_text().count("Traceback (most recent call last)") >= 1 and "raise ValueError" in log.read_text()
 
 
+@pytest.mark.e2e
+def test_a_checkpoint_of_another_model_or_unreadable_is_refused_by_the_ranks_naming_resume_from(tmp_path):
+    """A checkpoint copied without its run's point.json (which the launch compares): the ranks compare its
+    parameters' names and shapes with the model's, and say the first differences in one line; one whose checksum
+    fails is an error, never a silent start from step 0."""
+    import torch
+
+    from pipeline.job.checkpoint import _save_with_checksum
+    from pipeline.workloads.models.mlp import MLP
+
+    model = MLP(input_shape=[784], num_classes=10, hidden=8, dropout=0.0)
+    state = {"model": model.state_dict(), "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+             "step": 3, "segments": [], "scheduler": None, "streams": None, "run_id": "x", "config_sha256": "y"}
+    with open(tmp_path / "other.pt", "wb") as f:
+        _save_with_checksum(state, f)
+    r = launch(f"trainer.resume_from={tmp_path / 'other.pt'}", "trainer.max_steps=10", *SMALL,
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("pipeline.launch:")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and (
+        f"(ResumeError: trainer.resume_from={tmp_path / 'other.pt'} is a checkpoint of another model: 3 of another "
+        "shape (net.1.weight: 8x784 there, 128x784 here; net.1.bias: 8 there, 128 here;") in line, r.stderr
+    damaged = bytearray((tmp_path / "other.pt").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # in a tensor's bytes: the archive still reads at launch, the checksum fails
+    (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
+    r = launch(f"trainer.resume_from={tmp_path / 'damaged.pt'}", "trainer.max_steps=10", *SMALL,
+               f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    assert r.returncode == 1 and f"(ResumeError: trainer.resume_from={tmp_path / 'damaged.pt'} could not be read " \
+        "(CorruptCheckpoint: " in r.stderr, r.stderr
+
+
 @contextlib.contextmanager
 def tmpfs(folder: Path, size: str):
     """A real small disk: a tmpfs of `size` mounted on `folder` (root needed: skipped, saying why, without)."""

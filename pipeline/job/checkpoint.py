@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -141,6 +141,7 @@ class Checkpoints:
         resume_from = config.get("trainer", {}).get("resume_from")
         self.resume_from = Path(resume_from) if resume_from else None
         self.loaded: Path | None = None  # the file (or DCP folder) `load` resumed from
+        self.unread = "rank 0 could not read it: its log says why"  # why the last candidate could not be used
 
     def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int,
              segments: list[dict], streams: list[dict] | None = None) -> None:
@@ -185,11 +186,16 @@ class Checkpoints:
         checkpoint, own = self.load(), True
         if checkpoint is None and self.resume_from is not None:
             checkpoint, own = self.load([self.resume_from], stamped=False), False
+            if checkpoint is None:  # asked for by name: no silent start from step 0
+                raise ResumeError(f"trainer.resume_from={self.resume_from} could not be read ({self.unread})")
         if checkpoint is None:
             return Restored(0, [], None)
         if self.loaded.is_dir():
-            _load_sharded(self.loaded, model, optimizer)
+            _load_sharded(self.loaded, model, optimizer, None if own else self.resume_from)
         else:
+            if not own:
+                same_parameters(self.resume_from, {k: tuple(v.shape) for k, v in checkpoint["model"].items()},
+                                model.state_dict())
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None and checkpoint.get("scheduler") is not None:
@@ -220,8 +226,8 @@ class Checkpoints:
             try:
                 checkpoint = self._read(path)
             except Exception as e:  # no checksum, a wrong one, or torch.load's several kinds
-                log.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", path,
-                            type(e).__name__, str(e)[:200])
+                self.unread = f"{type(e).__name__}: {str(e)[:200]}"
+                log.warning("checkpoint %s cannot be read (%s); trying the one before it", path, self.unread)
                 tried.append(path.name)
                 continue
             mine = {k: checkpoint.get(k) for k in self.stamp}
@@ -248,13 +254,38 @@ class Checkpoints:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+class ResumeError(RuntimeError):
+    """trainer.resume_from cannot be resumed from: unreadable, or of another model."""
+
+
+def same_parameters(path: Path, theirs: dict[str, tuple], mine: dict[str, Any]) -> None:
+    """A checkpoint's parameters (`theirs`: name -> shape) are this model's, by name and shape (a sharded one's
+    by its global shape); else ResumeError, naming the first differences, before torch's load says it in a page."""
+    mine = {k: tuple(v.shape) for k, v in mine.items() if hasattr(v, "shape")}
+    missing, extra = [k for k in mine if k not in theirs], [k for k in theirs if k not in mine]
+    shapes = [f"{k}: {'x'.join(map(str, theirs[k]))} there, {'x'.join(map(str, mine[k]))} here" for k in mine
+              if k in theirs and theirs[k] != mine[k]]
+    said = [f"{len(missing)} of this model's parameter(s) not in it ({', '.join(missing[:3])})" if missing else "",
+            f"{len(extra)} the model here lacks ({', '.join(extra[:3])})" if extra else "",
+            f"{len(shapes)} of another shape ({'; '.join(shapes[:3])})" if shapes else ""]
+    if any(said):
+        raise ResumeError(f"trainer.resume_from={path} is a checkpoint of another model: "
+                          f"{'; '.join(s for s in said if s)}; resume from a checkpoint of this model")
+
+
+def _load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  resume_from: Path | None) -> None:
     """A DCP checkpoint's model and optimizer state into this run's (sharded or not, any world size: DCP reshards
-    what it reads to the tensors it is given)."""
+    what it reads to the tensors it is given); another run's (`resume_from`) once its parameters are this
+    model's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    if resume_from is not None:
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        same_parameters(resume_from, {k[len("model."):]: tuple(m.size) for k, m in saved.items()
+                                      if k.startswith("model.") and hasattr(m, "size")}, model_state)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
