@@ -344,27 +344,42 @@ def test_a_silent_rank_is_named_with_its_state_and_ends_the_run_within_cluster_s
 
 
 @pytest.mark.e2e
-def test_a_folder_that_stops_taking_files_mid_run_is_said_with_the_os_reason(tmp_path):
-    """The run folder and its logs made immutable mid-run (chattr +i: no new file, while the open logs still take
-    lines; a read-only remount is refused while files are open for writing): rank 0's next file fails, and so
-    does its failure record. What the user sees is the run's own error with the OS's reason, never the failure
-    writer's traceback; the rank's log says that the record could not be written either."""
+@pytest.mark.parametrize("how", ["immutable", "read-only"])
+def test_a_folder_that_stops_taking_files_mid_run_is_said_with_the_os_reason(tmp_path, how):
+    """The run folder stops taking files mid-run: made immutable with its logs (chattr +i: no new file, while the
+    open logs still take lines), or remounted read-only (a bind mount of it onto itself, made read-only once the
+    logs are open: they were opened through the mount beneath, so they still take lines, and the kernel allows the
+    remount; a plain read-only remount is refused while files are open for writing). Rank 0's next file fails,
+    and so does its failure record. What the user sees is the run's own error with the OS's reason, never the
+    failure writer's traceback; the rank's log says that the record could not be written either."""
     run = tmp_path / "run"
     launcher = start_launch("nodes=2", "trainer.epochs=50", "trainer.log_every=10", *SMALL, f"hydra.run.dir={run}",
                             cwd=tmp_path)
     pids = wait_for_step(run, 10, launcher, ranks=2)
-    if subprocess.run(["chattr", "+i", str(run / "logs"), str(run)], capture_output=True).returncode != 0:
-        launcher.kill()
-        pytest.skip("chattr +i is not supported on this file system")
+    up, down, said = {
+        "immutable": ([["chattr", "+i", str(run / "logs"), str(run)]], [["chattr", "-i", str(run), str(run / "logs")]],
+                      "PermissionError: [Errno 1] Operation not permitted: "),
+        "read-only": ([["mount", "--bind", str(run), str(run)], ["mount", "-o", "remount,bind,ro", str(run)]],
+                      [["umount", str(run)]], "OSError: [Errno 30] Read-only file system: "),
+    }[how]
+    done = []
+    for command in up:
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            launcher.kill()
+            for undo in down[:len(done)]:
+                subprocess.run(undo)
+            pytest.skip(f"{' '.join(command)} is not possible here")
+        done.append(command)
     try:
         _, err = launcher.communicate(timeout=120)
     finally:
-        subprocess.run(["chattr", "-i", str(run), str(run / "logs")], check=True)
+        for command in down:
+            subprocess.run(command, check=True)
     (line,) = [x for x in err.splitlines() if x.startswith("pipeline.launch:")]
-    assert launcher.returncode == 1 and "rank 0 (simulated node 0) failed first: exit code 1 (PermissionError: " \
-        "[Errno 1] Operation not permitted: " in line and ".tmp'" in line, err
+    assert launcher.returncode == 1 and f"rank 0 (simulated node 0) failed first: exit code 1 ({said}" in line and \
+        ".tmp'" in line, err
     assert "failure" not in line and not any(live_in_group(pid) for pid in pids)
-    assert "its failure record could not be written either (PermissionError" in \
+    assert f"its failure record could not be written either ({said.split(':')[0]}" in \
         (run / "logs" / "node0-rank0.log").read_text()
 
 
