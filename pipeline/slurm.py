@@ -16,6 +16,7 @@ the job (pipeline.job.env).
 from __future__ import annotations
 
 import functools
+import os
 import random
 import re
 import shutil
@@ -111,6 +112,15 @@ def excluded(exclude: list[str], avoid: tuple[str, ...] = ()) -> list[str]:
 # held by any outgoing connection of the node (Slurm's, a previous job's), and the store then fails with EADDRINUSE
 # (seen in CI with submitit's range, 20000-60000). Local debug mode draws from the same range for the same reason.
 PORT_RANGE = (20000, 32767)
+
+
+def job_id_from_env() -> str | None:
+    """This job as squeue and the manifest name it: an array task's `<array>_<task>`, else the job id (None
+    outside Slurm)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
 
 
 def port_for_job(job_id: str) -> int:

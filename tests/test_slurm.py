@@ -416,17 +416,26 @@ def test_nodes_in_their_own_network_namespaces(slurm_cluster, tmp_path):
 @pytest.mark.alone  # every other node must measure clean: no test beside it
 def test_a_slow_link_is_flagged_and_the_point_resubmitted_without_its_node(slurm_cluster, tmp_path):
     """nsnode3's interface at 200 Mbit/s (tc tbf, both ways): its links, and only its, are slow. A 3-node job
-    (nsnode1-3) finds it in its health check, stops before training (exit 3) and puts it on the sweep's list; the
-    launch's wait resubmits the point with --exclude, and the new job runs on nsnode1, 2 and 4 (sacct) and says
-    so in its record."""
+    (nsnode1-3) finds it in its health check, stops before training (exit 3) and puts it on the sweep's list; with
+    nobody watching (the launch returned at once; no `status` until the record exists), the job's batch script
+    resubmits the point with --exclude, and the new job runs on nsnode1, 2 and 4 (sacct) and says so in its
+    record."""
     run = tmp_path / "run"
     with slow_link(3):
         r = launch("nodes=3", "cluster=slurm", "health.on_bad=exclude", "trainer.max_steps=6",
-                   "trainer.warmup_steps=1", *FAST, "wait=true", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+                   "trainer.warmup_steps=1", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 240
+        while not (run / "result.json").exists():
+            assert time.monotonic() < deadline, "no record: the point was not resubmitted by its job"
+            time.sleep(1)
     first, second = [j["job_id"] for j in json.loads((run / "manifest.json").read_text())["points"]["0"]["jobs"]]
-    assert f"point 0: its job {first} stopped before training for a bad node; resubmitted without nsnode3 as job " \
-           f"{second} (1 of 2 resubmissions, health.max_resubmits)" in r.stderr
+    assert f"pipeline.launcher.heal: point 0: its job {first} stopped before training for a bad node; resubmitted " \
+           f"without nsnode3 as job {second} (1 of 2 resubmissions, health.max_resubmits)" in \
+           (run / "submitit" / f"{first}_0_log.out").read_text()
+    while jobs_in_queue():  # the record is written before the job ends
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     assert sacct_nodes(first) == ["nsnode1", "nsnode2", "nsnode3"]
     assert sacct_nodes(second) == ["nsnode1", "nsnode2", "nsnode4"]
     (entry,) = json.loads((run / "bad-nodes.json").read_text())["entries"]

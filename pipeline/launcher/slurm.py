@@ -3,16 +3,19 @@ whose allocations are identical (every sbatch value) go out as one job array, on
 `sbatch` call (split where the array would pass the cluster's MaxArraySize).
 
 `sbatch_parameters` is the one mapping from config to sbatch options; submitit renders them (its own
-whitelisted, quoted `#SBATCH` lines). The values that reach the script are checked when the config is typed
-(pipeline.slurm), since a newline in a quoted `#SBATCH` value would still start a new shell line; `cluster.setup`
-is the one place for raw shell. What Slurm's own commands say (the array limit, a test-only submission) is
-pipeline.slurm's too. Nothing here imports torch: it runs on login nodes.
+whitelisted, quoted `#SBATCH` lines). Under health.on_bad=exclude the script ends by resubmitting its point
+without the bad nodes its health check found (`heal_lines`). The values that reach the script are checked when
+the config is typed (pipeline.slurm), since a newline in a quoted `#SBATCH` value would still start a new shell
+line; `cluster.setup` is the one place for raw shell. What Slurm's own commands say (the array limit, a
+test-only submission) is pipeline.slurm's too. Nothing here imports torch: it runs on login nodes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -105,7 +108,17 @@ def _executor(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tu
                                                    avoid))
     if len(group) > 1:
         executor.update_parameters(array_parallelism=first.run.cluster.array_parallelism or len(group))
+    if any(p.run.health.on_bad == "exclude" for p in group):
+        executor.update_parameters(teardown=heal_lines(sweep_dir))
     return executor, log_dir
+
+
+def heal_lines(sweep_dir: Path) -> list[str]:
+    """The batch script's last lines, on the host once the ranks' step has ended: the job resubmits its point
+    without a bad node its health check found (pipeline.launcher.heal, with nobody watching), then ends with the
+    step's exit status, not the resubmission's."""
+    return ["step_status=$?", f"{shlex.quote(sys.executable)} -m pipeline.launcher.heal "
+            f"{shlex.quote(str(sweep_dir))} || true", 'exit "$step_status"']
 
 
 def render_sbatch(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> str:

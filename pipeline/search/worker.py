@@ -32,7 +32,7 @@ from pipeline.rundir import (LOG_DIR, RECORD_NAME, SRUN_LOG_PATTERN, TRIALS_DIR,
                              WorkerState, record_status, parse_json, read_small)
 from pipeline.runlock import claim
 from pipeline.search import study as studies
-from pipeline.slurm import RESTART_COUNT_VAR, port_for_job
+from pipeline.slurm import RESTART_COUNT_VAR, job_id_from_env, port_for_job
 
 log = logging.getLogger("pipeline.search")
 
@@ -53,7 +53,7 @@ def work(search_dir: Path, me: int) -> None:
     settings = prepare_run(plan.config).search
     folder = search_dir / WORKERS_DIR / str(me)
     folder.mkdir(parents=True, exist_ok=True)
-    job_id = slurm_job_id()
+    job_id = job_id_from_env()
     study = studies.open_study(plan, settings, worker=me)
     state = resumed_state(folder, me, job_id)
     stop = start_heartbeat(folder, settings.heartbeat_s)
@@ -84,14 +84,6 @@ def next_trial(study, plan: SearchPlan, settings, search_dir: Path, me: int, job
             return trial
         ENDING.wait(settings.heartbeat_s)
     return None
-
-
-def slurm_job_id() -> str | None:
-    """This worker's job as squeue names it: an array task's `<array>_<task>`, else the job id."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
 
 
 def resumed_state(folder: Path, me: int, job_id: str | None) -> WorkerState:
@@ -263,7 +255,7 @@ def srun_command(point: PlannedPoint) -> list[str]:
     hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                            capture_output=True, text=True, check=True).stdout.split()[:run.nodes]
     restarts = earlier_starts(point.point_dir) - 1  # the trial's, not the worker job's (SLURM_RESTART_COUNT)
-    env = (f"ALL,MASTER_ADDR={hosts[0]},MASTER_PORT={port_for_job(f'{slurm_job_id()}-{point.index}')},"
+    env = (f"ALL,MASTER_ADDR={hosts[0]},MASTER_PORT={port_for_job(f'{job_id_from_env()}-{point.index}')},"
            f"{RESTART_COUNT_VAR}={max(0, restarts)}")
     return ["srun", f"--nodes={run.nodes}", f"--ntasks={run.world_size}",
             f"--ntasks-per-node={run.cluster.tasks_per_node}",
