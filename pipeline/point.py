@@ -108,8 +108,8 @@ def check_device(run: RunConfig) -> None:
 def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     """Type and check one point's config, the built-in datasets' files included (constructing them checks their
     files, importing no torch: the job's own build step, pipeline.targets; so are Hugging Face's `datasets` (their
-    splits and held-out rows checked); a user's own `_target_`s have had their modules found, not imported) and its
-    trackers installed. Raises ConfigError naming the key."""
+    splits and held-out rows checked); a user's own `_target_`s have been read from their source, not imported:
+    pipeline.sources) and its trackers installed. Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     check_device(run)
     abspath_dataset_root(run)
