@@ -760,14 +760,24 @@ class RunConfig:
 
 
 def check_schedule_floors(key: str, node: Any) -> None:
-    """A schedule's floor (`eta_min`, `min_lr`, at any depth: a warm-up's `then`) is not negative: torch takes it and
-    the learning rate goes below zero, the optimizer then climbing the loss."""
+    """A schedule's floor (`eta_min`, `min_lr`, at any depth: a warm-up's `then`) is a number, not negative: torch
+    takes a negative one and the learning rate goes below zero, the optimizer then climbing the loss. A warm-up
+    takes a step at least, from a fraction of the rate in (0, 1] (torch's LinearLR refuses others on the ranks)."""
     items = node.items() if isinstance(node, dict) else vars(node).items() if dataclasses.is_dataclass(node) else ()
     for name, value in items:
         if isinstance(value, dict):
             check_schedule_floors(f"{key}.{name}", value)
+        elif name in ("eta_min", "min_lr") and not isinstance(value, (int, float)) and value is not None:
+            raise ConfigError(f"{key}.{name}={value!r} is not allowed: a learning rate's floor is a number >= 0")
         elif name in ("eta_min", "min_lr") and isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{key}.{name}={value} is not allowed: a learning rate's floor must be >= 0")
+        elif name == "start_factor" and isinstance(value, (int, float)) and not 0 < value <= 1:
+            raise ConfigError(f"{key}.{name}={value} is not allowed: a warm-up starts at a fraction of the learning "
+                              "rate, in (0, 1]")
+        elif name in ("warmup_steps", "num_warmup_steps") and isinstance(value, int) and value < 1 and \
+                key == "scheduler":
+            raise ConfigError(f"{key}.{name}={value} is not allowed: a warm-up takes >= 1 step (for none, choose a "
+                              "schedule without one)")
 
 
 def check_resume_from(run: RunConfig) -> None:
@@ -951,8 +961,10 @@ def plain_config(cfg: "DictConfig") -> dict:
                 value = cfg[key]
                 plain[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         return plain
-    except Exception as e:
-        raise ConfigError(str(e).strip()) from None
+    except Exception as e:  # OmegaConf's: its first line says what, its full_key where (its other lines, how)
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key}: {said}" if key and not said.startswith(f"{key}") else said) from None
 
 
 # how a point is launched (what a search makes of it, where it is told), not what it trains
@@ -971,10 +983,14 @@ def to_plain(run: RunConfig) -> dict:
     return dataclasses.asdict(run)
 
 
-def abspath_dataset_root(run: RunConfig) -> None:
-    """Ranks may start in another directory (a Slurm job does): pin a relative dataset root to the launch cwd."""
+def pin_paths(run: RunConfig) -> None:
+    """Ranks may start in another directory (a Slurm job does): pin a relative dataset root, and a search's
+    journal file (a storage that is no database URL), to the launch cwd."""
     if getattr(run.dataset, "root", None) is not None:
         run.dataset.root = os.path.abspath(run.dataset.root)
+    storage = run.search.storage if run.search is not None else None
+    if storage and not re.match(r"^[a-z+]+:", storage):
+        run.search.storage = os.path.abspath(storage)
 
 
 # `${from_dataset:NAME}` in any config node (a model's, a Hugging Face config's, a loss's): the train dataset's

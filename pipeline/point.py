@@ -25,12 +25,12 @@ from hydra.core.utils import setup_globals
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from pipeline.config import (ConfigError, RunConfig, abspath_dataset_root, check_resume_from, parse_run_config,
+from pipeline.config import (ConfigError, RunConfig, check_resume_from, parse_run_config, pin_paths,
                              register_configs, to_plain)
 from pipeline.rundir import GitInfo, Point, utc_now
 from pipeline.runlock import claim, keep_until_exit
 from pipeline.slurm import check_script_text, mem_bytes
-from pipeline.targets import BuildError, build_datasets, built_at_launch
+from pipeline.targets import BuildError, build_datasets, built_at_launch, check_model_sizes, dataset_facts
 from pipeline.tracking.trackers import check_tracking
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     pipeline.sources) and its trackers installed. Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     check_device(run)
-    abspath_dataset_root(run)
+    pin_paths(run)
     check_resume_from(run)
     check_tracking(run.tracking)
     if not isinstance(run.dataset, dict) or built_at_launch(run.dataset):
@@ -120,6 +120,7 @@ def prepare_run(cfg: DictConfig | dict) -> RunConfig:
             splits = build_datasets(run, rank=None)
         except BuildError as e:  # Hugging Face's: a file that is not there, a format it cannot read
             raise ConfigError(str(e)) from None
+        check_model_sizes(run, dataset_facts(splits.train), "at launch")
         warn_batch_memory(run, splits.train)
     return run
 
@@ -135,8 +136,11 @@ def check_folder(key: str, path: Path, given: str | None = None) -> Path:
 
 
 def check_job_name(name: str) -> None:
-    """hydra.job.name: Hydra names its job log after it, in the run's folder."""
+    """hydra.job.name: Hydra names its job log after it, in the run's folder (a `/` would be a folder there)."""
     check_script_text("hydra.job.name", name)
+    if "/" in name or name in ("", ".", ".."):
+        raise ConfigError(f"hydra.job.name={name!r} is not allowed: Hydra names a file in the run's folder after "
+                          "it; give a name without '/'")
 
 
 @functools.cache

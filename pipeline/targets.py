@@ -88,6 +88,24 @@ def with_dataset_values(key: str, node: Any, facts: dict[str, Any]) -> Any:
     return facts[name]
 
 
+def check_model_sizes(run: RunConfig, facts: dict[str, Any], where: str) -> None:
+    """A class count or vocabulary set in model.* covers the dataset's (a smaller one fails far from the cause: on
+    CUDA, as a device-side assert), and an input shape set there is the dataset's (else the first layer's matrix
+    product fails). `where`: "at launch" (a dataset the launch builds), or the rank."""
+    def mine(name):
+        return run.model.get(name) if isinstance(run.model, dict) else getattr(run.model, name, None)
+
+    for name in ("num_classes", "vocab_size"):
+        theirs = facts.get(name)
+        if isinstance(mine(name), int) and isinstance(theirs, int) and mine(name) < theirs:
+            raise ConfigError(f"model.{name}={mine(name)} is smaller than the dataset's {name}={theirs} ({where}); "
+                              f"set model.{name}={theirs}, or null to take the dataset's")
+    shape, theirs = mine("input_shape"), facts.get("input_shape")
+    if isinstance(shape, (list, tuple)) and isinstance(theirs, (list, tuple)) and list(shape) != list(theirs):
+        raise ConfigError(f"model.input_shape={list(shape)} is not the dataset's input_shape={list(theirs)} ({where}); "
+                          "set model.input_shape=null to take the dataset's")
+
+
 def dataset_facts(dataset: Any) -> dict[str, Any]:
     """What a dataset says of itself that configs may use: its FROM_DATASET attributes (tuples as lists)."""
     facts = {name: getattr(dataset, name, None) for name in FROM_DATASET}

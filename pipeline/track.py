@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{PROGRAM}: %(message)s")
     try:
+        if args.mlflow_uri is not None and not args.mlflow_uri.strip():
+            raise ConfigError("--mlflow-uri='' is not allowed: give an MLflow tracking URI (http://host:5000, "
+                              "file:///path), or leave the option out to send to the points' own trackers")
         tracking = TrackingConfig(mlflow=MlflowTrackingConfig(uri=args.mlflow_uri, experiment=args.mlflow_experiment)
                                   ) if args.mlflow_uri else None
         if tracking is not None:

@@ -31,8 +31,8 @@ from pipeline.job.data import Data, ItemFormat, check_datasets
 from pipeline.job.stream import first_items
 from pipeline.job.memory import resident_bytes
 from pipeline.result import OptimizerInfo, ParamGroupInfo
-from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, dataset_facts, given, located,
-                              partial_of, reported, takes_any_keyword)
+from pipeline.targets import (BuildError, asks_for, build, build_datasets, call, check_model_sizes, dataset_facts,
+                              given, located, partial_of, reported, takes_any_keyword)
 from pipeline.workloads.losses import ModelLoss
 from pipeline.workloads.schedules import run_length
 
@@ -74,7 +74,7 @@ def build_model(run: RunConfig, dataset: Any, rank: int) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise BuildError(f"model._target_={target} built a {type(model).__name__} on rank {rank}, not a "
                          "torch.nn.Module")
-    _check_explicit_sizes(run, facts, rank)
+    check_model_sizes(run, facts, f"rank {rank}")
     say_unused_hooks(model, run, rank)
     return model
 
@@ -93,17 +93,6 @@ def _say_what_was_passed(run: RunConfig, rank: int, offered: dict, facts: dict) 
         log.warning("model._target_=%s takes **kwargs, so it was not given the dataset's num_classes=%s: it builds "
                     "its own default head unless you set model.num_classes (or model.num_classes="
                     "${from_dataset:num_classes})", target, facts["num_classes"])
-
-
-def _check_explicit_sizes(run: RunConfig, facts: dict, rank: int) -> None:
-    """A class count or vocabulary set in model.* must cover the dataset's: a smaller one fails far from the cause
-    (on CUDA, as a device-side assert)."""
-    for name in ("num_classes", "vocab_size"):
-        mine = run.model.get(name) if isinstance(run.model, dict) else getattr(run.model, name, None)
-        theirs = facts.get(name)
-        if isinstance(mine, int) and isinstance(theirs, int) and mine < theirs:
-            raise BuildError(f"model.{name}={mine} is smaller than the dataset's {name}={theirs} (rank {rank}); "
-                             f"set model.{name}={theirs}, or null to take the dataset's")
 
 
 def build_loss(run: RunConfig, rank: int, facts: dict | None = None) -> Callable:

@@ -116,6 +116,8 @@ def _joined(text: str) -> str:
 
 def _hydra(e: BaseException) -> str:
     text = str(e)
+    if text.startswith("Additional config directory"):
+        return f"--config-dir: {_joined(text)}"
     missing = re.match(r"Could not override '([^']+)'", text)
     if missing:
         return _unknown_key(missing.group(1))
@@ -156,8 +158,8 @@ def _missing_option(e) -> str:
     """`model=foo`, `+experiment=nope`: the group's options (not the schemas that they extend)."""
     group, _, name = (e.missing_cfg_file or "").rpartition("/")
     options = [o for o in (e.options or _conf_options(group)) if not o.endswith("_schema")]
-    if not group:
-        return _joined(str(e))
+    if not group:  # the primary config: --config-name's
+        return (f"--config-name: {_joined(str(e))}" if "primary config" in str(e) else _joined(str(e)))
     choose = f"choose one of: {', '.join(options)}" if options else "that group has no options"
     return f"{group}={name} is not an option of {group}; {choose}"
 
@@ -179,7 +181,7 @@ def _yaml(e) -> str:
     return f"{where}: not valid YAML ({what})"
 
 
-UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 
 def _file_error(e: OSError) -> str:

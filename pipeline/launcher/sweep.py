@@ -86,6 +86,9 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     composer = Composer(hydra_context, config)
+    if not job_overrides and not outcomes:
+        raise ConfigError("the sweep has no points (an empty range or choice on the command line?): give each "
+                          "swept key one value at least")
     points = [composer.point(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
     by_index = {p.index: p for p in points}
     check_job_name(str(config.hydra.job.name))

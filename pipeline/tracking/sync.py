@@ -48,7 +48,7 @@ def sync_point(point_dir: Path, tracking: TrackingConfig | None = None) -> list[
     point = Point.read(point_dir)
     tracking = tracking or parse_run_config(point.config).tracking
     if not tracking.names:
-        return [f"{point_dir}: no tracker (its launch had no tracking=[...]; give one: --mlflow-uri, --wandb-project)"]
+        return [f"{point_dir}: no tracker (its launch had no tracking=[...]; give one: --mlflow-uri)"]
     try:
         lock = RunLock(point_dir)
     except FolderInUse:
