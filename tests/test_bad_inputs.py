@@ -640,6 +640,9 @@ ROWS = [
            said="scheduler.then.eta_min='abc' is not allowed: a learning rate's floor is a number >= 0"),
     launch("model/input-shape-not-the-datasets", "dataset.image_shape=[3,32,32]", "model.input_shape=[1,28,28]",
            said="model.input_shape=[1, 28, 28] is not the dataset's input_shape=[3, 32, 32] (at launch)"),
+    slurm("slurm/extra-as-a-mapping", "cluster.sbatch_extra={comment:x}",
+          said="cluster.sbatch_extra: its new key 'comment' needs a + on the command line: "
+               "+cluster.sbatch_extra.comment=VALUE"),
     program("track", "track/mlflow-uri-empty", "sync", "{t}", "--mlflow-uri", "",
             said="pipeline.track: --mlflow-uri='' is not allowed"),
 ]
@@ -660,9 +663,6 @@ NOT_YET = [
      "refused as 'BasicSweeper does not support sweep type : INTERVAL_SWEEP', naming no key"),
     (sweep("sweep/no-point", "trainer.seed=range(0,0)", said="trainer.seed"),
      "a sweep of no point exits 0 (it asks git for the commit first, which the harness refuses: exit 1)"),
-    (slurm("slurm/extra-as-a-mapping", "cluster.sbatch_extra={comment:x}", said="cluster.sbatch_extra.comment"),
-     ("refused as 'cluster.sbatch_extra is not a key of the cluster chosen here', which it is (its new key 'comment' "
-      "is what a struct config refuses: +cluster.sbatch_extra.comment=x)")),
     (program("track", "track/sync-point-json-damaged", "sync", "{t}", make=holding("p0/point.json", b"\0garbage"),
              code=1, said="{t}/p0: not synced: JSONDecodeError"),
      ("exit 1 as documented, but the same error said twice: the second time as 'a sweep's parent run could not be "

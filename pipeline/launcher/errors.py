@@ -120,6 +120,12 @@ def _hydra(e: BaseException) -> str:
         return f"--config-dir: {_joined(text)}"
     missing = re.match(r"Could not override '([^']+)'", text)
     if missing:
+        new_key = re.search(r"Key '([^']+)' is not in struct", str(e.__cause__ or ""))
+        if new_key and missing.group(1) in known_keys() and new_key.group(1) != missing.group(1).split(".")[-1]:
+            # a mapping given a new key: `key={new: value}`
+            key = missing.group(1)
+            return (f"{key}: its new key {new_key.group(1)!r} needs a + on the command line: "
+                    f"+{key}.{new_key.group(1)}=VALUE")
         return _unknown_key(missing.group(1))
     merging = re.match(r"Error merging override (.+)", text)
     cause = e.__cause__
