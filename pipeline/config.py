@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from pipeline.checks import ConfigError, check_at_least, check_at_most, check_choice, check_positive
+from pipeline.containers import check_container
 from pipeline.rundir import CHECKSUMS_NAME, POINT_NAME, SHARDED_CHECKPOINT_NAME, Point, non_finite
 from pipeline.slurm import check_slurm_values
 from pipeline.sources import Passes, check_definition, check_target, check_target_node
@@ -57,6 +58,24 @@ PASSES = {
 
 # --------------------------------------------------------------------------------------------- cluster
 @dataclass
+class ContainerConfig:
+    """The container image the ranks run in (docs/containers.md; pipeline.containers): no image, no container.
+    The sweep folder and the dataset roots are bound in at their own paths; `python` is the image's."""
+
+    image: Optional[str] = None  # a directory or SquashFS (Charliecloud), a SIF or sandbox (Apptainer), a
+    # registry reference or .sqsh file (pyxis: docker://..., nvcr.io#nvidia/pytorch:24.01-py3)
+    runtime: Optional[str] = None  # charliecloud | apptainer | pyxis
+    python: str = "python3"  # the image's Python, as a command or an absolute path inside it
+    mounts: List[str] = field(default_factory=list)  # further HOST_PATH[:CONTAINER_PATH] binds, absolute
+    workdir: Optional[str] = None  # the ranks' working directory inside the image (null: the runtime's default)
+    env: Dict[str, str] = field(default_factory=dict)  # variables set inside the container
+    options: List[str] = field(default_factory=list)  # the runtime's own further options (--writable-tmpfs, ...)
+
+    def __post_init__(self) -> None:
+        check_container(self)
+
+
+@dataclass
 class LocalClusterConfig:
     """Local debug mode: `nodes` simulated nodes x `tasks_per_node` processes on this machine."""
 
@@ -71,6 +90,7 @@ class LocalClusterConfig:
     # node gone) is named, with its state, by the rank watching it, which ends the run (pipeline.job.heartbeat);
     # above timeout_s, the collectives' timeout comes first
     silent_s: float = 30.0
+    container: ContainerConfig = field(default_factory=ContainerConfig)
 
 
 # torch's store and gloo count the timeout in milliseconds, in places as a 32-bit int: 2**31 - 1 ms is ~24.8 days

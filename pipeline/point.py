@@ -25,6 +25,7 @@ from hydra.core.utils import setup_globals
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
+from pipeline import containers
 from pipeline.config import (ConfigError, RunConfig, check_resume_from, parse_run_config, pin_paths,
                              register_configs, to_plain)
 from pipeline.rundir import GitInfo, Point, utc_now
@@ -112,6 +113,7 @@ def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     pipeline.sources) and its trackers installed. Raises ConfigError naming the key."""
     run = parse_run_config(cfg)
     check_device(run)
+    containers.preflight(run)
     pin_paths(run)
     check_resume_from(run)
     check_tracking(run.tracking)

@@ -72,6 +72,9 @@ SBATCH_NAME = "job.sbatch"  # dry run: the script that would be submitted
 # one log per rank, named alike in local debug mode and on Slurm: N the node's index in the job, R the global rank
 LOG_DIR = "logs"
 SRUN_LOG_PATTERN = "node%n-rank%t.log"  # srun's spelling of rank_log_path's name
+# in POINT_DIR/logs: a rank in a container stopped to be continued (it cannot requeue its job: no scontrol in an
+# image); the batch script, on the host, requeues the job when it finds this job's and restart's mark
+REQUEUE_MARK = ".requeue-{job}-{restart}"
 # in every local-mode rank's environment: the launcher whose death the rank follows (pipeline.lifeline)
 LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"
 

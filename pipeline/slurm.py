@@ -28,6 +28,7 @@ from typing import Any
 from pipeline.checks import ConfigError
 
 DEFAULT_MAX_ARRAY = 1001  # Slurm's default MaxArraySize
+EXIT_REQUEUED = 75  # EX_TEMPFAIL: a rank stopped on purpose, to be continued by the requeued job
 
 # ------------------------------------------------------------------------------------------ names and values
 # characters Slurm names and values use; no whitespace, quotes, `$`, `;` or newlines

@@ -17,11 +17,13 @@ import pytest
 
 from pipeline.badnodes import add_bad_nodes
 from pipeline.config import ConfigError, parse_run_config
+from pipeline.containers import SOURCE_ROOT
 from pipeline.launcher.manifest import add_submissions, read_manifest
 from pipeline.launcher.slurm import render_sbatch
 from pipeline.point import PlannedPoint
 from pipeline.rundir import BadNodeEntry, Failure
 from pipeline.slurm import expand_job_ids
+from pipeline.workloads.datasets import cache_dir
 from tests.conftest import GOLDEN, REPO
 from tests.fake_slurm.fake_slurm import calls, install, set_state
 from tests.records_factory import make_record, write_record
@@ -425,7 +427,8 @@ def rendered(compose_cfg, points: int, *overrides: str, avoid: tuple[str, ...] =
     group = [PlannedPoint(i, [], run, Path(f"/SWEEP/{i}")) for i in range(points)]
     text = render_sbatch(group, Path("/SWEEP"), "pipeline-sweep-0", avoid)
     text = re.sub(r"/SWEEP/\.array-logs/[0-9a-f]+/", "/SWEEP/.array-logs/ARRAY/", text)
-    return text.replace(sys.executable, "PYTHON")
+    # this checkout's and this machine's paths: the launch's Python, the project's source, the datasets' cache
+    return text.replace(sys.executable, "PYTHON").replace(SOURCE_ROOT, "SOURCE").replace(str(cache_dir()), "CACHE")
 
 
 @pytest.mark.parametrize("name, points, overrides, avoid", [
@@ -435,6 +438,16 @@ def rendered(compose_cfg, points: int, *overrides: str, avoid: tuple[str, ...] =
     ("array", 3, ["nodes=1", "cluster.array_parallelism=2", "cluster.exclusive=true"], ()),
     # cluster.exclude and the sweep's bad-node list, together
     ("excluded", 1, ["nodes=3", "cluster.exclude=['gpu[01-02]',gpu17]", "health.on_bad=exclude"], ("gpu09",)),
+    # the ranks in a container, per runtime (docs/containers.md): the batch script requeues, on the host
+    ("pyxis", 1, ["nodes=2", "cluster.gpus_per_node=8", "cluster.container.runtime=pyxis",
+                  "cluster.container.image='nvcr.io#nvidia/pytorch:24.01-py3'",
+                  "cluster.container.mounts=[/lustre/data]", "cluster.container.workdir=/workspace",
+                  "+cluster.container.env.NCCL_DEBUG=WARN"], ()),
+    ("apptainer", 1, ["nodes=2", "cluster.gpus_per_node=4", "cluster.container.runtime=apptainer",
+                      "cluster.container.image=/images/pytorch.sif", "cluster.container.options=[--writable-tmpfs]",
+                      "cluster.container.mounts=['/scratch/data:/data']"], ()),
+    ("charliecloud", 3, ["nodes=2", "cluster.container.runtime=charliecloud", "cluster.container.image=/images/torch",
+                         "cluster.container.python=/opt/venv/bin/python"], ()),
 ])
 def test_sbatch_scripts_match_the_golden_files(compose_cfg, name, points, overrides, avoid):
     """The golden files are checked in (tests/golden/sbatch); this test only reads them. After a deliberate change

@@ -11,10 +11,11 @@ import sys
 from typing import NoReturn
 
 from pipeline.job.context import Job
-from pipeline.slurm import requeue
+from pipeline.containers import IN_CONTAINER
+from pipeline.rundir import LOG_DIR, REQUEUE_MARK
+from pipeline.slurm import EXIT_REQUEUED, requeue
 
 log = logging.getLogger(__name__)
-EXIT_REQUEUED = 75  # EX_TEMPFAIL: stopped on purpose, to be continued by the requeued job
 
 
 class Interrupted(Exception):
@@ -44,9 +45,16 @@ class StopSignal:
             log.warning("stop signal received: training on until rank 0 checkpoints and the job is requeued")
 
     def hand_over(self, job: Job) -> NoReturn:
-        """After the checkpoint: rank 0 lets submitit requeue the job, or requeues it itself under a plain sbatch;
-        the other ranks (which took part in a sharded checkpoint) just stop."""
+        """After the checkpoint: rank 0 lets submitit requeue the job, or requeues it itself under a plain sbatch,
+        or, in a container (no scontrol there), leaves it to the batch script on the host; the other ranks (which
+        took part in a sharded checkpoint) just stop."""
         if not job.is_rank0:
+            sys.exit(EXIT_REQUEUED)
+        if os.environ.get(IN_CONTAINER) and job.on_slurm:  # no scontrol in the image: the batch script requeues
+            mark = REQUEUE_MARK.format(job=os.environ.get("SLURM_JOB_ID"), restart=job.env.restart_count)
+            (job.point_dir / LOG_DIR / mark).touch()
+            log.warning("checkpoint saved; the job's batch script requeues it (in a %s container)",
+                        os.environ[IN_CONTAINER])
             sys.exit(EXIT_REQUEUED)
         if callable(self._previous):
             self._previous(self.signum, None)  # submitit: resubmits the callable (it resumes from the checkpoint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import target_of
+from pipeline.containers import IN_CONTAINER
 from pipeline.job.build import Workload, build_optimizer, build_scheduler, optimizer_info
 from pipeline.job.checkpoint import Checkpoints, segment
 from pipeline.job.context import Job
@@ -161,8 +163,10 @@ class Trainer:
         if isinstance(self.order, StreamOrder):
             self.order.restore(streams, self.start_step)
         # a sharded checkpoint, or a stream's positions, are every rank's: the ranks agree at each finite check
-        # whether any caught the stop signal (Slurm signals every task, not at the same step), and save together
-        self.together = self.parallel.sharded or work.data.stream
+        # whether any caught the stop signal (Slurm signals every task, not at the same step), and save together.
+        # In a container too: no rank can requeue the job there (no scontrol), so every rank stops at the same step
+        # and exits to be continued, and the step's exit status tells the batch script, on the host, to requeue
+        self.together = self.parallel.sharded or work.data.stream or bool(os.environ.get(IN_CONTAINER))
         if self.start_step and job.is_rank0:
             log.info("resumed from %s at step %d", checkpoints.loaded, self.start_step)
         self.finite = FiniteCheck(t.finite_check_every, job.device, job.world_size)
@@ -249,12 +253,16 @@ class Trainer:
         if isinstance(self.order, StreamOrder):
             streams = [None] * self.job.world_size if self.job.is_rank0 else None
             dist.gather_object(self.order.state(), streams, dst=0)
-            if not (self.parallel.sharded or self.job.is_rank0):
-                return self.checkpoints.path
+        alone = self.together and not self.parallel.sharded and dist.is_initialized()  # all here, rank 0 saves
+        if alone and not self.job.is_rank0:
+            dist.barrier()  # none leaves before rank 0 has saved: srun --kill-on-bad-exit would stop it mid-write
+            return self.checkpoints.path
         self.checkpoints.save(model=self.parallel.raw, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
                               segments=[*self.segments, segment(self.start_step, self.timer.phases(), [
                                   asdict(e) for e in self.evaluations if e.step > self.start_step])],
                               streams=streams)
+        if alone:
+            dist.barrier()
         return self.checkpoints.path
 
     def fit(self, stop: StopSignal | None = None, judge: Judge | None = None) -> TrainOutcome:

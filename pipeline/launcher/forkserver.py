@@ -35,15 +35,18 @@ _FOREIGN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 POLL_S = 0.02  # how often a wait with a timeout looks again
 
 
-def start_rank(point_dir: Path, env: dict[str, str]) -> subprocess.Popen | ForkedRank:
+def start_rank(point_dir: Path, env: dict[str, str], python: list[str] | None = None) -> subprocess.Popen | ForkedRank:
     """One rank of the point with these variables (on top of the launcher's own), its output on `.stdout`: forked
-    by the fork server, started first if it is not yet; a process of its own where the server cannot fork."""
+    by the fork server, started first if it is not yet; a process of its own where the server cannot fork, or
+    where `python` says how (a container runtime's command: pipeline.containers)."""
     global _server
-    if _server is None:
-        _server = ForkServer.start()
-    rank = _server.fork(point_dir, env) if _server.alive else None
+    rank = None
+    if python is None:
+        if _server is None:
+            _server = ForkServer.start()
+        rank = _server.fork(point_dir, env) if _server.alive else None
     if rank is None:
-        return own(subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(point_dir)],
+        return own(subprocess.Popen([*(python or [sys.executable]), "-m", "pipeline.worker", str(point_dir)],
                                     env={**base_env(), **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return own(rank)

@@ -25,10 +25,11 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.cgroup import oom_kills
+from pipeline.containers import host_env, start_for
 from pipeline.launcher import forkserver
 from pipeline.launcher.diagnose import STOPPED, MemoryWatch, how_it_ended, process_state
 from pipeline.launcher.signals import GRACE_S, Process, stop_sessions
-from pipeline.rundir import LOG_DIR, Failure, Progress, rank_log_path
+from pipeline.rundir import LAUNCHER_PID_VAR, LOG_DIR, Failure, Progress, rank_log_path
 from pipeline.slurm import PORT_RANGE
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,16 @@ def sweep_threads(runs: list[RunConfig]) -> int | None:
     return max(1, (os.cpu_count() or 1) // max(r.world_size for r in runs))
 
 
-def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threads: int | None = None) -> None:
+def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threads: int | None = None,
+              sweep_dir: Path | None = None) -> None:
     """Start every rank of the point (or hand a warm one its part), wait for all of them; raise RunFailed when one
     fails. `position` says which point of the sweep this is (e.g. "point 2 of 3"), for the progress bar; `threads`,
-    each rank's CPU threads (None: its share of the cores, pipeline.job.placement)."""
+    each rank's CPU threads (None: its share of the cores, pipeline.job.placement). In a container
+    (cluster.container), each rank starts through the runtime, with the sweep folder (`sweep_dir`) bound in."""
     tty = sys.stdout.isatty()
+    python = start_for([run], sweep_dir or point_dir, name="local").python \
+        if run.cluster.container.image is not None else None
+    runtime_env = host_env() if python is not None else {}
     tpn = run.cluster.tasks_per_node
     master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     (point_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
@@ -150,9 +156,13 @@ def run_local(point_dir: Path, run: RunConfig, job_id: str, position: str, threa
         for local in range(tpn):
             rank = node * tpn + local
             path = rank_log_path(point_dir, node, rank)
-            env = {**master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local),
-                   **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-            proc = forkserver.start_rank(point_dir, env)
+            env = {**runtime_env, **master, **simulated_slurm_env(job_id, run.nodes, tpn, node, local),
+                   **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+                   # Apptainer's starter stays the rank's parent: its death signal would follow the starter, and
+                   # its check of the launcher's pid fail (pipeline/lifeline.py); the launcher's stop of the
+                   # rank's session still reaches it
+                   **({LAUNCHER_PID_VAR: ""} if run.cluster.container.runtime == "apptainer" else {})}
+            proc = forkserver.start_rank(point_dir, env, python)
             header = f"{RANK_HEADER} {rank} (simulated node {node}) is process {proc.pid}"
             ranks.append(Rank(rank, node, path, proc))
             echoes.append(threading.Thread(target=_copy, args=(proc.stdout, ranks[-1], rank == 0 and not tty, header),

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import resource
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from pipeline.badnodes import bad_nodes_or_empty, read_bad_nodes
 from pipeline.config import ConfigError, RunConfig
+from pipeline.containers import start_for
 from pipeline.launcher.local import RunFailed, run_local, simulated_slurm_env, sweep_threads
 from pipeline.launcher.manifest import add_skipped, add_submissions, read_manifest
 from pipeline.launcher.overlap import overlapped
@@ -222,7 +224,8 @@ def run_local_again_on_bad_nodes(p: PlannedPoint, point: Point, position: str, t
     for attempt in range(health.max_resubmits + 1):
         job_id = f"local-{point.run_id[:8]}" + (f"-{attempt}" if attempt else "")
         try:
-            run_local(p.point_dir, p.run, job_id=job_id, position=position, threads=threads)
+            run_local(p.point_dir, p.run, job_id=job_id, position=position, threads=threads,
+                      sweep_dir=Path(point.sweep_dir) if point.sweep_dir else p.point_dir)
             return
         except RunFailed:
             stopped = bad_nodes_or_empty(Path(point.sweep_dir) if point.sweep_dir else p.point_dir).of_job(job_id)
@@ -242,12 +245,15 @@ def write_local_dry_run(p: PlannedPoint, point: Point) -> None:
     tpn, job = p.run.cluster.tasks_per_node, f"local-{point.run_id[:8]}"
     lines = [f"# dry run: nothing was started. Local debug mode would start {p.run.world_size} process(es), one "
              "per rank, each with these variables (MASTER_ADDR=127.0.0.1 and a free MASTER_PORT besides):"]
+    sweep_dir = Path(point.sweep_dir) if point.sweep_dir else p.point_dir
+    python = start_for([p.run], sweep_dir, name="local").python_text if p.run.cluster.container.image else \
+        shlex.quote(sys.executable)
     for node in range(p.run.nodes):
         for local in range(tpn):
             env = simulated_slurm_env(job, p.run.nodes, tpn, node, local)
             lines.append(" ".join(f"{k}={v}" for k, v in env.items()) +
-                         f" {sys.executable} -m pipeline.worker {p.point_dir}"
-                         f" > {rank_log_path(p.point_dir, node, node * tpn + local)}")
+                         f" {python} -m pipeline.worker {shlex.quote(str(p.point_dir))}"
+                         f" > {shlex.quote(str(rank_log_path(p.point_dir, node, node * tpn + local)))}")
     (p.point_dir / DRY_RUN_NAME).write_text("\n".join(lines) + "\n")
 
 

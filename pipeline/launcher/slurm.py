@@ -12,6 +12,8 @@ test-only submission) is pipeline.slurm's too. Nothing here imports torch: it ru
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -23,7 +25,8 @@ from typing import Protocol
 import submitit
 
 from pipeline.config import RunConfig
-from pipeline.rundir import LOG_DIR, SBATCH_NAME, SRUN_LOG_PATTERN, SUBMITIT_DIR
+from pipeline.containers import USER_LINE, start_for
+from pipeline.rundir import LOG_DIR, REQUEUE_MARK, SBATCH_NAME, SRUN_LOG_PATTERN, SUBMITIT_DIR
 from pipeline.slurm import DEFAULT_MAX_ARRAY, excluded, max_array_size, would_accept
 from pipeline.worker import TrainingJob
 
@@ -78,7 +81,8 @@ class SlurmPoint(Protocol):
 def allocation(run: RunConfig, avoid: tuple[str, ...] = ()) -> str:
     """Everything of a point's sbatch script but its name and folders: points with equal allocations share an
     array."""
-    return json.dumps(sbatch_parameters(run, job_name="", log_dir=Path(), avoid=avoid), sort_keys=True, default=str)
+    return json.dumps({**sbatch_parameters(run, job_name="", log_dir=Path(), avoid=avoid),
+                       "container": dataclasses.asdict(run.cluster.container)}, sort_keys=True, default=str)
 
 
 def group_by_allocation(points: list[SlurmPoint], max_array: int | None = None) -> list[list[SlurmPoint]]:
@@ -103,22 +107,49 @@ def _executor(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tu
         folder, log_dir = first.point_dir / SUBMITIT_DIR, first.point_dir / LOG_DIR
     else:
         folder, log_dir = sweep_dir / SUBMITIT_DIR, sweep_dir / ARRAY_LOGS / uuid.uuid4().hex[:12]
-    executor = kind(folder=folder, max_num_timeout=3)
-    executor.update_parameters(**sbatch_parameters(first.run, job_name, log_dir / "%a" if len(group) > 1 else log_dir,
-                                                   avoid))
+    params = sbatch_parameters(first.run, job_name, log_dir / "%a" if len(group) > 1 else log_dir, avoid)
+    container = first.run.cluster.container.image is not None
+    if container:  # the ranks' Python through the runtime; srun's own options for pyxis
+        start = start_for([p.run for p in group], sweep_dir, name=container_name(sweep_dir, first.run))
+        params["srun_args"] += start.srun_args
+        if first.run.cluster.container.runtime == "charliecloud":
+            params["setup"] = [*params["setup"], USER_LINE]
+    executor = kind(folder=folder, max_num_timeout=3, python=start.python_text if container else None)
+    executor.update_parameters(**params)
     if len(group) > 1:
         executor.update_parameters(array_parallelism=first.run.cluster.array_parallelism or len(group))
-    if any(p.run.health.on_bad == "exclude" for p in group):
-        executor.update_parameters(teardown=heal_lines(sweep_dir))
+    task_logs = f'{shlex.quote(str(log_dir))}/"$SLURM_ARRAY_TASK_ID"' if len(group) > 1 else \
+        shlex.quote(str(log_dir))
+    lines = host_lines(sweep_dir, requeue=task_logs if container else None,
+                       heal=any(p.run.health.on_bad == "exclude" for p in group))
+    if lines:
+        executor.update_parameters(teardown=lines)
     return executor, log_dir
 
 
-def heal_lines(sweep_dir: Path) -> list[str]:
-    """The batch script's last lines, on the host once the ranks' step has ended: the job resubmits its point
-    without a bad node its health check found (pipeline.launcher.heal, with nobody watching), then ends with the
-    step's exit status, not the resubmission's."""
-    return ["step_status=$?", f"{shlex.quote(sys.executable)} -m pipeline.launcher.heal "
-            f"{shlex.quote(str(sweep_dir))} || true", 'exit "$step_status"']
+def container_name(sweep_dir: Path, run: RunConfig) -> str:
+    """pyxis's name for a sweep's container of an image: a requeued job, back on a node that has it, reuses it
+    instead of importing the image again; another sweep, or another image, never does."""
+    digest = hashlib.sha256(f"{Path(sweep_dir).resolve()}\0{run.cluster.container.image}".encode()).hexdigest()
+    return f"pipeline-{digest[:12]}"
+
+
+def host_lines(sweep_dir: Path, requeue: str | None, heal: bool) -> list[str]:
+    """The batch script's last lines, on the host once the ranks' step has ended, then the step's exit status as
+    the script's: with `requeue` (the task's logs folder, as shell text), the job is requeued where its rank 0
+    left this job's and restart's mark there (a rank in a container stopped to be continued: it has no scontrol
+    to requeue; the step's status cannot say it, srun having stopped the slower ranks); with `heal`, the job
+    resubmits its point without a bad node its health check found (pipeline.launcher.heal, with nobody
+    watching)."""
+    if not (requeue or heal):
+        return []
+    mark = REQUEUE_MARK.format(job="$SLURM_JOB_ID", restart="${SLURM_RESTART_COUNT:-0}")
+    return ["step_status=$?",
+            *([f'mark={requeue}/"{mark}"',
+               'if [ -e "$mark" ]; then rm -f "$mark"; scontrol requeue "$SLURM_JOB_ID"; fi'] if requeue else []),
+            *([f"{shlex.quote(sys.executable)} -m pipeline.launcher.heal {shlex.quote(str(sweep_dir))} || true"]
+              if heal else []),
+            'exit "$step_status"']
 
 
 def render_sbatch(group: list[SlurmPoint], sweep_dir: Path, job_name: str, avoid: tuple[str, ...] = ()) -> str:

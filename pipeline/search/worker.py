@@ -24,7 +24,6 @@ from pathlib import Path
 from submitit.helpers import Checkpointable
 
 from pipeline.config import ConfigError
-from pipeline.job.preemption import EXIT_REQUEUED
 from pipeline.launcher.logs import first_failed_log
 from pipeline.objective import NoValue, value_of
 from pipeline.point import PlannedPoint, freeze_point, prepare_run
@@ -32,7 +31,7 @@ from pipeline.rundir import (LOG_DIR, RECORD_NAME, SRUN_LOG_PATTERN, TRIALS_DIR,
                              WorkerState, record_status, parse_json, read_small)
 from pipeline.runlock import claim
 from pipeline.search import study as studies
-from pipeline.slurm import RESTART_COUNT_VAR, job_id_from_env, port_for_job
+from pipeline.slurm import EXIT_REQUEUED, RESTART_COUNT_VAR, job_id_from_env, port_for_job
 
 log = logging.getLogger("pipeline.search")
 

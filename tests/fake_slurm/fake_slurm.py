@@ -6,6 +6,8 @@ the states it wants with `set_state` and reads the scripts sbatch was given.
     FAKE_SLURM_MAX_NODES      sbatch --test-only rejects a job asking for more nodes (default 4) than this less the
                               ones its --exclude names
     FAKE_SLURM_MAX_ARRAY      scontrol show config's MaxArraySize (default 1001)
+    FAKE_SRUN_EXIT            srun's exit status (default 1: nothing runs)
+    FAKE_SRUN_PYXIS           srun --help lists pyxis's --container-image
 """
 
 import contextlib
@@ -149,6 +151,12 @@ def main() -> int:
         with open(calls, "a") as f:
             f.write(json.dumps([name, *args]) + "\n")
     commands = {"sbatch": sbatch, "squeue": squeue, "sacct": sacct, "scontrol": scontrol}
+    if name == "srun":  # a step: the exit status a test asks for (FAKE_SRUN_EXIT); with FAKE_SRUN_PYXIS, the
+        # plugin's options in its help, as pyxis adds them
+        if args == ["--help"] and os.environ.get("FAKE_SRUN_PYXIS"):
+            print("      --container-image=[USER@][REGISTRY#]IMAGE[:TAG]|PATH")
+            return 0
+        return int(os.environ.get("FAKE_SRUN_EXIT", "1"))
     if name not in commands:
         print(f"fake {name}: not faked (nothing runs on the fake Slurm)", file=sys.stderr)
         return 1
