@@ -27,7 +27,7 @@ NOT_SCHEMA_KEYS = {
                        "conf/scheduler/warmup_cosine.yaml"),
 }
 # schema keys whose value is a mapping of the user's own keys (`+cluster.sbatch_extra.mail-type=END`)
-OPEN_KEYS = {"cluster.sbatch_extra", "param_groups.function", "loader.collate_fn"}
+OPEN_KEYS = {"cluster.sbatch_extra", "cluster.container.env", "param_groups.function", "loader.collate_fn"}
 # spans that name a file, not a key (`model.pt`, `trainer.py`, `ddp.sbatch`)
 FILE_SUFFIXES = ("py", "pt", "sbatch", "json", "yaml", "log", "txt", "png", "md", "sh")
 
