@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import os
 import sys
+import sysconfig
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -162,7 +163,6 @@ def _bind(body: list[ast.stmt], space: _Namespace, top: bool = True) -> None:
     for stmt in body:
         if isinstance(stmt, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             space.bindings.setdefault(stmt.name, []).append((stmt, top))
-            space.dynamic |= stmt.name == "__getattr__"
         elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
             if top:
                 space.imports += [(_absolute(stmt, space.package), stmt.lineno)] if isinstance(stmt, ast.ImportFrom) \
@@ -183,18 +183,26 @@ def _bind(body: list[ast.stmt], space: _Namespace, top: bool = True) -> None:
                 _bind_targets(stmt, space, top=False)
         else:
             _bind_targets(stmt, space, top)
-            for node in ast.walk(stmt):
-                if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and \
-                        ast.unparse(node.value) == "sys.modules" or isinstance(node, ast.Call) and \
-                        isinstance(node.func, ast.Name) and node.func.id in ("globals", "setattr", "exec"):
-                    space.dynamic = True  # sys.modules[__name__] = a lazy module, globals().update(...)
-                space.moves_path |= isinstance(node, ast.Attribute) and node.attr == "path" and \
-                    isinstance(node.value, ast.Name) and node.value.id == "sys"
+        if type(stmt).__name__ == "Match":
+            space.dynamic = True  # names bound by its patterns
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "sys.modules" or \
+                    isinstance(node, ast.Call) and \
+                    isinstance(node.func, ast.Name) and node.func.id in ("globals", "vars", "locals", "setattr",
+                                                                        "exec") or \
+                    isinstance(node, (ast.Global, ast.NamedExpr)) or \
+                    isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
+                    "sys.modules" in ast.unparse(node.value):
+                space.dynamic = True  # sys.modules[__name__] = a lazy module, globals().update(...), `global X`
+            space.moves_path |= isinstance(node, ast.Attribute) and node.attr in ("path", "addsitedir") and \
+                isinstance(node.value, ast.Name) and node.value.id in ("sys", "site") or \
+                isinstance(node, ast.Name) and node.id in ("__path__", "extend_path")
+    space.dynamic |= "__getattr__" in space.bindings  # a lazy module's, however bound (lazy_loader's attach)
 
 
 def _bind_targets(stmt: ast.stmt, space: _Namespace, top: bool) -> None:
     """The names an assignment (a for loop's, a with's) binds: plain names and unpacked ones, not `X.attr = ...`."""
-    targets = getattr(stmt, "targets", None) or [t for t in (getattr(stmt, "target", None),) if t is not None]
+    targets = list(getattr(stmt, "targets", None) or [t for t in (getattr(stmt, "target", None),) if t is not None])
     targets += [item.optional_vars for item in getattr(stmt, "items", []) if item.optional_vars is not None]
     while targets:
         target = targets.pop()
@@ -227,14 +235,14 @@ def _lookup(module: str, name: str, budget: _Budget) -> Lookup:
         if len(bindings) > 1 and not top:  # bound in an if/else or a try: it exists, which one cannot be told
             return Found("other", module, space.path)
         return _bound(module, space, name, last, budget)  # the last one run (an @overload's implementation)
-    if find_module(f"{module}.{name}"):
-        return Found("module", f"{module}.{name}")
     unknown = space.dynamic
-    for star in space.stars:
+    for star in space.stars:  # before a submodule of the name: `from .alexnet import *` binds alexnet the function
         found = _lookup(star, name, budget)
         if isinstance(found, Found):
-            return found
+            return None if find_module(f"{module}.{name}") else found
         unknown |= found is None
+    if find_module(f"{module}.{name}"):
+        return None if unknown else Found("module", f"{module}.{name}")
     return None if unknown else MISSING
 
 
@@ -249,15 +257,17 @@ def _bound(module: str, space: _Namespace, name: str, stmt: ast.stmt, budget: _B
     if isinstance(stmt, ast.ImportFrom):
         alias = next(a for a in stmt.names if (a.asname or a.name) == name)
         source = _absolute(stmt, space.package)
-        if find_module(f"{source}.{alias.name}"):
-            return Found("module", f"{source}.{alias.name}")
         found = _lookup(source, alias.name, budget)
+        if find_module(f"{source}.{alias.name}"):  # a submodule, unless the package binds that name itself
+            return Found("module", f"{source}.{alias.name}") if found is MISSING else None
         return None if found is MISSING else found  # a broken import is the import's to report
     return Found("other", module, space.path)
 
 
 def _class_attribute(owner: Found, name: str, budget: _Budget) -> Lookup:
-    """A name in a class's body, or in its bases' (followed while they can be read)."""
+    """A name in a class's body, or in its bases' (followed while they can be read); None, never MISSING, where
+    it is not found: a class gets attributes in ways a source does not show (a decorator, `Net.build = ...` after
+    the class, a base's __init_subclass__)."""
     for stmt in owner.node.body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and stmt.name == name:
             return Found("class" if isinstance(stmt, ast.ClassDef) else "function", owner.module, owner.path, stmt,
@@ -271,9 +281,9 @@ def _class_attribute(owner: Found, name: str, budget: _Budget) -> Lookup:
         return None
     for base in bases:
         found = _class_attribute(base, name, budget)
-        if found is not MISSING:
+        if found is not None:
             return found
-    return MISSING
+    return None
 
 
 def _bases(cls: Found, budget: _Budget) -> list[Found] | None:
@@ -282,14 +292,34 @@ def _bases(cls: Found, budget: _Budget) -> list[Found] | None:
     if cls.node.keywords:
         return None  # metaclass=..., or keywords for __init_subclass__
     bases = []
+    space = _namespace(cls.module)
     for expr in cls.node.bases:
         if isinstance(expr, ast.Name) and expr.id == "object":
             continue
+        if isinstance(expr, ast.Name) and space is not None and len(space.bindings.get(expr.id, [])) > 1:
+            return None  # which binding the class statement saw depends on where it stands
         found = _expression(cls.module, expr, budget)
-        if not isinstance(found, Found) or found.kind != "class":
-            return None
+        if not isinstance(found, Found) or found.kind != "class" or found.node.decorator_list or \
+                not _plain_body(found.node):
+            return None  # a dataclass or attrs base, or one whose body a source does not settle
         bases.append(found)
     return bases
+
+
+def _plain_body(cls: ast.ClassDef) -> bool:
+    """A class body of plain definitions and assignments: no method bound by an if/try or an assignment
+    (`__init__ = _init`), no __new__, no __init_subclass__ (which may change what subclasses take)."""
+    for stmt in cls.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if stmt.name in ("__new__", "__init_subclass__", "__signature__"):
+                return False
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            if any(not isinstance(t, ast.Name) or t.id.startswith("__") for t in targets):
+                return False
+        elif not isinstance(stmt, (ast.Expr, ast.Pass, ast.ClassDef)):
+            return False
+    return True
 
 
 def _expression(module: str, expr: ast.expr, budget: _Budget) -> Lookup:
@@ -307,13 +337,11 @@ def signature_of(found: Found) -> Signature | None:
     __init__ (its own, or the first base's that has one, through single inheritance), or object's (none)."""
     if found.kind == "function":
         return _parameters(found.node, found.in_class)
-    if found.kind != "class" or found.node.decorator_list:
-        return None  # a dataclass, or a class a decorator changes
+    if found.kind != "class" or found.node.decorator_list or not _plain_body(found.node):
+        return None  # a dataclass, a class a decorator changes, or one whose __init__ a source does not settle
     budget, cls = _Budget(), found
     while True:
         names = {s.name: s for s in cls.node.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        if "__new__" in names or "__call__" in names and cls is not found:
-            return None
         if "__init__" in names:
             return _parameters(names["__init__"], method=True)
         bases = _bases(cls, budget)
@@ -337,7 +365,7 @@ def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef, method: bool) -> S
     if method and "staticmethod" not in decorators:
         positional = positional[1:]
     defaults = len(a.defaults)
-    required = positional[:len(positional) - defaults] if defaults else positional
+    required = list(positional[:len(positional) - defaults] if defaults else positional)
     required += [p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
     by_keyword = [p for p in positional if p not in {q.arg for q in a.posonlyargs}] + [p.arg for p in a.kwonlyargs]
     return Signature(tuple(by_keyword), tuple(positional), tuple(required), a.vararg is not None,
@@ -349,6 +377,8 @@ def is_module_class(found: Found, budget: _Budget | None = None) -> bool | None:
     budget = budget or _Budget()
     if (found.module, found.node.name) == TORCH_MODULE:
         return True
+    if any(isinstance(s, ast.FunctionDef) and s.name == "__new__" for s in found.node.body):
+        return None  # it may make something else than itself
     bases = _bases(found, budget)
     if bases is None:
         return None
@@ -424,7 +454,7 @@ def check_definition(key: str, node: dict, passes: Passes) -> None:
     cannot tell, the ranks will."""
     target = node["_target_"]
     top = target.split(".")[0]
-    if not passes.standard_library and top in sys.stdlib_module_names:
+    if not passes.standard_library and _standard_library(top) and target != "functools.partial":
         raise ConfigError(f"{key}._target_={target} is in Python's standard library ({top}), which makes no "
                           f"{key}; give the class or function of yours (or of a library) that makes one")
     _check_imports(key, target)
@@ -436,6 +466,8 @@ def check_definition(key: str, node: dict, passes: Passes) -> None:
         partial = node.get("_partial_") is True and not passes.positional and not passes.keywords
         positional = 0 if passes.object_called and found.kind == "class" else passes.positional
         _check_call(key, node, found, positional + len(node.get("_args_") or ()), passes.keywords, partial)
+    if node.get("_recursive_") is False:
+        return  # the target instantiates its nested configs itself, with arguments of its own
     for name, value in node.items():
         for nested_key, nested in _nested_targets(f"{key}.{name}", value):
             check_target(f"{nested_key}._target_", nested["_target_"])
@@ -443,15 +475,30 @@ def check_definition(key: str, node: dict, passes: Passes) -> None:
 
 
 def _check_imports(key: str, target: str) -> None:
-    """The target's module imports, unconditionally, only modules that can be found here: one that cannot fails
-    its import on every rank (ModuleNotFoundError), whatever the target."""
+    """The target's module imports, unconditionally, only packages that are installed here: one that is not fails
+    its import on every rank (ModuleNotFoundError), whatever the target. Only the top-level name is looked for
+    (a submodule may be made by its parent's import: torch._C's, six.moves), and nothing where the module or its
+    package moves the search path."""
     module = ".".join(target.split(".")[:module_part(target)])
     space = _namespace(module)
-    for imported, line in space.imports if space is not None and not space.moves_path else ():
+    packages = [_namespace(".".join(module.split(".")[:n])) for n in range(1, module.count(".") + 1)]
+    if space is None or any(p is not None and p.moves_path for p in [space, *packages]):
+        return
+    for imported, line in space.imports:
+        imported = imported.split(".")[0]
         if imported and not find_module(imported):
             raise ConfigError(f"{key}._target_={target}: its module {module} ({space.path}, line {line}) imports "
                               f"{imported}, which is not installed here (the import would fail with "
                               "ModuleNotFoundError on every rank); install it, or add its folder to PYTHONPATH")
+
+
+def _standard_library(top: str) -> bool:
+    """Whether the module `import top` finds is Python's own (not a user's package of the same name)."""
+    if top not in sys.stdlib_module_names:
+        return False
+    spec = find_module(top)
+    origin = getattr(spec, "origin", None) or ""
+    return origin in ("built-in", "frozen") or origin.startswith(sysconfig.get_paths()["stdlib"])
 
 
 def _nested_targets(key: str, value: Any):
@@ -519,5 +566,8 @@ def _check_call(key: str, node: dict, found: Found, positional: int, keywords: t
     passed = set(signature.positional[:positional])
     lacking = [name for name in signature.required if name not in passed | set(given) | set(keywords)]
     if lacking:
+        first = signature.positional[:positional]
+        passed_as = f" (the pipeline passes its first {positional} argument(s) by position, here {', '.join(first)})" \
+            if first else ""
         raise ConfigError(f"{key}._target_={target} needs {', '.join(lacking)} ({found.where}), which neither the "
-                          f"config nor the pipeline gives; set {key}.{lacking[0]}")
+                          f"config nor the pipeline gives{passed_as}; set {key}.{lacking[0]}")

@@ -342,9 +342,12 @@ def test_a_preempted_stream_resumes_to_the_same_samples_and_parameters(slurm_clu
 @pytest.mark.slurm
 def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    # an optimizer class its module lacks passes the launch checks (which find the module without importing torch)
-    # and fails in the job
-    r = launch("-m", "cluster=slurm", "optimizer._target_=torch.optim.SGD,torch.optim.NoSuchOptimizer",
+    # an optimizer of the user's whose constructor raises passes the launch's checks (its source is read, not run)
+    # and fails in the job, which starts in the launch's folder, where its module is
+    (tmp_path / "myopt.py").write_text("import torch\n\n\nclass Broken(torch.optim.SGD):\n    def __init__(self, "
+                                       "params, lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False):\n"
+                                       "        raise ValueError('this optimizer refuses to start')\n")
+    r = launch("-m", "cluster=slurm", "optimizer._target_=torch.optim.SGD,myopt.Broken",
                "trainer.max_steps=5", "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = wait(sweep)
@@ -352,9 +355,11 @@ def test_status_lists_a_failed_point_and_resubmits_only_it(slurm_cluster, tmp_pa
     assert "completed" in lines["0"] and "failed" in lines["1"]
     assert "points without a record: 1" in out
     # status points to the rank that failed first and shows its last lines
-    assert "point 1: first failed rank's log" in out and "torch.optim.NoSuchOptimizer could not be imported" in out
-    r = status(sweep, "--resubmit-failed")
-    assert r.returncode == 0 and re.search(r"point 1: resubmitted as job \d+", r.stdout)
+    assert "point 1: first failed rank's log" in out and "myopt.Broken could not be built on rank" in out, out
+    # from the launch's folder, as the job starts where it is submitted from (its module is there)
+    r = subprocess.run([sys.executable, "-m", "pipeline.status", str(sweep), "--resubmit-failed"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and re.search(r"point 1: resubmitted as job \d+", r.stdout), r.stderr
     assert "point 0: resubmitted" not in r.stdout
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert len(manifest["points"]["0"]["jobs"]) == 1 and len(manifest["points"]["1"]["jobs"]) == 2
