@@ -662,6 +662,9 @@ class RunConfig:
         check_positive("cluster.silent_s", self.cluster.silent_s)
         check_at_most("cluster.timeout_s", self.cluster.timeout_s, MAX_TIMEOUT_S,
                       "about 24.8 days, the longest torch's store and gloo can wait")
+        if self.search is not None and self.cluster.container.image is not None:
+            raise ConfigError(f"search={self.search.kind} with cluster.container.image: a search's trials do not run "
+                              "in a container yet; run the search outside it, or sweep the points with -m")
         t, c = self.trainer, self.cluster
         if 0 < c.gpus_per_node < c.tasks_per_node and t.device != "cpu":
             raise ConfigError(

@@ -12,8 +12,8 @@ uses it on login nodes.
                                  bound in and put on PYTHONPATH, said)
 
 A rank in a container cannot requeue its job (`scontrol` is not in the image: pyxis #129, submitit #1601): it
-checkpoints and exits with EXIT_REQUEUED, and the batch script, on the host, requeues the job (pipeline.launcher.
-slurm.host_lines); the variable IN_CONTAINER tells the rank so.
+leaves a mark and exits with EXIT_REQUEUED, and the batch script, on the host, requeues the job (pipeline.launcher.
+slurm.host_lines). The ranks also find the runtime's name in their environment (IN_CONTAINER).
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ IN_CONTAINER = "PIPELINE_CONTAINER"  # set to the runtime's name in the ranks' e
 # newlines (a registry reference has `#` and `:`)
 _TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-#~]+$")
 _TOKEN_TEXT = "letters, digits and _ . , : @ % + = / - # ~"
+# a mount's path or a variable's value: Apptainer's --bind and --env, and pyxis's --container-mounts, split lists
+# of them at commas
+_LISTED = re.compile(r"^[A-Za-z0-9_.:@%+=/\-#~]+$")
+_LISTED_TEXT = "letters, digits and _ . : @ % + = / - # ~"
+# folders an image's software lives in: a bind over one of them would hide it
+SYSTEM_FOLDERS = ("/usr", "/usr/local", "/opt", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/var")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # a runtime option that would take the ranks out of the folders they write, or the image away from them
 _BREAKING = {"charliecloud": ("--cd", "-c", "--write", "-w", "--unset-env"),
@@ -73,9 +79,9 @@ def check_container(c: Any) -> None:
     for mount in c.mounts:
         source, _, target = str(mount).partition(":")
         target = target or source
-        if not _TOKEN.match(str(mount)) or str(mount).count(":") > 1:
+        if not _LISTED.match(str(mount)) or str(mount).count(":") > 1:
             raise ConfigError(f"cluster.container.mounts: {mount!r} is not allowed: give HOST_PATH or "
-                              f"HOST_PATH:CONTAINER_PATH, made of {_TOKEN_TEXT} less ':'")
+                              f"HOST_PATH:CONTAINER_PATH, made of {_LISTED_TEXT} less ':'")
         if not (os.path.isabs(source) and os.path.isabs(target)):
             raise ConfigError(f"cluster.container.mounts: {mount!r} is not allowed: both paths must be absolute "
                               "(a relative one would be the job's working directory's, on another node)")
@@ -86,8 +92,9 @@ def check_container(c: Any) -> None:
         if not _ENV_NAME.match(str(name)):
             raise ConfigError(f"cluster.container.env: {name!r} is not allowed: give a variable's name (letters, "
                               "digits and _, not first a digit)")
-        if not _TOKEN.match(str(value)):
-            raise ConfigError(f"cluster.container.env.{name}={value!r} is not allowed: use {_TOKEN_TEXT}")
+        if not _LISTED.match(str(value)):
+            raise ConfigError(f"cluster.container.env.{name}={value!r} is not allowed: use {_LISTED_TEXT} (the "
+                              "runtimes take lists of them split at commas)")
     for option in c.options:
         if not str(option).startswith("-") or not _TOKEN.match(str(option)):
             raise ConfigError(f"cluster.container.options: {option!r} is not allowed: give the runtime's own options "
@@ -116,11 +123,18 @@ def binds(c: Any, paths: list[str]) -> list[tuple[str, str]]:
 
 
 def _present_in(image: str, path: str) -> str:
-    """`path`, or its deepest parent folder that the image directory has (never / itself)."""
+    """`path`, or its deepest parent folder that the image directory has (never / itself, nor a folder the
+    image's software lives in, which the bind would hide)."""
     parts = Path(path).parts
     for n in range(len(parts), 1, -1):
         if os.path.isdir(os.path.join(image, *parts[1:n])):
-            return str(Path(*parts[:n]))
+            folder = str(Path(*parts[:n]))
+            if folder in SYSTEM_FOLDERS and folder != path:
+                raise ConfigError(f"cluster.container.image={image} has no folder {path} to bind it onto, and "
+                                  f"binding the host's {folder} over the image's would hide the image's own "
+                                  f"software (Charliecloud mounts its image read-only): make {path} in the image, "
+                                  "or bind the folder elsewhere with cluster.container.mounts")
+            return folder
     raise ConfigError(f"cluster.container.image={image} has no folder of {path} to bind it onto (Charliecloud "
                       f"mounts its image read-only and cannot make one): make /{parts[1]} in the image, or bind "
                       "the folder elsewhere with cluster.container.mounts")
@@ -146,13 +160,14 @@ def wrapped(c: Any, pairs: list[tuple[str, str]], gpus: bool, name: str,
             env: dict[str, str] | None = None, workdir: str | None = None) -> Wrapped:
     """The runtime's own way of running `c.python` in `c.image` with these binds, as its users write it; `name`
     names pyxis's container (a requeued job on the same node reuses it instead of importing the image again);
-    `workdir`, where Charliecloud starts without cluster.container.workdir (ch-run would start in /)."""
+    `workdir`, where the ranks start without cluster.container.workdir (the launch's folder, as for a job outside
+    a container: ch-run would start in /, pyxis in the image's folder; Apptainer starts in the current one)."""
     env = {IN_CONTAINER: c.runtime, **c.env, **(env or {})}
     if c.runtime == "pyxis":  # srun's plugin options; the environment passes through srun
         args = [f"--container-image={c.image}", f"--container-name={name}",
                 f"--container-mounts={','.join(f'{h}:{t}' for h, t in pairs)}", *map(str, c.options)]
-        if c.workdir:
-            args.append(f"--container-workdir={c.workdir}")
+        if c.workdir or workdir:
+            args.append(f"--container-workdir={c.workdir or workdir}")
         return Wrapped(args, ["env", *(f"{k}={v}" for k, v in env.items()), c.python])
     if c.runtime == "apptainer":
         command = ["apptainer", "exec", *(["--nv"] if gpus else []),
@@ -173,12 +188,14 @@ SOURCE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder that holds 
 def host_paths(run: Any, sweep_dir: Path | None) -> list[str]:
     """The host folders a run's ranks read or write, bound in at their own paths: the sweep folder, this project's
     source (the ranks run the launcher's own code: point.json is its schema's), the generated datasets' cache, the
+    launch's folder (where the ranks start, as a Slurm job does in the folder it was submitted from), the
     dataset's root, data_dir and data_files' folders, and trainer.resume_from's folder."""
     from pipeline.workloads.datasets import cache_dir
 
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    paths = [*([str(Path(sweep_dir).resolve())] if sweep_dir is not None else []), SOURCE_ROOT, str(cache)]
+    # the launch's folder, where the job starts (a module of the user's there is imported as on the host)
+    paths = [*([os.path.abspath(sweep_dir)] if sweep_dir is not None else []), SOURCE_ROOT, str(cache), os.getcwd()]
     node = run.dataset
     get = node.get if isinstance(node, dict) else lambda key: getattr(node, key, None)
     for key in ("root", "data_dir"):
@@ -191,6 +208,9 @@ def host_paths(run: Any, sweep_dir: Path | None) -> list[str]:
                 paths += sorted({os.path.dirname(os.path.abspath(m)) for m in glob.glob(one, recursive=True)})
     if run.trainer.resume_from:
         paths.append(os.path.dirname(os.path.abspath(run.trainer.resume_from)))
+    if "/" in paths:
+        raise ConfigError("a file directly under / (a dataset's, trainer.resume_from) would bind the host's whole root "
+                          "folder into the container: move it into a folder")
     unique = []
     for path in paths:  # a folder inside another bound one is bound with it
         if not any(_within(path, other) for other in unique):
@@ -207,8 +227,7 @@ def start_for(runs: list[Any], sweep_dir: Path | None, name: str) -> Wrapped:
     c = runs[0].cluster.container
     paths = [p for run in runs for p in host_paths(run, sweep_dir)]
     return wrapped(c, binds(c, list(dict.fromkeys(paths))), gpus=bool(runs[0].cluster.gpus_per_node), name=name,
-                   env={"PYTHONPATH": SOURCE_ROOT, "PIPELINE_CACHE_DIR": str(cache_dir())},
-                   workdir=str(Path(sweep_dir).resolve()) if sweep_dir is not None else SOURCE_ROOT)
+                   env={"PYTHONPATH": SOURCE_ROOT, "PIPELINE_CACHE_DIR": str(cache_dir())}, workdir=os.getcwd())
 
 
 # ch-run refuses to start without $USER (Charliecloud 0.31), which a batch job has only when its submitter had it

@@ -50,13 +50,13 @@ def charliecloud_image() -> Path:
 
 
 def in_image(image: Path, folder: Path) -> list[str]:
-    """A point in the image: the venv's Python (bound in with its interpreter's top folder), the model above, the
-    launch's folder as the ranks' working directory (where the model's module is)."""
+    """A point in the image: the venv's Python (bound in with its interpreter's top folder), and the model above,
+    whose module is in the launch's folder: the ranks start there, as a job outside a container does."""
     (folder / "inimage.py").write_text(IN_IMAGE)
     interpreter = f"/{Path(sys.base_prefix).parts[1]}"  # e.g. /root, for /root/.pyenv/versions/3.11.7
     return ["cluster.container.runtime=charliecloud", f"cluster.container.image={image}",
             f"cluster.container.python={sys.executable}", f"cluster.container.mounts=[{interpreter}]",
-            f"cluster.container.workdir={folder}", "~model", "+model._target_=inimage.Net"]
+            "~model", "+model._target_=inimage.Net"]
 
 
 @pytest.mark.e2e
@@ -182,6 +182,13 @@ def test_the_preflight_refuses_what_would_fail_on_the_nodes(compose_cfg, tmp_pat
      "give the runtime's own options (starting with -)"),
     (["cluster.container.runtime=apptainer", "cluster.container.image=/i.sif", "+cluster.container.env.A-B=a"],
      "cluster.container.env: 'A-B' is not allowed"),
+    # Apptainer's --bind and --env, and pyxis's --container-mounts, are lists split at commas
+    (["cluster.container.runtime=apptainer", "cluster.container.image=/i.sif", "+cluster.container.env.HCA='a,b'"],
+     "(the runtimes take lists of them split at commas)"),
+    (["cluster.container.runtime=pyxis", "cluster.container.image=u", "cluster.container.mounts=['/a,/b']"],
+     "cluster.container.mounts: '/a,/b' is not allowed"),
+    (["search=optuna", "cluster.container.runtime=charliecloud", "cluster.container.image=/i"],
+     "a search's trials do not run in a container yet"),
 ])
 def test_bad_container_values_are_refused_naming_the_key(compose_cfg, overrides, said):
     with pytest.raises(ConfigError, match=None) as e:
@@ -200,3 +207,22 @@ def test_a_dry_run_writes_the_script_of_each_runtime(tmp_path):
         assert 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert json.loads((tmp_path / "pyxis" / "point.json").read_text())["config"]["cluster"]["container"][
         "runtime"] == "pyxis"
+
+
+def test_charliecloud_binds_through_folders_the_image_has_but_never_over_its_software(tmp_path):
+    """A read-only image directory cannot take a mount point: /tmp/x/y is bound through the image's /tmp, the
+    host's root never, and a folder under /opt (where an image keeps its Python) is refused, naming what to make."""
+    from types import SimpleNamespace
+
+    from pipeline.containers import binds
+
+    image = tmp_path / "image"
+    for folder in ("bin", "tmp", "opt/conda", "work"):
+        (image / folder).mkdir(parents=True)
+    c = SimpleNamespace(runtime="charliecloud", image=str(image), mounts=[])
+    assert binds(c, ["/tmp/a/b", "/work/main", "/tmp/c"]) == [("/tmp", "/tmp"), ("/work", "/work")]
+    with pytest.raises(ConfigError, match="binding the host's /opt over the image's would hide the image's own "
+                                          "software"):
+        binds(c, ["/opt/data/imagenet"])
+    with pytest.raises(ConfigError, match="has no folder of /srv/data to bind it onto"):
+        binds(c, ["/srv/data"])

@@ -10,8 +10,9 @@ import signal
 import sys
 from typing import NoReturn
 
+import torch.distributed as dist
+
 from pipeline.job.context import Job
-from pipeline.containers import IN_CONTAINER
 from pipeline.rundir import LOG_DIR, REQUEUE_MARK
 from pipeline.slurm import EXIT_REQUEUED, requeue
 
@@ -48,13 +49,16 @@ class StopSignal:
         """After the checkpoint: rank 0 lets submitit requeue the job, or requeues it itself under a plain sbatch,
         or, in a container (no scontrol there), leaves it to the batch script on the host; the other ranks (which
         took part in a sharded checkpoint) just stop."""
-        if not job.is_rank0:
+        runtime = job.run.cluster.container.runtime if job.run.cluster.container.image else None
+        if runtime and job.on_slurm:  # no scontrol in the image: the batch script requeues, on the host
+            if job.is_rank0:
+                mark = REQUEUE_MARK.format(job=os.environ.get("SLURM_JOB_ID"), restart=job.env.restart_count)
+                (job.point_dir / LOG_DIR / mark).touch()
+                log.warning("checkpoint saved; the job's batch script requeues it (in a %s container)", runtime)
+            if dist.is_initialized():
+                dist.barrier()  # none leaves before the mark is there: srun would stop rank 0 at the first exit
             sys.exit(EXIT_REQUEUED)
-        if os.environ.get(IN_CONTAINER) and job.on_slurm:  # no scontrol in the image: the batch script requeues
-            mark = REQUEUE_MARK.format(job=os.environ.get("SLURM_JOB_ID"), restart=job.env.restart_count)
-            (job.point_dir / LOG_DIR / mark).touch()
-            log.warning("checkpoint saved; the job's batch script requeues it (in a %s container)",
-                        os.environ[IN_CONTAINER])
+        if not job.is_rank0:
             sys.exit(EXIT_REQUEUED)
         if callable(self._previous):
             self._previous(self.signum, None)  # submitit: resubmits the callable (it resumes from the checkpoint)

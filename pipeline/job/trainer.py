@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import target_of
-from pipeline.containers import IN_CONTAINER
 from pipeline.job.build import Workload, build_optimizer, build_scheduler, optimizer_info
 from pipeline.job.checkpoint import Checkpoints, segment
 from pipeline.job.context import Job
@@ -166,7 +164,7 @@ class Trainer:
         # whether any caught the stop signal (Slurm signals every task, not at the same step), and save together.
         # In a container too: no rank can requeue the job there (no scontrol), so every rank stops at the same step
         # and exits to be continued, and the step's exit status tells the batch script, on the host, to requeue
-        self.together = self.parallel.sharded or work.data.stream or bool(os.environ.get(IN_CONTAINER))
+        self.together = self.parallel.sharded or work.data.stream or job.run.cluster.container.image is not None
         if self.start_step and job.is_rank0:
             log.info("resumed from %s at step %d", checkpoints.loaded, self.start_step)
         self.finite = FiniteCheck(t.finite_check_every, job.device, job.world_size)
