@@ -643,6 +643,8 @@ ROWS = [
     slurm("slurm/extra-as-a-mapping", "cluster.sbatch_extra={comment:x}",
           said="cluster.sbatch_extra: its new key 'comment' needs a + on the command line: "
                "+cluster.sbatch_extra.comment=VALUE"),
+    sweep("sweep/no-point", "trainer.seed=range(0,0)",
+          said="trainer.seed=range(0,0): the sweep has no points: give each swept key one value at least"),
     program("track", "track/mlflow-uri-empty", "sync", "{t}", "--mlflow-uri", "",
             said="pipeline.track: --mlflow-uri='' is not allowed"),
 ]
@@ -661,8 +663,6 @@ NOT_YET = [
      "refused as 'RUN_DIR/a/b.log: No such file or directory', naming the log file, not the key"),
     (sweep("sweep/interval-without-a-search", "trainer.seed=interval(1,2)", said="trainer.seed"),
      "refused as 'BasicSweeper does not support sweep type : INTERVAL_SWEEP', naming no key"),
-    (sweep("sweep/no-point", "trainer.seed=range(0,0)", said="trainer.seed"),
-     "a sweep of no point exits 0 (it asks git for the commit first, which the harness refuses: exit 1)"),
     (program("track", "track/sync-point-json-damaged", "sync", "{t}", make=holding("p0/point.json", b"\0garbage"),
              code=1, said="{t}/p0: not synced: JSONDecodeError"),
      ("exit 1 as documented, but the same error said twice: the second time as 'a sweep's parent run could not be "

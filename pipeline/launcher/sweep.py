@@ -77,6 +77,16 @@ class PointOutcome:
     failure: str | None = None
 
 
+def _emptied(config: DictConfig) -> str:
+    """The sweep overrides that swept no value (`trainer.seed=range(0,0)`), said as a prefix."""
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    except Exception:  # parsed before by Hydra; nothing more to say
+        return ""
+    empty = [o.input_line for o in overrides if o.is_sweep_override() and not list(o.sweep_string_iterator())]
+    return f"{', '.join(empty)}: " if empty else ""
+
+
 def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                  initial_job_idx: int = 0, outcomes: bool = False) -> list[PointOutcome]:
     """Check, start and (on Slurm) submit the points; numbered from `initial_job_idx`, which a sweeper that
@@ -87,8 +97,7 @@ def launch_sweep(hydra_context: HydraContext, config: DictConfig, job_overrides:
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     composer = Composer(hydra_context, config)
     if not job_overrides and not outcomes:
-        raise ConfigError("the sweep has no points (an empty range or choice on the command line?): give each "
-                          "swept key one value at least")
+        raise ConfigError(f"{_emptied(config)}the sweep has no points: give each swept key one value at least")
     points = [composer.point(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
     by_index = {p.index: p for p in points}
     check_job_name(str(config.hydra.job.name))
