@@ -27,6 +27,8 @@ from typing import Any, Union
 
 from pipeline.checks import ConfigError
 
+# what a class's body may bind that changes what calling it takes, otherwise than by a plain `def __init__`
+SETTLING = ("__init__", "__new__", "__init_subclass__", "__signature__")
 MAX_FILES = 40  # files followed for one target: a lazy package's star imports reach hundreds
 MAX_BYTES = 4 << 20  # a source file larger than this is not read
 TORCH_MODULE = ("torch.nn.modules.module", "Module")
@@ -311,11 +313,11 @@ def _plain_body(cls: ast.ClassDef) -> bool:
     (`__init__ = _init`), no __new__, no __init_subclass__ (which may change what subclasses take)."""
     for stmt in cls.body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if stmt.name in ("__new__", "__init_subclass__", "__signature__"):
+            if stmt.name in SETTLING and stmt.name != "__init__":
                 return False
         elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            if any(not isinstance(t, ast.Name) or t.id.startswith("__") for t in targets):
+            if any(not isinstance(t, ast.Name) or t.id in SETTLING for t in targets):
                 return False
         elif not isinstance(stmt, (ast.Expr, ast.Pass, ast.ClassDef)):
             return False
