@@ -19,6 +19,7 @@ from pipeline.containers import SOURCE_ROOT, preflight
 from pipeline.checks import ConfigError
 from pipeline.launcher.slurm import render_sbatch
 from pipeline.point import PlannedPoint
+from pipeline.slurm import would_accept
 from tests.conftest import REPO, launch, start_launch
 from tests.fake_slurm.fake_slurm import calls, install
 from tests.test_slurm import FAST, preempt_at, record, wait
@@ -97,6 +98,18 @@ def test_a_preempted_point_in_the_image_resumes_bitwise(slurm_cluster, charliecl
     assert resumed.keys() == straight.keys()
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
+
+
+@pytest.mark.slurm
+def test_each_runtimes_script_passes_slurms_own_check(slurm_cluster, compose_cfg, tmp_path):
+    """The #SBATCH lines of each runtime's script, as the real local Slurm reads them (`sbatch --test-only`): the
+    runtime's own options are srun's or the command's, which sbatch does not read."""
+    for runtime, image in (("pyxis", "'nvcr.io#nvidia/pytorch:24.01-py3'"), ("apptainer", "/images/pytorch.sif"),
+                           ("charliecloud", "/images/pytorch")):
+        run = parse_run_config(compose_cfg("cluster=slurm", "nodes=2", f"cluster.container.runtime={runtime}",
+                                           f"cluster.container.image={image}"))
+        script = render_sbatch([PlannedPoint(0, [], run, tmp_path / runtime)], tmp_path, f"pipeline-{runtime}-0")
+        assert would_accept(script) is None, (runtime, would_accept(script))
 
 
 def pyxis_script(compose_cfg, tmp_path: Path) -> Path:
