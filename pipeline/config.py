@@ -27,7 +27,7 @@ from pipeline.checks import ConfigError, check_at_least, check_at_most, check_ch
 from pipeline.containers import check_container
 from pipeline.rundir import CHECKSUMS_NAME, POINT_NAME, SHARDED_CHECKPOINT_NAME, Point, non_finite
 from pipeline.slurm import check_slurm_values
-from pipeline.sources import Passes, check_definition, check_target, check_target_node
+from pipeline.sources import Passes, check_definition, check_target, check_target_node, module_part
 from pipeline.typed import SchemaError, decoder, dotted
 from pipeline.workloads.losses import IO_OUTPUT_HELP
 from pipeline.workloads.registry import schema_name, schemas
@@ -913,9 +913,10 @@ def data_vocab(dataset: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool) -> Any:
+def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool, here: bool = True) -> Any:
     """One group's node: built as the schema its discriminator names, or, for a `_target_` of the user's own
-    (`open_targets`), the node as given once its module is found."""
+    (`open_targets`), the node as given once its module is found and its definition read. Not `here` (the ranks
+    run in a container), a module this machine lacks is the image's to find: the preflight imports it there."""
     value = node.get(key) if isinstance(node, dict) else None
     if value in schemas:
         return build_typed(schemas[value], node, f"{group}.")
@@ -923,6 +924,9 @@ def _typed(group: str, node: Any, schemas: dict, key: str, open_targets: bool) -
         raise ConfigError(f"{group}.{key}={value!r} is not allowed; choose one of: {', '.join(schemas)}")
     if not isinstance(node, dict):
         raise ConfigError(f"{group}={node!r} is not allowed; give a config with a `_target_` (a class to build)")
+    if not here and isinstance(value, str) and re.match(r"^[A-Za-z_][\w.]*\.\w+$", value) and \
+            not module_part(value):
+        return node  # not installed here: the image's to import (pipeline.containers.preflight does, first)
     check_target(f"{group}.{key}", value)
     check_definition(group, node, PASSES[group])
     return node
@@ -952,7 +956,10 @@ def parse_run_config(cfg: Union["DictConfig", dict]) -> RunConfig:
     if not isinstance(cfg, dict):
         cfg = plain_config(cfg)
     check_finite(cfg)
-    groups = {group: _typed(group, cfg.get(group), schemas(group), "_target_", open_targets=True)
+    cluster = cfg.get("cluster")
+    in_image = isinstance(cluster, dict) and isinstance(cluster.get("container"), dict) and \
+        cluster["container"].get("image") is not None
+    groups = {group: _typed(group, cfg.get(group), schemas(group), "_target_", open_targets=True, here=not in_image)
               for group in TARGET_GROUPS if group != "scheduler" or cfg.get(group) is not None}
     groups["cluster"] = _typed("cluster", cfg.get("cluster"), CLUSTER_SCHEMAS, "kind", open_targets=False)
     groups["parallel"] = _typed("parallel", cfg.get("parallel", {"kind": "ddp"}), PARALLEL_SCHEMAS, "kind",

@@ -22,6 +22,7 @@ import os
 import re
 import functools
 import glob
+import json
 import logging
 import shlex
 import shutil
@@ -257,7 +258,9 @@ def preflight(run: Any) -> None:
         return
     _check_runtime(c.runtime)
     if c.runtime != "pyxis":
-        _check_imports(start_for([run], None, "preflight"), c)
+        targets = [node["_target_"] for node in (run.model, run.dataset, run.optimizer, run.scheduler, run.loss)
+                   if isinstance(node, dict)]
+        _check_imports(start_for([run], None, "preflight"), c, targets)
 
 
 def _check_image(c: Any) -> None:
@@ -294,23 +297,30 @@ def _check_runtime(runtime: str) -> None:
 _imports_checked: set[str] = set()
 
 
-def _check_imports(start: Wrapped, c: Any) -> None:
-    """The image's Python imports torch and this project, through the runtime, once per launch and container."""
-    if start.python_text in _imports_checked:
+def _check_imports(start: Wrapped, c: Any, targets: list[str]) -> None:
+    """The image's Python imports torch, this project and the run's own targets (Hydra's get_object: the module,
+    then the attribute), through the runtime, once per launch, container and targets."""
+    key = f"{start.python_text} {targets}"
+    if key in _imports_checked:
         return
+    code = (f"{IMPORT_CHECK}, json, sys\nfrom hydra.utils import get_object\nfor t in json.loads(sys.argv[1]):\n"
+            "    try:\n        get_object(t)\n    except Exception as e:\n"
+            "        while e.__cause__ is not None:\n            e = e.__cause__\n"
+            "        sys.exit(f'{t}: {type(e).__name__}: {e}')\n")  # the innermost error, in one line
     try:
-        r = subprocess.run([*start.python, "-c", IMPORT_CHECK], capture_output=True, text=True, timeout=300,
-                           stdin=subprocess.DEVNULL, env={**os.environ, **host_env()})
+        r = subprocess.run([*start.python, "-c", code, json.dumps(targets)], capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, **host_env()})
         said = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1] if r.returncode else ""
     except (OSError, subprocess.TimeoutExpired) as e:
         said = f"{type(e).__name__}: {e}"
     if said:
         runtime_said = said.startswith(RUNTIME_COMMAND[c.runtime])  # "ch-run[123]: error: ..."
         fix = (f"the runtime's own error, from `{start.python_text}`" if runtime_said
-               else "install torch and this project's dependencies in the image (this project's own source is bound "
-               f"in from {SOURCE_ROOT} and put on PYTHONPATH)")
+               else "install torch, this project's dependencies and your targets' packages in the image (this "
+               f"project's own source is bound in from {SOURCE_ROOT} and put on PYTHONPATH)")
+        also = f" and the run's targets ({', '.join(targets)})" if targets else ""
         raise ConfigError(f"cluster.container.image={c.image}: its Python ({c.python}, through {c.runtime}) cannot "
-                          f"`{IMPORT_CHECK}`: {said}; {fix}")
-    _imports_checked.add(start.python_text)
+                          f"`{IMPORT_CHECK}`{also}: {said}; {fix}")
+    _imports_checked.add(key)
     log.info("container: %s through %s imports torch and this project's source, bound in from %s (PYTHONPATH)",
              c.image, c.runtime, SOURCE_ROOT)

@@ -26,11 +26,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from pipeline import containers
-from pipeline.config import (ConfigError, RunConfig, check_resume_from, parse_run_config, pin_paths,
+from pipeline.config import (ConfigError, RunConfig, check_resume_from, parse_run_config, pin_paths, target_of,
                              register_configs, to_plain)
 from pipeline.rundir import GitInfo, Point, utc_now
 from pipeline.runlock import claim, keep_until_exit
 from pipeline.slurm import check_script_text, mem_bytes
+from pipeline.sources import module_part
 from pipeline.targets import BuildError, build_datasets, built_at_launch, check_model_sizes, dataset_facts
 from pipeline.tracking.trackers import check_tracking
 
@@ -117,7 +118,7 @@ def prepare_run(cfg: DictConfig | dict) -> RunConfig:
     pin_paths(run)
     check_resume_from(run)
     check_tracking(run.tracking)
-    if not isinstance(run.dataset, dict) or built_at_launch(run.dataset):
+    if not isinstance(run.dataset, dict) or built_at_launch(run.dataset) and module_part(target_of(run.dataset)):
         try:
             splits = build_datasets(run, rank=None)
         except BuildError as e:  # Hugging Face's: a file that is not there, a format it cannot read

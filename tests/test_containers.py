@@ -69,6 +69,12 @@ def test_a_point_runs_in_the_image_in_local_debug_mode(charliecloud_image, tmp_p
     assert r.returncode == 0, r.stderr
     assert record(tmp_path / "run")["status"] == "completed"
     assert f"imports torch and this project's source, bound in from {SOURCE_ROOT}" in r.stderr + r.stdout
+    # a model whose package is the image's alone passes the launch's own checks, and the preflight imports it in
+    # the image, before any rank starts
+    r = launch("nodes=2", *SMALL, *in_image(charliecloud_image, tmp_path)[:-1], "+model._target_=inimageonly.Net",
+               f"hydra.run.dir={tmp_path / 'missing'}", cwd=tmp_path)
+    assert r.returncode == 2 and "and the run's targets (inimageonly.Net): " in r.stderr, r.stderr
+    assert "ModuleNotFoundError: No module named 'inimageonly'" in r.stderr, r.stderr
     # the same model outside the image fails: the check above is not vacuous
     (tmp_path / "inimage.py").write_text(IN_IMAGE)
     r = launch("trainer.max_steps=20", *SMALL, "~model", "+model._target_=inimage.Net",
@@ -172,6 +178,16 @@ def test_the_preflight_refuses_what_would_fail_on_the_nodes(compose_cfg, tmp_pat
     containers._check_runtime.cache_clear()
     preflight(parse_run_config(compose_cfg("cluster=slurm", "cluster.container.runtime=pyxis",
                                            "cluster.container.image=ubuntu")))  # a reference pyxis pulls
+
+
+def test_a_target_this_machine_lacks_is_the_images_to_import(compose_cfg):
+    """With a container, a target whose package the login node lacks is left to the preflight, which imports it in
+    the image; without one it is refused here."""
+    args = ["~model", "+model._target_=onlyinimage.models.Net"]
+    image = ["cluster.container.runtime=apptainer", "cluster.container.image=/i.sif"]
+    assert parse_run_config(compose_cfg(*args, *image)).model["_target_"] == "onlyinimage.models.Net"
+    with pytest.raises(ConfigError, match="'onlyinimage' is not installed"):
+        parse_run_config(compose_cfg(*args))
 
 
 @pytest.mark.parametrize("overrides, said", [
