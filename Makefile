@@ -1,5 +1,5 @@
 # The two commands (README.md):  make run   (the main job on the embedded default)   make test   (the test suite)
-# make test-fast: the tests that start no process of the pipeline and no cluster, in about a minute
+# make test-fast: the tests that start no process of the pipeline and no cluster, in under two minutes
 # Both create .venv and install what they need. Extra launch overrides: make run ARGS="-m nodes=1,2,4"
 VENV ?= .venv
 PY := $(VENV)/bin/python
